@@ -1,0 +1,1 @@
+"""Resource broker: provisions databases, caches and topics in Kubernetes and reports drift."""

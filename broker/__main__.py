@@ -1,0 +1,3 @@
+from broker import cli
+
+raise SystemExit(cli.main())

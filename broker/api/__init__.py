@@ -1,0 +1,1 @@
+"""Transports: the gRPC servicer and the /v1 HTTP gateway, both thin over ``broker.service``."""

@@ -1,0 +1,266 @@
+"""Conversion between the generated broker.v1 messages and the domain dataclasses.
+
+This is the boundary: protobuf types stop here. Enum pairs are derived from names (the proto value
+is the enum's prefix plus the domain member's name) and checked at import, so adding a value on one
+side only fails loudly instead of mapping to nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+from typing import Any, TypeVar
+
+from broker_client.v1 import broker_pb2 as pb
+from google.protobuf import timestamp_pb2
+
+from broker import service
+from broker.domain import model
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+class _EnumMap:
+    """A checked bijection between a domain enum and a proto enum (UNSPECIFIED maps to None)."""
+
+    def __init__(self, domain: type[enum.Enum], proto: Any, prefix: str) -> None:
+        self._to_proto: dict[enum.Enum, int] = {}
+        self._to_domain: dict[int, enum.Enum] = {}
+        for member in domain:
+            number = proto.Value(prefix + member.name)
+            self._to_proto[member] = number
+            self._to_domain[number] = member
+        extra = set(proto.values()) - set(self._to_domain) - {0}
+        if extra:
+            raise RuntimeError(f"proto enum values without a domain member: {sorted(proto.Name(v) for v in extra)}")
+
+    def to_proto(self, value: enum.Enum | None) -> int:
+        return 0 if value is None else self._to_proto[value]
+
+    def to_domain(self, number: int, kind: type[E]) -> E | None:
+        value = self._to_domain.get(number)
+        return value if isinstance(value, kind) else None
+
+
+RESOURCE_TYPES = _EnumMap(model.ResourceType, pb.ResourceType, "RESOURCE_TYPE_")
+PHASES = _EnumMap(model.Phase, pb.State, "STATE_")
+HEALTH = _EnumMap(model.Health, pb.HealthStatus, "HEALTH_STATUS_")
+DATA_POLICIES = _EnumMap(model.DataPolicy, pb.DataPolicy, "DATA_POLICY_")
+OPERATION_TYPES = _EnumMap(model.OperationType, pb.OperationType, "OPERATION_TYPE_")
+OPERATION_STATES = _EnumMap(model.OperationState, pb.OperationState, "OPERATION_STATE_")
+DRIFT_CLASSES = _EnumMap(model.DriftClass, pb.DriftClass, "DRIFT_CLASS_")
+SEVERITIES = _EnumMap(model.Severity, pb.Severity, "SEVERITY_")
+ACTIONS = _EnumMap(model.Action, pb.RecommendedAction, "RECOMMENDED_ACTION_")
+EVENT_KINDS = _EnumMap(model.EventKind, pb.DriftEventKind, "DRIFT_EVENT_KIND_")
+
+
+def timestamp(value: datetime.datetime) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp of an aware datetime."""
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(datetime.UTC))
+    return ts
+
+
+# Requests -----------------------------------------------------------------------------------------
+
+
+def spec_from_proto(spec: pb.ResourceSpec) -> model.ResourceSpec:
+    """A domain spec from a request's spec (defaults are filled in later, by validation)."""
+    topic = None
+    if spec.HasField("topic"):
+        topic = model.TopicSpec(partitions=spec.topic.partitions, retention_ms=spec.topic.retention_ms)
+    return model.ResourceSpec(
+        engine=spec.engine,
+        version=spec.version,
+        size=spec.size,
+        replicas=spec.replicas if spec.HasField("replicas") else None,
+        topic=topic,
+    )
+
+
+def provision_input(request: pb.ProvisionRequest) -> service.ProvisionInput:
+    """The service input of a ProvisionRequest."""
+    return service.ProvisionInput(
+        namespace=request.namespace,
+        resource_type=RESOURCE_TYPES.to_domain(request.resource_type, model.ResourceType),
+        resource_name=request.resource_name,
+        spec=spec_from_proto(request.spec) if request.HasField("spec") else None,
+        callback_url=request.callback_url,
+        request_id=request.request_id,
+    )
+
+
+def resource_state_input(request: pb.GetResourceStateRequest) -> service.ResourceStateInput:
+    """The service input of a GetResourceStateRequest."""
+    return service.ResourceStateInput(
+        namespace=request.namespace,
+        resource_type=RESOURCE_TYPES.to_domain(request.resource_type, model.ResourceType),
+        resource_name=request.resource_name,
+        deployment_id=request.deployment_id,
+        page_size=request.page_size,
+        page_token=request.page_token,
+    )
+
+
+def events_input(request: pb.ListDriftEventsRequest) -> service.EventsInput:
+    """The service input of a ListDriftEventsRequest."""
+    kinds = frozenset(k for k in (EVENT_KINDS.to_domain(n, model.EventKind) for n in request.kinds) if k)
+    return service.EventsInput(
+        namespace=request.namespace,
+        deployment_id=request.deployment_id,
+        kinds=kinds,
+        page_size=request.page_size,
+        page_token=request.page_token,
+    )
+
+
+def data_policy(number: int) -> model.DataPolicy:
+    """The data policy of a request; unspecified means keep, the safe default."""
+    return DATA_POLICIES.to_domain(number, model.DataPolicy) or model.DataPolicy.KEEP
+
+
+# Responses ----------------------------------------------------------------------------------------
+
+
+def spec_to_proto(spec: model.ResourceSpec) -> pb.ResourceSpec:
+    """The proto of a domain spec."""
+    out = pb.ResourceSpec(engine=spec.engine, version=spec.version, size=spec.size)
+    if spec.replicas is not None:
+        out.replicas = spec.replicas
+    if spec.topic is not None:
+        out.topic.partitions = spec.topic.partitions
+        out.topic.retention_ms = spec.topic.retention_ms
+    if spec.resources is not None:
+        r = spec.resources
+        out.resources.CopyFrom(
+            pb.ComputeResources(
+                cpu_request=r.cpu_request,
+                cpu_limit=r.cpu_limit,
+                memory_request=r.memory_request,
+                memory_limit=r.memory_limit,
+                storage=r.storage,
+            )
+        )
+    return out
+
+
+def operation_to_proto(op: model.Operation) -> pb.Operation:
+    """The proto of an operation."""
+    return pb.Operation(
+        operation_id=op.operation_id,
+        type=OPERATION_TYPES.to_proto(op.type),  # type: ignore[arg-type]
+        state=OPERATION_STATES.to_proto(op.state),  # type: ignore[arg-type]
+        generation=op.generation,
+        message=op.message,
+        create_time=timestamp(op.create_time),
+        update_time=timestamp(op.update_time),
+    )
+
+
+def provision_response(result: model.MutationResult) -> pb.ProvisionResponse:
+    """The ProvisionResponse of a provision result."""
+    return pb.ProvisionResponse(
+        deployment_id=result.deployment_id,
+        phase=PHASES.to_proto(result.phase),  # type: ignore[arg-type]
+        generation=result.generation,
+        operation=operation_to_proto(result.operation),
+    )
+
+
+def deprovision_response(result: model.MutationResult) -> pb.DeprovisionResponse:
+    """The DeprovisionResponse of a deprovision result."""
+    return pb.DeprovisionResponse(
+        deployment_id=result.deployment_id,
+        phase=PHASES.to_proto(result.phase),  # type: ignore[arg-type]
+        operation=operation_to_proto(result.operation),
+    )
+
+
+def deployment_to_proto(d: model.Deployment) -> pb.Deployment:
+    """The proto of a deployment."""
+    return pb.Deployment(
+        deployment_id=d.deployment_id,
+        namespace=d.namespace,
+        resource_type=RESOURCE_TYPES.to_proto(d.resource_type),  # type: ignore[arg-type]
+        resource_name=d.resource_name,
+        desired_spec=spec_to_proto(d.desired_spec),
+        generation=d.generation,
+        phase=PHASES.to_proto(d.phase),  # type: ignore[arg-type]
+        callback_url=d.callback_url,
+        last_operation=operation_to_proto(d.last_operation),
+        create_time=timestamp(d.create_time),
+        update_time=timestamp(d.update_time),
+    )
+
+
+def drift_item_to_proto(item: model.DriftItem) -> pb.DriftItem:
+    """The proto of a drift item."""
+    out = pb.DriftItem(
+        rule_id=item.rule_id,
+        field=item.field,
+        desired=item.desired,
+        actual=item.actual,
+        drift_class=DRIFT_CLASSES.to_proto(item.drift_class),  # type: ignore[arg-type]
+        severity=SEVERITIES.to_proto(item.severity),  # type: ignore[arg-type]
+        recommended_action=ACTIONS.to_proto(item.action),  # type: ignore[arg-type]
+        message=item.message,
+        changed_by=item.changed_by,
+    )
+    if item.monthly_cost_delta is not None:
+        out.monthly_cost_delta = item.monthly_cost_delta
+    if item.detect_time is not None:
+        out.detect_time.CopyFrom(timestamp(item.detect_time))
+    return out
+
+
+def resource_state_to_proto(view: model.ResourceView) -> pb.ResourceState:
+    """The proto of what is known about one resource; the actual side only once observed."""
+    d = view.deployment
+    return pb.ResourceState(
+        deployment_id=d.deployment_id,
+        resource_type=RESOURCE_TYPES.to_proto(d.resource_type),  # type: ignore[arg-type]
+        resource_name=d.resource_name,
+        namespace=d.namespace,
+        phase=PHASES.to_proto(d.phase),  # type: ignore[arg-type]
+        message=view.message,
+        endpoint=view.endpoint,
+        port=view.port,
+        connection_secret=view.connection_secret,
+        desired_spec=spec_to_proto(d.desired_spec),
+        generation=d.generation,
+    )
+
+
+def resource_page_to_proto(namespace: str, page: model.Page[model.ResourceView]) -> pb.GetResourceStateResponse:
+    """The GetResourceStateResponse of a page of resource views."""
+    return pb.GetResourceStateResponse(
+        resources=[resource_state_to_proto(v) for v in page.items],
+        total=page.total,
+        namespace=namespace,
+        next_page_token=page.next_token,
+    )
+
+
+def event_to_proto(event: model.DriftEvent) -> pb.DriftEvent:
+    """The proto of an event-log entry."""
+    return pb.DriftEvent(
+        sequence=event.sequence,
+        kind=EVENT_KINDS.to_proto(event.kind),  # type: ignore[arg-type]
+        deployment_id=event.deployment_id,
+        namespace=event.namespace,
+        resource_type=RESOURCE_TYPES.to_proto(event.resource_type),  # type: ignore[arg-type]
+        resource_name=event.resource_name,
+        event_time=timestamp(event.event_time),
+        message=event.message,
+        drift_items=[drift_item_to_proto(i) for i in event.items],
+        phase=PHASES.to_proto(event.phase),  # type: ignore[arg-type]
+        health_status=HEALTH.to_proto(event.health),  # type: ignore[arg-type]
+        generation=event.generation,
+    )
+
+
+def events_page_to_proto(page: model.Page[model.DriftEvent]) -> pb.ListDriftEventsResponse:
+    """The ListDriftEventsResponse of a page of events."""
+    return pb.ListDriftEventsResponse(
+        events=[event_to_proto(e) for e in page.items], next_page_token=page.next_token
+    )

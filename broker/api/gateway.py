@@ -1,0 +1,270 @@
+"""The /v1 HTTP/JSON gateway: the original design's paths over the same service layer as gRPC.
+
+Requests are parsed as proto3 JSON into the very same generated messages the gRPC API takes, then
+converted and handed to ``service.BrokerService``; answers are rendered from the same messages.
+The only thing the gateway adds is spelling: the original design writes enum values as
+``"database"``, ``"Ready"`` and ``"Healthy"`` where proto3 JSON would write
+``"RESOURCE_TYPE_DATABASE"``; both spellings are accepted on input, the original one is written.
+
+Paths (all but the probes need ``Authorization: Bearer <token>`` unless the broker runs --insecure):
+
+- ``POST /v1/provision``                 Provision, 202 with ``deploymentId``
+- ``GET|POST /v1/resources``             GetResourceState (query string or JSON body)
+- ``GET /v1/deployments/{id}``           GetDeployment (``?namespace=``)
+- ``DELETE /v1/deployments/{id}``        Deprovision (``?namespace=&dataPolicy=&requestId=``), 202
+- ``POST /v1/deprovision``               Deprovision with a JSON body, 202
+- ``GET /v1/events``                     ListDriftEvents (``?namespace=&deploymentId=&kinds=``)
+- ``GET /healthz``, ``GET /readyz``      liveness and readiness
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from broker_client.v1 import broker_pb2 as pb
+from google.protobuf import descriptor, json_format, message
+
+from broker import auth, errors, service
+from broker.api import convert, status
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+
+M = TypeVar("M", bound=message.Message)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# Enum spellings -----------------------------------------------------------------------------------
+
+
+def _enum_prefix(enum_desc: descriptor.EnumDescriptor) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum_desc.name).upper() + "_"
+
+
+def _spelling(enum_desc: descriptor.EnumDescriptor, name: str) -> str:
+    """The original design's spelling of an enum value: lower case for resource types, else Pascal."""
+    rest = name.removeprefix(_enum_prefix(enum_desc))
+    if enum_desc.full_name == "broker.v1.ResourceType":
+        return rest.lower()
+    return "".join(part.capitalize() for part in rest.split("_"))
+
+
+def _respell(desc: descriptor.Descriptor, data: dict[str, Any], *, to_seed: bool) -> None:
+    """Rewrite enum values in a proto3-JSON dict in place, guided by the message descriptor."""
+    for field in desc.fields:
+        key = field.json_name if field.json_name in data else field.name
+        if key not in data:
+            continue
+        value = data[key]
+        if field.type == descriptor.FieldDescriptor.TYPE_ENUM:
+            enum_desc = field.enum_type
+            if to_seed:
+                if value == enum_desc.values[0].name and not isinstance(value, list):
+                    # Zero (UNSPECIFIED) means "not known yet": absent, rather than an invented value.
+                    del data[key]
+                    continue
+                table = {v.name: _spelling(enum_desc, v.name) for v in enum_desc.values}
+            else:
+                table = {_spelling(enum_desc, v.name).lower(): v.name for v in enum_desc.values}
+            convert_one = (lambda v: table.get(v, v)) if to_seed else (
+                lambda v: table.get(v.lower(), v) if isinstance(v, str) else v
+            )
+            data[key] = [convert_one(v) for v in value] if isinstance(value, list) else convert_one(value)
+        elif field.type == descriptor.FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name.startswith(
+            "broker.v1."
+        ):
+            children = value if isinstance(value, list) else [value]
+            for child in children:
+                if isinstance(child, dict):
+                    _respell(field.message_type, child, to_seed=to_seed)
+
+
+def render(msg: message.Message) -> dict[str, Any]:
+    """A message as the original design's JSON: proto3 JSON names, every field, seed enum spellings."""
+    data = json_format.MessageToDict(msg, always_print_fields_with_no_presence=True)
+    _respell(msg.DESCRIPTOR, data, to_seed=True)
+    return data
+
+
+def parse(data: Any, msg: M) -> M:
+    """Parse proto3 JSON (either enum spelling) into ``msg``; anything malformed is InvalidArgument."""
+    if not isinstance(data, dict):
+        raise errors.InvalidArgument([errors.FieldViolation("body", "must be a JSON object")])
+    _respell(msg.DESCRIPTOR, data, to_seed=False)
+    try:
+        return json_format.ParseDict(data, msg)
+    except json_format.ParseError as e:
+        raise errors.InvalidArgument([errors.FieldViolation(_field_of(str(e)), str(e))]) from e
+
+
+def _field_of(parse_error: str) -> str:
+    match = re.search(r'field "([\w.]+)"|field: ([\w.]+)|"(\w+)" at', parse_error)
+    if match:
+        return next(g for g in match.groups() if g)
+    return "body"
+
+
+# Handlers -----------------------------------------------------------------------------------------
+
+
+class Gateway:
+    """The aiohttp application serving /v1, /healthz and /readyz."""
+
+    def __init__(
+        self,
+        *,
+        service: service.BrokerService,
+        authenticator: auth.Authenticator,
+        readiness: Callable[[], Awaitable[str | None]],
+    ) -> None:
+        self._service = service
+        self._auth = authenticator
+        self._readiness = readiness
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        self.app.add_routes(
+            [
+                web.post("/v1/provision", self.provision),
+                web.get("/v1/resources", self.resources_get),
+                web.post("/v1/resources", self.resources_post),
+                web.get("/v1/deployments/{deployment_id}", self.deployment_get),
+                web.delete("/v1/deployments/{deployment_id}", self.deployment_delete),
+                web.post("/v1/deprovision", self.deprovision),
+                web.get("/v1/events", self.events),
+                web.get("/healthz", self.healthz),
+                web.get("/readyz", self.readyz),
+            ]
+        )
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            # aiohttp's own answers (404 no route, 405, 413 too large) in the same JSON error shape.
+            reason = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}.get(e.status, "HTTP_ERROR")
+            message_text = {
+                404: f"no such path: {request.path}",
+                405: f"{request.method} is not allowed on {request.path}",
+                413: f"the request body is larger than {MAX_BODY_BYTES} bytes",
+            }.get(e.status, e.reason)
+            return web.json_response(
+                {"error": {"code": e.status, "status": reason, "message": message_text, "reason": reason}},
+                status=e.status,
+            )
+        except Exception as e:  # every other failure leaves as a mapped JSON error
+            public = status.public_error(e)
+            code, body = status.http_body(public)
+            return web.json_response(body, status=code)
+
+    def _principal(self, request: web.Request) -> auth.Principal:
+        return self._auth.authenticate(request.headers.get("Authorization"))
+
+    @staticmethod
+    async def _json(request: web.Request) -> Any:
+        if not request.can_read_body:
+            raise errors.InvalidArgument([errors.FieldViolation("body", "a JSON body is required")])
+        try:
+            return json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise errors.InvalidArgument([errors.FieldViolation("body", f"is not valid JSON: {e}")]) from e
+
+    @staticmethod
+    def _query(request: web.Request, *, repeated: tuple[str, ...] = ()) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for key in request.query:
+            values = request.query.getall(key)
+            if key in repeated:
+                data[key] = [v for value in values for v in value.split(",") if v]
+            elif len(values) > 1:
+                raise errors.InvalidArgument([errors.FieldViolation(key, "is given more than once")])
+            else:
+                data[key] = values[0]
+        return data
+
+    async def provision(self, request: web.Request) -> web.Response:
+        """POST /v1/provision: accept a desired state, answer 202 with the deployment id."""
+        principal = self._principal(request)
+        msg = parse(await self._json(request), pb.ProvisionRequest())
+        result = await self._service.provision(principal, convert.provision_input(msg))
+        return web.json_response(render(convert.provision_response(result)), status=202)
+
+    async def _resources(self, request: web.Request, data: dict[str, Any]) -> web.Response:
+        principal = self._principal(request)
+        if not data.get("namespace"):
+            raise errors.InvalidArgument(
+                [errors.FieldViolation("namespace", "is required, e.g. /v1/resources?namespace=team-platform")]
+            )
+        msg = parse(data, pb.GetResourceStateRequest())
+        page = await self._service.get_resource_state(principal, convert.resource_state_input(msg))
+        return web.json_response(render(convert.resource_page_to_proto(msg.namespace, page)))
+
+    async def resources_get(self, request: web.Request) -> web.Response:
+        """GET /v1/resources?namespace=...&resourceType=...&resourceName=...&deploymentId=..."""
+        return await self._resources(request, self._query(request))
+
+    async def resources_post(self, request: web.Request) -> web.Response:
+        """POST /v1/resources with the same filters as a JSON body."""
+        data = await self._json(request)
+        if not isinstance(data, dict):
+            raise errors.InvalidArgument([errors.FieldViolation("body", "must be a JSON object")])
+        return await self._resources(request, data)
+
+    async def deployment_get(self, request: web.Request) -> web.Response:
+        """GET /v1/deployments/{id}?namespace=...: one deployment and its last operation."""
+        principal = self._principal(request)
+        data = self._query(request)
+        data["deploymentId"] = request.match_info["deployment_id"]
+        msg = parse(data, pb.GetDeploymentRequest())
+        deployment = await self._service.get_deployment(
+            principal, namespace=msg.namespace, deployment_id=msg.deployment_id
+        )
+        return web.json_response(render(pb.GetDeploymentResponse(deployment=convert.deployment_to_proto(deployment))))
+
+    async def _deprovision(self, request: web.Request, data: dict[str, Any]) -> web.Response:
+        principal = self._principal(request)
+        msg = parse(data, pb.DeprovisionRequest())
+        result = await self._service.deprovision(
+            principal,
+            namespace=msg.namespace,
+            deployment_id=msg.deployment_id,
+            data_policy=convert.data_policy(msg.data_policy),
+            request_id=msg.request_id,
+        )
+        return web.json_response(render(convert.deprovision_response(result)), status=202)
+
+    async def deployment_delete(self, request: web.Request) -> web.Response:
+        """DELETE /v1/deployments/{id}?namespace=...&dataPolicy=keep|delete: deprovision, 202."""
+        data = self._query(request)
+        data["deploymentId"] = request.match_info["deployment_id"]
+        return await self._deprovision(request, data)
+
+    async def deprovision(self, request: web.Request) -> web.Response:
+        """POST /v1/deprovision with {namespace, deploymentId, dataPolicy, requestId}: 202."""
+        return await self._deprovision(request, await self._json(request))
+
+    async def events(self, request: web.Request) -> web.Response:
+        """GET /v1/events?namespace=...&deploymentId=...&kinds=...: the drift history, oldest first."""
+        principal = self._principal(request)
+        msg = parse(self._query(request, repeated=("kinds",)), pb.ListDriftEventsRequest())
+        page = await self._service.list_drift_events(principal, convert.events_input(msg))
+        return web.json_response(render(convert.events_page_to_proto(page)))
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: the process serves HTTP."""
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 200 when every dependency is ready, else 503 naming what is not."""
+        problem = await self._readiness()
+        if problem:
+            return web.json_response({"status": "not ready", "reason": problem}, status=503)
+        return web.json_response({"status": "ready"})

@@ -1,0 +1,132 @@
+"""The gRPC servicer of broker.v1.BrokerService: authenticate, convert, call the service, convert back.
+
+Errors leave through ``_abort``, which attaches a google.rpc.Status (ErrorInfo, BadRequest) in the
+``grpc-status-details-bin`` trailer, the way grpcio-status clients and grpcurl read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn, TypeVar
+
+import grpc
+from broker_client.v1 import broker_pb2 as pb
+from broker_client.v1 import broker_pb2_grpc
+
+from broker import auth, errors, service
+from broker.api import convert, status
+
+R = TypeVar("R")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    public = status.public_error(exc)
+    rich = status.rich_status(public)
+    await context.abort(
+        status.mapping_of(public).grpc_code,
+        public.message,
+        trailing_metadata=(("grpc-status-details-bin", rich.SerializeToString()),),
+    )
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
+    """Implements the RPCs on top of ``service.BrokerService``."""
+
+    def __init__(self, *, service: service.BrokerService, authenticator: auth.Authenticator) -> None:
+        self._service = service
+        self._auth = authenticator
+
+    async def _unary(
+        self, context: grpc.aio.ServicerContext, call: Callable[[auth.Principal], Awaitable[R]]
+    ) -> R:
+        try:
+            principal = self._auth.authenticate(_authorization(context))
+            return await call(principal)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def Provision(  # noqa: N802 - name fixed by the generated base class
+        self, request: pb.ProvisionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ProvisionResponse:
+        """Create or update a resource's desired state."""
+
+        async def call(principal: auth.Principal) -> pb.ProvisionResponse:
+            result = await self._service.provision(principal, convert.provision_input(request))
+            return convert.provision_response(result)
+
+        return await self._unary(context, call)
+
+    async def GetResourceState(  # noqa: N802
+        self, request: pb.GetResourceStateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetResourceStateResponse:
+        """Read desired and actual state of a namespace's resources."""
+
+        async def call(principal: auth.Principal) -> pb.GetResourceStateResponse:
+            page = await self._service.get_resource_state(principal, convert.resource_state_input(request))
+            return convert.resource_page_to_proto(request.namespace, page)
+
+        return await self._unary(context, call)
+
+    async def Deprovision(  # noqa: N802
+        self, request: pb.DeprovisionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeprovisionResponse:
+        """Delete a resource's workload."""
+
+        async def call(principal: auth.Principal) -> pb.DeprovisionResponse:
+            result = await self._service.deprovision(
+                principal,
+                namespace=request.namespace,
+                deployment_id=request.deployment_id,
+                data_policy=convert.data_policy(request.data_policy),
+                request_id=request.request_id,
+            )
+            return convert.deprovision_response(result)
+
+        return await self._unary(context, call)
+
+    async def GetDeployment(  # noqa: N802
+        self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDeploymentResponse:
+        """Read one deployment."""
+
+        async def call(principal: auth.Principal) -> pb.GetDeploymentResponse:
+            deployment = await self._service.get_deployment(
+                principal, namespace=request.namespace, deployment_id=request.deployment_id
+            )
+            return pb.GetDeploymentResponse(deployment=convert.deployment_to_proto(deployment))
+
+        return await self._unary(context, call)
+
+    async def ListDriftEvents(  # noqa: N802
+        self, request: pb.ListDriftEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDriftEventsResponse:
+        """Read the drift history."""
+
+        async def call(principal: auth.Principal) -> pb.ListDriftEventsResponse:
+            page = await self._service.list_drift_events(principal, convert.events_input(request))
+            return convert.events_page_to_proto(page)
+
+        return await self._unary(context, call)
+
+    async def WatchDrift(  # noqa: N802
+        self, request: pb.WatchDriftRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchDriftResponse]:
+        """Not served yet: drift detection and streaming arrive with the drift engine."""
+        try:
+            self._auth.authenticate(_authorization(context))
+        except errors.BrokerError as e:
+            await _abort(context, e)
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "WatchDrift is not available in this broker version: drift detection is not built yet; "
+            "use GetResourceState and ListDriftEvents",
+        )
+        yield pb.WatchDriftResponse()  # pragma: no cover - unreachable, makes this a generator

@@ -1,0 +1,87 @@
+"""The ``broker`` command: ``broker serve`` runs the broker, ``broker migrate`` prepares its store.
+
+Every flag of ``serve`` can also come from an environment variable (``BROKER_GRPC_ADDR``,
+``BROKER_HTTP_ADDR``, ``BROKER_DATA_DIR``, ``BROKER_TOKENS``, ``BROKER_INSECURE=1``,
+``BROKER_LOG_FORMAT``, ``BROKER_LOG_LEVEL``); a flag wins over its variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import sys
+
+from broker import errors, logs, server
+from broker.store import sqlite
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description="Resource broker for Kubernetes manager services.")
+    parser.add_argument("--log-level", default=os.environ.get("BROKER_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default=os.environ.get("BROKER_LOG_FORMAT", "text"), choices=["text", "json"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the broker (gRPC and the /v1 HTTP gateway)")
+    serve.add_argument("--grpc-addr", default=os.environ.get("BROKER_GRPC_ADDR", "0.0.0.0:50051"),
+                       help="gRPC listen address HOST:PORT (default 0.0.0.0:50051)")
+    serve.add_argument("--http-addr", default=os.environ.get("BROKER_HTTP_ADDR", "0.0.0.0:8082"),
+                       help="HTTP gateway listen address HOST:PORT (default 0.0.0.0:8082)")
+    _data_dir(serve)
+    serve.add_argument("--insecure", action="store_true", default=_env_flag("BROKER_INSECURE"),
+                       help="no authentication: every caller may use every namespace (local use only)")
+    serve.add_argument("--tokens", type=pathlib.Path, default=os.environ.get("BROKER_TOKENS") or None,
+                       metavar="FILE", help="YAML file mapping bearer tokens to principals and namespaces")
+    serve.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off")
+    serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                       help="how long in-flight calls may take to finish on SIGTERM (default 10)")
+
+    migrate = commands.add_parser("migrate", help="create or upgrade the store's schema, then exit")
+    _data_dir(migrate)
+    return parser
+
+
+def _data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path(os.environ.get("BROKER_DATA_DIR", ".broker")),
+                        help="directory holding broker.db (default ./.broker)")
+
+
+async def _migrate(data_dir: pathlib.Path) -> int:
+    store = await sqlite.Store.open(data_dir)
+    try:
+        version = await store.schema_version()
+    finally:
+        await store.close()
+    print(f"store {data_dir / sqlite.DB_FILENAME} is at schema version {version}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``broker`` console command."""
+    args = _parser().parse_args(argv)
+    logs.configure(level=args.log_level, fmt=args.log_format)
+    try:
+        if args.command == "migrate":
+            return asyncio.run(_migrate(args.data_dir))
+        settings = server.Settings(
+            grpc_addr=args.grpc_addr,
+            http_addr=args.http_addr,
+            data_dir=args.data_dir,
+            insecure=args.insecure,
+            tokens_file=args.tokens,
+            reflection=not args.no_reflection,
+            shutdown_grace=args.shutdown_grace,
+        )
+        asyncio.run(server.run(settings))
+    except (ValueError, OSError, errors.BrokerError) as e:
+        print(f"broker: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,28 @@
+"""How a resource's Kubernetes objects and connection details are named, in one place."""
+
+from __future__ import annotations
+
+from broker.domain import catalog as catalog_mod
+from broker.domain import model
+
+
+def endpoint(resource_type: model.ResourceType, namespace: str, name: str) -> str:
+    """The in-cluster DNS name clients connect to; topics are reached through their Kafka cluster."""
+    if resource_type is model.ResourceType.TOPIC:
+        return ""
+    return f"{name}.{namespace}.svc.cluster.local"
+
+
+def port(catalog: catalog_mod.Catalog, resource_type: model.ResourceType, engine: str) -> int:
+    """The port clients connect to (5432, 3306, 6379), or 0 for topics and unknown engines."""
+    known = catalog.engines.get(engine)
+    if resource_type is model.ResourceType.TOPIC or known is None:
+        return 0
+    return known.port
+
+
+def secret_name(resource_type: model.ResourceType, name: str) -> str:
+    """The name of the Secret with the generated credentials; topics have none."""
+    if resource_type is model.ResourceType.TOPIC:
+        return ""
+    return f"{name}-credentials"

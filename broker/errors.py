@@ -1,0 +1,107 @@
+"""The broker's exceptions: every error a caller can see is one of these.
+
+The tree::
+
+    BrokerError                      anything the broker reports to a caller
+    ├── InvalidArgument              the request is malformed; carries field violations
+    ├── Unauthenticated              no or an unknown bearer token
+    ├── PermissionDenied             the principal may not use the namespace
+    ├── NotFound                     no such deployment (in a namespace the caller may see)
+    ├── AlreadyExists                a request_id was reused for a different request
+    ├── FailedPrecondition           the request is valid but the resource is in the wrong phase
+    ├── OutOfRange                   a resume sequence older than the retained event log
+    ├── ResourceExhausted            a per-principal limit was hit, or a subscriber fell behind
+    └── Unavailable                  a dependency (store, cluster) cannot be reached or the broker
+                                     is shutting down; retrying later is safe
+
+Transports never raise these themselves and never see library exceptions: adapters translate their
+library's errors into this tree (``raise ... from e``) and ``broker.api.status`` is the one place
+that maps the tree to gRPC codes and HTTP statuses. Messages are written for a person: they say what
+was wrong and what to do, and never contain secrets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldViolation:
+    """One invalid field of a request: its path (``spec.replicas``) and why it is invalid."""
+
+    field: str
+    description: str
+
+
+class BrokerError(Exception):
+    """Base of every error the broker reports to a caller.
+
+    ``reason`` is a stable UPPER_SNAKE identifier for programs (google.rpc.ErrorInfo.reason);
+    the message is for people.
+    """
+
+    default_reason = "BROKER_ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+
+
+class InvalidArgument(BrokerError):
+    """The request is malformed; ``violations`` lists every invalid field, not just the first."""
+
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation], *, reason: str | None = None) -> None:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid request: {summary}", reason=reason)
+        self.violations = tuple(violations)
+
+
+class Unauthenticated(BrokerError):
+    """The caller presented no bearer token, or one the broker does not know."""
+
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BrokerError):
+    """The caller is authenticated but not granted the namespace it asked for."""
+
+    default_reason = "NAMESPACE_NOT_GRANTED"
+
+
+class NotFound(BrokerError):
+    """The named deployment does not exist in the namespace."""
+
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(BrokerError):
+    """The request conflicts with an earlier one, such as a reused request_id."""
+
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(BrokerError):
+    """The request is well formed but cannot be carried out in the resource's current phase."""
+
+    default_reason = "FAILED_PRECONDITION"
+
+
+class OutOfRange(BrokerError):
+    """A resume position lies outside the retained event log; the client must re-read state."""
+
+    default_reason = "OUT_OF_RANGE"
+
+
+class ResourceExhausted(BrokerError):
+    """A limit was reached: too many streams for a principal, or a subscriber fell too far behind."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(BrokerError):
+    """A dependency cannot be reached or the broker is shutting down; retrying later is safe."""
+
+    default_reason = "UNAVAILABLE"

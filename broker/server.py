@@ -1,0 +1,191 @@
+"""Assembles a running broker: store, service layer, gRPC server (with health and reflection) and
+the /v1 HTTP gateway, and takes it down gracefully.
+
+Shutdown order (SIGTERM/SIGINT): health goes NOT_SERVING and /readyz 503 so load balancers stop
+sending work; the gRPC server stops accepting calls and gives in-flight ones ``shutdown_grace``
+seconds to finish; then the gateway and the store close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import pathlib
+import signal
+
+import grpc
+from broker_client.v1 import broker_pb2, broker_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from broker import auth, errors, service
+from broker.api import gateway, grpc_api
+from broker.domain import catalog as catalog_mod
+from broker.store import sqlite
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
+
+# Hardening: bounded messages and streams, keepalive enforcement (clients pinging more often than
+# every 10 s without calls are cut off), and no SO_REUSEPORT, so a second broker on the same port
+# fails to start instead of silently sharing it.
+GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_concurrent_streams", 1000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How to run a broker; ``broker serve`` fills it from flags and environment variables."""
+
+    grpc_addr: str = "0.0.0.0:50051"
+    http_addr: str = "0.0.0.0:8082"
+    data_dir: pathlib.Path = pathlib.Path(".broker")
+    insecure: bool = False
+    tokens_file: pathlib.Path | None = None
+    reflection: bool = True
+    shutdown_grace: float = 10.0
+    catalog: catalog_mod.Catalog = catalog_mod.DEFAULT_CATALOG
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``[V6]:PORT``) as host and port; ValueError with a readable message."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{addr!r} is not HOST:PORT (for example 0.0.0.0:50051 or [::1]:50051)")
+    return host.strip("[]"), int(port)
+
+
+def authenticator_for(settings: Settings) -> auth.Authenticator:
+    """The authenticator the settings ask for; refuses to run open unless --insecure says so."""
+    if settings.tokens_file is not None:
+        return auth.Authenticator.from_file(settings.tokens_file)
+    if settings.insecure:
+        return auth.Authenticator.insecure_mode()
+    raise ValueError("no authentication configured: pass --tokens FILE, or --insecure for local use only")
+
+
+class Broker:
+    """One running broker; ``start`` binds its ports (0 picks free ones), ``stop`` drains it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.authenticator = authenticator_for(settings)
+        self.grpc_port = 0
+        self.http_port = 0
+        self._draining = False
+        self._store: sqlite.Store | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self._http: gateway.web.AppRunner | None = None
+
+    @property
+    def store(self) -> sqlite.Store:
+        """The open store (after start)."""
+        if self._store is None:
+            raise errors.Unavailable("the broker is not running")
+        return self._store
+
+    async def start(self) -> None:
+        """Open the store, then serve gRPC and HTTP; health is SERVING once both listen."""
+        settings = self.settings
+        grpc_host, grpc_port = split_addr(settings.grpc_addr)
+        http_host, http_port = split_addr(settings.http_addr)
+        if self.authenticator.insecure:
+            log.warning(
+                "INSECURE MODE: authentication is OFF; every caller may use every namespace. "
+                "Use --tokens FILE for anything but local development."
+            )
+        self._store = await sqlite.Store.open(settings.data_dir)
+        svc = service.BrokerService(store=self._store, catalog=settings.catalog)
+
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        broker_pb2_grpc.add_BrokerServiceServicer_to_server(
+            grpc_api.BrokerServicer(service=svc, authenticator=self.authenticator), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        if settings.reflection:
+            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        try:
+            self.grpc_port = server.add_insecure_port(f"{_bracket(grpc_host)}:{grpc_port}")
+        except RuntimeError as e:
+            await self._store.close()
+            raise OSError(f"cannot listen for gRPC on {settings.grpc_addr}: is another process using it?") from e
+        await server.start()
+        self._grpc = server
+
+        app = gateway.Gateway(service=svc, authenticator=self.authenticator, readiness=self._not_ready_reason)
+        runner = gateway.web.AppRunner(app.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = gateway.web.TCPSite(runner, http_host, http_port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            await self.stop()
+            raise OSError(f"cannot listen for HTTP on {settings.http_addr}: {e.strerror}") from e
+        self._http = runner
+        self.http_port = runner.addresses[0][1]
+
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "broker serving",
+            extra={"grpc": f"{grpc_host}:{self.grpc_port}", "http": f"{http_host}:{self.http_port}",
+                   "data_dir": str(settings.data_dir), "reflection": settings.reflection},
+        )
+
+    async def _not_ready_reason(self) -> str | None:
+        if self._draining:
+            return "shutting down"
+        try:
+            await self.store.ping()
+        except errors.BrokerError as e:
+            return e.message
+        return None
+
+    async def stop(self) -> None:
+        """Drain and stop; safe to call twice."""
+        self._draining = True
+        await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.shutdown_grace)
+            self._grpc = None
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        log.info("broker stopped")
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def run(settings: Settings) -> None:
+    """Run a broker until SIGTERM or SIGINT, then shut it down gracefully."""
+    broker = Broker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await broker.start()
+    try:
+        await stop.wait()
+        log.info("shutdown requested; draining")
+    finally:
+        await broker.stop()

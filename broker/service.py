@@ -1,0 +1,219 @@
+"""The service layer: what every transport calls after parsing a request and authenticating.
+
+Each method validates its input (bad input never reaches the store), checks the principal's
+namespace grant before looking anything up, calls the store, and writes an audit line for every
+mutating call. It knows nothing of gRPC, protobuf or HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from broker import auth, errors
+from broker.domain import catalog as catalog_mod
+from broker.domain import model, naming, validation
+from broker.store import sqlite
+
+audit_log = logging.getLogger("broker.audit")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProvisionInput:
+    """A provision request as a transport parsed it, before validation."""
+
+    namespace: str
+    resource_type: model.ResourceType | None
+    resource_name: str
+    spec: model.ResourceSpec | None
+    callback_url: str
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceStateInput:
+    """A resource-state query as a transport parsed it, before validation."""
+
+    namespace: str
+    resource_type: model.ResourceType | None = None
+    resource_name: str = ""
+    deployment_id: str = ""
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class EventsInput:
+    """A drift-history query as a transport parsed it, before validation."""
+
+    namespace: str
+    deployment_id: str = ""
+    kinds: frozenset[model.EventKind] = frozenset()
+    page_size: int = 0
+    page_token: str = ""
+
+
+class BrokerService:
+    """Provision, read and deprovision resources on behalf of authenticated principals."""
+
+    def __init__(self, *, store: sqlite.Store, catalog: catalog_mod.Catalog) -> None:
+        self._store = store
+        self._catalog = catalog
+
+    async def provision(self, principal: auth.Principal, request: ProvisionInput) -> model.MutationResult:
+        """Validate and persist a desired state; answer at once (the workload comes later)."""
+        command = validation.provision_command(
+            namespace=request.namespace,
+            resource_type=request.resource_type,
+            resource_name=request.resource_name,
+            spec=request.spec,
+            callback_url=request.callback_url,
+            request_id=request.request_id,
+            catalog=self._catalog,
+        )
+        target = f"{command.resource_type.value}/{command.resource_name}"
+        with _audited(principal, "Provision", command.namespace, target) as record:
+            principal.require(command.namespace)
+            result = await self._store.provision(command)
+            record(
+                deployment_id=result.deployment_id,
+                generation=result.generation,
+                outcome="changed" if result.changed else "unchanged",
+            )
+        return result
+
+    async def deprovision(
+        self,
+        principal: auth.Principal,
+        *,
+        namespace: str,
+        deployment_id: str,
+        data_policy: model.DataPolicy,
+        request_id: str,
+    ) -> model.MutationResult:
+        """Mark a deployment for deletion, keeping or deleting its volumes as asked."""
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(namespace, violations)
+        validation.check_deployment_id(deployment_id, violations, required=True)
+        validation.check_request_id(request_id, violations)
+        validation.raise_if(violations)
+        with _audited(principal, "Deprovision", namespace, deployment_id) as record:
+            principal.require(namespace)
+            result = await self._store.deprovision(
+                model.DeprovisionCommand(
+                    namespace=model.Namespace(namespace),
+                    deployment_id=model.DeploymentId(deployment_id),
+                    data_policy=data_policy,
+                    request_id=request_id,
+                )
+            )
+            record(
+                deployment_id=result.deployment_id,
+                data_policy=data_policy.value,
+                outcome="changed" if result.changed else "unchanged",
+            )
+        return result
+
+    async def get_deployment(self, principal: auth.Principal, *, namespace: str, deployment_id: str) -> model.Deployment:
+        """One deployment's desired spec, phase and last operation."""
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(namespace, violations)
+        validation.check_deployment_id(deployment_id, violations, required=True)
+        validation.raise_if(violations)
+        principal.require(namespace)
+        return await self._store.get_deployment(model.Namespace(namespace), model.DeploymentId(deployment_id))
+
+    async def get_resource_state(
+        self, principal: auth.Principal, request: ResourceStateInput
+    ) -> model.Page[model.ResourceView]:
+        """The resources of one namespace, filtered and paginated, with what is known of each."""
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(request.namespace, violations)
+        validation.check_resource_name(request.resource_name, violations, required=False)
+        validation.check_deployment_id(request.deployment_id, violations, required=False)
+        page = validation.page_request(request.page_size, request.page_token, violations)
+        validation.raise_if(violations)
+        principal.require(request.namespace)
+        query = model.ResourceQuery(
+            namespace=model.Namespace(request.namespace),
+            resource_type=request.resource_type,
+            resource_name=model.ResourceName(request.resource_name) if request.resource_name else None,
+            deployment_id=model.DeploymentId(request.deployment_id) if request.deployment_id else None,
+        )
+        deployments = await self._store.list_deployments(query, page)
+        return model.Page(
+            items=tuple(self._view(d) for d in deployments.items),
+            total=deployments.total,
+            next_token=deployments.next_token,
+        )
+
+    async def list_drift_events(
+        self, principal: auth.Principal, request: EventsInput
+    ) -> model.Page[model.DriftEvent]:
+        """The recorded drift history of a namespace or one deployment, oldest first."""
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(request.namespace, violations)
+        validation.check_deployment_id(request.deployment_id, violations, required=False)
+        page = validation.page_request(request.page_size, request.page_token, violations)
+        validation.raise_if(violations)
+        principal.require(request.namespace)
+        query = model.EventQuery(
+            namespace=model.Namespace(request.namespace),
+            deployment_id=model.DeploymentId(request.deployment_id) if request.deployment_id else None,
+            kinds=request.kinds,
+        )
+        return await self._store.list_events(query, page)
+
+    def _view(self, deployment: model.Deployment) -> model.ResourceView:
+        spec = deployment.desired_spec
+        return model.ResourceView(
+            deployment=deployment,
+            endpoint=naming.endpoint(deployment.resource_type, deployment.namespace, deployment.resource_name),
+            port=naming.port(self._catalog, deployment.resource_type, spec.engine),
+            connection_secret=naming.secret_name(deployment.resource_type, deployment.resource_name),
+            message=_phase_message(deployment),
+        )
+
+
+def _phase_message(deployment: model.Deployment) -> str:
+    op = deployment.last_operation
+    if deployment.phase is model.Phase.PENDING:
+        return f"Accepted generation {deployment.generation}; the workload has not been created yet"
+    if deployment.phase is model.Phase.FAILED:
+        return f"Provisioning failed: {op.message}"
+    if deployment.phase is model.Phase.DELETING:
+        return "Deletion accepted; the workload is being removed"
+    return op.message
+
+
+class _audited:
+    """Context manager writing one audit line per mutating call: who, what, which resource, result.
+
+    The ``record`` callable it yields adds the outcome's details; an exception is logged with its
+    class and re-raised. No request content beyond identities goes into the line.
+    """
+
+    def __init__(self, principal: auth.Principal, action: str, namespace: str, target: str) -> None:
+        self._fields: dict[str, object] = {
+            "principal": principal.name,
+            "action": action,
+            "namespace": namespace,
+            "resource": target,
+        }
+
+    def __enter__(self) -> Callable[..., None]:
+        return self._record
+
+    def _record(self, **details: object) -> None:
+        self._fields.update(details)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self._fields.setdefault("outcome", "ok")
+            audit_log.info("audit", extra={"audit": dict(self._fields, result="ok")})
+        elif isinstance(exc, errors.BrokerError):
+            audit_log.info("audit", extra={"audit": dict(self._fields, result="rejected", error=exc.reason)})
+        else:
+            audit_log.error("audit", extra={"audit": dict(self._fields, result="error", error=type(exc).__name__)})
+

@@ -1,0 +1,1 @@
+"""Persistence adapters: the desired-state store (``broker.store.sqlite`` owns aiosqlite)."""

@@ -1,0 +1,85 @@
+"""Versioned schema migrations, applied in order at start-up (and by ``broker migrate``).
+
+Append new migrations; never edit one that has shipped. Each runs in its own transaction together
+with the bump of ``schema_migrations``, so a crash leaves the schema at a whole version.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "deployments, operations, idempotency keys, drift event log, callback outbox",
+        """
+        CREATE TABLE deployments (
+            deployment_id     TEXT PRIMARY KEY,
+            namespace         TEXT NOT NULL,
+            resource_type     TEXT NOT NULL,
+            resource_name     TEXT NOT NULL,
+            desired_spec      TEXT NOT NULL,
+            generation        INTEGER NOT NULL CHECK (generation >= 1),
+            phase             TEXT NOT NULL,
+            callback_url      TEXT NOT NULL,
+            data_policy       TEXT NOT NULL DEFAULT 'keep',
+            last_operation_id TEXT NOT NULL,
+            create_time       TEXT NOT NULL,
+            update_time       TEXT NOT NULL
+        );
+        -- One live deployment per (namespace, type, name); deleted ones are kept for history.
+        CREATE UNIQUE INDEX deployments_live_identity
+            ON deployments (namespace, resource_type, resource_name) WHERE phase != 'Deleted';
+        CREATE INDEX deployments_by_namespace ON deployments (namespace, resource_type, resource_name);
+
+        CREATE TABLE operations (
+            operation_id  TEXT PRIMARY KEY,
+            deployment_id TEXT NOT NULL REFERENCES deployments (deployment_id),
+            type          TEXT NOT NULL,
+            state         TEXT NOT NULL,
+            generation    INTEGER NOT NULL,
+            message       TEXT NOT NULL DEFAULT '',
+            create_time   TEXT NOT NULL,
+            update_time   TEXT NOT NULL
+        );
+        CREATE INDEX operations_by_deployment ON operations (deployment_id, create_time);
+        CREATE INDEX operations_unfinished ON operations (state) WHERE state IN ('accepted', 'in_progress');
+
+        CREATE TABLE idempotency_keys (
+            namespace     TEXT NOT NULL,
+            request_id    TEXT NOT NULL,
+            method        TEXT NOT NULL,
+            request_hash  TEXT NOT NULL,
+            deployment_id TEXT NOT NULL REFERENCES deployments (deployment_id),
+            response      TEXT NOT NULL,
+            create_time   TEXT NOT NULL,
+            PRIMARY KEY (namespace, request_id)
+        );
+
+        -- AUTOINCREMENT: a sequence is never reused, even after the newest events are pruned.
+        CREATE TABLE drift_events (
+            sequence      INTEGER PRIMARY KEY AUTOINCREMENT,
+            deployment_id TEXT NOT NULL REFERENCES deployments (deployment_id),
+            namespace     TEXT NOT NULL,
+            resource_type TEXT NOT NULL,
+            resource_name TEXT NOT NULL,
+            kind          TEXT NOT NULL,
+            payload       TEXT NOT NULL,
+            event_time    TEXT NOT NULL
+        );
+        CREATE INDEX drift_events_by_namespace ON drift_events (namespace, sequence);
+        CREATE INDEX drift_events_by_deployment ON drift_events (deployment_id, sequence);
+
+        CREATE TABLE callback_outbox (
+            delivery_id       TEXT PRIMARY KEY,
+            deployment_id     TEXT NOT NULL REFERENCES deployments (deployment_id),
+            url               TEXT NOT NULL,
+            payload           TEXT NOT NULL,
+            attempts          INTEGER NOT NULL DEFAULT 0,
+            next_attempt_time TEXT NOT NULL,
+            delivered_time    TEXT,
+            last_error        TEXT NOT NULL DEFAULT '',
+            create_time       TEXT NOT NULL
+        );
+        CREATE INDEX callback_outbox_due ON callback_outbox (next_attempt_time) WHERE delivered_time IS NULL;
+        """,
+    ),
+)

@@ -1,0 +1,719 @@
+"""The desired-state store on SQLite (aiosqlite): the only module that imports it.
+
+Durability: WAL journal with ``synchronous=FULL``, so an acknowledged Provision survives a crash or
+power loss; foreign keys on; migrations at start-up.
+
+Concurrency: one writer connection guarded by an asyncio lock (every write is one ``BEGIN
+IMMEDIATE`` transaction) and one reader connection, which under WAL never sees a half-written
+transaction of another coroutine. SQLite errors are translated into ``errors.Unavailable`` with the
+cause chained; nothing of a request's content is put in that message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import pathlib
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import aiosqlite
+
+from broker import errors
+from broker.domain import model
+from broker.store import migrations
+
+log = logging.getLogger(__name__)
+
+DB_FILENAME = "broker.db"
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _ts(value: datetime.datetime) -> str:
+    return value.isoformat(timespec="microseconds")
+
+
+def _parse_ts(value: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(value)
+
+
+def spec_to_json(spec: model.ResourceSpec) -> str:
+    """Canonical JSON of a spec: equal specs give equal text, so comparison is a string compare."""
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True, separators=(",", ":"))
+
+
+def spec_from_json(text: str) -> model.ResourceSpec:
+    """The inverse of ``spec_to_json``."""
+    raw = json.loads(text)
+    topic = raw.get("topic")
+    resources = raw.get("resources")
+    return model.ResourceSpec(
+        engine=raw["engine"],
+        version=raw["version"],
+        size=raw["size"],
+        replicas=raw.get("replicas"),
+        topic=model.TopicSpec(**topic) if topic else None,
+        resources=model.ComputeResources(**resources) if resources else None,
+    )
+
+
+def _operation_to_dict(op: model.Operation) -> dict[str, Any]:
+    return {
+        "operation_id": op.operation_id,
+        "type": op.type.value,
+        "state": op.state.value,
+        "generation": op.generation,
+        "message": op.message,
+        "create_time": _ts(op.create_time),
+        "update_time": _ts(op.update_time),
+    }
+
+
+def _operation_from_row(row: sqlite3.Row | dict[str, Any]) -> model.Operation:
+    return model.Operation(
+        operation_id=model.OperationId(row["operation_id"]),
+        type=model.OperationType(row["type"]),
+        state=model.OperationState(row["state"]),
+        generation=row["generation"],
+        message=row["message"],
+        create_time=_parse_ts(row["create_time"]),
+        update_time=_parse_ts(row["update_time"]),
+    )
+
+
+def _result_to_json(result: model.MutationResult) -> str:
+    return json.dumps(
+        {
+            "deployment_id": result.deployment_id,
+            "phase": result.phase.value,
+            "generation": result.generation,
+            "operation": _operation_to_dict(result.operation),
+        },
+        sort_keys=True,
+    )
+
+
+def _result_from_json(text: str) -> model.MutationResult:
+    raw = json.loads(text)
+    return model.MutationResult(
+        deployment_id=model.DeploymentId(raw["deployment_id"]),
+        phase=model.Phase(raw["phase"]),
+        generation=raw["generation"],
+        operation=_operation_from_row(raw["operation"]),
+        changed=False,
+    )
+
+
+def _request_hash(method: str, payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([method, payload], sort_keys=True).encode()).hexdigest()
+
+
+def new_deployment_id() -> model.DeploymentId:
+    """A fresh deployment id: ``deploy-`` and 12 random hex digits."""
+    return model.DeploymentId("deploy-" + secrets.token_hex(6))
+
+
+def _new_operation_id() -> model.OperationId:
+    return model.OperationId("op-" + secrets.token_hex(8))
+
+
+_DEPLOYMENT_COLUMNS = """
+    d.deployment_id, d.namespace, d.resource_type, d.resource_name, d.desired_spec, d.generation,
+    d.phase, d.callback_url, d.data_policy, d.create_time AS d_create_time,
+    d.update_time AS d_update_time, o.operation_id, o.type, o.state, o.generation AS o_generation,
+    o.message, o.create_time, o.update_time
+"""
+
+
+def _deployment_from_row(row: sqlite3.Row) -> model.Deployment:
+    op = _operation_from_row(
+        {
+            "operation_id": row["operation_id"],
+            "type": row["type"],
+            "state": row["state"],
+            "generation": row["o_generation"],
+            "message": row["message"],
+            "create_time": row["create_time"],
+            "update_time": row["update_time"],
+        }
+    )
+    return model.Deployment(
+        deployment_id=model.DeploymentId(row["deployment_id"]),
+        namespace=model.Namespace(row["namespace"]),
+        resource_type=model.ResourceType(row["resource_type"]),
+        resource_name=model.ResourceName(row["resource_name"]),
+        desired_spec=spec_from_json(row["desired_spec"]),
+        generation=row["generation"],
+        phase=model.Phase(row["phase"]),
+        callback_url=row["callback_url"],
+        data_policy=model.DataPolicy(row["data_policy"]),
+        last_operation=op,
+        create_time=_parse_ts(row["d_create_time"]),
+        update_time=_parse_ts(row["d_update_time"]),
+    )
+
+
+def _item_from_dict(raw: dict[str, Any]) -> model.DriftItem:
+    detect = raw.get("detect_time")
+    return model.DriftItem(
+        rule_id=raw["rule_id"],
+        field=raw["field"],
+        desired=raw["desired"],
+        actual=raw["actual"],
+        drift_class=model.DriftClass(raw["drift_class"]),
+        severity=model.Severity(raw["severity"]),
+        action=model.Action(raw["action"]),
+        message=raw["message"],
+        changed_by=raw.get("changed_by", ""),
+        monthly_cost_delta=raw.get("monthly_cost_delta"),
+        detect_time=_parse_ts(detect) if detect else None,
+    )
+
+
+def _event_from_row(row: sqlite3.Row) -> model.DriftEvent:
+    payload = json.loads(row["payload"])
+    health = payload.get("health")
+    return model.DriftEvent(
+        sequence=row["sequence"],
+        kind=model.EventKind(row["kind"]),
+        deployment_id=model.DeploymentId(row["deployment_id"]),
+        namespace=model.Namespace(row["namespace"]),
+        resource_type=model.ResourceType(row["resource_type"]),
+        resource_name=model.ResourceName(row["resource_name"]),
+        event_time=_parse_ts(row["event_time"]),
+        message=payload["message"],
+        phase=model.Phase(payload["phase"]),
+        health=model.Health(health) if health else None,
+        generation=payload["generation"],
+        items=tuple(_item_from_dict(i) for i in payload.get("items", ())),
+    )
+
+
+def _encode_page_token(query_key: str, last: tuple[str, str]) -> str:
+    raw = json.dumps({"q": query_key, "after": list(last)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, query_key: str) -> tuple[str, str] | None:
+    if not token:
+        return None
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after = raw["after"]
+        if raw["q"] != query_key or len(after) != 2:
+            raise ValueError("token of another query")
+        return str(after[0]), str(after[1])
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.InvalidArgument(
+            [
+                errors.FieldViolation(
+                    "page_token",
+                    "is not a token this query returned; repeat the query without it, with the same filters",
+                )
+            ]
+        ) from e
+
+
+class Store:
+    """Desired state, operations, idempotency keys, the drift event log and the callback outbox."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, data_dir: pathlib.Path) -> Store:
+        """Open (creating if needed) ``<data_dir>/broker.db`` and apply pending migrations."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = cls(data_dir / DB_FILENAME)
+        try:
+            store._writer = await _connect(store.path)
+            await store._migrate()
+            store._reader = await _connect(store.path)
+        except (sqlite3.Error, OSError) as e:
+            await store.close()
+            raise errors.Unavailable(f"cannot open the store at {store.path}: {e}") from e
+        return store
+
+    async def close(self) -> None:
+        """Close both connections; safe to call twice."""
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def schema_version(self) -> int:
+        """The newest applied migration."""
+        async with self._read() as db:
+            cur = await db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def ping(self) -> None:
+        """Raise Unavailable unless the store answers a trivial query (used by readiness)."""
+        async with self._read() as db:
+            await db.execute("SELECT 1")
+
+    async def _migrate(self) -> None:
+        db = self._conn(self._writer)
+        await db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_time TEXT NOT NULL)"
+        )
+        await db.commit()
+        cur = await db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        for version, description, sql in migrations.MIGRATIONS:
+            if version <= current:
+                continue
+            # executescript would COMMIT first and run outside our transaction; run each statement.
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(sql):
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO schema_migrations (version, description, applied_time) VALUES (?, ?, ?)",
+                    (version, description, _ts(_now())),
+                )
+                await db.commit()
+            except BaseException:
+                await db.rollback()
+                raise
+            log.info("applied store migration", extra={"version": version, "description": description})
+
+    @staticmethod
+    def _conn(conn: aiosqlite.Connection | None) -> aiosqlite.Connection:
+        if conn is None:
+            raise errors.Unavailable("the store is closed")
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        try:
+            yield self._conn(self._reader)
+        except sqlite3.Error as e:
+            raise errors.Unavailable(f"the store failed to read: {type(e).__name__}") from e
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            db = self._conn(self._writer)
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise errors.Unavailable(f"the store failed to start a transaction: {type(e).__name__}") from e
+            try:
+                yield db
+            except BaseException:
+                await db.rollback()
+                raise
+            try:
+                await db.commit()
+            except sqlite3.Error as e:
+                await db.rollback()
+                raise errors.Unavailable(f"the store failed to commit: {type(e).__name__}") from e
+
+    # Provision / deprovision -------------------------------------------------------------------
+
+    async def provision(self, command: model.ProvisionCommand) -> model.MutationResult:
+        """Persist a provision request in one transaction and return the answer to give.
+
+        Same request_id: the first answer. Same identity and spec: a no-op (``changed`` False),
+        except that a failed deployment is retried. Different spec: an update with a new generation.
+        """
+        payload = {
+            "namespace": command.namespace,
+            "resource_type": command.resource_type.value,
+            "resource_name": command.resource_name,
+            "spec": spec_to_json(command.spec),
+            "callback_url": command.callback_url,
+        }
+        request_hash = _request_hash("provision", payload)
+        async with self._transaction() as db:
+            replay = await self._replay(db, command.namespace, command.request_id, request_hash)
+            if replay is not None:
+                return replay
+            existing = await self._live_deployment(db, command)
+            now = _now()
+            if existing is None:
+                result = await self._create(db, command, now)
+            else:
+                result = await self._update(db, existing, command, now)
+            if command.request_id:
+                await self._remember(db, command.namespace, command.request_id, "provision", request_hash, result, now)
+            return result
+
+    async def _replay(
+        self, db: aiosqlite.Connection, namespace: str, request_id: str, request_hash: str
+    ) -> model.MutationResult | None:
+        if not request_id:
+            return None
+        cur = await db.execute(
+            "SELECT request_hash, response FROM idempotency_keys WHERE namespace = ? AND request_id = ?",
+            (namespace, request_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        if row["request_hash"] != request_hash:
+            raise errors.AlreadyExists(
+                f"request_id {request_id!r} was already used for a different request in namespace "
+                f"{namespace!r}; use a new request_id for a new request",
+                reason="REQUEST_ID_REUSED",
+            )
+        return _result_from_json(row["response"])
+
+    async def _remember(
+        self,
+        db: aiosqlite.Connection,
+        namespace: str,
+        request_id: str,
+        method: str,
+        request_hash: str,
+        result: model.MutationResult,
+        now: datetime.datetime,
+    ) -> None:
+        await db.execute(
+            "INSERT INTO idempotency_keys "
+            "(namespace, request_id, method, request_hash, deployment_id, response, create_time) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (namespace, request_id, method, request_hash, result.deployment_id, _result_to_json(result), _ts(now)),
+        )
+
+    async def _live_deployment(
+        self, db: aiosqlite.Connection, command: model.ProvisionCommand
+    ) -> model.Deployment | None:
+        cur = await db.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "  # noqa: S608 - fixed column list
+            "JOIN operations o ON o.operation_id = d.last_operation_id "
+            "WHERE d.namespace = ? AND d.resource_type = ? AND d.resource_name = ? AND d.phase != 'Deleted'",
+            (command.namespace, command.resource_type.value, command.resource_name),
+        )
+        row = await cur.fetchone()
+        return _deployment_from_row(row) if row else None
+
+    async def _insert_operation(
+        self,
+        db: aiosqlite.Connection,
+        *,
+        deployment_id: model.DeploymentId,
+        op_type: model.OperationType,
+        generation: int,
+        now: datetime.datetime,
+        operation_id: model.OperationId | None = None,
+    ) -> model.Operation:
+        op = model.Operation(
+            operation_id=operation_id or _new_operation_id(),
+            type=op_type,
+            state=model.OperationState.ACCEPTED,
+            generation=generation,
+            message="accepted; waiting for a worker",
+            create_time=now,
+            update_time=now,
+        )
+        await db.execute(
+            "INSERT INTO operations (operation_id, deployment_id, type, state, generation, message, "
+            "create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                op.operation_id,
+                deployment_id,
+                op.type.value,
+                op.state.value,
+                op.generation,
+                op.message,
+                _ts(now),
+                _ts(now),
+            ),
+        )
+        return op
+
+    async def _create(
+        self, db: aiosqlite.Connection, command: model.ProvisionCommand, now: datetime.datetime
+    ) -> model.MutationResult:
+        deployment_id = new_deployment_id()
+        # The operation references its deployment, so the deployment goes first, already naming the
+        # operation id chosen up front.
+        op_id = _new_operation_id()
+        await db.execute(
+            "INSERT INTO deployments (deployment_id, namespace, resource_type, resource_name, desired_spec, "
+            "generation, phase, callback_url, last_operation_id, create_time, update_time) "
+            "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
+            (
+                deployment_id,
+                command.namespace,
+                command.resource_type.value,
+                command.resource_name,
+                spec_to_json(command.spec),
+                model.Phase.PENDING.value,
+                command.callback_url,
+                op_id,
+                _ts(now),
+                _ts(now),
+            ),
+        )
+        op = await self._insert_operation(
+            db,
+            deployment_id=deployment_id,
+            op_type=model.OperationType.PROVISION,
+            generation=1,
+            now=now,
+            operation_id=op_id,
+        )
+        return model.MutationResult(
+            deployment_id=deployment_id, phase=model.Phase.PENDING, generation=1, operation=op, changed=True
+        )
+
+    async def _update(
+        self,
+        db: aiosqlite.Connection,
+        existing: model.Deployment,
+        command: model.ProvisionCommand,
+        now: datetime.datetime,
+    ) -> model.MutationResult:
+        if existing.phase is model.Phase.DELETING:
+            raise errors.FailedPrecondition(
+                f"{command.resource_type.value} {command.resource_name!r} in namespace {command.namespace!r} "
+                f"is being deleted (deployment {existing.deployment_id}); provision it again once it is gone",
+                reason="DEPLOYMENT_DELETING",
+            )
+        if existing.desired_spec.engine != command.spec.engine:
+            raise errors.FailedPrecondition(
+                f"{command.resource_type.value} {command.resource_name!r} runs {existing.desired_spec.engine}; "
+                f"the engine of a deployment cannot change to {command.spec.engine}: deprovision it and "
+                "provision a new one",
+                reason="ENGINE_IMMUTABLE",
+            )
+        same_spec = spec_to_json(existing.desired_spec) == spec_to_json(command.spec)
+        retry = same_spec and existing.phase is model.Phase.FAILED
+        if same_spec and not retry:
+            if existing.callback_url != command.callback_url:
+                await db.execute(
+                    "UPDATE deployments SET callback_url = ?, update_time = ? WHERE deployment_id = ?",
+                    (command.callback_url, _ts(now), existing.deployment_id),
+                )
+            return model.MutationResult(
+                deployment_id=existing.deployment_id,
+                phase=existing.phase,
+                generation=existing.generation,
+                operation=existing.last_operation,
+                changed=False,
+            )
+        generation = existing.generation if retry else existing.generation + 1
+        op = await self._insert_operation(
+            db,
+            deployment_id=existing.deployment_id,
+            op_type=model.OperationType.UPDATE,
+            generation=generation,
+            now=now,
+        )
+        await db.execute(
+            "UPDATE deployments SET desired_spec = ?, generation = ?, phase = ?, callback_url = ?, "
+            "last_operation_id = ?, update_time = ? WHERE deployment_id = ?",
+            (
+                spec_to_json(command.spec),
+                generation,
+                model.Phase.PENDING.value,
+                command.callback_url,
+                op.operation_id,
+                _ts(now),
+                existing.deployment_id,
+            ),
+        )
+        return model.MutationResult(
+            deployment_id=existing.deployment_id,
+            phase=model.Phase.PENDING,
+            generation=generation,
+            operation=op,
+            changed=True,
+        )
+
+    async def deprovision(self, command: model.DeprovisionCommand) -> model.MutationResult:
+        """Mark a deployment for deletion in one transaction; repeating it is a no-op."""
+        request_hash = _request_hash(
+            "deprovision", {"deployment_id": command.deployment_id, "data_policy": command.data_policy.value}
+        )
+        async with self._transaction() as db:
+            replay = await self._replay(db, command.namespace, command.request_id, request_hash)
+            if replay is not None:
+                return replay
+            existing = await self._deployment(db, command.namespace, command.deployment_id)
+            now = _now()
+            if existing.phase in (model.Phase.DELETING, model.Phase.DELETED):
+                result = model.MutationResult(
+                    deployment_id=existing.deployment_id,
+                    phase=existing.phase,
+                    generation=existing.generation,
+                    operation=existing.last_operation,
+                    changed=False,
+                )
+            else:
+                op = await self._insert_operation(
+                    db,
+                    deployment_id=existing.deployment_id,
+                    op_type=model.OperationType.DEPROVISION,
+                    generation=existing.generation,
+                    now=now,
+                )
+                await db.execute(
+                    "UPDATE deployments SET phase = ?, data_policy = ?, last_operation_id = ?, update_time = ? "
+                    "WHERE deployment_id = ?",
+                    (
+                        model.Phase.DELETING.value,
+                        command.data_policy.value,
+                        op.operation_id,
+                        _ts(now),
+                        existing.deployment_id,
+                    ),
+                )
+                result = model.MutationResult(
+                    deployment_id=existing.deployment_id,
+                    phase=model.Phase.DELETING,
+                    generation=existing.generation,
+                    operation=op,
+                    changed=True,
+                )
+            if command.request_id:
+                await self._remember(db, command.namespace, command.request_id, "deprovision", request_hash, result, now)
+            return result
+
+    # Reads ----------------------------------------------------------------------------------------
+
+    async def _deployment(
+        self, db: aiosqlite.Connection, namespace: str, deployment_id: str
+    ) -> model.Deployment:
+        cur = await db.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "  # noqa: S608 - fixed column list
+            "JOIN operations o ON o.operation_id = d.last_operation_id "
+            "WHERE d.namespace = ? AND d.deployment_id = ?",
+            (namespace, deployment_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise errors.NotFound(f"deployment {deployment_id!r} not found in namespace {namespace!r}")
+        return _deployment_from_row(row)
+
+    async def get_deployment(self, namespace: model.Namespace, deployment_id: model.DeploymentId) -> model.Deployment:
+        """One deployment of a namespace, deleted ones included; NotFound otherwise."""
+        async with self._read() as db:
+            return await self._deployment(db, namespace, deployment_id)
+
+    async def list_deployments(
+        self, query: model.ResourceQuery, page: model.PageRequest
+    ) -> model.Page[model.Deployment]:
+        """The live (not deleted) deployments matching a query, ordered by type and name."""
+        where = ["d.namespace = ?", "d.phase != 'Deleted'"]
+        params: list[Any] = [query.namespace]
+        if query.resource_type is not None:
+            where.append("d.resource_type = ?")
+            params.append(query.resource_type.value)
+        if query.resource_name is not None:
+            where.append("d.resource_name = ?")
+            params.append(query.resource_name)
+        if query.deployment_id is not None:
+            where.append("d.deployment_id = ?")
+            params.append(query.deployment_id)
+        query_key = hashlib.sha256(json.dumps(params).encode()).hexdigest()[:16]
+        after = _decode_page_token(page.token, query_key)
+        async with self._read() as db:
+            cur = await db.execute(
+                f"SELECT COUNT(*) FROM deployments d WHERE {' AND '.join(where)}",  # noqa: S608 - fixed clauses
+                params,
+            )
+            total_row = await cur.fetchone()
+            page_where = list(where)
+            page_params = list(params)
+            if after is not None:
+                page_where.append("(d.resource_type, d.resource_name) > (?, ?)")
+                page_params.extend(after)
+            cur = await db.execute(
+                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "  # noqa: S608 - fixed clauses
+                "JOIN operations o ON o.operation_id = d.last_operation_id "
+                f"WHERE {' AND '.join(page_where)} ORDER BY d.resource_type, d.resource_name LIMIT ?",
+                [*page_params, page.size + 1],
+            )
+            rows = list(await cur.fetchall())
+        items = tuple(_deployment_from_row(r) for r in rows[: page.size])
+        next_token = ""
+        if len(rows) > page.size:
+            last = items[-1]
+            next_token = _encode_page_token(query_key, (last.resource_type.value, last.resource_name))
+        return model.Page(items=items, total=int(total_row[0]) if total_row else 0, next_token=next_token)
+
+    async def list_events(
+        self, query: model.EventQuery, page: model.PageRequest
+    ) -> model.Page[model.DriftEvent]:
+        """Events of a namespace (optionally one deployment and some kinds), oldest first."""
+        where = ["namespace = ?"]
+        params: list[Any] = [query.namespace]
+        if query.deployment_id is not None:
+            where.append("deployment_id = ?")
+            params.append(query.deployment_id)
+        if query.kinds:
+            kinds = sorted(k.value for k in query.kinds)
+            where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            params.extend(kinds)
+        query_key = hashlib.sha256(json.dumps(params).encode()).hexdigest()[:16]
+        after = _decode_page_token(page.token, query_key)
+        if after is not None:
+            where.append("sequence > ?")
+            params.append(int(after[1]) if after[1].isdigit() else 0)
+        async with self._read() as db:
+            cur = await db.execute(
+                "SELECT sequence, deployment_id, namespace, resource_type, resource_name, kind, payload, "
+                f"event_time FROM drift_events WHERE {' AND '.join(where)} ORDER BY sequence LIMIT ?",  # noqa: S608
+                [*params, page.size + 1],
+            )
+            rows = list(await cur.fetchall())
+        items = tuple(_event_from_row(r) for r in rows[: page.size])
+        next_token = ""
+        if len(rows) > page.size:
+            next_token = _encode_page_token(query_key, ("seq", str(items[-1].sequence)))
+        return model.Page(items=items, total=len(items), next_token=next_token)
+
+    async def count_deployments(self) -> int:
+        """How many deployments exist, deleted ones included (for tests and metrics)."""
+        async with self._read() as db:
+            cur = await db.execute("SELECT COUNT(*) FROM deployments")
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def _statements(sql: str) -> Iterable[str]:
+    """Split a migration script into statements with SQLite's own tokenizer (comments may hold ';')."""
+    buffer = ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    if buffer.strip() and not all(not ln.strip() or ln.strip().startswith("--") for ln in buffer.splitlines()):
+        raise ValueError(f"incomplete statement at the end of a migration: {buffer.strip()[:60]}")
+
+
+async def _connect(path: pathlib.Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    pragmas: Iterable[str] = (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=FULL",
+        "PRAGMA foreign_keys=ON",
+        "PRAGMA busy_timeout=5000",
+    )
+    for pragma in pragmas:
+        await conn.execute(pragma)
+    return conn
+
