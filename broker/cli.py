@@ -22,25 +22,52 @@ def _env_flag(name: str) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="broker", description="Resource broker for Kubernetes manager services.")
-    parser.add_argument("--log-level", default=os.environ.get("BROKER_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default=os.environ.get("BROKER_LOG_FORMAT", "text"), choices=["text", "json"])
+    parser = argparse.ArgumentParser(
+        prog="broker", description="Resource broker for Kubernetes manager services."
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("BROKER_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument(
+        "--log-format", default=os.environ.get("BROKER_LOG_FORMAT", "text"), choices=["text", "json"]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the broker (gRPC and the /v1 HTTP gateway)")
-    serve.add_argument("--grpc-addr", default=os.environ.get("BROKER_GRPC_ADDR", "0.0.0.0:50051"),
-                       help="gRPC listen address HOST:PORT (default 0.0.0.0:50051)")
-    serve.add_argument("--http-addr", default=os.environ.get("BROKER_HTTP_ADDR", "0.0.0.0:8082"),
-                       help="HTTP gateway listen address HOST:PORT (default 0.0.0.0:8082)")
+    serve.add_argument(
+        "--grpc-addr",
+        default=os.environ.get("BROKER_GRPC_ADDR", "0.0.0.0:50051"),
+        help="gRPC listen address HOST:PORT (default 0.0.0.0:50051)",
+    )
+    serve.add_argument(
+        "--http-addr",
+        default=os.environ.get("BROKER_HTTP_ADDR", "0.0.0.0:8082"),
+        help="HTTP gateway listen address HOST:PORT (default 0.0.0.0:8082)",
+    )
     _data_dir(serve)
-    serve.add_argument("--insecure", action="store_true", default=_env_flag("BROKER_INSECURE"),
-                       help="no authentication: every caller may use every namespace (local use only)")
-    serve.add_argument("--tokens", type=pathlib.Path, default=os.environ.get("BROKER_TOKENS") or None,
-                       metavar="FILE", help="YAML file mapping bearer tokens to principals and namespaces")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env_flag("BROKER_INSECURE"),
+        help="no authentication: every caller may use every namespace (local use only)",
+    )
+    serve.add_argument(
+        "--tokens",
+        type=pathlib.Path,
+        default=os.environ.get("BROKER_TOKENS") or None,
+        metavar="FILE",
+        help="YAML file mapping bearer tokens to principals and namespaces",
+    )
     serve.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off")
-    serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
-                       help="how long in-flight calls may take to finish on SIGTERM (default 10)")
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long in-flight calls may take to finish on SIGTERM (default 10)",
+    )
 
     migrate = commands.add_parser("migrate", help="create or upgrade the store's schema, then exit")
     _data_dir(migrate)
@@ -48,8 +75,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path(os.environ.get("BROKER_DATA_DIR", ".broker")),
-                        help="directory holding broker.db (default ./.broker)")
+    parser.add_argument(
+        "--data-dir",
+        type=pathlib.Path,
+        default=pathlib.Path(os.environ.get("BROKER_DATA_DIR", ".broker")),
+        help="directory holding broker.db (default ./.broker)",
+    )
 
 
 async def _migrate(data_dir: pathlib.Path) -> int:

@@ -15,6 +15,7 @@ import pathlib
 import signal
 
 import grpc
+from aiohttp import web
 from broker_client.v1 import broker_pb2, broker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -88,7 +89,7 @@ class Broker:
         self._store: sqlite.Store | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = HealthServicer()
-        self._http: gateway.web.AppRunner | None = None
+        self._http: web.AppRunner | None = None
 
     @property
     def store(self) -> sqlite.Store:
@@ -122,14 +123,16 @@ class Broker:
             self.grpc_port = server.add_insecure_port(f"{_bracket(grpc_host)}:{grpc_port}")
         except RuntimeError as e:
             await self._store.close()
-            raise OSError(f"cannot listen for gRPC on {settings.grpc_addr}: is another process using it?") from e
+            raise OSError(
+                f"cannot listen for gRPC on {settings.grpc_addr}: is another process using it?"
+            ) from e
         await server.start()
         self._grpc = server
 
         app = gateway.Gateway(service=svc, authenticator=self.authenticator, readiness=self._not_ready_reason)
-        runner = gateway.web.AppRunner(app.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app.app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = gateway.web.TCPSite(runner, http_host, http_port)
+        site = web.TCPSite(runner, http_host, http_port)
         try:
             await site.start()
         except OSError as e:
@@ -143,8 +146,12 @@ class Broker:
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "broker serving",
-            extra={"grpc": f"{grpc_host}:{self.grpc_port}", "http": f"{http_host}:{self.http_port}",
-                   "data_dir": str(settings.data_dir), "reflection": settings.reflection},
+            extra={
+                "grpc": f"{grpc_host}:{self.grpc_port}",
+                "http": f"{http_host}:{self.http_port}",
+                "data_dir": str(settings.data_dir),
+                "reflection": settings.reflection,
+            },
         )
 
     async def _not_ready_reason(self) -> str | None:

@@ -115,7 +115,9 @@ class BrokerService:
             )
         return result
 
-    async def get_deployment(self, principal: auth.Principal, *, namespace: str, deployment_id: str) -> model.Deployment:
+    async def get_deployment(
+        self, principal: auth.Principal, *, namespace: str, deployment_id: str
+    ) -> model.Deployment:
         """One deployment's desired spec, phase and last operation."""
         violations: list[errors.FieldViolation] = []
         validation.check_namespace(namespace, violations)
@@ -169,7 +171,9 @@ class BrokerService:
         spec = deployment.desired_spec
         return model.ResourceView(
             deployment=deployment,
-            endpoint=naming.endpoint(deployment.resource_type, deployment.namespace, deployment.resource_name),
+            endpoint=naming.endpoint(
+                deployment.resource_type, deployment.namespace, deployment.resource_name
+            ),
             port=naming.port(self._catalog, deployment.resource_type, spec.engine),
             connection_secret=naming.secret_name(deployment.resource_type, deployment.resource_name),
             message=_phase_message(deployment),
@@ -215,5 +219,6 @@ class _audited:
         elif isinstance(exc, errors.BrokerError):
             audit_log.info("audit", extra={"audit": dict(self._fields, result="rejected", error=exc.reason)})
         else:
-            audit_log.error("audit", extra={"audit": dict(self._fields, result="error", error=type(exc).__name__)})
-
+            audit_log.error(
+                "audit", extra={"audit": dict(self._fields, result="error", error=type(exc).__name__)}
+            )

@@ -26,7 +26,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 TARGET = ROOT / "clients" / "python" / "src" / "broker_client" / "v1"
 PROTO_PACKAGE_DIR = pathlib.Path("broker") / "v1"
-INIT = '"""Generated gRPC stubs and messages of the broker.v1 API (do not edit; run scripts/gen_proto.py)."""\n'
+INIT = (
+    '"""Generated gRPC stubs and messages of the broker.v1 API (do not edit; run scripts/gen_proto.py)."""\n'
+)
 
 _REWRITES = (
     (re.compile(r"^from broker\.v1 import ", re.MULTILINE), "from broker_client.v1 import "),

@@ -32,7 +32,9 @@ class _EnumMap:
             self._to_domain[number] = member
         extra = set(proto.values()) - set(self._to_domain) - {0}
         if extra:
-            raise RuntimeError(f"proto enum values without a domain member: {sorted(proto.Name(v) for v in extra)}")
+            raise RuntimeError(
+                f"proto enum values without a domain member: {sorted(proto.Name(v) for v in extra)}"
+            )
 
     def to_proto(self, value: enum.Enum | None) -> int:
         return 0 if value is None else self._to_proto[value]
@@ -231,7 +233,9 @@ def resource_state_to_proto(view: model.ResourceView) -> pb.ResourceState:
     )
 
 
-def resource_page_to_proto(namespace: str, page: model.Page[model.ResourceView]) -> pb.GetResourceStateResponse:
+def resource_page_to_proto(
+    namespace: str, page: model.Page[model.ResourceView]
+) -> pb.GetResourceStateResponse:
     """The GetResourceStateResponse of a page of resource views."""
     return pb.GetResourceStateResponse(
         resources=[resource_state_to_proto(v) for v in page.items],

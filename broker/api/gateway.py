@@ -44,11 +44,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Enum spellings -----------------------------------------------------------------------------------
 
 
-def _enum_prefix(enum_desc: descriptor.EnumDescriptor) -> str:
+def _enum_prefix(enum_desc: Any) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", enum_desc.name).upper() + "_"
 
 
-def _spelling(enum_desc: descriptor.EnumDescriptor, name: str) -> str:
+def _spelling(enum_desc: Any, name: str) -> str:
     """The original design's spelling of an enum value: lower case for resource types, else Pascal."""
     rest = name.removeprefix(_enum_prefix(enum_desc))
     if enum_desc.full_name == "broker.v1.ResourceType":
@@ -56,7 +56,7 @@ def _spelling(enum_desc: descriptor.EnumDescriptor, name: str) -> str:
     return "".join(part.capitalize() for part in rest.split("_"))
 
 
-def _respell(desc: descriptor.Descriptor, data: dict[str, Any], *, to_seed: bool) -> None:
+def _respell(desc: Any, data: dict[str, Any], *, to_seed: bool) -> None:
     """Rewrite enum values in a proto3-JSON dict in place, guided by the message descriptor."""
     for field in desc.fields:
         key = field.json_name if field.json_name in data else field.name
@@ -65,25 +65,37 @@ def _respell(desc: descriptor.Descriptor, data: dict[str, Any], *, to_seed: bool
         value = data[key]
         if field.type == descriptor.FieldDescriptor.TYPE_ENUM:
             enum_desc = field.enum_type
-            if to_seed:
-                if value == enum_desc.values[0].name and not isinstance(value, list):
-                    # Zero (UNSPECIFIED) means "not known yet": absent, rather than an invented value.
-                    del data[key]
-                    continue
-                table = {v.name: _spelling(enum_desc, v.name) for v in enum_desc.values}
-            else:
-                table = {_spelling(enum_desc, v.name).lower(): v.name for v in enum_desc.values}
-            convert_one = (lambda v: table.get(v, v)) if to_seed else (
-                lambda v: table.get(v.lower(), v) if isinstance(v, str) else v
-            )
-            data[key] = [convert_one(v) for v in value] if isinstance(value, list) else convert_one(value)
-        elif field.type == descriptor.FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name.startswith(
-            "broker.v1."
+            if to_seed and value == enum_desc.values[0].name:
+                # Zero (UNSPECIFIED) means "not known yet": absent, rather than an invented value.
+                del data[key]
+                continue
+            respelled = [_respell_enum(enum_desc, v, to_seed=to_seed) for v in _as_list(value)]
+            data[key] = respelled if isinstance(value, list) else respelled[0]
+        elif (
+            field.type == descriptor.FieldDescriptor.TYPE_MESSAGE
+            and field.message_type.full_name.startswith("broker.v1.")
         ):
             children = value if isinstance(value, list) else [value]
             for child in children:
                 if isinstance(child, dict):
                     _respell(field.message_type, child, to_seed=to_seed)
+
+
+def _respell_enum(enum_desc: Any, value: Any, *, to_seed: bool) -> Any:
+    """One enum value in the other spelling; anything unrecognised is left for the parser to reject."""
+    if not isinstance(value, str):
+        return value
+    for v in enum_desc.values:
+        seed = _spelling(enum_desc, v.name)
+        if to_seed and value == v.name:
+            return seed
+        if not to_seed and value.lower() == seed.lower():
+            return v.name
+    return value
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
 def render(msg: message.Message) -> dict[str, Any]:
@@ -150,7 +162,9 @@ class Gateway:
             if e.status < 400:
                 raise
             # aiohttp's own answers (404 no route, 405, 413 too large) in the same JSON error shape.
-            reason = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}.get(e.status, "HTTP_ERROR")
+            reason = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}.get(
+                e.status, "HTTP_ERROR"
+            )
             message_text = {
                 404: f"no such path: {request.path}",
                 405: f"{request.method} is not allowed on {request.path}",
@@ -201,7 +215,11 @@ class Gateway:
         principal = self._principal(request)
         if not data.get("namespace"):
             raise errors.InvalidArgument(
-                [errors.FieldViolation("namespace", "is required, e.g. /v1/resources?namespace=team-platform")]
+                [
+                    errors.FieldViolation(
+                        "namespace", "is required, e.g. /v1/resources?namespace=team-platform"
+                    )
+                ]
             )
         msg = parse(data, pb.GetResourceStateRequest())
         page = await self._service.get_resource_state(principal, convert.resource_state_input(msg))
@@ -227,7 +245,9 @@ class Gateway:
         deployment = await self._service.get_deployment(
             principal, namespace=msg.namespace, deployment_id=msg.deployment_id
         )
-        return web.json_response(render(pb.GetDeploymentResponse(deployment=convert.deployment_to_proto(deployment))))
+        return web.json_response(
+            render(pb.GetDeploymentResponse(deployment=convert.deployment_to_proto(deployment)))
+        )
 
     async def _deprovision(self, request: web.Request, data: dict[str, Any]) -> web.Response:
         principal = self._principal(request)

@@ -53,7 +53,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         except Exception as e:
             await _abort(context, e)
 
-    async def Provision(  # noqa: N802 - name fixed by the generated base class
+    async def Provision(
         self, request: pb.ProvisionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProvisionResponse:
         """Create or update a resource's desired state."""
@@ -64,7 +64,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
         return await self._unary(context, call)
 
-    async def GetResourceState(  # noqa: N802
+    async def GetResourceState(
         self, request: pb.GetResourceStateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetResourceStateResponse:
         """Read desired and actual state of a namespace's resources."""
@@ -75,7 +75,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
         return await self._unary(context, call)
 
-    async def Deprovision(  # noqa: N802
+    async def Deprovision(
         self, request: pb.DeprovisionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeprovisionResponse:
         """Delete a resource's workload."""
@@ -92,7 +92,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
         return await self._unary(context, call)
 
-    async def GetDeployment(  # noqa: N802
+    async def GetDeployment(
         self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDeploymentResponse:
         """Read one deployment."""
@@ -105,7 +105,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
         return await self._unary(context, call)
 
-    async def ListDriftEvents(  # noqa: N802
+    async def ListDriftEvents(
         self, request: pb.ListDriftEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDriftEventsResponse:
         """Read the drift history."""
@@ -116,7 +116,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
         return await self._unary(context, call)
 
-    async def WatchDrift(  # noqa: N802
+    async def WatchDrift(
         self, request: pb.WatchDriftRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchDriftResponse]:
         """Not served yet: drift detection and streaming arrive with the drift engine."""

@@ -49,7 +49,7 @@ def mapping_of(exc: BaseException) -> Mapping:
     """The wire mapping of an exception (the nearest mapped base class of a BrokerError)."""
     for cls in type(exc).__mro__:
         if cls in TABLE:
-            return TABLE[cls]  # type: ignore[index]
+            return TABLE[cls]
     return INTERNAL
 
 
@@ -59,8 +59,9 @@ def public_error(exc: BaseException) -> errors.BrokerError:
         return exc
     incident = secrets.token_hex(4)
     log.error("internal error (incident %s)", incident, exc_info=exc)
-    return errors.BrokerError(f"internal error (incident {incident}); the broker's log has the details",
-                              reason="INTERNAL")
+    return errors.BrokerError(
+        f"internal error (incident {incident}); the broker's log has the details", reason="INTERNAL"
+    )
 
 
 def rich_status(exc: errors.BrokerError) -> status_pb2.Status:

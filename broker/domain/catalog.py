@@ -124,6 +124,7 @@ DEFAULT_SIZES: dict[str, model.ComputeResources] = {
     ),
 }
 
-DEFAULT_PRICES = Prices(cpu_core_month=25.0, memory_gib_month=3.5, storage_gib_month=0.10)
+# With these prices one medium replica (0.5 core, 1 GiB, 20 GiB) costs 45.50 a month, the seed's figure.
+DEFAULT_PRICES = Prices(cpu_core_month=56.0, memory_gib_month=9.5, storage_gib_month=0.40)
 
 DEFAULT_CATALOG = Catalog(engines=DEFAULT_ENGINES, sizes=DEFAULT_SIZES, prices=DEFAULT_PRICES)

@@ -26,3 +26,21 @@ def secret_name(resource_type: model.ResourceType, name: str) -> str:
     if resource_type is model.ResourceType.TOPIC:
         return ""
     return f"{name}-credentials"
+
+
+MANAGED_BY = "resource-broker"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_DEPLOYMENT = "broker.platform/deployment-id"
+LABEL_TYPE = "broker.platform/resource-type"
+SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+
+def labels(deployment_id: str, resource_type: model.ResourceType, name: str) -> dict[str, str]:
+    """The labels every object of a deployment carries; the broker watches by ``SELECTOR`` only."""
+    return {
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_NAME: name,
+        LABEL_DEPLOYMENT: deployment_id,
+        LABEL_TYPE: resource_type.value,
+    }

@@ -67,7 +67,8 @@ def check_deployment_id(value: str, violations: list[errors.FieldViolation], *, 
     elif not _DEPLOYMENT_ID.match(value):
         violations.append(
             errors.FieldViolation(
-                "deployment_id", f"{value[:80]!r} is not a deployment id (they look like 'deploy-3f9c2a1b7d4e')"
+                "deployment_id",
+                f"{value[:80]!r} is not a deployment id (they look like 'deploy-3f9c2a1b7d4e')",
             )
         )
 
@@ -87,7 +88,9 @@ def check_callback_url(value: str, violations: list[errors.FieldViolation]) -> N
     if not value:
         return
     if len(value) > MAX_CALLBACK_URL:
-        violations.append(errors.FieldViolation("callback_url", f"is longer than {MAX_CALLBACK_URL} characters"))
+        violations.append(
+            errors.FieldViolation("callback_url", f"is longer than {MAX_CALLBACK_URL} characters")
+        )
         return
     try:
         parsed = urllib.parse.urlsplit(value)
@@ -152,7 +155,9 @@ def provision_command(
     if spec is not None and resource_type is not None:
         normalized = _normalized_spec(spec, resource_type, catalog, violations)
     raise_if(violations)
-    assert resource_type is not None and normalized is not None  # guaranteed by raise_if
+    # Both are set when there were no violations; the asserts tell the type checker.
+    assert resource_type is not None
+    assert normalized is not None
     return model.ProvisionCommand(
         namespace=model.Namespace(namespace),
         resource_type=resource_type,
@@ -177,7 +182,8 @@ def _normalized_spec(
         violations.append(
             errors.FieldViolation(
                 "spec.engine",
-                f"{spec.engine[:40]!r} is not an engine for {resource_type.value}s: use one of {', '.join(engines)}",
+                f"{spec.engine[:40]!r} is not an engine for {resource_type.value}s: "
+                f"use one of {', '.join(engines)}",
             )
         )
     is_topic = resource_type is model.ResourceType.TOPIC
@@ -203,13 +209,17 @@ def _normalized_spec(
     replicas = 1 if spec.replicas is None else spec.replicas
     if not 1 <= replicas <= catalog.max_replicas:
         violations.append(
-            errors.FieldViolation("spec.replicas", f"must be between 1 and {catalog.max_replicas}, got {replicas}")
+            errors.FieldViolation(
+                "spec.replicas", f"must be between 1 and {catalog.max_replicas}, got {replicas}"
+            )
         )
     topic = None
     if is_topic:
         topic = _normalized_topic(spec.topic, violations)
     elif spec.topic is not None:
-        violations.append(errors.FieldViolation("spec.topic", f"applies to topics only, not to {resource_type.value}s"))
+        violations.append(
+            errors.FieldViolation("spec.topic", f"applies to topics only, not to {resource_type.value}s")
+        )
     if len(violations) > before:
         return None
     return model.ResourceSpec(

@@ -237,7 +237,7 @@ class Store:
     @classmethod
     async def open(cls, data_dir: pathlib.Path) -> Store:
         """Open (creating if needed) ``<data_dir>/broker.db`` and apply pending migrations."""
-        data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
         store = cls(data_dir / DB_FILENAME)
         try:
             store._writer = await _connect(store.path)
@@ -315,7 +315,9 @@ class Store:
             try:
                 await db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as e:
-                raise errors.Unavailable(f"the store failed to start a transaction: {type(e).__name__}") from e
+                raise errors.Unavailable(
+                    f"the store failed to start a transaction: {type(e).__name__}"
+                ) from e
             try:
                 yield db
             except BaseException:
@@ -354,7 +356,9 @@ class Store:
             else:
                 result = await self._update(db, existing, command, now)
             if command.request_id:
-                await self._remember(db, command.namespace, command.request_id, "provision", request_hash, result, now)
+                await self._remember(
+                    db, command.namespace, command.request_id, "provision", request_hash, result, now
+                )
             return result
 
     async def _replay(
@@ -391,14 +395,22 @@ class Store:
             "INSERT INTO idempotency_keys "
             "(namespace, request_id, method, request_hash, deployment_id, response, create_time) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (namespace, request_id, method, request_hash, result.deployment_id, _result_to_json(result), _ts(now)),
+            (
+                namespace,
+                request_id,
+                method,
+                request_hash,
+                result.deployment_id,
+                _result_to_json(result),
+                _ts(now),
+            ),
         )
 
     async def _live_deployment(
         self, db: aiosqlite.Connection, command: model.ProvisionCommand
     ) -> model.Deployment | None:
         cur = await db.execute(
-            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "  # noqa: S608 - fixed column list
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
             "WHERE d.namespace = ? AND d.resource_type = ? AND d.resource_name = ? AND d.phase != 'Deleted'",
             (command.namespace, command.resource_type.value, command.resource_name),
@@ -492,8 +504,9 @@ class Store:
             )
         if existing.desired_spec.engine != command.spec.engine:
             raise errors.FailedPrecondition(
-                f"{command.resource_type.value} {command.resource_name!r} runs {existing.desired_spec.engine}; "
-                f"the engine of a deployment cannot change to {command.spec.engine}: deprovision it and "
+                f"{command.resource_type.value} {command.resource_name!r} runs "
+                f"{existing.desired_spec.engine}; the engine of a deployment cannot change to "
+                f"{command.spec.engine}: deprovision it and "
                 "provision a new one",
                 reason="ENGINE_IMMUTABLE",
             )
@@ -569,8 +582,8 @@ class Store:
                     now=now,
                 )
                 await db.execute(
-                    "UPDATE deployments SET phase = ?, data_policy = ?, last_operation_id = ?, update_time = ? "
-                    "WHERE deployment_id = ?",
+                    "UPDATE deployments SET phase = ?, data_policy = ?, last_operation_id = ?, "
+                    "update_time = ? WHERE deployment_id = ?",
                     (
                         model.Phase.DELETING.value,
                         command.data_policy.value,
@@ -587,7 +600,9 @@ class Store:
                     changed=True,
                 )
             if command.request_id:
-                await self._remember(db, command.namespace, command.request_id, "deprovision", request_hash, result, now)
+                await self._remember(
+                    db, command.namespace, command.request_id, "deprovision", request_hash, result, now
+                )
             return result
 
     # Reads ----------------------------------------------------------------------------------------
@@ -596,7 +611,7 @@ class Store:
         self, db: aiosqlite.Connection, namespace: str, deployment_id: str
     ) -> model.Deployment:
         cur = await db.execute(
-            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "  # noqa: S608 - fixed column list
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
             "WHERE d.namespace = ? AND d.deployment_id = ?",
             (namespace, deployment_id),
@@ -606,7 +621,9 @@ class Store:
             raise errors.NotFound(f"deployment {deployment_id!r} not found in namespace {namespace!r}")
         return _deployment_from_row(row)
 
-    async def get_deployment(self, namespace: model.Namespace, deployment_id: model.DeploymentId) -> model.Deployment:
+    async def get_deployment(
+        self, namespace: model.Namespace, deployment_id: model.DeploymentId
+    ) -> model.Deployment:
         """One deployment of a namespace, deleted ones included; NotFound otherwise."""
         async with self._read() as db:
             return await self._deployment(db, namespace, deployment_id)
@@ -630,7 +647,7 @@ class Store:
         after = _decode_page_token(page.token, query_key)
         async with self._read() as db:
             cur = await db.execute(
-                f"SELECT COUNT(*) FROM deployments d WHERE {' AND '.join(where)}",  # noqa: S608 - fixed clauses
+                f"SELECT COUNT(*) FROM deployments d WHERE {' AND '.join(where)}",
                 params,
             )
             total_row = await cur.fetchone()
@@ -640,7 +657,7 @@ class Store:
                 page_where.append("(d.resource_type, d.resource_name) > (?, ?)")
                 page_params.extend(after)
             cur = await db.execute(
-                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "  # noqa: S608 - fixed clauses
+                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
                 "JOIN operations o ON o.operation_id = d.last_operation_id "
                 f"WHERE {' AND '.join(page_where)} ORDER BY d.resource_type, d.resource_name LIMIT ?",
                 [*page_params, page.size + 1],
@@ -674,7 +691,7 @@ class Store:
         async with self._read() as db:
             cur = await db.execute(
                 "SELECT sequence, deployment_id, namespace, resource_type, resource_name, kind, payload, "
-                f"event_time FROM drift_events WHERE {' AND '.join(where)} ORDER BY sequence LIMIT ?",  # noqa: S608
+                f"event_time FROM drift_events WHERE {' AND '.join(where)} ORDER BY sequence LIMIT ?",
                 [*params, page.size + 1],
             )
             rows = list(await cur.fetchall())
@@ -700,7 +717,8 @@ def _statements(sql: str) -> Iterable[str]:
         if sqlite3.complete_statement(buffer):
             yield buffer.strip()
             buffer = ""
-    if buffer.strip() and not all(not ln.strip() or ln.strip().startswith("--") for ln in buffer.splitlines()):
+    leftover = [ln for ln in buffer.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+    if leftover:
         raise ValueError(f"incomplete statement at the end of a migration: {buffer.strip()[:60]}")
 
 
@@ -716,4 +734,3 @@ async def _connect(path: pathlib.Path) -> aiosqlite.Connection:
     for pragma in pragmas:
         await conn.execute(pragma)
     return conn
-

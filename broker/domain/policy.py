@@ -1,0 +1,84 @@
+"""Remediation policy: per namespace and resource type, ``auto``, ``alert`` or ``off``, plus fields
+to ignore (like Flux's ``enabled`` / ``warn`` / ``disabled``).
+
+- ``auto``: the default table of ``broker.domain.drift`` applies: what it marks auto-remediate is
+  re-applied by the broker.
+- ``alert``: nothing is changed automatically; auto-remediate items become alert-only.
+- ``off``: drift is not reported for the matching resources at all.
+
+The most specific rule wins: namespace and type, then namespace, then type, then the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from broker.domain import model
+
+
+class Mode(enum.Enum):
+    """What happens about drift on the resources a rule matches."""
+
+    AUTO = "auto"
+    ALERT = "alert"
+    OFF = "off"
+
+
+ANY = "*"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A policy for one namespace (or ``*``) and one resource type (or None for all)."""
+
+    namespace: str = ANY
+    resource_type: model.ResourceType | None = None
+    mode: Mode = Mode.AUTO
+    ignore_fields: frozenset[str] = frozenset()
+
+    def specificity(self) -> int:
+        """Higher is more specific: namespace counts more than type."""
+        return (2 if self.namespace != ANY else 0) + (1 if self.resource_type is not None else 0)
+
+    def matches(self, namespace: str, resource_type: model.ResourceType) -> bool:
+        """Whether this rule applies to a resource."""
+        return self.namespace in (ANY, namespace) and self.resource_type in (None, resource_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """An ordered set of rules; with none, everything is ``auto`` with nothing ignored."""
+
+    rules: tuple[Rule, ...] = ()
+
+    def rule_for(self, namespace: str, resource_type: model.ResourceType) -> Rule:
+        """The most specific matching rule, or the default."""
+        matching = [r for r in self.rules if r.matches(namespace, resource_type)]
+        if not matching:
+            return Rule()
+        return max(matching, key=Rule.specificity)
+
+    def with_rule(self, rule: Rule) -> Policy:
+        """This policy with ``rule`` replacing any rule for the same namespace and type."""
+        kept = tuple(
+            r for r in self.rules if (r.namespace, r.resource_type) != (rule.namespace, rule.resource_type)
+        )
+        return Policy(rules=(*kept, rule))
+
+    def apply(
+        self, namespace: str, resource_type: model.ResourceType, items: list[model.DriftItem]
+    ) -> list[model.DriftItem]:
+        """The items as the policy has them: ignored fields dropped, actions adjusted to the mode."""
+        rule = self.rule_for(namespace, resource_type)
+        if rule.mode is Mode.OFF:
+            return []
+        kept = [i for i in items if i.field not in rule.ignore_fields]
+        if rule.mode is Mode.ALERT:
+            kept = [
+                dataclasses.replace(i, action=model.Action.ALERT_ONLY)
+                if i.action is model.Action.AUTO_REMEDIATE
+                else i
+                for i in kept
+            ]
+        return kept

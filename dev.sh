@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One entry point for people and CI. Each command bootstraps what it needs first:
+#   ./dev.sh run     set up, then run the broker on this machine (insecure, local data in ./.broker)
+#   ./dev.sh test    set up, then run every check CI runs: generated code, buf, ruff, mypy, layering, pytest
+#   ./dev.sh gen     regenerate the Python stubs from proto/
+#   ./dev.sh lint    the static checks only
+#   ./dev.sh bench   run the benchmarks (prints figures; not part of test)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PY="$VENV/bin/python"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+ensure_system() {
+  # Python >= 3.11 with venv and pip; Debian packages are installed when they are missing.
+  if ! command -v python3 >/dev/null || ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    log "installing python3 (>= 3.11 required)"
+    apt-get update -qq && apt-get install -y -qq python3 python3-venv python3-pip >/dev/null
+  fi
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    log "installing python3-venv"
+    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+  fi
+  if ! command -v git >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq git >/dev/null
+  fi
+}
+
+ensure_venv() {
+  ensure_system
+  [ -x "$PY" ] || { log "creating virtual environment $VENV"; python3 -m venv "$VENV"; }
+  # Reinstall only when the dependency declarations changed since the last install.
+  local stamp="$VENV/.installed" want
+  want=$(cat pyproject.toml clients/python/pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    log "installing Python packages into $VENV"
+    "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
+    "$PY" -m pip install -q --disable-pip-version-check -e ./clients/python -e '.[dev]'
+    echo "$want" > "$stamp"
+  fi
+}
+
+lint() {
+  log "generated stubs are fresh"
+  "$PY" scripts/gen_proto.py --check
+  log "buf lint / format"
+  "$VENV/bin/buf" lint
+  "$VENV/bin/buf" format --diff --exit-code
+  local against="${BUF_BREAKING_AGAINST:-HEAD~1}"
+  if git rev-parse -q --verify "$against^{commit}" >/dev/null && git cat-file -e "$against:buf.yaml" 2>/dev/null; then
+    log "buf breaking against $against"
+    "$VENV/bin/buf" breaking --against ".git#ref=$against"
+  else
+    log "buf breaking: no earlier commit with buf.yaml to compare with ($against); skipped"
+  fi
+  log "ruff"
+  "$VENV/bin/ruff" check .
+  "$VENV/bin/ruff" format --check .
+  log "mypy --strict"
+  "$VENV/bin/mypy"
+  log "import layering"
+  "$VENV/bin/lint-imports"
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  run)
+    ensure_venv
+    log "starting the broker: gRPC on :50051, HTTP on :8082, data in ./.broker (Ctrl-C stops it)"
+    exec "$VENV/bin/broker" serve --insecure --data-dir .broker "$@"
+    ;;
+  test)
+    ensure_venv
+    lint
+    log "pytest"
+    # pytest exits 5 when it collected nothing; set -e makes that a failure too.
+    "$VENV/bin/pytest" "$@"
+    ;;
+  lint) ensure_venv; lint ;;
+  gen) ensure_venv; "$PY" scripts/gen_proto.py ;;
+  bench) ensure_venv; for b in benchmarks/*.py benchmarks/*/bench_*.py; do [ -f "$b" ] && "$PY" "$b"; done ;;
+  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 64 ;;
+esac
