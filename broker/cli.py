@@ -60,6 +60,41 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="YAML file mapping bearer tokens to principals and namespaces",
     )
+    serve.add_argument(
+        "--sandbox",
+        action="store_true",
+        default=_env_flag("BROKER_SANDBOX"),
+        help="run the embedded sandbox Kubernetes API in-process and manage workloads there; "
+        "writes <data-dir>/sandbox.kubeconfig for kubectl",
+    )
+    serve.add_argument(
+        "--kubeconfig",
+        type=pathlib.Path,
+        default=os.environ.get("BROKER_KUBECONFIG") or None,
+        metavar="FILE",
+        help="manage workloads in the cluster of this kubeconfig "
+        "(default: in-cluster when run in a pod, else no cluster)",
+    )
+    serve.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long a workload may take to become ready before provisioning fails (default 300)",
+    )
+    serve.add_argument(
+        "--callback-key-file",
+        type=pathlib.Path,
+        default=None,
+        metavar="FILE",
+        help="HMAC key for signing callbacks (default: $BROKER_CALLBACK_KEY, else generated "
+        "into <data-dir>/callback.key)",
+    )
+    serve.add_argument(
+        "--callback-allow-loopback",
+        action="store_true",
+        help="allow callbacks to loopback addresses (local development and tests only)",
+    )
     serve.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off")
     serve.add_argument(
         "--shutdown-grace",
@@ -71,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="create or upgrade the store's schema, then exit")
     _data_dir(migrate)
+
+    sandbox = commands.add_parser(
+        "sandbox", help="run only the embedded sandbox Kubernetes API (for kubectl)"
+    )
+    sandbox.add_argument(
+        "--addr", default="127.0.0.1:0", help="listen address HOST:PORT (default a free port)"
+    )
+    _data_dir(sandbox)
     return parser
 
 
@@ -100,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             return asyncio.run(_migrate(args.data_dir))
+        if args.command == "sandbox":
+            from broker import sandbox  # the other commands do not need the sandbox
+
+            host, port = server.split_addr(args.addr)
+            asyncio.run(sandbox.run_standalone(host=host, port=port, data_dir=args.data_dir))
+            return 0
         settings = server.Settings(
             grpc_addr=args.grpc_addr,
             http_addr=args.http_addr,
@@ -108,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             tokens_file=args.tokens,
             reflection=not args.no_reflection,
             shutdown_grace=args.shutdown_grace,
+            sandbox=args.sandbox,
+            kubeconfig=args.kubeconfig,
+            ready_timeout=args.ready_timeout,
+            callback_key_file=args.callback_key_file,
+            callback_allow_loopback=args.callback_allow_loopback,
         )
         asyncio.run(server.run(settings))
     except (ValueError, OSError, errors.BrokerError) as e:

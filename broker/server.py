@@ -9,10 +9,14 @@ seconds to finish; then the gateway and the store close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
 import pathlib
+import secrets
 import signal
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -21,9 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from broker import auth, errors, service
+from broker import auth, callbacks, errors, provisioner, service
 from broker.api import gateway, grpc_api
 from broker.domain import catalog as catalog_mod
+from broker.domain import policy
+from broker.kube import client as kube_client
+from broker.kube import crds, observer
 from broker.store import sqlite
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,34 @@ class Settings:
     reflection: bool = True
     shutdown_grace: float = 10.0
     catalog: catalog_mod.Catalog = catalog_mod.DEFAULT_CATALOG
+    rules: policy.Policy = dataclasses.field(default_factory=policy.Policy)
+    kubeconfig: pathlib.Path | None = None
+    sandbox: bool = False
+    sandbox_namespaces: tuple[str, ...] = ("team-platform",)
+    ready_timeout: float = 300.0
+    callback_key_file: pathlib.Path | None = None
+    callback_allow_loopback: bool = False
+    kafka_cluster: str = "kafka"
+
+
+def callback_key(settings: Settings) -> bytes:
+    """The callback signing key: from a file, ``BROKER_CALLBACK_KEY``, or generated once and kept.
+
+    A generated key is written to ``<data-dir>/callback.key`` (mode 0600) so that it survives
+    restarts; managers read it from there (or, better, both sides are configured with one key).
+    """
+    if settings.callback_key_file is not None:
+        return settings.callback_key_file.read_bytes().strip()
+    if os.environ.get("BROKER_CALLBACK_KEY"):
+        return os.environ["BROKER_CALLBACK_KEY"].encode()
+    path = settings.data_dir / "callback.key"
+    if not path.exists():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        log.warning("generated a callback signing key", extra={"path": str(path)})
+    return path.read_bytes().strip()
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -90,6 +125,11 @@ class Broker:
         self._grpc: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self._http: web.AppRunner | None = None
+        self._sandbox: Any = None
+        self.cluster: observer.ClusterState | None = None
+        self.provisioner: provisioner.Provisioner | None = None
+        self.dispatcher: callbacks.Dispatcher | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def store(self) -> sqlite.Store:
@@ -109,7 +149,20 @@ class Broker:
                 "Use --tokens FILE for anything but local development."
             )
         self._store = await sqlite.Store.open(settings.data_dir)
-        svc = service.BrokerService(store=self._store, catalog=settings.catalog)
+        callback_policy = callbacks.CallbackPolicy(allow_loopback=settings.callback_allow_loopback)
+        self.dispatcher = callbacks.Dispatcher(
+            store=self._store, key=await asyncio.to_thread(callback_key, settings), policy=callback_policy
+        )
+        self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="callback-dispatcher"))
+        await self._start_cluster()
+        svc = service.BrokerService(
+            store=self._store,
+            catalog=settings.catalog,
+            cluster=self.cluster,
+            rules=settings.rules,
+            callback_check=callback_policy,
+            on_accepted=self.provisioner.kick if self.provisioner else lambda: None,
+        )
 
         server = grpc.aio.server(options=GRPC_OPTIONS)
         broker_pb2_grpc.add_BrokerServiceServicer_to_server(
@@ -154,6 +207,43 @@ class Broker:
             },
         )
 
+    async def _start_cluster(self) -> None:
+        """Connect to the cluster the settings name (the sandbox, a kubeconfig, in-cluster), if any."""
+        settings = self.settings
+        kubeconfig = settings.kubeconfig
+        if settings.sandbox:
+            from broker import sandbox  # only sandbox mode pays for importing it
+
+            self._sandbox = sandbox.Sandbox()
+            await self._sandbox.start("127.0.0.1", 0)
+            kubeconfig = self._sandbox.write_kubeconfig(settings.data_dir / "sandbox.kubeconfig")
+            log.warning(
+                "SANDBOX: an in-memory Kubernetes API on loopback, not a cluster; its state is lost at exit",
+                extra={"url": self._sandbox.url, "kubeconfig": str(kubeconfig)},
+            )
+        elif kubeconfig is None and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            log.warning(
+                "no cluster configured (--kubeconfig, --sandbox or in-cluster): deployments stay Pending"
+            )
+            return
+        client = await kube_client.Client.connect(kubeconfig)
+        if settings.sandbox:
+            await _seed_sandbox(client, settings.sandbox_namespaces)
+        self.cluster = observer.ClusterState(
+            client, catalog=settings.catalog, kafka_cluster=settings.kafka_cluster
+        )
+        self.provisioner = provisioner.Provisioner(
+            store=self.store,
+            cluster=self.cluster,
+            catalog=settings.catalog,
+            ready_timeout=settings.ready_timeout,
+            on_finished=self.dispatcher.kick if self.dispatcher else lambda: None,
+        )
+        self.cluster.set_listener(self.provisioner.notify)
+        await self.cluster.start()
+        self._tasks.append(asyncio.create_task(self.provisioner.run(), name="provisioner"))
+        log.info("watching the cluster", extra={"api": client.host})
+
     async def _not_ready_reason(self) -> str | None:
         if self._draining:
             return "shutting down"
@@ -161,6 +251,8 @@ class Broker:
             await self.store.ping()
         except errors.BrokerError as e:
             return e.message
+        if self.cluster is not None:
+            return self.cluster.not_synced_reason()
         return None
 
     async def stop(self) -> None:
@@ -173,10 +265,29 @@ class Broker:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.cluster is not None:
+            await self.cluster.stop()
+            self.cluster = None
+        if self._sandbox is not None:
+            await self._sandbox.stop()
+            self._sandbox = None
         if self._store is not None:
             await self._store.close()
             self._store = None
         log.info("broker stopped")
+
+
+async def _seed_sandbox(client: kube_client.Client, namespaces: tuple[str, ...]) -> None:
+    """Give the sandbox what a real platform cluster would have: Strimzi's CRD, team namespaces."""
+    await client.apply(crds.KAFKA_TOPIC)
+    for name in namespaces:
+        await client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 
 
 def _bracket(host: str) -> str:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from broker import auth, errors
 from broker.domain import catalog as catalog_mod
-from broker.domain import model, naming, validation
+from broker.domain import drift, model, naming, policy, validation
 from broker.store import sqlite
 
 audit_log = logging.getLogger("broker.audit")
@@ -54,12 +55,59 @@ class EventsInput:
     page_token: str = ""
 
 
+class ClusterView(Protocol):
+    """What the service needs of the cluster: an observation from the caches, never an API call."""
+
+    def observe(self, deployment: model.Deployment) -> drift.Observation:
+        """The current observation of one deployment's objects."""
+        ...
+
+
+class CallbackCheck(Protocol):
+    """Refuses callback URLs that point at forbidden addresses (SSRF)."""
+
+    def check_literal(self, url: str) -> None:
+        """Raise PermissionDenied for a forbidden literal host."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceView:
+    """What the broker knows about one resource: the deployment and, once observed, its verdict.
+
+    ``evaluation`` is None when no cluster is connected; the actual side is then absent, never
+    invented. ``phase`` is the effective phase: Ready becomes DriftDetected while unexpected drift
+    is open.
+    """
+
+    deployment: model.Deployment
+    phase: model.Phase
+    endpoint: str
+    port: int
+    connection_secret: str
+    message: str
+    evaluation: drift.Evaluation | None
+
+
 class BrokerService:
     """Provision, read and deprovision resources on behalf of authenticated principals."""
 
-    def __init__(self, *, store: sqlite.Store, catalog: catalog_mod.Catalog) -> None:
+    def __init__(
+        self,
+        *,
+        store: sqlite.Store,
+        catalog: catalog_mod.Catalog,
+        cluster: ClusterView | None = None,
+        rules: policy.Policy | None = None,
+        callback_check: CallbackCheck | None = None,
+        on_accepted: Callable[[], None] = lambda: None,
+    ) -> None:
         self._store = store
         self._catalog = catalog
+        self._cluster = cluster
+        self._rules = rules or policy.Policy()
+        self._callback_check = callback_check
+        self._on_accepted = on_accepted
 
     async def provision(self, principal: auth.Principal, request: ProvisionInput) -> model.MutationResult:
         """Validate and persist a desired state; answer at once (the workload comes later)."""
@@ -75,7 +123,14 @@ class BrokerService:
         target = f"{command.resource_type.value}/{command.resource_name}"
         with _audited(principal, "Provision", command.namespace, target) as record:
             principal.require(command.namespace)
+            if command.callback_url and self._callback_check is not None:
+                try:
+                    self._callback_check.check_literal(command.callback_url)
+                except errors.PermissionDenied as e:
+                    raise errors.InvalidArgument([errors.FieldViolation("callback_url", e.message)]) from e
             result = await self._store.provision(command)
+            if result.changed:
+                self._on_accepted()
             record(
                 deployment_id=result.deployment_id,
                 generation=result.generation,
@@ -108,6 +163,8 @@ class BrokerService:
                     request_id=request_id,
                 )
             )
+            if result.changed:
+                self._on_accepted()
             record(
                 deployment_id=result.deployment_id,
                 data_policy=data_policy.value,
@@ -128,7 +185,7 @@ class BrokerService:
 
     async def get_resource_state(
         self, principal: auth.Principal, request: ResourceStateInput
-    ) -> model.Page[model.ResourceView]:
+    ) -> model.Page[ResourceView]:
         """The resources of one namespace, filtered and paginated, with what is known of each."""
         violations: list[errors.FieldViolation] = []
         validation.check_namespace(request.namespace, violations)
@@ -167,27 +224,44 @@ class BrokerService:
         )
         return await self._store.list_events(query, page)
 
-    def _view(self, deployment: model.Deployment) -> model.ResourceView:
-        spec = deployment.desired_spec
-        return model.ResourceView(
+    def _view(self, deployment: model.Deployment) -> ResourceView:
+        evaluation = None
+        phase = deployment.phase
+        if self._cluster is not None and deployment.phase not in (model.Phase.PENDING, model.Phase.DELETED):
+            evaluation = drift.evaluate(
+                deployment, self._cluster.observe(deployment), catalog=self._catalog, rules=self._rules
+            )
+            if phase is model.Phase.READY and evaluation.unexpected:
+                phase = model.Phase.DRIFT_DETECTED
+        return ResourceView(
             deployment=deployment,
+            phase=phase,
             endpoint=naming.endpoint(
                 deployment.resource_type, deployment.namespace, deployment.resource_name
             ),
-            port=naming.port(self._catalog, deployment.resource_type, spec.engine),
+            port=naming.port(self._catalog, deployment.resource_type, deployment.desired_spec.engine),
             connection_secret=naming.secret_name(deployment.resource_type, deployment.resource_name),
-            message=_phase_message(deployment),
+            message=_message(deployment, phase, evaluation),
+            evaluation=evaluation,
         )
 
 
-def _phase_message(deployment: model.Deployment) -> str:
+def _message(deployment: model.Deployment, phase: model.Phase, evaluation: drift.Evaluation | None) -> str:
     op = deployment.last_operation
-    if deployment.phase is model.Phase.PENDING:
+    if phase is model.Phase.PENDING:
         return f"Accepted generation {deployment.generation}; the workload has not been created yet"
-    if deployment.phase is model.Phase.FAILED:
+    if phase is model.Phase.PROVISIONING:
+        return f"Provisioning generation {deployment.generation}"
+    if phase is model.Phase.FAILED:
         return f"Provisioning failed: {op.message}"
-    if deployment.phase is model.Phase.DELETING:
+    if phase is model.Phase.DELETING:
         return "Deletion accepted; the workload is being removed"
+    if evaluation is not None and evaluation.health is model.Health.UNKNOWN:
+        return "The cluster cannot be read; the last known desired state is shown"
+    if phase is model.Phase.DRIFT_DETECTED and evaluation is not None:
+        return "Unexpected drift: " + "; ".join(i.message for i in evaluation.unexpected)
+    if evaluation is not None and evaluation.health is not model.Health.HEALTHY:
+        return f"{op.message or 'Running'}; health is {evaluation.health.value}"
     return op.message
 
 

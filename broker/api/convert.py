@@ -215,15 +215,15 @@ def drift_item_to_proto(item: model.DriftItem) -> pb.DriftItem:
     return out
 
 
-def resource_state_to_proto(view: model.ResourceView) -> pb.ResourceState:
+def resource_state_to_proto(view: service.ResourceView) -> pb.ResourceState:
     """The proto of what is known about one resource; the actual side only once observed."""
     d = view.deployment
-    return pb.ResourceState(
+    out = pb.ResourceState(
         deployment_id=d.deployment_id,
         resource_type=RESOURCE_TYPES.to_proto(d.resource_type),  # type: ignore[arg-type]
         resource_name=d.resource_name,
         namespace=d.namespace,
-        phase=PHASES.to_proto(d.phase),  # type: ignore[arg-type]
+        phase=PHASES.to_proto(view.phase),  # type: ignore[arg-type]
         message=view.message,
         endpoint=view.endpoint,
         port=view.port,
@@ -231,10 +231,33 @@ def resource_state_to_proto(view: model.ResourceView) -> pb.ResourceState:
         desired_spec=spec_to_proto(d.desired_spec),
         generation=d.generation,
     )
+    evaluation = view.evaluation
+    if evaluation is None:
+        return out
+    out.health_status = HEALTH.to_proto(evaluation.health)  # type: ignore[assignment]
+    out.last_checked.CopyFrom(timestamp(evaluation.checked_at))
+    if evaluation.actual_spec is not None:
+        out.actual_spec.CopyFrom(spec_to_proto(evaluation.actual_spec))
+    out.drift_detected = bool(evaluation.items)
+    out.drift_details.extend(evaluation.details())
+    out.drift_items.extend(drift_item_to_proto(i) for i in evaluation.items)
+    if evaluation.usage is not None:
+        u = evaluation.usage
+        usage = pb.ResourceUsage(replicas=u.replicas)
+        if u.cpu is not None:
+            usage.cpu_usage = u.cpu
+        if u.memory is not None:
+            usage.memory_usage = u.memory
+        if u.storage is not None:
+            usage.storage_usage = u.storage
+        out.resource_usage.CopyFrom(usage)
+    if evaluation.monthly_cost is not None:
+        out.estimated_monthly_cost = evaluation.monthly_cost
+    return out
 
 
 def resource_page_to_proto(
-    namespace: str, page: model.Page[model.ResourceView]
+    namespace: str, page: model.Page[service.ResourceView]
 ) -> pb.GetResourceStateResponse:
     """The GetResourceStateResponse of a page of resource views."""
     return pb.GetResourceStateResponse(

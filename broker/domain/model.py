@@ -204,20 +204,6 @@ class Page(Generic[T]):
     next_token: str
 
 
-@dataclasses.dataclass(frozen=True)
-class ResourceView:
-    """What the broker knows about one resource: the deployment and, once observed, its actual side.
-
-    The actual side (observation) is absent until the cluster has been read; it is never invented.
-    """
-
-    deployment: Deployment
-    endpoint: str
-    port: int
-    connection_secret: str
-    message: str
-
-
 class DriftClass(enum.Enum):
     """Whether a difference between desired and actual state is to be expected."""
 

@@ -58,8 +58,9 @@ def format_bytes(value: decimal.Decimal) -> str:
     """Bytes in the largest binary unit that keeps a whole number ("512Mi", "5Gi")."""
     whole = int(value.to_integral_value(rounding=decimal.ROUND_HALF_UP))
     for suffix, size in sorted(_BINARY.items(), key=lambda kv: -kv[1]):
-        if whole >= size and whole % size == 0:
+        if size >= _BINARY["Mi"] and whole >= size and whole % size == 0:
             return f"{whole // size}{suffix}"
     if whole >= _BINARY["Mi"]:
+        # Usage figures are not exact multiples; Mi is the precision people read them in.
         return f"{round(whole / _BINARY['Mi'])}Mi"
     return str(whole)

@@ -605,6 +605,176 @@ class Store:
                 )
             return result
 
+    # Operations, the event log and the callback outbox ---------------------------------------------
+
+    async def unfinished(self) -> list[model.Deployment]:
+        """Deployments whose last operation is accepted or in progress (work to do or to resume)."""
+        async with self._read() as db:
+            cur = await db.execute(
+                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                "JOIN operations o ON o.operation_id = d.last_operation_id "
+                "WHERE o.state IN ('accepted', 'in_progress') ORDER BY o.create_time"
+            )
+            rows = await cur.fetchall()
+        return [_deployment_from_row(r) for r in rows]
+
+    async def deployment_by_id(self, deployment_id: str) -> model.Deployment | None:
+        """A deployment by id alone (for the broker's own workers, which are not namespace-scoped)."""
+        async with self._read() as db:
+            cur = await db.execute(
+                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                "JOIN operations o ON o.operation_id = d.last_operation_id WHERE d.deployment_id = ?",
+                (deployment_id,),
+            )
+            row = await cur.fetchone()
+        return _deployment_from_row(row) if row else None
+
+    async def start_operation(self, deployment: model.Deployment) -> model.Deployment | None:
+        """Mark the deployment's last operation in progress (and the phase Provisioning).
+
+        Returns the updated deployment, or None when a newer operation superseded this one.
+        """
+        op = deployment.last_operation
+        now = _now()
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE operations SET state = 'in_progress', message = ?, update_time = ? "
+                "WHERE operation_id = ? AND state IN ('accepted', 'in_progress') AND operation_id = "
+                "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
+                ("in progress", _ts(now), op.operation_id, deployment.deployment_id),
+            )
+            if cur.rowcount == 0:
+                return None
+            if op.type is not model.OperationType.DEPROVISION:
+                await db.execute(
+                    "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
+                    (model.Phase.PROVISIONING.value, _ts(now), deployment.deployment_id),
+                )
+            return await self._deployment(db, deployment.namespace, deployment.deployment_id)
+
+    async def finish_operation(
+        self,
+        deployment: model.Deployment,
+        *,
+        succeeded: bool,
+        message: str,
+        event: model.DriftEvent | None,
+        callback: tuple[str, dict[str, Any]] | None,
+    ) -> bool:
+        """Finish the deployment's last operation: its state, the phase, an event and a callback.
+
+        All in one transaction, so the callback is enqueued if and only if the outcome is recorded.
+        Returns False (and changes nothing) when a newer operation superseded this one.
+        """
+        op = deployment.last_operation
+        now = _now()
+        if op.type is model.OperationType.DEPROVISION:
+            phase = model.Phase.DELETED if succeeded else model.Phase.DELETING
+        else:
+            phase = model.Phase.READY if succeeded else model.Phase.FAILED
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE operations SET state = ?, message = ?, update_time = ? WHERE operation_id = ? "
+                "AND state IN ('accepted', 'in_progress') AND operation_id = "
+                "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
+                (
+                    (model.OperationState.SUCCEEDED if succeeded else model.OperationState.FAILED).value,
+                    message,
+                    _ts(now),
+                    op.operation_id,
+                    deployment.deployment_id,
+                ),
+            )
+            if cur.rowcount == 0:
+                return False
+            await db.execute(
+                "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
+                (phase.value, _ts(now), deployment.deployment_id),
+            )
+            if event is not None:
+                await self._append_event(db, dataclasses.replace(event, phase=phase), now)
+            if callback is not None:
+                url, payload = callback
+                await db.execute(
+                    "INSERT INTO callback_outbox "
+                    "(delivery_id, deployment_id, url, payload, next_attempt_time, create_time) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        "dlv-" + secrets.token_hex(8),
+                        deployment.deployment_id,
+                        url,
+                        json.dumps(payload),
+                        _ts(now),
+                        _ts(now),
+                    ),
+                )
+            return True
+
+    async def _append_event(
+        self, db: aiosqlite.Connection, event: model.DriftEvent, now: datetime.datetime
+    ) -> int:
+        payload = {
+            "message": event.message,
+            "phase": event.phase.value,
+            "health": event.health.value if event.health else None,
+            "generation": event.generation,
+            "items": [
+                {
+                    **dataclasses.asdict(i),
+                    "drift_class": i.drift_class.value,
+                    "severity": i.severity.value,
+                    "action": i.action.value,
+                    "detect_time": _ts(i.detect_time) if i.detect_time else None,
+                }
+                for i in event.items
+            ],
+        }
+        cur = await db.execute(
+            "INSERT INTO drift_events "
+            "(deployment_id, namespace, resource_type, resource_name, kind, payload, event_time) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.deployment_id,
+                event.namespace,
+                event.resource_type.value,
+                event.resource_name,
+                event.kind.value,
+                json.dumps(payload),
+                _ts(now),
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    async def due_callbacks(self, limit: int = 50) -> list[tuple[str, str, str, int]]:
+        """Undelivered callbacks whose next attempt is due: (delivery id, url, payload, attempts)."""
+        async with self._read() as db:
+            cur = await db.execute(
+                "SELECT delivery_id, url, payload, attempts FROM callback_outbox "
+                "WHERE delivered_time IS NULL AND next_attempt_time <= ? ORDER BY next_attempt_time LIMIT ?",
+                (_ts(_now()), limit),
+            )
+            rows = await cur.fetchall()
+        return [(r["delivery_id"], r["url"], r["payload"], r["attempts"]) for r in rows]
+
+    async def callback_attempted(
+        self, delivery_id: str, *, delivered: bool, error: str = "", retry_at: datetime.datetime | None = None
+    ) -> None:
+        """Record one delivery attempt: delivered, or failed with the time of the next attempt."""
+        now = _now()
+        async with self._transaction() as db:
+            if delivered:
+                await db.execute(
+                    "UPDATE callback_outbox SET attempts = attempts + 1, delivered_time = ?, last_error = '' "
+                    "WHERE delivery_id = ?",
+                    (_ts(now), delivery_id),
+                )
+            else:
+                await db.execute(
+                    "UPDATE callback_outbox SET attempts = attempts + 1, last_error = ?, "
+                    "next_attempt_time = ? WHERE delivery_id = ?",
+                    (error[:500], _ts(retry_at or now), delivery_id),
+                )
+
     # Reads ----------------------------------------------------------------------------------------
 
     async def _deployment(

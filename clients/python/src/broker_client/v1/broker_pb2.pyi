@@ -493,26 +493,41 @@ class ResourceUsage(_message.Message):
     STORAGE_USAGE_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     cpu_usage: _builtins.str
-    """CpuUsage is the summed cpu usage of all pods, for example "250m"."""
+    """CpuUsage is the summed cpu usage of all pods, for example "250m"; absent without metrics."""
     memory_usage: _builtins.str
-    """MemoryUsage is the summed memory usage of all pods, for example "512Mi"."""
+    """MemoryUsage is the summed memory usage of all pods, for example "512Mi"; absent without
+    metrics.
+    """
     storage_usage: _builtins.str
-    """StorageUsage is the summed capacity of the volume claims, for example "5Gi"."""
+    """StorageUsage is the summed capacity of the volume claims, for example "5Gi"; absent without
+    claims.
+    """
     replicas: _builtins.int
     """Replicas is the number of pods observed."""
     def __init__(
         self,
         *,
-        cpu_usage: _builtins.str = ...,
-        memory_usage: _builtins.str = ...,
-        storage_usage: _builtins.str = ...,
+        cpu_usage: _builtins.str | None = ...,
+        memory_usage: _builtins.str | None = ...,
+        storage_usage: _builtins.str | None = ...,
         replicas: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu_usage", b"_cpu_usage", "_memory_usage", b"_memory_usage", "_storage_usage", b"_storage_usage", "cpu_usage", b"cpu_usage", "memory_usage", b"memory_usage", "storage_usage", b"storage_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_usage", b"cpu_usage", "memory_usage", b"memory_usage", "replicas", b"replicas", "storage_usage", b"storage_usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu_usage", b"_cpu_usage", "_memory_usage", b"_memory_usage", "_storage_usage", b"_storage_usage", "cpu_usage", b"cpu_usage", "memory_usage", b"memory_usage", "replicas", b"replicas", "storage_usage", b"storage_usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__cpu_usage: _TypeAlias = _typing.Literal["cpu_usage"]  # noqa: Y015
+    _WhichOneofArgType__cpu_usage: _TypeAlias = _typing.Literal["_cpu_usage", b"_cpu_usage"]  # noqa: Y015
+    _WhichOneofReturnType__memory_usage: _TypeAlias = _typing.Literal["memory_usage"]  # noqa: Y015
+    _WhichOneofArgType__memory_usage: _TypeAlias = _typing.Literal["_memory_usage", b"_memory_usage"]  # noqa: Y015
+    _WhichOneofReturnType__storage_usage: _TypeAlias = _typing.Literal["storage_usage"]  # noqa: Y015
+    _WhichOneofArgType__storage_usage: _TypeAlias = _typing.Literal["_storage_usage", b"_storage_usage"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_usage) -> _WhichOneofReturnType__cpu_usage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_usage) -> _WhichOneofReturnType__memory_usage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__storage_usage) -> _WhichOneofReturnType__storage_usage | None: ...
 
 Global___ResourceUsage: _TypeAlias = ResourceUsage  # noqa: Y015
 

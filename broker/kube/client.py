@@ -1,0 +1,289 @@
+"""A small raw-JSON Kubernetes client on kubernetes-asyncio's ApiClient (this package owns it).
+
+Objects travel as plain dicts: the broker applies manifests it builds itself and reads a handful of
+fields, so the generated model classes would only cost time. Library and HTTP errors are translated
+here, once, into the broker's own exceptions; error text is trimmed to the API's ``message`` (never
+a request body, which for a Secret holds credentials).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client import exceptions as k8s_exceptions
+from kubernetes_asyncio.config import config_exception
+
+from broker import errors
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "resource-broker"
+JsonDict = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """Where a kind lives in the REST API."""
+
+    name: str
+    prefix: str  # "api/v1" or "apis/GROUP/VERSION"
+    plural: str
+    namespaced: bool = True
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("StatefulSet", "apis/apps/v1", "statefulsets"),
+        Kind("Service", "api/v1", "services"),
+        Kind("Secret", "api/v1", "secrets"),
+        Kind("Pod", "api/v1", "pods"),
+        Kind("PersistentVolumeClaim", "api/v1", "persistentvolumeclaims"),
+        Kind("KafkaTopic", "apis/kafka.strimzi.io/v1beta2", "kafkatopics"),
+        Kind("PodMetrics", "apis/metrics.k8s.io/v1beta1", "pods"),
+        Kind("Event", "api/v1", "events"),
+        Kind("Namespace", "api/v1", "namespaces", namespaced=False),
+        Kind(
+            "CustomResourceDefinition",
+            "apis/apiextensions.k8s.io/v1",
+            "customresourcedefinitions",
+            namespaced=False,
+        ),
+    )
+}
+
+
+class Expired(errors.Unavailable):
+    """A watch's resourceVersion is older than the API server keeps (410 Gone): relist."""
+
+    default_reason = "WATCH_EXPIRED"
+
+
+def _message(status: int, body: Any) -> str:
+    text = ""
+    with contextlib.suppress(TypeError, ValueError, AttributeError):
+        text = str(json.loads(body).get("message", ""))
+    return (text or f"HTTP {status}")[:300]
+
+
+def translate(exc: BaseException, what: str, *, body: bytes | None = None) -> errors.BrokerError:
+    """The broker exception for a failed Kubernetes call about ``what``."""
+    if isinstance(exc, k8s_exceptions.ApiException):
+        status = int(exc.status or 0)
+        message = _message(status, body if body is not None else exc.body)
+        if status == 404:
+            return errors.NotFound(f"{what}: not found ({message})")
+        if status == 409:
+            return errors.FailedPrecondition(f"{what}: conflict ({message})", reason="KUBERNETES_CONFLICT")
+        if status == 410:
+            return Expired(f"{what}: {message}")
+        if status == 422:
+            return errors.FailedPrecondition(
+                f"{what}: rejected as invalid ({message})", reason="KUBERNETES_INVALID"
+            )
+        if status in (401, 403):
+            return errors.Unavailable(
+                f"{what}: the Kubernetes API refused the broker's credentials ({message})",
+                reason="KUBERNETES_FORBIDDEN",
+            )
+        return errors.Unavailable(f"{what}: the Kubernetes API answered {status} ({message})")
+    return errors.Unavailable(f"{what}: cannot reach the Kubernetes API ({type(exc).__name__})")
+
+
+class Client:
+    """Apply, delete, list and watch objects as JSON dicts."""
+
+    def __init__(self, api: k8s_client.ApiClient, *, host: str) -> None:
+        self._api = api
+        self.host = host
+
+    @classmethod
+    async def connect(cls, kubeconfig: pathlib.Path | None = None, *, context: str | None = None) -> Client:
+        """Connect from a kubeconfig file, else the in-cluster service account, else ~/.kube/config."""
+        configuration = k8s_client.Configuration()
+        try:
+            if kubeconfig is not None:
+                await k8s_config.load_kube_config(
+                    config_file=str(kubeconfig), context=context, client_configuration=configuration
+                )
+            else:
+                try:
+                    k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                except config_exception.ConfigException:
+                    await k8s_config.load_kube_config(context=context, client_configuration=configuration)
+        except (config_exception.ConfigException, OSError) as e:
+            raise errors.Unavailable(f"cannot load Kubernetes configuration: {e}") from e
+        api = k8s_client.ApiClient(configuration)
+        api.user_agent = f"{FIELD_MANAGER}/0.1"
+        return cls(api, host=str(configuration.host))
+
+    async def close(self) -> None:
+        """Close the HTTP connections."""
+        await self._api.close()
+
+    @staticmethod
+    def path(kind: str, namespace: str | None = None, name: str | None = None) -> str:
+        """The REST path of a kind's collection (all namespaces when ``namespace`` is None) or object."""
+        k = KINDS[kind]
+        path = f"/{k.prefix}"
+        if k.namespaced and namespace is not None:
+            path += f"/namespaces/{namespace}"
+        path += f"/{k.plural}"
+        if name is not None:
+            path += f"/{name}"
+        return path
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        request_timeout: float | None = 30.0,
+    ) -> aiohttp.ClientResponse:
+        try:
+            response: aiohttp.ClientResponse = await self._api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=request_timeout,
+            )
+        except (TimeoutError, k8s_exceptions.ApiException, aiohttp.ClientError, OSError) as e:
+            raise translate(e, what) from e
+        if response.status >= 400:
+            # Unpreloaded responses are not checked by the library: read the Status body and translate.
+            try:
+                body = await response.read()
+            except (TimeoutError, aiohttp.ClientError):
+                body = b""
+            finally:
+                response.release()
+            failure = k8s_exceptions.ApiException(status=response.status, reason=response.reason)
+            raise translate(failure, what, body=body)
+        return response
+
+    async def _json(self, method: str, path: str, *, what: str, **kw: Any) -> JsonDict:
+        response = await self._call(method, path, what=what, **kw)
+        try:
+            data: JsonDict = await response.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+            raise translate(e, what) from e
+        finally:
+            response.release()
+        return data
+
+    async def apply(self, obj: JsonDict, *, force: bool = True) -> JsonDict:
+        """Server-side apply ``obj`` under the broker's field manager; returns the live object."""
+        meta = obj["metadata"]
+        what = f"apply {obj['kind']} {meta.get('namespace', '')}/{meta['name']}"
+        return await self._json(
+            "PATCH",
+            self.path(obj["kind"], meta.get("namespace"), meta["name"]),
+            what=what,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true" if force else "false")],
+            body=obj,
+            content_type="application/apply-patch+yaml",
+        )
+
+    async def create(self, obj: JsonDict) -> JsonDict:
+        """Create ``obj`` (POST); FailedPrecondition (conflict) when it already exists."""
+        meta = obj["metadata"]
+        return await self._json(
+            "POST",
+            self.path(obj["kind"], meta.get("namespace")),
+            what=f"create {obj['kind']} {meta.get('namespace', '')}/{meta['name']}",
+            query=[("fieldManager", FIELD_MANAGER)],
+            body=obj,
+        )
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> JsonDict:
+        """One object; NotFound when it does not exist."""
+        return await self._json(
+            "GET", self.path(kind, namespace, name), what=f"get {kind} {namespace}/{name}"
+        )
+
+    async def delete(
+        self, kind: str, namespace: str | None, name: str, *, propagation: str = "Background"
+    ) -> bool:
+        """Delete an object (and its dependents); False when it was already gone."""
+        try:
+            await self._json(
+                "DELETE",
+                self.path(kind, namespace, name),
+                what=f"delete {kind} {namespace}/{name}",
+                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
+            )
+        except errors.NotFound:
+            return False
+        return True
+
+    async def list(
+        self, kind: str, *, label_selector: str = "", namespace: str | None = None, limit: int = 500
+    ) -> tuple[list[JsonDict], str]:
+        """Every matching object (following ``continue``) and the list's resourceVersion."""
+        items: list[JsonDict] = []
+        token = ""
+        while True:
+            query: list[tuple[str, Any]] = [("limit", limit)]
+            if label_selector:
+                query.append(("labelSelector", label_selector))
+            if token:
+                query.append(("continue", token))
+            page = await self._json("GET", self.path(kind, namespace), what=f"list {kind}", query=query)
+            items.extend(page.get("items") or [])
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                return items, str(meta.get("resourceVersion", ""))
+
+    async def watch(
+        self, kind: str, *, label_selector: str, resource_version: str, timeout_seconds: int
+    ) -> AsyncIterator[tuple[str, JsonDict]]:
+        """Watch events (type, object) after ``resource_version``, bookmarks included.
+
+        Raises Expired when the server answers 410 Gone, as a status or as an ERROR event.
+        """
+        query: list[tuple[str, Any]] = [
+            ("watch", "true"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", timeout_seconds),
+        ]
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        what = f"watch {kind}"
+        response = await self._call("GET", self.path(kind), what=what, query=query, request_timeout=None)
+        try:
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind_of_event = event.get("type", "")
+                obj = event.get("object") or {}
+                if kind_of_event == "ERROR":
+                    code = int(obj.get("code") or 0)
+                    if code == 410:
+                        raise Expired(f"{what}: {obj.get('message', 'resourceVersion too old')}")
+                    raise errors.Unavailable(f"{what}: {str(obj.get('message', 'error event'))[:300]}")
+                yield kind_of_event, obj
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+            raise translate(e, what) from e
+        finally:
+            response.release()

@@ -1,0 +1,335 @@
+"""The cluster as the broker sees it: informer caches, observations, and the writes it makes.
+
+``ClusterState`` runs one informer per managed kind (all by the broker's label selector), polls pod
+metrics (the metrics API cannot be watched), turns cached objects into ``drift.Observation`` for the
+pure drift engine, and applies or deletes a deployment's objects. Readers never call the API:
+everything they get comes from the caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import decimal
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from broker import errors
+from broker.domain import catalog as catalog_mod
+from broker.domain import drift, model, naming, quantity
+from broker.kube import client as kube_client
+from broker.kube import informer as informer_mod
+from broker.kube import manifests
+
+log = logging.getLogger(__name__)
+
+JsonDict = kube_client.JsonDict
+WORKLOAD_KINDS = ("StatefulSet", "Service", "Secret", "Pod", "PersistentVolumeClaim")
+TOPIC_KINDS = ("KafkaTopic",)
+
+# Which managedFields keys attribute a compared field to a manager.
+_STS_FIELDS = {
+    "replicas": ('"f:replicas"',),
+    "image": ('"f:image"',),
+    "resources": ('"f:resources"',),
+    "storage": ('"f:volumeClaimTemplates"',),
+    "labels": ('"f:labels"',),
+}
+_TOPIC_FIELDS = {
+    "partitions": ('"f:partitions"',),
+    "retention_ms": ('"f:retention.ms"',),
+    "replicas": ('"f:replicas"',),
+    "labels": ('"f:labels"',),
+}
+
+
+def field_managers(obj: JsonDict, fields: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """For each compared field, the latest manager other than the broker that set it."""
+    entries = sorted(
+        (
+            e
+            for e in (obj.get("metadata") or {}).get("managedFields") or []
+            if e.get("manager") != kube_client.FIELD_MANAGER
+        ),
+        key=lambda e: str(e.get("time") or ""),
+    )
+    found: dict[str, str] = {}
+    for entry in entries:
+        text = json.dumps(entry.get("fieldsV1") or {})
+        for field, markers in fields.items():
+            if any(m in text for m in markers):
+                found[field] = str(entry.get("manager", ""))
+    return found
+
+
+def _quantity(value: Any) -> decimal.Decimal | None:
+    try:
+        return quantity.parse(str(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _pod(obj: JsonDict, usage: tuple[decimal.Decimal, decimal.Decimal] | None) -> drift.PodObservation:
+    status = obj.get("status") or {}
+    containers = status.get("containerStatuses") or [{}]
+    first = containers[0]
+    waiting = ((first.get("state") or {}).get("waiting") or {}).get("reason", "")
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+    return drift.PodObservation(
+        name=str((obj.get("metadata") or {}).get("name", "")),
+        phase=str(status.get("phase", "")),
+        ready=ready,
+        restart_count=int(sum(int(c.get("restartCount") or 0) for c in containers)),
+        waiting_reason=str(waiting),
+        image=str(first.get("image", "")),
+        cpu_usage=usage[0] if usage else None,
+        memory_usage=usage[1] if usage else None,
+    )
+
+
+def _workload(obj: JsonDict) -> drift.WorkloadObservation:
+    spec = obj.get("spec") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+    resources = containers[0].get("resources") or {}
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    claims = spec.get("volumeClaimTemplates") or [{}]
+    storage = (((claims[0].get("spec") or {}).get("resources") or {}).get("requests") or {}).get(
+        "storage", ""
+    )
+    return drift.WorkloadObservation(
+        replicas=int(spec.get("replicas", 1)),
+        ready_replicas=int((obj.get("status") or {}).get("readyReplicas") or 0),
+        image=str(containers[0].get("image", "")),
+        resources=model.ComputeResources(
+            cpu_request=str(requests.get("cpu", "")),
+            cpu_limit=str(limits.get("cpu", "")),
+            memory_request=str(requests.get("memory", "")),
+            memory_limit=str(limits.get("memory", "")),
+            storage=str(storage),
+        ),
+        labels=dict((obj.get("metadata") or {}).get("labels") or {}),
+        field_managers=field_managers(obj, _STS_FIELDS),
+    )
+
+
+def _topic(obj: JsonDict) -> drift.TopicObservation:
+    spec = obj.get("spec") or {}
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    ready = next((c.get("status") == "True" for c in conditions if c.get("type") == "Ready"), None)
+    return drift.TopicObservation(
+        partitions=int(spec.get("partitions") or 0),
+        replicas=int(spec.get("replicas") or 0),
+        retention_ms=int((spec.get("config") or {}).get("retention.ms") or 0),
+        ready=ready,
+        labels=dict((obj.get("metadata") or {}).get("labels") or {}),
+        field_managers=field_managers(obj, _TOPIC_FIELDS),
+    )
+
+
+class ClusterState:
+    """Caches of the managed objects, observations built from them, and the broker's writes."""
+
+    def __init__(
+        self,
+        client: kube_client.Client,
+        *,
+        catalog: catalog_mod.Catalog,
+        on_change: Callable[[str], None] = lambda deployment_id: None,
+        kafka_cluster: str = "kafka",
+        metrics_interval: float = 5.0,
+    ) -> None:
+        self.client = client
+        self._catalog = catalog
+        self._on_change = on_change
+        self._kafka_cluster = kafka_cluster
+        self._metrics_interval = metrics_interval
+        self.informers = {
+            kind: informer_mod.Informer(
+                client,
+                kind,
+                label_selector=naming.SELECTOR,
+                on_change=self._changed,
+                index_label=naming.LABEL_DEPLOYMENT,
+            )
+            for kind in (*WORKLOAD_KINDS, *TOPIC_KINDS)
+        }
+        self._metrics: dict[tuple[str, str], tuple[decimal.Decimal, decimal.Decimal]] = {}
+        self.metrics_available = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _changed(self, kind: str, event_type: str, obj: JsonDict) -> None:
+        deployment_id = ((obj.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_DEPLOYMENT)
+        if deployment_id:
+            self._on_change(str(deployment_id))
+
+    def set_listener(self, on_change: Callable[[str], None]) -> None:
+        """Who to tell (by deployment id) when any of a deployment's objects changes."""
+        self._on_change = on_change
+
+    async def start(self) -> None:
+        """Start the informers and the metrics poller (returns at once; see ``wait_synced``)."""
+        for inf in self.informers.values():
+            self._tasks.append(asyncio.create_task(inf.run(), name=f"informer-{inf.kind}"))
+        self._tasks.append(asyncio.create_task(self._poll_metrics(), name="metrics-poller"))
+
+    async def wait_synced(self, within: float) -> bool:
+        """Wait until every cache completed its first list; False if that takes longer than ``within`` s."""
+        try:
+            async with asyncio.timeout(within):
+                for inf in self.informers.values():
+                    await inf.synced.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def synced(self) -> bool:
+        """Whether every cache is currently trustworthy."""
+        return all(inf.synced.is_set() for inf in self.informers.values())
+
+    def not_synced_reason(self) -> str | None:
+        """Why the caches cannot be trusted, or None."""
+        for inf in self.informers.values():
+            if not inf.synced.is_set():
+                return f"{inf.kind} cache not synced" + (f": {inf.last_error}" if inf.last_error else "")
+        return None
+
+    async def stop(self) -> None:
+        """Stop the informers and close the client."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.client.close()
+
+    async def _poll_metrics(self) -> None:
+        while True:
+            try:
+                items, _ = await self.client.list("PodMetrics", label_selector=naming.SELECTOR)
+                fresh: dict[tuple[str, str], tuple[decimal.Decimal, decimal.Decimal]] = {}
+                for item in items:
+                    cpu = mem = decimal.Decimal(0)
+                    for c in item.get("containers") or []:
+                        cpu += _quantity((c.get("usage") or {}).get("cpu")) or 0
+                        mem += _quantity((c.get("usage") or {}).get("memory")) or 0
+                    fresh[informer_mod.key_of(item)] = (cpu, mem)
+                self._metrics = fresh
+                self.metrics_available = True
+            except errors.NotFound:
+                self.metrics_available = False  # metrics.k8s.io is not served: usage is absent
+            except errors.BrokerError as e:
+                log.debug("pod metrics unavailable", extra={"error": e.message})
+                self.metrics_available = False
+            await asyncio.sleep(self._metrics_interval)
+
+    # Observing -------------------------------------------------------------------------------------
+
+    def observe(self, deployment: model.Deployment) -> drift.Observation:
+        """What the caches say about one deployment's objects, now."""
+        now = datetime.datetime.now(datetime.UTC)
+        if not self.synced:
+            return drift.Observation(readable=False, observed_at=now)
+        ns, name, dep_id = deployment.namespace, deployment.resource_name, deployment.deployment_id
+        if deployment.resource_type is model.ResourceType.TOPIC:
+            topic = self._owned(self.informers["KafkaTopic"].get(ns, name), dep_id)
+            return drift.Observation(readable=True, observed_at=now, topic=_topic(topic) if topic else None)
+        sts = self._owned(self.informers["StatefulSet"].get(ns, name), dep_id)
+        secret = self._owned(
+            self.informers["Secret"].get(ns, naming.secret_name(deployment.resource_type, name)), dep_id
+        )
+        secret_changed = False
+        if secret is not None:
+            recorded = ((secret.get("metadata") or {}).get("annotations") or {}).get(
+                manifests.CHECKSUM_ANNOTATION
+            )
+            secret_changed = recorded is not None and recorded != manifests.data_checksum(
+                secret.get("data") or {}
+            )
+        pods = tuple(
+            _pod(p, self._metrics.get(informer_mod.key_of(p)))
+            for p in self.informers["Pod"].indexed(dep_id)
+            if (p.get("metadata") or {}).get("deletionTimestamp") is None
+        )
+        capacity = None
+        claims = self.informers["PersistentVolumeClaim"].indexed(dep_id)
+        if claims:
+            capacity = sum(
+                (
+                    _quantity(((c.get("status") or {}).get("capacity") or {}).get("storage"))
+                    or decimal.Decimal(0)
+                    for c in claims
+                ),
+                decimal.Decimal(0),
+            )
+        return drift.Observation(
+            readable=True,
+            observed_at=now,
+            workload=_workload(sts) if sts else None,
+            service_present=self._owned(self.informers["Service"].get(ns, name), dep_id) is not None,
+            secret_present=secret is not None,
+            secret_changed=secret_changed,
+            pods=pods,
+            storage_capacity=capacity,
+            metrics_available=self.metrics_available,
+        )
+
+    @staticmethod
+    def _owned(obj: JsonDict | None, deployment_id: str) -> JsonDict | None:
+        """The object if it belongs to this deployment (a namesake of another deployment does not)."""
+        if obj is None:
+            return None
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return obj if labels.get(naming.LABEL_DEPLOYMENT) == deployment_id else None
+
+    # Writing ---------------------------------------------------------------------------------------
+
+    async def apply(self, deployment: model.Deployment) -> None:
+        """Create or update a deployment's objects (server-side apply; the Secret only if missing)."""
+        if deployment.resource_type is model.ResourceType.TOPIC:
+            await self.client.apply(manifests.kafka_topic(deployment, kafka_cluster=self._kafka_cluster))
+            return
+        secret_name = naming.secret_name(deployment.resource_type, deployment.resource_name)
+        if (
+            self._owned(
+                self.informers["Secret"].get(deployment.namespace, secret_name), deployment.deployment_id
+            )
+            is None
+        ):
+            try:
+                await self.client.get("Secret", deployment.namespace, secret_name)
+            except errors.NotFound:
+                await self.client.create(manifests.secret(deployment, self._catalog))
+        await self.client.apply(manifests.service(deployment, self._catalog))
+        await self.client.apply(manifests.statefulset(deployment, self._catalog))
+
+    async def delete(self, deployment: model.Deployment, data_policy: model.DataPolicy) -> None:
+        """Delete a deployment's objects; its volume claims too when the policy says so."""
+        ns, name = deployment.namespace, deployment.resource_name
+        if deployment.resource_type is model.ResourceType.TOPIC:
+            await self.client.delete("KafkaTopic", ns, name)
+            return
+        await self.client.delete("StatefulSet", ns, name)
+        await self.client.delete("Service", ns, name)
+        await self.client.delete("Secret", ns, naming.secret_name(deployment.resource_type, name))
+        if data_policy is model.DataPolicy.DELETE:
+            for claim in self.informers["PersistentVolumeClaim"].indexed(deployment.deployment_id):
+                await self.client.delete("PersistentVolumeClaim", ns, str(claim["metadata"]["name"]))
+
+    def gone(self, deployment: model.Deployment) -> bool:
+        """Whether none of the deployment's main objects remains in the caches."""
+        ns, name = deployment.namespace, deployment.resource_name
+        kinds = (
+            ("KafkaTopic",)
+            if deployment.resource_type is model.ResourceType.TOPIC
+            else ("StatefulSet", "Service")
+        )
+        return all(self.informers[k].get(ns, name) is None for k in kinds) and not self.informers[
+            "Pod"
+        ].indexed(deployment.deployment_id)
