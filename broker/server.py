@@ -159,7 +159,7 @@ class Broker:
             store=self._store,
             catalog=settings.catalog,
             cluster=self.cluster,
-            rules=settings.rules,
+            policies=service.PolicyBook(settings.rules, await self._store.policies()),
             callback_check=callback_policy,
             on_accepted=self.provisioner.kick if self.provisioner else lambda: None,
         )

@@ -89,6 +89,22 @@ class ResourceView:
     evaluation: drift.Evaluation | None
 
 
+class PolicyBook:
+    """The remediation policy in effect: configured rules, overridden by rules set through the API."""
+
+    def __init__(self, configured: policy.Policy, stored: list[policy.Rule] | None = None) -> None:
+        self.current = configured
+        for rule in stored or ():
+            self.current = self.current.with_rule(rule)
+
+    def set(self, rule: policy.Rule) -> None:
+        """Put a rule in effect."""
+        self.current = self.current.with_rule(rule)
+
+
+ACCEPTABLE_FIELDS = ("replicas", "version", "size", "partitions", "retention_ms")
+
+
 class BrokerService:
     """Provision, read and deprovision resources on behalf of authenticated principals."""
 
@@ -98,14 +114,14 @@ class BrokerService:
         store: sqlite.Store,
         catalog: catalog_mod.Catalog,
         cluster: ClusterView | None = None,
-        rules: policy.Policy | None = None,
+        policies: PolicyBook | None = None,
         callback_check: CallbackCheck | None = None,
         on_accepted: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._catalog = catalog
         self._cluster = cluster
-        self._rules = rules or policy.Policy()
+        self.policies = policies or PolicyBook(policy.Policy())
         self._callback_check = callback_check
         self._on_accepted = on_accepted
 
@@ -224,12 +240,125 @@ class BrokerService:
         )
         return await self._store.list_events(query, page)
 
+    async def accept_drift(
+        self, principal: auth.Principal, *, namespace: str, deployment_id: str, fields: list[str]
+    ) -> tuple[model.Deployment, list[str]]:
+        """Make observed values the desired state: a new generation that matches what runs."""
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(namespace, violations)
+        validation.check_deployment_id(deployment_id, violations, required=True)
+        unknown = sorted(set(fields) - set(ACCEPTABLE_FIELDS))
+        if unknown:
+            violations.append(
+                errors.FieldViolation(
+                    "fields", f"{', '.join(unknown)} cannot be accepted; use {', '.join(ACCEPTABLE_FIELDS)}"
+                )
+            )
+        validation.raise_if(violations)
+        with _audited(principal, "AcceptDrift", namespace, deployment_id) as record:
+            principal.require(namespace)
+            deployment = await self._store.get_deployment(
+                model.Namespace(namespace), model.DeploymentId(deployment_id)
+            )
+            view = self._view(deployment)
+            if view.evaluation is None or view.evaluation.actual_spec is None:
+                raise errors.FailedPrecondition(
+                    f"deployment {deployment_id} has no observed state to accept (phase {view.phase.value})",
+                    reason="NOTHING_OBSERVED",
+                )
+            wanted = set(fields or ACCEPTABLE_FIELDS)
+            drifted = {i.field for i in view.evaluation.items} & wanted
+            spec, accepted = _accepted_spec(
+                deployment.desired_spec, view.evaluation.actual_spec, drifted, self._catalog
+            )
+            if not accepted:
+                raise errors.FailedPrecondition(
+                    f"deployment {deployment_id} has no acceptable drift on {', '.join(sorted(wanted))}",
+                    reason="NO_DRIFT",
+                )
+            await self._store.provision(
+                model.ProvisionCommand(
+                    namespace=deployment.namespace,
+                    resource_type=deployment.resource_type,
+                    resource_name=deployment.resource_name,
+                    spec=spec,
+                    callback_url=deployment.callback_url,
+                    request_id="",
+                )
+            )
+            self._on_accepted()
+            record(deployment_id=deployment_id, accepted=",".join(accepted))
+        updated = await self._store.get_deployment(
+            model.Namespace(namespace), model.DeploymentId(deployment_id)
+        )
+        return updated, accepted
+
+    async def set_policy(self, principal: auth.Principal, rule: policy.Rule) -> policy.Rule:
+        """Store a remediation policy for a namespace (and type) and put it in effect."""
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(rule.namespace, violations, field="policy.namespace")
+        known = {
+            "replicas",
+            "version",
+            "size",
+            "engine",
+            "labels",
+            "secret",
+            "statefulset",
+            "service",
+            "kafkatopic",
+            "partitions",
+            "retention_ms",
+        }
+        unknown = sorted(rule.ignore_fields - known)
+        if unknown:
+            violations.append(
+                errors.FieldViolation(
+                    "policy.ignore_fields",
+                    f"unknown fields {', '.join(unknown)}; use {', '.join(sorted(known))}",
+                )
+            )
+        validation.raise_if(violations)
+        with _audited(
+            principal,
+            "SetRemediationPolicy",
+            rule.namespace,
+            rule.resource_type.value if rule.resource_type else "*",
+        ) as record:
+            principal.require(rule.namespace)
+            await self._store.set_policy(rule)
+            self.policies.set(rule)
+            record(mode=rule.mode.value, ignore=",".join(sorted(rule.ignore_fields)))
+        return rule
+
+    def get_policy(
+        self, principal: auth.Principal, *, namespace: str, resource_type: model.ResourceType | None
+    ) -> policy.Rule:
+        """The policy in effect for a namespace and type (the default when none was set)."""
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(namespace, violations)
+        validation.raise_if(violations)
+        principal.require(namespace)
+        if resource_type is None:
+            rules = [
+                r for r in self.policies.current.rules if r.namespace == namespace and r.resource_type is None
+            ]
+            found = rules[-1] if rules else policy.Rule()
+        else:
+            found = self.policies.current.rule_for(namespace, resource_type)
+        return dataclasses.replace(
+            found, namespace=namespace, resource_type=found.resource_type or resource_type
+        )
+
     def _view(self, deployment: model.Deployment) -> ResourceView:
         evaluation = None
         phase = deployment.phase
         if self._cluster is not None and deployment.phase not in (model.Phase.PENDING, model.Phase.DELETED):
             evaluation = drift.evaluate(
-                deployment, self._cluster.observe(deployment), catalog=self._catalog, rules=self._rules
+                deployment,
+                self._cluster.observe(deployment),
+                catalog=self._catalog,
+                rules=self.policies.current,
             )
             if phase is model.Phase.READY and evaluation.unexpected:
                 phase = model.Phase.DRIFT_DETECTED
@@ -244,6 +373,33 @@ class BrokerService:
             message=_message(deployment, phase, evaluation),
             evaluation=evaluation,
         )
+
+
+def _accepted_spec(
+    desired: model.ResourceSpec, actual: model.ResourceSpec, fields: set[str], catalog: catalog_mod.Catalog
+) -> tuple[model.ResourceSpec, list[str]]:
+    """The desired spec with the accepted fields taken from the actual one, and which were taken."""
+    spec = desired
+    accepted: list[str] = []
+    if "replicas" in fields and actual.replicas is not None:
+        spec = dataclasses.replace(spec, replicas=actual.replicas)
+        accepted.append("replicas")
+    if "version" in fields and actual.version:
+        spec = dataclasses.replace(spec, version=actual.version)
+        accepted.append("version")
+    if "size" in fields and actual.size in catalog.sizes:
+        spec = dataclasses.replace(spec, size=actual.size, resources=catalog.sizes[actual.size])
+        accepted.append("size")
+    if desired.topic is not None and actual.topic is not None:
+        topic = desired.topic
+        if "partitions" in fields:
+            topic = dataclasses.replace(topic, partitions=actual.topic.partitions)
+            accepted.append("partitions")
+        if "retention_ms" in fields:
+            topic = dataclasses.replace(topic, retention_ms=actual.topic.retention_ms)
+            accepted.append("retention_ms")
+        spec = dataclasses.replace(spec, topic=topic)
+    return spec, accepted
 
 
 def _message(deployment: model.Deployment, phase: model.Phase, evaluation: drift.Evaluation | None) -> str:

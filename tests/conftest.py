@@ -9,22 +9,24 @@ Principals in the token file (tokens are the fixture constants below):
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import importlib.util
+import json
 import pathlib
 from collections.abc import AsyncIterator
 
 import aiohttp
 import grpc
 import pytest
+from aiohttp import web
 from broker_client.v1 import broker_pb2_grpc
 
-from broker import server
+from broker import callbacks, server
+from broker.kube import client as kube_client
+from broker.kube import crds
+from broker.sandbox import cluster as sandbox_cluster
 
-# The sandbox package is being built alongside; register its fixtures once it exists.
-pytest_plugins = (
-    ["broker.sandbox.pytest_plugin"] if importlib.util.find_spec("broker.sandbox.pytest_plugin") else []
-)
+pytest_plugins = ["broker.sandbox.pytest_plugin"]
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 PLATFORM_TOKEN = "platform-token-0123456789abcdef"
@@ -63,6 +65,117 @@ class RunningBroker:
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.broker.http_port}"
+
+
+@pytest.fixture
+def sandbox_options() -> dict[str, object]:
+    """Pods become ready quickly; tests that need slower pods override this fixture."""
+    return {"ready_delay": 0.05, "crash_interval": 0.2}
+
+
+@dataclasses.dataclass
+class Delivery:
+    """One callback POST as the receiver got it."""
+
+    delivery_id: str
+    timestamp: str
+    signature: str
+    body: bytes
+
+    @property
+    def payload(self) -> dict[str, object]:
+        return dict(json.loads(self.body))
+
+
+class CallbackReceiver:
+    """A manager's callback endpoint on loopback that records every delivery; can be told to fail."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.failing = False
+        self.arrived = asyncio.Condition()
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.failing:
+            return web.Response(status=503)
+        delivery = Delivery(
+            delivery_id=request.headers.get(callbacks.DELIVERY_HEADER, ""),
+            timestamp=request.headers.get(callbacks.TIMESTAMP_HEADER, ""),
+            signature=request.headers.get(callbacks.SIGNATURE_HEADER, ""),
+            body=await request.read(),
+        )
+        async with self.arrived:
+            self.deliveries.append(delivery)
+            self.arrived.notify_all()
+        return web.Response(status=204)
+
+    async def wait_for(self, count: int, within: float = 20.0) -> list[Delivery]:
+        """Wait until ``count`` deliveries arrived; fails the test otherwise."""
+        async with asyncio.timeout(within), self.arrived:
+            await self.arrived.wait_for(lambda: len(self.deliveries) >= count)
+        return list(self.deliveries)
+
+
+@pytest.fixture
+async def callback_receiver() -> AsyncIterator[CallbackReceiver]:
+    receiver = CallbackReceiver()
+    app = web.Application()
+    app.router.add_post("/v1/callback", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/callback"
+    try:
+        yield receiver
+    finally:
+        await runner.cleanup()
+
+
+async def seed_cluster(kubeconfig: pathlib.Path, namespaces: tuple[str, ...] = ("team-platform", "team-other")) -> None:
+    """Give a sandbox what a platform cluster has: Strimzi's KafkaTopic CRD and team namespaces."""
+    client = await kube_client.Client.connect(kubeconfig)
+    try:
+        await client.apply(crds.KAFKA_TOPIC)
+        for name in namespaces:
+            await client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    finally:
+        await client.close()
+
+
+def cluster_settings(data_dir: pathlib.Path, tokens: pathlib.Path, kubeconfig: pathlib.Path) -> server.Settings:
+    """Settings of a broker that manages workloads in the test's sandbox."""
+    return server.Settings(
+        grpc_addr="127.0.0.1:0",
+        http_addr="127.0.0.1:0",
+        data_dir=data_dir,
+        tokens_file=tokens,
+        shutdown_grace=1.0,
+        kubeconfig=kubeconfig,
+        ready_timeout=20.0,
+        callback_allow_loopback=True,
+    )
+
+
+@pytest.fixture
+async def cluster_broker(
+    tmp_path: pathlib.Path,
+    tokens_file: pathlib.Path,
+    sandbox: sandbox_cluster.Sandbox,
+    sandbox_kubeconfig: pathlib.Path,
+) -> AsyncIterator[RunningBroker]:
+    """A broker with token auth that provisions into the ``sandbox`` fixture's cluster."""
+    await seed_cluster(sandbox_kubeconfig)
+    data_dir = tmp_path / "data"
+    broker = server.Broker(cluster_settings(data_dir, tokens_file, sandbox_kubeconfig))
+    await broker.start()
+    assert broker.cluster is not None
+    assert await broker.cluster.wait_synced(10.0)
+    try:
+        yield RunningBroker(broker=broker, data_dir=data_dir)
+    finally:
+        await broker.stop()
 
 
 @pytest.fixture

@@ -49,7 +49,9 @@ DEPLOYMENT = _deployment()
 LABELS = naming.labels(DEPLOYMENT.deployment_id, DEPLOYMENT.resource_type, DEPLOYMENT.resource_name)
 
 
-def _pod(index: int, *, image: str = "postgres:15.2", ready: bool = True, **kw: object) -> drift.PodObservation:
+def _pod(
+    index: int, *, image: str = "postgres:15.2", ready: bool = True, **kw: object
+) -> drift.PodObservation:
     fields: dict[str, object] = {
         "name": f"postgres-app-db-{index}",
         "phase": "Running",
@@ -86,7 +88,10 @@ def _evaluate(obs: drift.Observation, deployment: model.Deployment = DEPLOYMENT)
 
 def test_the_seed_example_is_expected_patch_drift_healthy_with_usage_and_cost() -> None:
     result = _evaluate(_observation())
-    assert result.details() == ["Version mismatch: desired=15, actual=15.2", "This is expected patch version drift"]
+    assert result.details() == [
+        "Version mismatch: desired=15, actual=15.2",
+        "This is expected patch version drift",
+    ]
     (item,) = result.items
     assert (item.rule_id, item.drift_class, item.action) == (
         "version.patch",
@@ -211,7 +216,9 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "obs", "rule", "action", "sentence", "author"), ROWS, ids=[r[0] for r in ROWS])
+@pytest.mark.parametrize(
+    ("name", "obs", "rule", "action", "sentence", "author"), ROWS, ids=[r[0] for r in ROWS]
+)
 def test_each_row_of_the_drift_table(
     name: str, obs: drift.Observation, rule: str, action: model.Action, sentence: str, author: str
 ) -> None:
@@ -231,7 +238,8 @@ def test_cost_deltas_are_actual_minus_desired() -> None:
     size_obs = ROWS[6][1]
     (size,) = [i for i in _evaluate(size_obs).items if i.rule_id == "size.changed"]
     assert size.monthly_cost_delta == round(drift.monthly_cost(LARGE, 1, CATALOG.prices) - 45.5, 2)
-    assert size.monthly_cost_delta is not None and size.monthly_cost_delta > 0
+    assert size.monthly_cost_delta is not None
+    assert size.monthly_cost_delta > 0
 
 
 def test_a_size_matching_no_tier_is_custom_with_raw_figures() -> None:
@@ -284,7 +292,9 @@ def test_topic_rules() -> None:
     result = _evaluate(drift.Observation(readable=True, observed_at=NOW, topic=topic), deployment)
     rules = {i.rule_id: i for i in result.items}
     assert set(rules) == {"topic.partitions.decreased", "topic.retention.shortened"}
-    assert all(i.action is model.Action.ALERT_ONLY and i.changed_by == "kubectl-patch" for i in rules.values())
+    assert all(
+        i.action is model.Action.ALERT_ONLY and i.changed_by == "kubectl-patch" for i in rules.values()
+    )
     assert rules["topic.partitions.decreased"].message == "Partition count mismatch: desired=6, actual=3"
     assert result.health is model.Health.HEALTHY
     gone = _evaluate(drift.Observation(readable=True, observed_at=NOW), deployment)
@@ -297,8 +307,19 @@ def test_topic_rules() -> None:
     [
         ({}, model.Health.HEALTHY),
         ({"readable": False}, model.Health.UNKNOWN),
-        ({"pods": (_pod(0, ready=False, waiting_reason="CrashLoopBackOff", restart_count=4),)}, model.Health.UNHEALTHY),
-        ({"pods": (_pod(0, restart_count=5),)}, model.Health.DEGRADED),
+        (
+            {"pods": (_pod(0, ready=False, waiting_reason="CrashLoopBackOff", restart_count=4),)},
+            model.Health.UNHEALTHY,
+        ),
+        (
+            {"pods": (_pod(0, restart_count=5, last_restart=NOW - datetime.timedelta(minutes=1)),)},
+            model.Health.DEGRADED,
+        ),
+        # Restart counts only grow: restarts long ago no longer make a healthy pod Degraded.
+        (
+            {"pods": (_pod(0, restart_count=5, last_restart=NOW - datetime.timedelta(hours=1)),)},
+            model.Health.HEALTHY,
+        ),
         ({"pods": ()}, model.Health.UNHEALTHY),
         ({"service_present": False}, model.Health.UNHEALTHY),
     ],

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 from broker_client.v1 import broker_pb2 as pb
 from google.protobuf import timestamp_pb2
 
-from broker import service
-from broker.domain import model
+from broker import errors, service
+from broker.domain import model, policy
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -54,6 +54,7 @@ DRIFT_CLASSES = _EnumMap(model.DriftClass, pb.DriftClass, "DRIFT_CLASS_")
 SEVERITIES = _EnumMap(model.Severity, pb.Severity, "SEVERITY_")
 ACTIONS = _EnumMap(model.Action, pb.RecommendedAction, "RECOMMENDED_ACTION_")
 EVENT_KINDS = _EnumMap(model.EventKind, pb.DriftEventKind, "DRIFT_EVENT_KIND_")
+MODES = _EnumMap(policy.Mode, pb.RemediationMode, "REMEDIATION_MODE_")
 
 
 def timestamp(value: datetime.datetime) -> timestamp_pb2.Timestamp:
@@ -80,11 +81,25 @@ def spec_from_proto(spec: pb.ResourceSpec) -> model.ResourceSpec:
     )
 
 
+def resource_type(number: int) -> model.ResourceType | None:
+    """The resource type of a request; None when unspecified, InvalidArgument when unknown."""
+    value = RESOURCE_TYPES.to_domain(number, model.ResourceType)
+    if value is None and number != 0:
+        raise errors.InvalidArgument(
+            [
+                errors.FieldViolation(
+                    "resource_type", f"{number} is not a resource type: use one of database, cache, topic"
+                )
+            ]
+        )
+    return value
+
+
 def provision_input(request: pb.ProvisionRequest) -> service.ProvisionInput:
     """The service input of a ProvisionRequest."""
     return service.ProvisionInput(
         namespace=request.namespace,
-        resource_type=RESOURCE_TYPES.to_domain(request.resource_type, model.ResourceType),
+        resource_type=resource_type(request.resource_type),
         resource_name=request.resource_name,
         spec=spec_from_proto(request.spec) if request.HasField("spec") else None,
         callback_url=request.callback_url,
@@ -96,7 +111,7 @@ def resource_state_input(request: pb.GetResourceStateRequest) -> service.Resourc
     """The service input of a GetResourceStateRequest."""
     return service.ResourceStateInput(
         namespace=request.namespace,
-        resource_type=RESOURCE_TYPES.to_domain(request.resource_type, model.ResourceType),
+        resource_type=resource_type(request.resource_type),
         resource_name=request.resource_name,
         deployment_id=request.deployment_id,
         page_size=request.page_size,
@@ -290,4 +305,29 @@ def events_page_to_proto(page: model.Page[model.DriftEvent]) -> pb.ListDriftEven
     """The ListDriftEventsResponse of a page of events."""
     return pb.ListDriftEventsResponse(
         events=[event_to_proto(e) for e in page.items], next_page_token=page.next_token
+    )
+
+
+def rule_from_proto(msg: pb.RemediationPolicy) -> policy.Rule:
+    """A policy rule from a request; the mode is required."""
+    mode = MODES.to_domain(msg.mode, policy.Mode)
+    if mode is None:
+        raise errors.InvalidArgument(
+            [errors.FieldViolation("policy.mode", "is required: auto, alert or off")]
+        )
+    return policy.Rule(
+        namespace=msg.namespace,
+        resource_type=resource_type(msg.resource_type),
+        mode=mode,
+        ignore_fields=frozenset(msg.ignore_fields),
+    )
+
+
+def rule_to_proto(rule: policy.Rule) -> pb.RemediationPolicy:
+    """The proto of a policy rule."""
+    return pb.RemediationPolicy(
+        namespace=rule.namespace,
+        resource_type=RESOURCE_TYPES.to_proto(rule.resource_type),  # type: ignore[arg-type]
+        mode=MODES.to_proto(rule.mode),  # type: ignore[arg-type]
+        ignore_fields=sorted(rule.ignore_fields),
     )

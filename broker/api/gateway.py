@@ -113,14 +113,34 @@ def parse(data: Any, msg: M) -> M:
     try:
         return json_format.ParseDict(data, msg)
     except json_format.ParseError as e:
-        raise errors.InvalidArgument([errors.FieldViolation(_field_of(str(e)), str(e))]) from e
+        raise errors.InvalidArgument([errors.FieldViolation(_field_of(str(e)), _describe(str(e)))]) from e
+
+
+def _describe(parse_error: str) -> str:
+    """A parse error in words a caller can act on: an unknown enum value lists the valid ones."""
+    first_line = parse_error.splitlines()[0]
+    match = re.search(r"Invalid enum value (\S+) for enum type ([\w.]+)", first_line)
+    if match:
+        enum_desc = pb.DESCRIPTOR.pool.FindEnumTypeByName(match.group(2))
+        valid = [_spelling(enum_desc, v.name) for v in enum_desc.values[1:]]
+        return f"{match.group(1)!r} is not a valid value: use one of {', '.join(valid)}"
+    return first_line
 
 
 def _field_of(parse_error: str) -> str:
-    match = re.search(r'field "([\w.]+)"|field: ([\w.]+)|"(\w+)" at', parse_error)
-    if match:
-        return next(g for g in match.groups() if g)
-    return "body"
+    """The proto field path (``spec.replicas``) a protobuf JSON parse error is about."""
+    unknown = re.search(r'has no field named "(\w+)" at "\w+((?:\.\w+)*)"', parse_error)
+    if unknown:
+        path = [*unknown.group(2).split(".")[1:], unknown.group(1)]
+    elif located := re.search(r" at \w+((?:\.\w+)+)\.?$", parse_error.splitlines()[0]):
+        path = located.group(1).split(".")[1:]
+    else:
+        path = re.findall(r"Failed to parse (\w+) field", parse_error)
+    return ".".join(_snake(part) for part in path) or "body"
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 # Handlers -----------------------------------------------------------------------------------------
@@ -149,6 +169,9 @@ class Gateway:
                 web.delete("/v1/deployments/{deployment_id}", self.deployment_delete),
                 web.post("/v1/deprovision", self.deprovision),
                 web.get("/v1/events", self.events),
+                web.post("/v1/deployments/{deployment_id}:acceptDrift", self.accept_drift),
+                web.get("/v1/policies", self.policy_get),
+                web.put("/v1/policies", self.policy_put),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
             ]
@@ -165,13 +188,23 @@ class Gateway:
             reason = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}.get(
                 e.status, "HTTP_ERROR"
             )
+            status_name = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "INVALID_ARGUMENT"}.get(
+                e.status, "UNKNOWN"
+            )
             message_text = {
                 404: f"no such path: {request.path}",
                 405: f"{request.method} is not allowed on {request.path}",
                 413: f"the request body is larger than {MAX_BODY_BYTES} bytes",
             }.get(e.status, e.reason)
             return web.json_response(
-                {"error": {"code": e.status, "status": reason, "message": message_text, "reason": reason}},
+                {
+                    "error": {
+                        "code": e.status,
+                        "status": status_name,
+                        "message": message_text,
+                        "reason": reason,
+                    }
+                },
                 status=e.status,
             )
         except Exception as e:  # every other failure leaves as a mapped JSON error
@@ -277,6 +310,37 @@ class Gateway:
         msg = parse(self._query(request, repeated=("kinds",)), pb.ListDriftEventsRequest())
         page = await self._service.list_drift_events(principal, convert.events_input(msg))
         return web.json_response(render(convert.events_page_to_proto(page)))
+
+    async def accept_drift(self, request: web.Request) -> web.Response:
+        """POST /v1/deployments/{id}:acceptDrift with {namespace, fields}: observed becomes desired."""
+        principal = self._principal(request)
+        data = await self._json(request)
+        if isinstance(data, dict):
+            data["deploymentId"] = request.match_info["deployment_id"]
+        msg = parse(data, pb.AcceptDriftRequest())
+        deployment, accepted = await self._service.accept_drift(
+            principal, namespace=msg.namespace, deployment_id=msg.deployment_id, fields=list(msg.fields)
+        )
+        reply = pb.AcceptDriftResponse(
+            deployment=convert.deployment_to_proto(deployment), accepted_fields=accepted
+        )
+        return web.json_response(render(reply))
+
+    async def policy_get(self, request: web.Request) -> web.Response:
+        """GET /v1/policies?namespace=...&resourceType=...: the remediation policy in effect."""
+        principal = self._principal(request)
+        msg = parse(self._query(request), pb.GetRemediationPolicyRequest())
+        rule = self._service.get_policy(
+            principal, namespace=msg.namespace, resource_type=convert.resource_type(msg.resource_type)
+        )
+        return web.json_response(render(pb.GetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))))
+
+    async def policy_put(self, request: web.Request) -> web.Response:
+        """PUT /v1/policies with {policy: {namespace, resourceType, mode, ignoreFields}}."""
+        principal = self._principal(request)
+        msg = parse(await self._json(request), pb.SetRemediationPolicyRequest())
+        rule = await self._service.set_policy(principal, convert.rule_from_proto(msg.policy))
+        return web.json_response(render(pb.SetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))))
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the process serves HTTP."""

@@ -116,6 +116,50 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
         return await self._unary(context, call)
 
+    async def AcceptDrift(
+        self, request: pb.AcceptDriftRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AcceptDriftResponse:
+        """Make observed values the desired state."""
+
+        async def call(principal: auth.Principal) -> pb.AcceptDriftResponse:
+            deployment, accepted = await self._service.accept_drift(
+                principal,
+                namespace=request.namespace,
+                deployment_id=request.deployment_id,
+                fields=list(request.fields),
+            )
+            return pb.AcceptDriftResponse(
+                deployment=convert.deployment_to_proto(deployment), accepted_fields=accepted
+            )
+
+        return await self._unary(context, call)
+
+    async def SetRemediationPolicy(
+        self, request: pb.SetRemediationPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetRemediationPolicyResponse:
+        """Set how drift is handled for a namespace and type."""
+
+        async def call(principal: auth.Principal) -> pb.SetRemediationPolicyResponse:
+            rule = await self._service.set_policy(principal, convert.rule_from_proto(request.policy))
+            return pb.SetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))
+
+        return await self._unary(context, call)
+
+    async def GetRemediationPolicy(
+        self, request: pb.GetRemediationPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRemediationPolicyResponse:
+        """Read the policy in effect."""
+
+        async def call(principal: auth.Principal) -> pb.GetRemediationPolicyResponse:
+            rule = self._service.get_policy(
+                principal,
+                namespace=request.namespace,
+                resource_type=convert.resource_type(request.resource_type),
+            )
+            return pb.GetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))
+
+        return await self._unary(context, call)
+
     async def WatchDrift(
         self, request: pb.WatchDriftRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchDriftResponse]:

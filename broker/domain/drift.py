@@ -19,6 +19,7 @@ object.missing              StatefulSet/Service/KafkaTopic gone    unexpected   
 secret.missing              credentials Secret gone                unexpected   alert-only
 secret.changed              credentials Secret edited              unexpected   alert-only
 labels.changed              labels the broker owns changed         unexpected   auto-remediate
+config.changed              container env changed by hand          unexpected   auto-remediate
 topic.partitions.decreased  fewer partitions (data-affecting)      unexpected   alert-only
 topic.partitions.increased  more partitions (cannot be undone)     unexpected   alert-only
 topic.retention.shortened   shorter retention (data-affecting)     unexpected   alert-only
@@ -42,6 +43,8 @@ from broker.domain import model, naming, policy, quantity
 
 CRASH_REASONS = frozenset({"CrashLoopBackOff", "Error", "ImagePullBackOff", "ErrImagePull"})
 RESTARTS_DEGRADED = 3
+# Restart counts only grow: restarts count as "repeated" only while the last one is this recent.
+RECENT_RESTART = datetime.timedelta(minutes=10)
 
 EXPLANATIONS = {
     "version.patch": "This is expected patch version drift",
@@ -62,6 +65,7 @@ class PodObservation:
     image: str
     cpu_usage: decimal.Decimal | None = None
     memory_usage: decimal.Decimal | None = None
+    last_restart: datetime.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +82,7 @@ class WorkloadObservation:
     resources: model.ComputeResources
     labels: Mapping[str, str]
     field_managers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    config_changes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Observation:
     service_present: bool = False
     secret_present: bool = False
     secret_changed: bool = False
+    secret_changed_by: str = ""
     topic: TopicObservation | None = None
     pods: tuple[PodObservation, ...] = ()
     storage_capacity: decimal.Decimal | None = None
@@ -339,6 +345,7 @@ def _workload_items(
                 severity=model.Severity.CRITICAL,
                 action=alert,
                 message=f"Secret {secret} was changed outside the broker",
+                changed_by=obs.secret_changed_by,
             )
         )
     if workload is None:
@@ -404,6 +411,20 @@ def _workload_items(
             )
         )
     items.extend(_label_items(deployment, workload.labels, managers))
+    if workload.config_changes:
+        changes = "; ".join(workload.config_changes)
+        items.append(
+            _item(
+                "config.changed",
+                "config",
+                "as provisioned",
+                changes,
+                severity=model.Severity.WARNING,
+                action=auto,
+                message=f"Configuration changed: {changes}",
+                changed_by=managers.get("env", ""),
+            )
+        )
     return items
 
 
@@ -508,7 +529,13 @@ def health(deployment: model.Deployment, obs: Observation) -> model.Health:
     crashing = any(p.waiting_reason in CRASH_REASONS for p in obs.pods)
     if ready == 0:
         return model.Health.UNHEALTHY
-    if ready < desired or crashing or any(p.restart_count >= RESTARTS_DEGRADED for p in obs.pods):
+    restarting = any(
+        p.restart_count >= RESTARTS_DEGRADED
+        and p.last_restart is not None
+        and obs.observed_at - p.last_restart < RECENT_RESTART
+        for p in obs.pods
+    )
+    if ready < desired or crashing or restarting:
         return model.Health.DEGRADED
     return model.Health.HEALTHY
 

@@ -30,39 +30,78 @@ JsonDict = kube_client.JsonDict
 WORKLOAD_KINDS = ("StatefulSet", "Service", "Secret", "Pod", "PersistentVolumeClaim")
 TOPIC_KINDS = ("KafkaTopic",)
 
-# Which managedFields keys attribute a compared field to a manager.
-_STS_FIELDS = {
-    "replicas": ('"f:replicas"',),
-    "image": ('"f:image"',),
-    "resources": ('"f:resources"',),
-    "storage": ('"f:volumeClaimTemplates"',),
-    "labels": ('"f:labels"',),
+# Which part of an object's managedFields (fieldsV1) attributes a compared field: the subtree to
+# look in, and the key that must appear inside it. Scoped so that, say, the controller's
+# status.replicas never counts as a change of spec.replicas.
+_CONTAINER = ("f:spec", "f:template", "f:spec", "f:containers")
+_STS_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "replicas": (("f:spec",), '"f:replicas"'),
+    "image": (_CONTAINER, '"f:image"'),
+    "resources": (_CONTAINER, '"f:resources"'),
+    "env": (_CONTAINER, '"f:env"'),
+    "storage": (("f:spec",), '"f:volumeClaimTemplates"'),
+    "labels": (("f:metadata",), '"f:labels"'),
 }
-_TOPIC_FIELDS = {
-    "partitions": ('"f:partitions"',),
-    "retention_ms": ('"f:retention.ms"',),
-    "replicas": ('"f:replicas"',),
-    "labels": ('"f:labels"',),
+_TOPIC_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "partitions": (("f:spec",), '"f:partitions"'),
+    "retention_ms": (("f:spec",), '"f:retention.ms"'),
+    "replicas": (("f:spec",), '"f:replicas"'),
+    "labels": (("f:metadata",), '"f:labels"'),
+}
+_SECRET_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "data": ((), '"f:data"'),
 }
 
 
-def field_managers(obj: JsonDict, fields: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
-    """For each compared field, the latest manager other than the broker that set it."""
+def field_managers(obj: JsonDict, fields: Mapping[str, tuple[tuple[str, ...], str]]) -> dict[str, str]:
+    """For each compared field, the latest manager other than the broker that set it.
+
+    Entries of the status subresource are skipped: they record controllers reporting, not changes
+    of what was asked for.
+    """
     entries = sorted(
         (
             e
             for e in (obj.get("metadata") or {}).get("managedFields") or []
-            if e.get("manager") != kube_client.FIELD_MANAGER
+            if e.get("manager") != kube_client.FIELD_MANAGER and e.get("subresource") != "status"
         ),
         key=lambda e: str(e.get("time") or ""),
     )
     found: dict[str, str] = {}
     for entry in entries:
-        text = json.dumps(entry.get("fieldsV1") or {})
-        for field, markers in fields.items():
-            if any(m in text for m in markers):
+        for field, (path, marker) in fields.items():
+            subtree: Any = entry.get("fieldsV1") or {}
+            for step in path:
+                subtree = subtree.get(step) if isinstance(subtree, dict) else None
+            if subtree and marker in json.dumps(subtree):
                 found[field] = str(entry.get("manager", ""))
     return found
+
+
+def _env(container: JsonDict) -> dict[str, str]:
+    """A container's environment, each value rendered so that two equal settings compare equal."""
+    rendered = {}
+    for var in container.get("env") or []:
+        ref = ((var.get("valueFrom") or {}).get("secretKeyRef")) or {}
+        value = f"secret {ref.get('name')}/{ref.get('key')}" if ref else str(var.get("value", ""))
+        rendered[str(var.get("name"))] = value
+    return rendered
+
+
+def _first_container(obj: JsonDict) -> JsonDict:
+    containers = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or [{}]
+    return dict(containers[0])
+
+
+def config_changes(live: JsonDict, desired: JsonDict) -> tuple[str, ...]:
+    """Differences in the broker-owned configuration (container env) between live and desired."""
+    have, want = _env(_first_container(live)), _env(_first_container(desired))
+    changes = [f"env {name} added" for name in sorted(have.keys() - want.keys())]
+    changes += [f"env {name} removed" for name in sorted(want.keys() - have.keys())]
+    changes += [
+        f"env {name} changed" for name in sorted(want.keys() & have.keys()) if want[name] != have[name]
+    ]
+    return tuple(changes)
 
 
 def _quantity(value: Any) -> decimal.Decimal | None:
@@ -77,6 +116,7 @@ def _pod(obj: JsonDict, usage: tuple[decimal.Decimal, decimal.Decimal] | None) -
     containers = status.get("containerStatuses") or [{}]
     first = containers[0]
     waiting = ((first.get("state") or {}).get("waiting") or {}).get("reason", "")
+    finished = (((first.get("lastState") or {}).get("terminated")) or {}).get("finishedAt")
     ready = any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
     )
@@ -89,10 +129,18 @@ def _pod(obj: JsonDict, usage: tuple[decimal.Decimal, decimal.Decimal] | None) -
         image=str(first.get("image", "")),
         cpu_usage=usage[0] if usage else None,
         memory_usage=usage[1] if usage else None,
+        last_restart=_time(finished),
     )
 
 
-def _workload(obj: JsonDict) -> drift.WorkloadObservation:
+def _time(value: Any) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None
+
+
+def _workload(obj: JsonDict, desired: JsonDict) -> drift.WorkloadObservation:
     spec = obj.get("spec") or {}
     containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
     resources = containers[0].get("resources") or {}
@@ -114,6 +162,7 @@ def _workload(obj: JsonDict) -> drift.WorkloadObservation:
         ),
         labels=dict((obj.get("metadata") or {}).get("labels") or {}),
         field_managers=field_managers(obj, _STS_FIELDS),
+        config_changes=config_changes(obj, desired),
     )
 
 
@@ -245,6 +294,7 @@ class ClusterState:
             self.informers["Secret"].get(ns, naming.secret_name(deployment.resource_type, name)), dep_id
         )
         secret_changed = False
+        secret_changed_by = ""
         if secret is not None:
             recorded = ((secret.get("metadata") or {}).get("annotations") or {}).get(
                 manifests.CHECKSUM_ANNOTATION
@@ -252,6 +302,7 @@ class ClusterState:
             secret_changed = recorded is not None and recorded != manifests.data_checksum(
                 secret.get("data") or {}
             )
+            secret_changed_by = field_managers(secret, _SECRET_FIELDS).get("data", "")
         pods = tuple(
             _pod(p, self._metrics.get(informer_mod.key_of(p)))
             for p in self.informers["Pod"].indexed(dep_id)
@@ -271,10 +322,11 @@ class ClusterState:
         return drift.Observation(
             readable=True,
             observed_at=now,
-            workload=_workload(sts) if sts else None,
+            workload=_workload(sts, manifests.statefulset(deployment, self._catalog)) if sts else None,
             service_present=self._owned(self.informers["Service"].get(ns, name), dep_id) is not None,
             secret_present=secret is not None,
             secret_changed=secret_changed,
+            secret_changed_by=secret_changed_by,
             pods=pods,
             storage_capacity=capacity,
             metrics_available=self.metrics_available,

@@ -82,4 +82,26 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX callback_outbox_due ON callback_outbox (next_attempt_time) WHERE delivered_time IS NULL;
         """,
     ),
+    (
+        2,
+        "drift state per deployment, remediation policies",
+        """
+        -- What the detector last reported per deployment, so a restart does not re-announce old drift.
+        CREATE TABLE drift_state (
+            deployment_id TEXT PRIMARY KEY REFERENCES deployments (deployment_id),
+            items         TEXT NOT NULL,
+            health        TEXT NOT NULL,
+            update_time   TEXT NOT NULL
+        );
+
+        CREATE TABLE policies (
+            namespace     TEXT NOT NULL,
+            resource_type TEXT NOT NULL,
+            mode          TEXT NOT NULL,
+            ignore_fields TEXT NOT NULL,
+            update_time   TEXT NOT NULL,
+            PRIMARY KEY (namespace, resource_type)
+        );
+        """,
+    ),
 )

@@ -22,13 +22,13 @@ import logging
 import pathlib
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import aiosqlite
 
 from broker import errors
-from broker.domain import model
+from broker.domain import model, policy
 from broker.store import migrations
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,16 @@ def _deployment_from_row(row: sqlite3.Row) -> model.Deployment:
     )
 
 
+def _item_to_dict(item: model.DriftItem) -> dict[str, Any]:
+    return {
+        **dataclasses.asdict(item),
+        "drift_class": item.drift_class.value,
+        "severity": item.severity.value,
+        "action": item.action.value,
+        "detect_time": _ts(item.detect_time) if item.detect_time else None,
+    }
+
+
 def _item_from_dict(raw: dict[str, Any]) -> model.DriftItem:
     detect = raw.get("detect_time")
     return model.DriftItem(
@@ -200,6 +210,17 @@ def _event_from_row(row: sqlite3.Row) -> model.DriftEvent:
     )
 
 
+def _query_key(query: model.ResourceQuery | model.EventQuery) -> str:
+    """A digest of a query's filters by name, so a page token only fits the query that made it."""
+    fields = {
+        k: sorted(x.value for x in v) if isinstance(v, frozenset) else getattr(v, "value", v)
+        for k, v in dataclasses.asdict(query).items()
+    }
+    return hashlib.sha256(json.dumps([type(query).__name__, fields], sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
+
+
 def _encode_page_token(query_key: str, last: tuple[str, str]) -> str:
     raw = json.dumps({"q": query_key, "after": list(last)}).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -233,6 +254,9 @@ class Store:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        # Events appended by the transaction holding the write lock, published after its commit.
+        self._appended: list[model.DriftEvent] = []
+        self.listeners: list[Callable[[list[model.DriftEvent]], None]] = []
 
     @classmethod
     async def open(cls, data_dir: pathlib.Path) -> Store:
@@ -318,16 +342,24 @@ class Store:
                 raise errors.Unavailable(
                     f"the store failed to start a transaction: {type(e).__name__}"
                 ) from e
+            self._appended = []
             try:
                 yield db
             except BaseException:
+                self._appended = []
                 await db.rollback()
                 raise
             try:
                 await db.commit()
             except sqlite3.Error as e:
+                self._appended = []
                 await db.rollback()
                 raise errors.Unavailable(f"the store failed to commit: {type(e).__name__}") from e
+            # Still under the lock: listeners see events in commit order, which is sequence order.
+            appended, self._appended = self._appended, []
+            if appended:
+                for listener in self.listeners:
+                    listener(appended)
 
     # Provision / deprovision -------------------------------------------------------------------
 
@@ -718,16 +750,7 @@ class Store:
             "phase": event.phase.value,
             "health": event.health.value if event.health else None,
             "generation": event.generation,
-            "items": [
-                {
-                    **dataclasses.asdict(i),
-                    "drift_class": i.drift_class.value,
-                    "severity": i.severity.value,
-                    "action": i.action.value,
-                    "detect_time": _ts(i.detect_time) if i.detect_time else None,
-                }
-                for i in event.items
-            ],
+            "items": [_item_to_dict(i) for i in event.items],
         }
         cur = await db.execute(
             "INSERT INTO drift_events "
@@ -743,7 +766,9 @@ class Store:
                 _ts(now),
             ),
         )
-        return int(cur.lastrowid or 0)
+        sequence = int(cur.lastrowid or 0)
+        self._appended.append(dataclasses.replace(event, sequence=sequence, event_time=now))
+        return sequence
 
     async def due_callbacks(self, limit: int = 50) -> list[tuple[str, str, str, int]]:
         """Undelivered callbacks whose next attempt is due: (delivery id, url, payload, attempts)."""
@@ -774,6 +799,128 @@ class Store:
                     "next_attempt_time = ? WHERE delivery_id = ?",
                     (error[:500], _ts(retry_at or now), delivery_id),
                 )
+
+    async def record_evaluation(
+        self,
+        deployment: model.Deployment,
+        *,
+        items: tuple[model.DriftItem, ...],
+        health: model.Health,
+        phase: model.Phase,
+        events: list[model.DriftEvent],
+    ) -> bool:
+        """Store what the detector now reports, the resulting phase, and the events, in one transaction.
+
+        Nothing is written when the deployment has moved on (another operation, or deleted) since it
+        was evaluated; returns whether anything was written.
+        """
+        now = _now()
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
+                "AND last_operation_id = ? AND phase IN ('Ready', 'DriftDetected')",
+                (phase.value, _ts(now), deployment.deployment_id, deployment.last_operation.operation_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            await db.execute(
+                "INSERT INTO drift_state (deployment_id, items, health, update_time) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (deployment_id) DO UPDATE SET items = excluded.items, health = excluded.health, "
+                "update_time = excluded.update_time",
+                (
+                    deployment.deployment_id,
+                    json.dumps([_item_to_dict(i) for i in items]),
+                    health.value,
+                    _ts(now),
+                ),
+            )
+            for event in events:
+                await self._append_event(db, dataclasses.replace(event, phase=phase), now)
+            return True
+
+    async def append_events(self, events: list[model.DriftEvent]) -> None:
+        """Append events that describe no stored state (remediation attempts)."""
+        now = _now()
+        async with self._transaction() as db:
+            for event in events:
+                await self._append_event(db, event, now)
+
+    async def drift_states(self) -> dict[str, tuple[tuple[model.DriftItem, ...], model.Health]]:
+        """What the detector last reported, per deployment (to resume without re-announcing)."""
+        async with self._read() as db:
+            cur = await db.execute("SELECT deployment_id, items, health FROM drift_state")
+            rows = await cur.fetchall()
+        return {
+            r["deployment_id"]: (
+                tuple(_item_from_dict(i) for i in json.loads(r["items"])),
+                model.Health(r["health"]),
+            )
+            for r in rows
+        }
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """The oldest retained and the newest sequence (0, 0 for an empty log)."""
+        async with self._read() as db:
+            cur = await db.execute(
+                "SELECT COALESCE(MIN(sequence), 0), COALESCE(MAX(sequence), 0) FROM drift_events"
+            )
+            row = await cur.fetchone()
+            cur = await db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'drift_events'")
+            issued = await cur.fetchone()
+        newest = max(int(row[1]) if row else 0, int(issued[0]) if issued else 0)
+        return (int(row[0]) if row else 0), newest
+
+    async def events_after(self, sequence: int, limit: int) -> list[model.DriftEvent]:
+        """Events with a greater sequence, oldest first, across namespaces (callers filter)."""
+        async with self._read() as db:
+            cur = await db.execute(
+                "SELECT sequence, deployment_id, namespace, resource_type, resource_name, kind, payload, "
+                "event_time FROM drift_events WHERE sequence > ? ORDER BY sequence LIMIT ?",
+                (sequence, limit),
+            )
+            rows = await cur.fetchall()
+        return [_event_from_row(r) for r in rows]
+
+    async def prune_events(self, *, keep: int) -> int:
+        """Delete all but the newest ``keep`` events; returns how many were deleted."""
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "DELETE FROM drift_events WHERE sequence <= (SELECT MAX(sequence) FROM drift_events) - ?",
+                (keep,),
+            )
+            return int(cur.rowcount)
+
+    async def set_policy(self, rule: policy.Rule) -> None:
+        """Store a remediation policy, replacing the one for the same namespace and type."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO policies (namespace, resource_type, mode, ignore_fields, update_time) "
+                "VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (namespace, resource_type) DO UPDATE SET mode = excluded.mode, "
+                "ignore_fields = excluded.ignore_fields, update_time = excluded.update_time",
+                (
+                    rule.namespace,
+                    rule.resource_type.value if rule.resource_type else "",
+                    rule.mode.value,
+                    json.dumps(sorted(rule.ignore_fields)),
+                    _ts(_now()),
+                ),
+            )
+
+    async def policies(self) -> list[policy.Rule]:
+        """Every stored remediation policy."""
+        async with self._read() as db:
+            cur = await db.execute("SELECT namespace, resource_type, mode, ignore_fields FROM policies")
+            rows = await cur.fetchall()
+        return [
+            policy.Rule(
+                namespace=r["namespace"],
+                resource_type=model.ResourceType(r["resource_type"]) if r["resource_type"] else None,
+                mode=policy.Mode(r["mode"]),
+                ignore_fields=frozenset(json.loads(r["ignore_fields"])),
+            )
+            for r in rows
+        ]
 
     # Reads ----------------------------------------------------------------------------------------
 
@@ -813,7 +960,7 @@ class Store:
         if query.deployment_id is not None:
             where.append("d.deployment_id = ?")
             params.append(query.deployment_id)
-        query_key = hashlib.sha256(json.dumps(params).encode()).hexdigest()[:16]
+        query_key = _query_key(query)
         after = _decode_page_token(page.token, query_key)
         async with self._read() as db:
             cur = await db.execute(
@@ -853,7 +1000,7 @@ class Store:
             kinds = sorted(k.value for k in query.kinds)
             where.append(f"kind IN ({', '.join('?' * len(kinds))})")
             params.extend(kinds)
-        query_key = hashlib.sha256(json.dumps(params).encode()).hexdigest()[:16]
+        query_key = _query_key(query)
         after = _decode_page_token(page.token, query_key)
         if after is not None:
             where.append("sequence > ?")

@@ -360,6 +360,34 @@ DRIFT_EVENT_KIND_DEPROVISIONED: DriftEventKind.ValueType  # 11
 """The resource was deprovisioned."""
 Global___DriftEventKind: _TypeAlias = DriftEventKind  # noqa: Y015
 
+class _RemediationMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RemediationModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RemediationMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REMEDIATION_MODE_UNSPECIFIED: _RemediationMode.ValueType  # 0
+    """The mode was not set; requests with it are rejected."""
+    REMEDIATION_MODE_AUTO: _RemediationMode.ValueType  # 1
+    """Drift the default policy marks auto-remediate is re-applied by the broker."""
+    REMEDIATION_MODE_ALERT: _RemediationMode.ValueType  # 2
+    """Drift is reported and alerted, never changed automatically."""
+    REMEDIATION_MODE_OFF: _RemediationMode.ValueType  # 3
+    """Drift is not reported at all."""
+
+class RemediationMode(_RemediationMode, metaclass=_RemediationModeEnumTypeWrapper):
+    """RemediationMode says what the broker does about drift."""
+
+REMEDIATION_MODE_UNSPECIFIED: RemediationMode.ValueType  # 0
+"""The mode was not set; requests with it are rejected."""
+REMEDIATION_MODE_AUTO: RemediationMode.ValueType  # 1
+"""Drift the default policy marks auto-remediate is re-applied by the broker."""
+REMEDIATION_MODE_ALERT: RemediationMode.ValueType  # 2
+"""Drift is reported and alerted, never changed automatically."""
+REMEDIATION_MODE_OFF: RemediationMode.ValueType  # 3
+"""Drift is not reported at all."""
+Global___RemediationMode: _TypeAlias = RemediationMode  # noqa: Y015
+
 @_typing.final
 class TopicSpec(_message.Message):
     """TopicSpec holds the fields specific to topics."""
@@ -1407,3 +1435,201 @@ class ListDriftEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDriftEventsResponse: _TypeAlias = ListDriftEventsResponse  # noqa: Y015
+
+@_typing.final
+class RemediationPolicy(_message.Message):
+    """RemediationPolicy is how drift is handled for one namespace and resource type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    IGNORE_FIELDS_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace the policy applies to."""
+    resource_type: Global___ResourceType.ValueType
+    """ResourceType is the kind of resource the policy applies to; unspecified means every kind."""
+    mode: Global___RemediationMode.ValueType
+    """Mode says whether drift is re-applied, only alerted, or not reported."""
+    @_builtins.property
+    def ignore_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """IgnoreFields are compared fields whose drift is not reported, for example "replicas"."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        resource_type: Global___ResourceType.ValueType = ...,
+        mode: Global___RemediationMode.ValueType = ...,
+        ignore_fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_fields", b"ignore_fields", "mode", b"mode", "namespace", b"namespace", "resource_type", b"resource_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemediationPolicy: _TypeAlias = RemediationPolicy  # noqa: Y015
+
+@_typing.final
+class AcceptDriftRequest(_message.Message):
+    """AcceptDriftRequest names a deployment whose observed values become desired."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace of the deployment; required."""
+    deployment_id: _builtins.str
+    """DeploymentId identifies the deployment; required."""
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Fields are the drifted fields to accept (replicas, version, size, partitions, retention_ms);
+        empty accepts every drifted field that can be accepted.
+        """
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        deployment_id: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "fields", b"fields", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptDriftRequest: _TypeAlias = AcceptDriftRequest  # noqa: Y015
+
+@_typing.final
+class AcceptDriftResponse(_message.Message):
+    """AcceptDriftResponse is the deployment with its new desired spec."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """Deployment is the deployment after the change."""
+
+    @_builtins.property
+    def accepted_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """AcceptedFields are the fields whose observed value became desired."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+        accepted_fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_fields", b"accepted_fields", "deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptDriftResponse: _TypeAlias = AcceptDriftResponse  # noqa: Y015
+
+@_typing.final
+class SetRemediationPolicyRequest(_message.Message):
+    """SetRemediationPolicyRequest sets one policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___RemediationPolicy:
+        """Policy is the policy to set; it replaces any policy for the same namespace and type."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RemediationPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRemediationPolicyRequest: _TypeAlias = SetRemediationPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetRemediationPolicyResponse(_message.Message):
+    """SetRemediationPolicyResponse is the stored policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___RemediationPolicy:
+        """Policy is the policy as stored."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RemediationPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRemediationPolicyResponse: _TypeAlias = SetRemediationPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetRemediationPolicyRequest(_message.Message):
+    """GetRemediationPolicyRequest names a namespace and resource type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace; required."""
+    resource_type: Global___ResourceType.ValueType
+    """ResourceType is the kind of resource; unspecified asks for the namespace-wide policy."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        resource_type: Global___ResourceType.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "resource_type", b"resource_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRemediationPolicyRequest: _TypeAlias = GetRemediationPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetRemediationPolicyResponse(_message.Message):
+    """GetRemediationPolicyResponse is the policy in effect."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___RemediationPolicy:
+        """Policy is the most specific policy that applies (the default when none was set)."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RemediationPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRemediationPolicyResponse: _TypeAlias = GetRemediationPolicyResponse  # noqa: Y015

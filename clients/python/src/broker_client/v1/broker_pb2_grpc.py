@@ -72,6 +72,21 @@ class BrokerServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.ListDriftEventsRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.ListDriftEventsResponse.FromString,
                 _registered_method=True)
+        self.AcceptDrift = channel.unary_unary(
+                '/broker.v1.BrokerService/AcceptDrift',
+                request_serializer=broker_dot_v1_dot_broker__pb2.AcceptDriftRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.AcceptDriftResponse.FromString,
+                _registered_method=True)
+        self.SetRemediationPolicy = channel.unary_unary(
+                '/broker.v1.BrokerService/SetRemediationPolicy',
+                request_serializer=broker_dot_v1_dot_broker__pb2.SetRemediationPolicyRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.SetRemediationPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetRemediationPolicy = channel.unary_unary(
+                '/broker.v1.BrokerService/GetRemediationPolicy',
+                request_serializer=broker_dot_v1_dot_broker__pb2.GetRemediationPolicyRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.GetRemediationPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -136,6 +151,30 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcceptDrift(self, request, context):
+        """AcceptDrift makes observed values the new desired state: the named drifted fields (or all
+        acceptable ones) are copied from the actual spec into a new generation of the desired spec, so
+        the drift is resolved without touching the workload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRemediationPolicy(self, request, context):
+        """SetRemediationPolicy sets how drift is handled for a namespace and resource type: re-applied
+        automatically, only alerted, or not reported; plus fields to ignore.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRemediationPolicy(self, request, context):
+        """GetRemediationPolicy returns the policy in effect for a namespace and resource type.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +207,21 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.ListDriftEvents,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.ListDriftEventsRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.ListDriftEventsResponse.SerializeToString,
+            ),
+            'AcceptDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptDrift,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.AcceptDriftRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.AcceptDriftResponse.SerializeToString,
+            ),
+            'SetRemediationPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRemediationPolicy,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.SetRemediationPolicyRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.SetRemediationPolicyResponse.SerializeToString,
+            ),
+            'GetRemediationPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRemediationPolicy,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.GetRemediationPolicyRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.GetRemediationPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -340,6 +394,87 @@ class BrokerService:
             '/broker.v1.BrokerService/ListDriftEvents',
             broker_dot_v1_dot_broker__pb2.ListDriftEventsRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.ListDriftEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/AcceptDrift',
+            broker_dot_v1_dot_broker__pb2.AcceptDriftRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.AcceptDriftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRemediationPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/SetRemediationPolicy',
+            broker_dot_v1_dot_broker__pb2.SetRemediationPolicyRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.SetRemediationPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRemediationPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/GetRemediationPolicy',
+            broker_dot_v1_dot_broker__pb2.GetRemediationPolicyRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.GetRemediationPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

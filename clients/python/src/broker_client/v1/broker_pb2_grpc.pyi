@@ -67,6 +67,17 @@ class BrokerServiceStub:
     """ListDriftEvents returns the recorded drift history of a namespace or one deployment, oldest
     first, one page at a time.
     """
+    AcceptDrift: _grpc.UnaryUnaryMultiCallable[_broker_pb2.AcceptDriftRequest, _broker_pb2.AcceptDriftResponse]
+    """AcceptDrift makes observed values the new desired state: the named drifted fields (or all
+    acceptable ones) are copied from the actual spec into a new generation of the desired spec, so
+    the drift is resolved without touching the workload.
+    """
+    SetRemediationPolicy: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SetRemediationPolicyRequest, _broker_pb2.SetRemediationPolicyResponse]
+    """SetRemediationPolicy sets how drift is handled for a namespace and resource type: re-applied
+    automatically, only alerted, or not reported; plus fields to ignore.
+    """
+    GetRemediationPolicy: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetRemediationPolicyRequest, _broker_pb2.GetRemediationPolicyResponse]
+    """GetRemediationPolicy returns the policy in effect for a namespace and resource type."""
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -107,6 +118,17 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     """ListDriftEvents returns the recorded drift history of a namespace or one deployment, oldest
     first, one page at a time.
     """
+    AcceptDrift: _aio.UnaryUnaryMultiCallable[_broker_pb2.AcceptDriftRequest, _broker_pb2.AcceptDriftResponse]  # type: ignore[assignment]
+    """AcceptDrift makes observed values the new desired state: the named drifted fields (or all
+    acceptable ones) are copied from the actual spec into a new generation of the desired spec, so
+    the drift is resolved without touching the workload.
+    """
+    SetRemediationPolicy: _aio.UnaryUnaryMultiCallable[_broker_pb2.SetRemediationPolicyRequest, _broker_pb2.SetRemediationPolicyResponse]  # type: ignore[assignment]
+    """SetRemediationPolicy sets how drift is handled for a namespace and resource type: re-applied
+    automatically, only alerted, or not reported; plus fields to ignore.
+    """
+    GetRemediationPolicy: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetRemediationPolicyRequest, _broker_pb2.GetRemediationPolicyResponse]  # type: ignore[assignment]
+    """GetRemediationPolicy returns the policy in effect for a namespace and resource type."""
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     """BrokerService provisions databases, caches and topics in Kubernetes for manager services,
@@ -180,5 +202,34 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListDriftEvents returns the recorded drift history of a namespace or one deployment, oldest
         first, one page at a time.
         """
+
+    @_abc_1.abstractmethod
+    def AcceptDrift(
+        self,
+        request: _broker_pb2.AcceptDriftRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.AcceptDriftResponse, _abc.Awaitable[_broker_pb2.AcceptDriftResponse]]:
+        """AcceptDrift makes observed values the new desired state: the named drifted fields (or all
+        acceptable ones) are copied from the actual spec into a new generation of the desired spec, so
+        the drift is resolved without touching the workload.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRemediationPolicy(
+        self,
+        request: _broker_pb2.SetRemediationPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.SetRemediationPolicyResponse, _abc.Awaitable[_broker_pb2.SetRemediationPolicyResponse]]:
+        """SetRemediationPolicy sets how drift is handled for a namespace and resource type: re-applied
+        automatically, only alerted, or not reported; plus fields to ignore.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRemediationPolicy(
+        self,
+        request: _broker_pb2.GetRemediationPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetRemediationPolicyResponse, _abc.Awaitable[_broker_pb2.GetRemediationPolicyResponse]]:
+        """GetRemediationPolicy returns the policy in effect for a namespace and resource type."""
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,70 @@
+"""An embedded, in-memory Kubernetes API server with a workload simulator: "the sandbox".
+
+Stock ``kubectl`` and ``kubernetes-asyncio`` talk to it over plain HTTP on loopback as if it were
+a cluster::
+
+    async with Sandbox(ready_delay=0.2) as sandbox:
+        sandbox.write_kubeconfig("sandbox.kubeconfig")
+        sandbox.faults.crash_pod(namespace="default", name="db-0")
+
+It serves discovery, core/v1 (namespaces, services, secrets, configmaps, pods, events,
+persistentvolumeclaims), apps/v1 statefulsets (with ``scale`` and ``status``),
+coordination.k8s.io/v1 leases, apiextensions.k8s.io/v1 CRDs and their custom objects, and
+metrics.k8s.io/v1beta1 pod metrics, with kube-apiserver's semantics: one global resourceVersion,
+generation on spec changes, label and field selectors, managedFields, merge/JSON/strategic patches,
+server-side apply with conflicts, optimistic concurrency, Status errors, owner references with
+cascading deletion, paginated lists, resumable watches with 410 Gone and bookmarks, Tables for
+``kubectl get``.
+
+Deliberate differences from a real cluster (it is a sandbox, and says so when it starts):
+
+* State lives in memory only; there is no etcd, no authentication or authorization (any token is
+  accepted, RBAC is absent), no admission webhooks and no TLS. Responses are always JSON; request
+  bodies are JSON or YAML, plus protobuf for Namespace, ConfigMap and Secret only (what
+  ``kubectl create namespace|configmap|secret`` send); other protobuf or CBOR bodies get 415, so
+  e.g. ``kubectl create service`` fails (``kubectl apply``/``create -f`` work).
+* No aggregated discovery (clients fall back to the per-group documents). OpenAPI v3 publishes only
+  the PATCH operations kubectl checks for ``fieldValidation`` support, without schemas (``kubectl
+  explain`` has nothing to show); there is no OpenAPI v2. ``fieldValidation=Strict`` is accepted but
+  unknown fields are kept, never rejected.
+* Pod logs (``pods/log``) answer with one line saying there are none; exec, attach, port-forward,
+  proxy and eviction are not served.
+* Only the kinds listed above exist: no Deployments, ReplicaSets, Nodes, PersistentVolumes,
+  ControllerRevisions, ServiceAccounts or Endpoints. Pods are bound to one simulated node
+  ``sandbox-node``; claims are Bound at once to a volume name that has no PersistentVolume object.
+* Custom objects are not validated or pruned against the CRD's OpenAPI schema and CRD versions are
+  not converted (every served version returns the same object with its own ``apiVersion``).
+* Built-in validation covers the common mistakes only (names, required fields, StatefulSet
+  selector/template and immutable spec fields, Service ports); defaulting covers what clients see
+  most (Service type/clusterIP/ports, StatefulSet strategy fields, pod spec defaults).
+* Strategic merge patch and server-side apply know merge keys by field name (containers, env, ports,
+  volumeMounts, volumes, conditions, ownerReferences, ...), not from Go types or OpenAPI; other lists
+  are atomic (``volumeClaimTemplates``, ``args``, ...). List-map keys do not include defaulted
+  fields (container ports are keyed by ``containerPort`` alone). ``managedFields`` are recorded per
+  (manager, operation, subresource) and cannot be overwritten by clients. Like kube-apiserver, the
+  manager defaults to the User-Agent up to the first ``/``: kubectl 1.32 sends ``fieldManager`` for
+  ``edit``, ``patch``, ``label``, ``annotate``, ``set``, ``create`` and client-side ``apply``, but not
+  for ``scale``, which therefore shows up as ``kubectl`` with subresource ``scale``.
+* Built-in kinds drop ``null`` fields on write (as decoding into Go structs does), so e.g. a pod
+  template's ``metadata.creationTimestamp: null`` is not echoed back.
+* Paginated lists continue from the current state rather than an MVCC snapshot at the first page's
+  resourceVersion; a continue token older than the watch window is ``410 Expired`` as after an etcd
+  compaction. ``resourceVersionMatch=Exact`` only works for the current version.
+* Watch history is one ring buffer of ``watch_window`` events across all kinds (kube-apiserver keeps
+  one per kind, sized by time); watches without ``timeoutSeconds`` end after 30 minutes; a watcher
+  whose queue overflows ``watch_queue_size`` is closed (the client re-watches and resumes).
+* Deletion is immediate: no graceful termination period (pods vanish without ``Terminating`` unless
+  finalizers hold them); finalizers and foreground deletion do work. Terminating namespaces are
+  emptied at once, regardless of the finalizers of their content.
+* The simulator: containers start ``ready_delay`` after creation; a container whose image changes in
+  place restarts; images are reported as resolved by ``image_resolution`` (floating tags to concrete
+  versions, see :data:`DEFAULT_IMAGE_RESOLUTION`) rather than normalized registry references; the
+  StatefulSet controller treats ``minReadySeconds`` as 0 and keeps no ControllerRevision history;
+  KafkaTopics become Ready without a Kafka cluster; pod metrics are synthetic (cpu 25-50 % of the
+  request, memory about half), served for running pods that are not crash-looping.
+"""
+
+from broker.sandbox.cluster import Sandbox, run_standalone
+from broker.sandbox.faults import DEFAULT_IMAGE_RESOLUTION, Faults
+
+__all__ = ["DEFAULT_IMAGE_RESOLUTION", "Faults", "Sandbox", "run_standalone"]

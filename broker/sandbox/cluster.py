@@ -1,0 +1,189 @@
+"""The :class:`Sandbox`: store, API server, simulator and faults started and stopped as one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from broker.sandbox import controllers, faults, kubeconfig, resources, server, store
+
+log = logging.getLogger(__name__)
+
+
+class Sandbox:
+    """An in-memory Kubernetes API server on loopback plus simulated controllers.
+
+    ``ready_delay`` is how long a pod takes from creation to Running and Ready; ``crash_interval``
+    how often a crash-looping container restarts; ``watch_window`` how many events watches can
+    resume across before ``410 Gone``; ``watch_queue_size`` how many undelivered events a watcher
+    may hold before it is cut off; ``bookmark_interval`` how often idle watches that allow
+    bookmarks get one; ``image_resolution`` maps floating image tags to what containers report
+    running (default :data:`broker.sandbox.faults.DEFAULT_IMAGE_RESOLUTION`, ``{}`` for identity);
+    ``simulate=False`` serves the API without any simulation (nothing creates pods).
+    """
+
+    def __init__(
+        self,
+        *,
+        ready_delay: float = 0.2,
+        crash_interval: float = 1.0,
+        image_resolution: dict[str, str] | None = None,
+        watch_window: int = 10_000,
+        watch_queue_size: int = 10_000,
+        bookmark_interval: float = 60.0,
+        simulate: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.store = store.Store(
+            registry=resources.Registry(), watch_window=watch_window, watch_queue_size=watch_queue_size
+        )
+        resolution = faults.DEFAULT_IMAGE_RESOLUTION if image_resolution is None else image_resolution
+        self.faults = faults.Faults(image_resolution=resolution, seed=seed)
+        self.ready_delay = ready_delay
+        self.crash_interval = crash_interval
+        self.bookmark_interval = bookmark_interval
+        self.simulate = simulate
+        self._api = server.ApiServer(
+            st=self.store,
+            metrics=lambda namespace, name: controllers.pod_metrics(self.store, self.faults, namespace, name),
+            bookmark_interval=bookmark_interval,
+            before_request=self.faults.check_request,
+            fault_routes=self.faults.add_routes,
+        )
+        self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._controllers: list[controllers.Runner] = []
+        self._kubelet: controllers.Kubelet | None = None
+        self.host = ""
+        self.port = 0
+        self.faults.on_drop_watches = lambda: self.store.close_watchers(reason="dropped by fault injection")
+        self.faults.on_expire_watches = self._expire_watches
+        self.faults.on_pod_fault = self._pod_fault
+        self.faults.on_pause = self._pause
+        self.faults.on_resume = self._resume
+
+    @property
+    def url(self) -> str:
+        """The API server's base URL (``http://127.0.0.1:PORT``)."""
+        if not self.port:
+            raise RuntimeError("the sandbox is not started")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def paused(self) -> bool:
+        """Whether the listening socket is closed by a pause fault."""
+        return self._runner is not None and self._listener is None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Start serving on ``host:port`` (port 0 picks a free one) and start the simulator."""
+        if self._runner is not None:
+            raise RuntimeError("the sandbox is already started")
+        self._runner = web.AppRunner(self._api.application(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        self.host = host
+        await self._listen(port)
+        if self.simulate:
+            self._kubelet = controllers.Kubelet(
+                self.store,
+                fault_state=self.faults,
+                ready_delay=self.ready_delay,
+                crash_interval=self.crash_interval,
+            )
+            self._controllers = [
+                controllers.GarbageCollector(self.store),
+                controllers.StatefulSetController(self.store),
+                controllers.KafkaTopicController(self.store),
+                self._kubelet,
+            ]
+            for runner in self._controllers:
+                runner.start()
+
+    async def _listen(self, port: int) -> None:
+        assert self._runner is not None
+        assert self._runner.server is not None
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(self._runner.server, self.host, port, reuse_address=True)
+        self.port = self._listener.sockets[0].getsockname()[1]
+        self._api.address = f"{self.host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop the simulator and the server, closing every connection."""
+        for runner in self._controllers:
+            await runner.stop()
+        self._controllers = []
+        self.store.close_watchers(reason="the sandbox is stopping")
+        await self._close_listener()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._runner is not None and self._runner.server is not None:
+            for handler in self._runner.server.connections:
+                handler.force_close()
+
+    async def _pause(self) -> None:
+        self.store.close_watchers(reason="the API is paused")
+        await self._close_listener()
+        log.warning("sandbox API paused: %s refuses connections", self._api.address)
+
+    async def _resume(self) -> None:
+        if self._listener is None and self._runner is not None:
+            await self._listen(self.port)
+            log.warning("sandbox API resumed on %s", self._api.address)
+
+    def _expire_watches(self, count: int) -> None:
+        self._api.forced_gone = max(0, count)
+
+    def _pod_fault(self, key: tuple[str, str]) -> None:
+        if self._kubelet is not None:
+            self._kubelet.sync(key)
+
+    def write_kubeconfig(self, path: str | os.PathLike[str], *, namespace: str = "default") -> pathlib.Path:
+        """Write a kubeconfig (context ``sandbox``) for this sandbox and return its path."""
+        return kubeconfig.write(path, server=self.url, namespace=namespace)
+
+    def load(self, *, api_version: str, kind: str, objects: list[dict[str, Any]]) -> int:
+        """Bulk-create objects of one kind in-process (setup for benchmarks and demos)."""
+        rt = self.store.registry.by_kind(api_version=api_version, kind=kind)
+        if rt is None:
+            raise ValueError(f"unknown kind {kind} in {api_version}")
+        return self.store.bulk_load(rt, objects)
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def run_standalone(*, host: str, port: int, data_dir: str | os.PathLike[str]) -> None:
+    """Run a sandbox until cancelled, with a kubeconfig at ``<data_dir>/sandbox.kubeconfig``."""
+    sandbox = Sandbox()
+    await sandbox.start(host=host, port=port)
+    path = sandbox.write_kubeconfig(pathlib.Path(data_dir) / "sandbox.kubeconfig")
+    banner = "THIS IS AN IN-MEMORY KUBERNETES SANDBOX, NOT A CLUSTER: nothing runs, state is lost on exit."
+    log.warning(banner)
+    log.warning("sandbox API server: %s", sandbox.url)
+    log.warning("kubeconfig: %s (kubectl --kubeconfig %s get pods)", path, path)
+    print(banner, flush=True)
+    print(f"sandbox API server: {sandbox.url}", flush=True)
+    print(f"kubeconfig: {path}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await sandbox.stop()
