@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for people and CI. Each command bootstraps what it needs first:
-#   ./dev.sh run     set up, then run the broker on this machine (insecure, local data in ./.broker)
+#   ./dev.sh run     set up, then run the broker on the embedded sandbox cluster (insecure, data in ./.broker)
 #   ./dev.sh test    set up, then run every check CI runs: generated code, buf, ruff, mypy, layering, pytest
 #   ./dev.sh gen     regenerate the Python stubs from proto/
 #   ./dev.sh lint    the static checks only
@@ -69,8 +69,8 @@ shift || true
 case "$cmd" in
   run)
     ensure_venv
-    log "starting the broker: gRPC on :50051, HTTP on :8082, data in ./.broker (Ctrl-C stops it)"
-    exec "$VENV/bin/broker" serve --insecure --data-dir .broker "$@"
+    log "starting the broker on the sandbox cluster: gRPC :50051, HTTP :8082, data in ./.broker (Ctrl-C stops it)"
+    exec "$VENV/bin/broker" serve --sandbox --insecure --data-dir .broker "$@"
     ;;
   test)
     ensure_venv

@@ -133,7 +133,9 @@ async def callback_receiver() -> AsyncIterator[CallbackReceiver]:
         await runner.cleanup()
 
 
-async def seed_cluster(kubeconfig: pathlib.Path, namespaces: tuple[str, ...] = ("team-platform", "team-other")) -> None:
+async def seed_cluster(
+    kubeconfig: pathlib.Path, namespaces: tuple[str, ...] = ("team-platform", "team-other")
+) -> None:
     """Give a sandbox what a platform cluster has: Strimzi's KafkaTopic CRD and team namespaces."""
     client = await kube_client.Client.connect(kubeconfig)
     try:
@@ -144,7 +146,9 @@ async def seed_cluster(kubeconfig: pathlib.Path, namespaces: tuple[str, ...] = (
         await client.close()
 
 
-def cluster_settings(data_dir: pathlib.Path, tokens: pathlib.Path, kubeconfig: pathlib.Path) -> server.Settings:
+def cluster_settings(
+    data_dir: pathlib.Path, tokens: pathlib.Path, kubeconfig: pathlib.Path
+) -> server.Settings:
     """Settings of a broker that manages workloads in the test's sandbox."""
     return server.Settings(
         grpc_addr="127.0.0.1:0",

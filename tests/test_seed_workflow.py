@@ -37,7 +37,9 @@ async def test_the_seed_workflow_end_to_end(
         # The manager is called back, once, with a signature it can verify.
         (delivery,) = await callback_receiver.wait_for(1)
         key = (cluster_broker.data_dir / "callback.key").read_bytes().strip()
-        assert delivery.signature == callbacks.sign(key, delivery.delivery_id, delivery.timestamp, delivery.body)
+        assert delivery.signature == callbacks.sign(
+            key, delivery.delivery_id, delivery.timestamp, delivery.body
+        )
         assert abs(int(delivery.timestamp) - time.time()) < 60
         assert delivery.payload == {
             "deploymentId": deployment_id,
@@ -55,7 +57,9 @@ async def test_the_seed_workflow_end_to_end(
         # The seed's GET /v1/resources, in the seed's shape. Metrics are polled, so wait for usage.
         deadline = time.monotonic() + 15
         while True:
-            async with http.get("/v1/resources", params={"namespace": "team-platform", "resourceType": "database"}) as r:
+            async with http.get(
+                "/v1/resources", params={"namespace": "team-platform", "resourceType": "database"}
+            ) as r:
                 assert r.status == 200
                 text = await r.text()
                 listing = json.loads(text)
@@ -82,14 +86,20 @@ async def test_the_seed_workflow_end_to_end(
         "size": "medium",
         "replicas": 1,
     }
-    assert {k: resource["desiredSpec"][k] for k in ("engine", "version", "size", "replicas")} == SEED_REQUEST["spec"]
+    assert {k: resource["desiredSpec"][k] for k in ("engine", "version", "size", "replicas")} == SEED_REQUEST[
+        "spec"
+    ]
     assert resource["driftDetected"] is True
     assert resource["driftDetails"] == [
         "Version mismatch: desired=15, actual=15.2",
         "This is expected patch version drift",
     ]
     (item,) = resource["driftItems"]
-    assert (item["ruleId"], item["driftClass"], item["recommendedAction"]) == ("version.patch", "Expected", "None")
+    assert (item["ruleId"], item["driftClass"], item["recommendedAction"]) == (
+        "version.patch",
+        "Expected",
+        "None",
+    )
     assert resource["resourceUsage"]["replicas"] == 1
     assert resource["resourceUsage"]["storageUsage"] == "20Gi"
     assert resource["resourceUsage"]["cpuUsage"].endswith("m")
@@ -120,4 +130,3 @@ async def test_the_seed_workflow_end_to_end(
     assert list(state.drift_details) == resource["driftDetails"]
     assert state.estimated_monthly_cost == 45.5
     assert password not in str(reply)
-
