@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow callbacks to loopback addresses (local development and tests only)",
     )
+    serve.add_argument(
+        "--no-remediation",
+        action="store_true",
+        default=_env_flag("BROKER_NO_REMEDIATION"),
+        help="dry run: report drift and the recommended action, never change the cluster to fix it",
+    )
     serve.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off")
     serve.add_argument(
         "--shutdown-grace",
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             ready_timeout=args.ready_timeout,
             callback_key_file=args.callback_key_file,
             callback_allow_loopback=args.callback_allow_loopback,
+            remediate=not args.no_remediation,
         )
         asyncio.run(server.run(settings))
     except (ValueError, OSError, errors.BrokerError) as e:

@@ -42,10 +42,14 @@ class BrokerError(Exception):
 
     default_reason = "BROKER_ERROR"
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
+        # Machine-readable details for clients (google.rpc.ErrorInfo.metadata), e.g. where to resume.
+        self.metadata = dict(metadata or {})
 
 
 class InvalidArgument(BrokerError):

@@ -62,7 +62,7 @@ class Provisioner:
         catalog: catalog_mod.Catalog,
         ready_timeout: float = 300.0,
         poll_interval: float = 2.0,
-        on_finished: Callable[[], None] = lambda: None,
+        on_finished: Callable[[str], None] = lambda deployment_id: None,
     ) -> None:
         self._on_finished = on_finished
         self._store = store
@@ -231,7 +231,7 @@ class Provisioner:
             deployment, succeeded=succeeded, message=message, event=event, callback=callback
         )
         if recorded:
-            self._on_finished()
+            self._on_finished(deployment.deployment_id)
         log.info(
             "operation finished" if recorded else "operation superseded",
             extra={"deployment_id": deployment.deployment_id, "succeeded": succeeded, "detail": message},

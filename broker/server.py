@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from broker import auth, callbacks, errors, provisioner, service
+from broker import auth, callbacks, detector, errors, events, metrics, provisioner, service
 from broker.api import gateway, grpc_api
 from broker.domain import catalog as catalog_mod
 from broker.domain import policy
@@ -73,6 +73,12 @@ class Settings:
     callback_key_file: pathlib.Path | None = None
     callback_allow_loopback: bool = False
     kafka_cluster: str = "kafka"
+    watch: service.WatchLimits = dataclasses.field(default_factory=service.WatchLimits)
+    resync_interval: float = 60.0
+    remediate: bool = True
+    remediation_base_delay: float = 1.0
+    remediation_max_delay: float = 300.0
+    event_retention: int = 100_000
 
 
 def callback_key(settings: Settings) -> bytes:
@@ -129,6 +135,11 @@ class Broker:
         self.cluster: observer.ClusterState | None = None
         self.provisioner: provisioner.Provisioner | None = None
         self.dispatcher: callbacks.Dispatcher | None = None
+        self.detector: detector.Detector | None = None
+        self.remediator: detector.Remediator | None = None
+        self.hub = events.EventHub()
+        self.metrics = metrics.Metrics()
+        self.policies = service.PolicyBook(settings.rules)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -139,7 +150,17 @@ class Broker:
         return self._store
 
     async def start(self) -> None:
-        """Open the store, then serve gRPC and HTTP; health is SERVING once both listen."""
+        """Open the store, then serve gRPC and HTTP; health is SERVING once both listen.
+
+        If any step fails, everything started so far is stopped again before the error propagates.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         grpc_host, grpc_port = split_addr(settings.grpc_addr)
         http_host, http_port = split_addr(settings.http_addr)
@@ -149,6 +170,8 @@ class Broker:
                 "Use --tokens FILE for anything but local development."
             )
         self._store = await sqlite.Store.open(settings.data_dir)
+        self._store.listeners += [self.hub.publish, self.metrics.on_events]
+        self.policies = service.PolicyBook(settings.rules, await self._store.policies())
         callback_policy = callbacks.CallbackPolicy(allow_loopback=settings.callback_allow_loopback)
         self.dispatcher = callbacks.Dispatcher(
             store=self._store, key=await asyncio.to_thread(callback_key, settings), policy=callback_policy
@@ -159,12 +182,16 @@ class Broker:
             store=self._store,
             catalog=settings.catalog,
             cluster=self.cluster,
-            policies=service.PolicyBook(settings.rules, await self._store.policies()),
+            policies=self.policies,
             callback_check=callback_policy,
             on_accepted=self.provisioner.kick if self.provisioner else lambda: None,
+            hub=self.hub,
+            watch_limits=settings.watch,
         )
+        self.metrics.add_collector(metrics.ScrapeCollector(self._scrape))
+        self._tasks.append(asyncio.create_task(self._prune_events(), name="event-retention"))
 
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[self.metrics.interceptor()])
         broker_pb2_grpc.add_BrokerServiceServicer_to_server(
             grpc_api.BrokerServicer(service=svc, authenticator=self.authenticator), server
         )
@@ -175,14 +202,18 @@ class Broker:
         try:
             self.grpc_port = server.add_insecure_port(f"{_bracket(grpc_host)}:{grpc_port}")
         except RuntimeError as e:
-            await self._store.close()
             raise OSError(
                 f"cannot listen for gRPC on {settings.grpc_addr}: is another process using it?"
             ) from e
         await server.start()
         self._grpc = server
 
-        app = gateway.Gateway(service=svc, authenticator=self.authenticator, readiness=self._not_ready_reason)
+        app = gateway.Gateway(
+            service=svc,
+            authenticator=self.authenticator,
+            readiness=self._not_ready_reason,
+            metrics_registry=self.metrics.registry,
+        )
         runner = web.AppRunner(app.app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, http_host, http_port)
@@ -190,7 +221,6 @@ class Broker:
             await site.start()
         except OSError as e:
             await runner.cleanup()
-            await self.stop()
             raise OSError(f"cannot listen for HTTP on {settings.http_addr}: {e.strerror}") from e
         self._http = runner
         self.http_port = runner.addresses[0][1]
@@ -237,12 +267,55 @@ class Broker:
             cluster=self.cluster,
             catalog=settings.catalog,
             ready_timeout=settings.ready_timeout,
-            on_finished=self.dispatcher.kick if self.dispatcher else lambda: None,
+            on_finished=self._operation_finished,
         )
-        self.cluster.set_listener(self.provisioner.notify)
+        self.remediator = detector.Remediator(
+            store=self.store,
+            cluster=self.cluster,
+            base_delay=settings.remediation_base_delay,
+            max_delay=settings.remediation_max_delay,
+        )
+        self.detector = detector.Detector(
+            store=self.store,
+            cluster=self.cluster,
+            catalog=settings.catalog,
+            policies=lambda: self.policies.current,
+            remediator=self.remediator if settings.remediate else None,
+            resync_interval=settings.resync_interval,
+        )
+        self.cluster.add_listener(self.provisioner.notify)
+        self.cluster.add_listener(self.detector.notify)
         await self.cluster.start()
         self._tasks.append(asyncio.create_task(self.provisioner.run(), name="provisioner"))
+        self._tasks.append(asyncio.create_task(self.detector.run(), name="detector"))
         log.info("watching the cluster", extra={"api": client.host})
+
+    def _operation_finished(self, deployment_id: str) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.kick()
+        if self.detector is not None:
+            self.detector.notify(deployment_id)
+
+    def _scrape(self) -> dict[str, Any]:
+        informers = {}
+        if self.cluster is not None:
+            informers = {k: (i.reconnects, i.relists) for k, i in self.cluster.informers.items()}
+        dispatcher = self.dispatcher
+        return {
+            "informers": informers,
+            "callbacks": (dispatcher.delivered, dispatcher.failed) if dispatcher else (0, 0),
+            "subscribers": len(self.hub),
+            "open_drifts": self.detector.open_drifts() if self.detector else {},
+        }
+
+    async def _prune_events(self) -> None:
+        """Keep the event log to ``event_retention`` entries (resumes older than that get OUT_OF_RANGE)."""
+        while True:
+            with contextlib.suppress(errors.BrokerError):
+                pruned = await self.store.prune_events(keep=self.settings.event_retention)
+                if pruned:
+                    log.info("pruned the event log", extra={"events": pruned})
+            await asyncio.sleep(600)
 
     async def _not_ready_reason(self) -> str | None:
         if self._draining:
@@ -258,6 +331,8 @@ class Broker:
     async def stop(self) -> None:
         """Drain and stop; safe to call twice."""
         self._draining = True
+        # Streams end first, each with a resumable status naming its last sequence.
+        self.hub.close_all()
         await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(self.settings.shutdown_grace)
@@ -271,6 +346,8 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.remediator is not None:
+            await self.remediator.stop()
         if self.cluster is not None:
             await self.cluster.stop()
             self.cluster = None

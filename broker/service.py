@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from broker import auth, errors
+from broker import auth, errors, events
 from broker.domain import catalog as catalog_mod
 from broker.domain import drift, model, naming, policy, validation
 from broker.store import sqlite
@@ -105,6 +105,46 @@ class PolicyBook:
 ACCEPTABLE_FIELDS = ("replicas", "version", "size", "partitions", "retention_ms")
 
 
+@dataclasses.dataclass(frozen=True)
+class WatchInput:
+    """A drift subscription as a transport parsed it, before validation."""
+
+    namespaces: tuple[str, ...] = ()
+    resource_type: model.ResourceType | None = None
+    resource_name: str = ""
+    deployment_id: str = ""
+    kinds: frozenset[model.EventKind] = frozenset()
+    send_initial_state: bool = False
+    after_sequence: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotComplete:
+    """All initial states were sent; live events follow after ``sequence``."""
+
+    sequence: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat:
+    """Nothing happened for a while; ``sequence`` is the newest in the log."""
+
+    sequence: int
+
+
+WatchItem = model.DriftEvent | ResourceView | SnapshotComplete | Heartbeat
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchLimits:
+    """Bounds of the drift streams: per-subscriber buffer, per-principal streams, heartbeats."""
+
+    buffer: int = 1000
+    streams_per_principal: int = 100
+    heartbeat_interval: float = 15.0
+    replay_page: int = 500
+
+
 class BrokerService:
     """Provision, read and deprovision resources on behalf of authenticated principals."""
 
@@ -117,7 +157,12 @@ class BrokerService:
         policies: PolicyBook | None = None,
         callback_check: CallbackCheck | None = None,
         on_accepted: Callable[[], None] = lambda: None,
+        hub: events.EventHub | None = None,
+        watch_limits: WatchLimits | None = None,
     ) -> None:
+        self._hub = hub if hub is not None else events.EventHub()
+        self._limits = watch_limits or WatchLimits()
+        self._streams: dict[str, int] = {}
         self._store = store
         self._catalog = catalog
         self._cluster = cluster
@@ -350,6 +395,100 @@ class BrokerService:
             found, namespace=namespace, resource_type=found.resource_type or resource_type
         )
 
+    async def watch(self, principal: auth.Principal, request: WatchInput) -> AsyncIterator[WatchItem]:
+        """Drift events as they happen, optionally after a snapshot or resumed after a sequence.
+
+        Ends with Unavailable on shutdown and ResourceExhausted when the subscriber fell behind,
+        both carrying ``resume_after_sequence`` in their metadata; OutOfRange when the resume point
+        is no longer in the log (the client must re-read state).
+        """
+        violations: list[errors.FieldViolation] = []
+        for index, namespace in enumerate(request.namespaces):
+            validation.check_namespace(namespace, violations, field=f"namespaces[{index}]")
+        validation.check_resource_name(request.resource_name, violations, required=False)
+        validation.check_deployment_id(request.deployment_id, violations, required=False)
+        if request.after_sequence is not None and request.after_sequence < 0:
+            violations.append(errors.FieldViolation("after_sequence", "must not be negative"))
+        validation.raise_if(violations)
+        for namespace in request.namespaces:
+            principal.require(namespace)
+        namespaces = frozenset(request.namespaces)
+        everywhere = not namespaces and auth.ALL_NAMESPACES in principal.namespaces
+        visible = namespaces or frozenset(principal.namespaces - {auth.ALL_NAMESPACES})
+
+        def wanted(event: model.DriftEvent) -> bool:
+            return (
+                (everywhere or event.namespace in visible)
+                and (request.resource_type is None or event.resource_type is request.resource_type)
+                and (not request.resource_name or event.resource_name == request.resource_name)
+                and (not request.deployment_id or event.deployment_id == request.deployment_id)
+                and (not request.kinds or event.kind in request.kinds)
+            )
+
+        if self._hub.shutting_down:
+            raise errors.Unavailable("the broker is shutting down; reconnect to another instance or retry")
+        open_streams = self._streams.get(principal.name, 0)
+        if open_streams >= self._limits.streams_per_principal:
+            raise errors.ResourceExhausted(
+                f"principal {principal.name!r} already has {open_streams} drift streams open "
+                f"(the limit is {self._limits.streams_per_principal}); close some first"
+            )
+        self._streams[principal.name] = open_streams + 1
+        # Subscribe before reading anything, so nothing committed meanwhile can be missed.
+        subscription = self._hub.subscribe(wanted, limit=self._limits.buffer)
+        try:
+            oldest, newest = await self._store.event_bounds()
+            last = newest
+            if request.send_initial_state:
+                namespace_list = None if everywhere else sorted(visible)
+                for deployment in await self._store.live_deployments(_SNAPSHOT_PHASES, namespace_list):
+                    if _matches(deployment, request):
+                        yield self._view(deployment)
+                yield SnapshotComplete(sequence=newest)
+            elif request.after_sequence is not None:
+                after = request.after_sequence
+                first_available = oldest or newest + 1
+                if after > newest or after < first_available - 1:
+                    raise errors.OutOfRange(
+                        f"sequence {after} is outside the retained event log ({oldest}..{newest}); "
+                        "re-read the state (send_initial_state) and watch from there",
+                        reason="SEQUENCE_EXPIRED",
+                        metadata={"oldest_sequence": str(oldest), "newest_sequence": str(newest)},
+                    )
+                last = after
+                while True:
+                    page = await self._store.events_after(last, self._limits.replay_page)
+                    for event in page:
+                        last = event.sequence
+                        if wanted(event):
+                            yield event
+                    if len(page) < self._limits.replay_page:
+                        break
+            while True:
+                live = await subscription.next(self._limits.heartbeat_interval)
+                if live is None:
+                    if subscription.overflowed:
+                        raise errors.ResourceExhausted(
+                            f"this stream fell more than {self._limits.buffer} events behind and was "
+                            f"cut off; resume with after_sequence={last}",
+                            reason="SUBSCRIBER_TOO_SLOW",
+                            metadata={"resume_after_sequence": str(last)},
+                        )
+                    if subscription.closed:
+                        raise errors.Unavailable(
+                            f"the broker is shutting down; resume with after_sequence={last}",
+                            reason="SHUTTING_DOWN",
+                            metadata={"resume_after_sequence": str(last)},
+                        )
+                    yield Heartbeat(sequence=last)
+                    continue
+                if live.sequence > last:
+                    last = live.sequence
+                    yield live
+        finally:
+            subscription.close()
+            self._streams[principal.name] -= 1
+
     def _view(self, deployment: model.Deployment) -> ResourceView:
         evaluation = None
         phase = deployment.phase
@@ -373,6 +512,17 @@ class BrokerService:
             message=_message(deployment, phase, evaluation),
             evaluation=evaluation,
         )
+
+
+_SNAPSHOT_PHASES = tuple(p for p in model.Phase if p is not model.Phase.DELETED)
+
+
+def _matches(deployment: model.Deployment, request: WatchInput) -> bool:
+    return (
+        (request.resource_type is None or deployment.resource_type is request.resource_type)
+        and (not request.resource_name or deployment.resource_name == request.resource_name)
+        and (not request.deployment_id or deployment.deployment_id == request.deployment_id)
+    )
 
 
 def _accepted_spec(

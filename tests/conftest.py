@@ -14,6 +14,7 @@ import dataclasses
 import json
 import pathlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import grpc
@@ -147,10 +148,14 @@ async def seed_cluster(
 
 
 def cluster_settings(
-    data_dir: pathlib.Path, tokens: pathlib.Path, kubeconfig: pathlib.Path
+    data_dir: pathlib.Path, tokens: pathlib.Path, kubeconfig: pathlib.Path, **overrides: Any
 ) -> server.Settings:
-    """Settings of a broker that manages workloads in the test's sandbox."""
-    return server.Settings(
+    """Settings of a broker that manages workloads in the test's sandbox.
+
+    Remediation is off unless a test turns it on: most tests induce drift and check how it is
+    reported, which an eager broker would undo before they look.
+    """
+    settings = server.Settings(
         grpc_addr="127.0.0.1:0",
         http_addr="127.0.0.1:0",
         data_dir=data_dir,
@@ -159,7 +164,9 @@ def cluster_settings(
         kubeconfig=kubeconfig,
         ready_timeout=20.0,
         callback_allow_loopback=True,
+        remediate=False,
     )
+    return dataclasses.replace(settings, **overrides)
 
 
 @pytest.fixture

@@ -131,6 +131,20 @@ def events_input(request: pb.ListDriftEventsRequest) -> service.EventsInput:
     )
 
 
+def watch_input(request: pb.WatchDriftRequest) -> service.WatchInput:
+    """The service input of a WatchDriftRequest."""
+    kinds = frozenset(k for k in (EVENT_KINDS.to_domain(n, model.EventKind) for n in request.kinds) if k)
+    return service.WatchInput(
+        namespaces=tuple(request.namespaces),
+        resource_type=resource_type(request.resource_type),
+        resource_name=request.resource_name,
+        deployment_id=request.deployment_id,
+        kinds=kinds,
+        send_initial_state=request.send_initial_state,
+        after_sequence=request.after_sequence if request.HasField("after_sequence") else None,
+    )
+
+
 def data_policy(number: int) -> model.DataPolicy:
     """The data policy of a request; unspecified means keep, the safe default."""
     return DATA_POLICIES.to_domain(number, model.DataPolicy) or model.DataPolicy.KEEP
@@ -330,4 +344,19 @@ def rule_to_proto(rule: policy.Rule) -> pb.RemediationPolicy:
         resource_type=RESOURCE_TYPES.to_proto(rule.resource_type),  # type: ignore[arg-type]
         mode=MODES.to_proto(rule.mode),  # type: ignore[arg-type]
         ignore_fields=sorted(rule.ignore_fields),
+    )
+
+
+def watch_item_to_proto(item: service.WatchItem) -> pb.WatchDriftResponse:
+    """One message of the drift stream."""
+    if isinstance(item, model.DriftEvent):
+        return pb.WatchDriftResponse(event=event_to_proto(item))
+    if isinstance(item, service.ResourceView):
+        return pb.WatchDriftResponse(initial_state=resource_state_to_proto(item))
+    if isinstance(item, service.SnapshotComplete):
+        return pb.WatchDriftResponse(snapshot_complete=pb.SnapshotComplete(sequence=item.sequence))
+    return pb.WatchDriftResponse(
+        heartbeat=pb.Heartbeat(
+            sequence=item.sequence, send_time=timestamp(datetime.datetime.now(datetime.UTC))
+        )
     )

@@ -25,6 +25,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import prometheus_client
 from aiohttp import web
 from broker_client.v1 import broker_pb2 as pb
 from google.protobuf import descriptor, json_format, message
@@ -155,10 +156,12 @@ class Gateway:
         service: service.BrokerService,
         authenticator: auth.Authenticator,
         readiness: Callable[[], Awaitable[str | None]],
+        metrics_registry: prometheus_client.CollectorRegistry | None = None,
     ) -> None:
         self._service = service
         self._auth = authenticator
         self._readiness = readiness
+        self._registry = metrics_registry or prometheus_client.CollectorRegistry()
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
         self.app.add_routes(
             [
@@ -174,6 +177,7 @@ class Gateway:
                 web.put("/v1/policies", self.policy_put),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
+                web.get("/metrics", self.metrics),
             ]
         )
 
@@ -341,6 +345,13 @@ class Gateway:
         msg = parse(await self._json(request), pb.SetRemediationPolicyRequest())
         rule = await self._service.set_policy(principal, convert.rule_from_proto(msg.policy))
         return web.json_response(render(pb.SetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus metrics; they name namespaces, so only a principal granted every namespace may read."""
+        principal = self._principal(request)
+        principal.require(auth.ALL_NAMESPACES)
+        body = prometheus_client.generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the process serves HTTP."""

@@ -13,7 +13,7 @@ import grpc
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
 
-from broker import auth, errors, service
+from broker import auth, service
 from broker.api import convert, status
 
 R = TypeVar("R")
@@ -163,14 +163,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
     async def WatchDrift(
         self, request: pb.WatchDriftRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchDriftResponse]:
-        """Not served yet: drift detection and streaming arrive with the drift engine."""
+        """Stream drift events: optional snapshot, then live events, resumable after a sequence."""
         try:
-            self._auth.authenticate(_authorization(context))
-        except errors.BrokerError as e:
+            principal = self._auth.authenticate(_authorization(context))
+            async for item in self._service.watch(principal, convert.watch_input(request)):
+                yield convert.watch_item_to_proto(item)
+        except Exception as e:
             await _abort(context, e)
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "WatchDrift is not available in this broker version: drift detection is not built yet; "
-            "use GetResourceState and ListDriftEvents",
-        )
-        yield pb.WatchDriftResponse()  # pragma: no cover - unreachable, makes this a generator

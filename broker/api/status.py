@@ -69,7 +69,7 @@ def rich_status(exc: errors.BrokerError) -> status_pb2.Status:
     mapping = mapping_of(exc)
     details = []
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
+    info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata))
     details.append(info)
     if isinstance(exc, errors.InvalidArgument):
         bad = any_pb2.Any()
@@ -95,6 +95,8 @@ def http_body(exc: errors.BrokerError) -> tuple[int, dict[str, Any]]:
         "message": exc.message,
         "reason": exc.reason,
     }
+    if exc.metadata:
+        error["metadata"] = exc.metadata
     if isinstance(exc, errors.InvalidArgument):
         error["fieldViolations"] = [{"field": v.field, "description": v.description} for v in exc.violations]
     return mapping.http_status, {"error": error}

@@ -194,7 +194,7 @@ class ClusterState:
     ) -> None:
         self.client = client
         self._catalog = catalog
-        self._on_change = on_change
+        self._listeners: list[Callable[[str], None]] = [on_change]
         self._kafka_cluster = kafka_cluster
         self._metrics_interval = metrics_interval
         self.informers = {
@@ -214,11 +214,12 @@ class ClusterState:
     def _changed(self, kind: str, event_type: str, obj: JsonDict) -> None:
         deployment_id = ((obj.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_DEPLOYMENT)
         if deployment_id:
-            self._on_change(str(deployment_id))
+            for listener in self._listeners:
+                listener(str(deployment_id))
 
-    def set_listener(self, on_change: Callable[[str], None]) -> None:
-        """Who to tell (by deployment id) when any of a deployment's objects changes."""
-        self._on_change = on_change
+    def add_listener(self, on_change: Callable[[str], None]) -> None:
+        """Also tell ``on_change`` (by deployment id) when any of a deployment's objects changes."""
+        self._listeners.append(on_change)
 
     async def start(self) -> None:
         """Start the informers and the metrics poller (returns at once; see ``wait_synced``)."""
@@ -342,18 +343,18 @@ class ClusterState:
 
     # Writing ---------------------------------------------------------------------------------------
 
-    async def apply(self, deployment: model.Deployment) -> None:
-        """Create or update a deployment's objects (server-side apply; the Secret only if missing)."""
+    async def apply(self, deployment: model.Deployment, *, create_secret: bool = True) -> None:
+        """Create or update a deployment's objects (server-side apply; the Secret only if missing).
+
+        Remediation passes ``create_secret=False``: a deleted Secret is alert-only, since a new
+        password would lock the application out of its data.
+        """
         if deployment.resource_type is model.ResourceType.TOPIC:
             await self.client.apply(manifests.kafka_topic(deployment, kafka_cluster=self._kafka_cluster))
             return
         secret_name = naming.secret_name(deployment.resource_type, deployment.resource_name)
-        if (
-            self._owned(
-                self.informers["Secret"].get(deployment.namespace, secret_name), deployment.deployment_id
-            )
-            is None
-        ):
+        secret = self.informers["Secret"].get(deployment.namespace, secret_name)
+        if create_secret and self._owned(secret, deployment.deployment_id) is None:
             try:
                 await self.client.get("Secret", deployment.namespace, secret_name)
             except errors.NotFound:

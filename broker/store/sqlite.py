@@ -650,6 +650,25 @@ class Store:
             rows = await cur.fetchall()
         return [_deployment_from_row(r) for r in rows]
 
+    async def live_deployments(
+        self, phases: tuple[model.Phase, ...], namespaces: list[str] | None = None
+    ) -> list[model.Deployment]:
+        """Deployments in the given phases (of the given namespaces, or all), by namespace and name."""
+        where = [f"d.phase IN ({', '.join('?' * len(phases))})"]
+        params: list[Any] = [p.value for p in phases]
+        if namespaces is not None:
+            where.append(f"d.namespace IN ({', '.join('?' * len(namespaces))})")
+            params.extend(namespaces)
+        async with self._read() as db:
+            cur = await db.execute(
+                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                "JOIN operations o ON o.operation_id = d.last_operation_id "
+                f"WHERE {' AND '.join(where)} ORDER BY d.namespace, d.resource_type, d.resource_name",
+                params,
+            )
+            rows = await cur.fetchall()
+        return [_deployment_from_row(r) for r in rows]
+
     async def deployment_by_id(self, deployment_id: str) -> model.Deployment | None:
         """A deployment by id alone (for the broker's own workers, which are not namespace-scoped)."""
         async with self._read() as db:

@@ -1,0 +1,339 @@
+"""Event-driven drift detection and remediation.
+
+Every watch event for a managed object marks its deployment dirty; the detector re-evaluates dirty
+deployments at once (coalescing bursts) and, on a timer, all of them (resync). It compares the
+verdict with what it last reported and appends only changes to the event log, in the same
+transaction as the new drift state and phase:
+
+- unexpected drift appeared (DriftDetected, or ResourceMissing when an object is gone), changed
+  (DriftChanged) or went away (DriftResolved); expected drift (a newer patch) is state, not news;
+- health changed (HealthChanged).
+
+While the cluster cannot be read the last reported drift stands (nothing is "resolved" by an
+outage); only health becomes Unknown.
+
+Where the policy says auto-remediate, the ``Remediator`` re-applies the desired state, with an event
+for each attempt. When the same drift comes back soon after a remediation (another actor fighting
+the broker), each next attempt waits twice as long, up to a ceiling: no hot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable
+
+from broker import errors
+from broker.domain import catalog as catalog_mod
+from broker.domain import drift, model, policy
+from broker.kube import observer
+from broker.store import sqlite
+
+log = logging.getLogger(__name__)
+
+EVALUATED_PHASES = (model.Phase.READY, model.Phase.DRIFT_DETECTED)
+MISSING_RULES = ("object.missing", "secret.missing")
+
+
+def _key(item: model.DriftItem) -> tuple[str, str, str]:
+    return item.rule_id, item.field, item.actual
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def changes(
+    deployment: model.Deployment,
+    before: tuple[model.DriftItem, ...],
+    after: tuple[model.DriftItem, ...],
+    health_before: model.Health | None,
+    health_after: model.Health,
+) -> list[model.DriftEvent]:
+    """The events that tell the difference between two verdicts (pure; empty when nothing changed)."""
+    events: list[model.DriftEvent] = []
+
+    def event(kind: model.EventKind, message: str) -> model.DriftEvent:
+        return model.DriftEvent(
+            sequence=0,
+            kind=kind,
+            deployment_id=deployment.deployment_id,
+            namespace=deployment.namespace,
+            resource_type=deployment.resource_type,
+            resource_name=deployment.resource_name,
+            event_time=_now(),
+            message=message,
+            phase=deployment.phase,
+            health=health_after,
+            generation=deployment.generation,
+            items=after,
+        )
+
+    old_keys, new_keys = {_key(i) for i in before}, {_key(i) for i in after}
+    if old_keys != new_keys:
+        appeared = [i for i in after if _key(i) not in old_keys]
+        newly_missing = [i for i in appeared if i.rule_id in MISSING_RULES]
+        if not after:
+            events.append(
+                event(
+                    model.EventKind.DRIFT_RESOLVED, "Drift resolved: " + "; ".join(i.message for i in before)
+                )
+            )
+        elif newly_missing:
+            events.append(
+                event(model.EventKind.RESOURCE_MISSING, "; ".join(i.message for i in newly_missing))
+            )
+        elif not before:
+            events.append(event(model.EventKind.DRIFT_DETECTED, "; ".join(i.message for i in after)))
+        else:
+            events.append(event(model.EventKind.DRIFT_CHANGED, "; ".join(i.message for i in after)))
+    if health_before is not None and health_before is not health_after:
+        events.append(
+            event(
+                model.EventKind.HEALTH_CHANGED,
+                f"Health changed from {health_before.value} to {health_after.value}",
+            )
+        )
+    return events
+
+
+@dataclasses.dataclass
+class _Fight:
+    """Remediation history of one deployment, for backoff."""
+
+    attempts: int = 0
+    last_success: float = 0.0
+    task: asyncio.Task[None] | None = None
+
+
+class Remediator:
+    """Re-applies desired state for auto-remediable drift, backing off when it keeps coming back."""
+
+    def __init__(
+        self,
+        *,
+        store: sqlite.Store,
+        cluster: observer.ClusterState,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+        fight_window: float = 60.0,
+    ) -> None:
+        self._store = store
+        self._cluster = cluster
+        self._base_delay = base_delay
+        self._max_delay = max_delay
+        self._fight_window = fight_window
+        self._fights: dict[str, _Fight] = {}
+        self.attempts = 0
+
+    def delay_for(self, fight: _Fight, now: float) -> float:
+        """How long to wait before the next attempt: 0 at first, doubling while the drift returns."""
+        if fight.last_success and now - fight.last_success < self._fight_window:
+            fight.attempts += 1
+        else:
+            fight.attempts = 0
+        if fight.attempts == 0:
+            return 0.0
+        return float(min(self._max_delay, self._base_delay * 2 ** (fight.attempts - 1)))
+
+    def request(
+        self, deployment: model.Deployment, items: tuple[model.DriftItem, ...], recheck: Callable[[], bool]
+    ) -> None:
+        """Schedule a remediation unless one is already scheduled or running for the deployment."""
+        fight = self._fights.setdefault(deployment.deployment_id, _Fight())
+        if fight.task is not None and not fight.task.done():
+            return
+        delay = self.delay_for(fight, time.monotonic())
+        fight.task = asyncio.create_task(
+            self._remediate(deployment, items, delay, fight, recheck),
+            name=f"remediate-{deployment.deployment_id}",
+        )
+
+    async def _remediate(
+        self,
+        deployment: model.Deployment,
+        items: tuple[model.DriftItem, ...],
+        delay: float,
+        fight: _Fight,
+        recheck: Callable[[], bool],
+    ) -> None:
+        what = "; ".join(i.message for i in items)
+        if delay:
+            await self._event(
+                deployment,
+                model.EventKind.REMEDIATION_STARTED,
+                f"Drift came back {fight.attempts} time(s) soon after remediation; backing off {delay:g}s "
+                f"before re-applying: {what}",
+                items,
+            )
+            await asyncio.sleep(delay)
+            if not recheck():
+                return  # resolved by itself (or no longer auto-remediable) while we waited
+        else:
+            await self._event(
+                deployment,
+                model.EventKind.REMEDIATION_STARTED,
+                f"Re-applying the desired state: {what}",
+                items,
+            )
+        self.attempts += 1
+        try:
+            await self._cluster.apply(deployment, create_secret=False)
+        except errors.BrokerError as e:
+            await self._event(
+                deployment, model.EventKind.REMEDIATION_FAILED, f"Re-applying failed: {e.message}", items
+            )
+            return
+        fight.last_success = time.monotonic()
+        await self._event(
+            deployment,
+            model.EventKind.REMEDIATION_SUCCEEDED,
+            f"Re-applied generation {deployment.generation}",
+            items,
+        )
+
+    async def _event(
+        self,
+        deployment: model.Deployment,
+        kind: model.EventKind,
+        message: str,
+        items: tuple[model.DriftItem, ...],
+    ) -> None:
+        with contextlib.suppress(errors.BrokerError):
+            await self._store.append_events(
+                [
+                    model.DriftEvent(
+                        sequence=0,
+                        kind=kind,
+                        deployment_id=deployment.deployment_id,
+                        namespace=deployment.namespace,
+                        resource_type=deployment.resource_type,
+                        resource_name=deployment.resource_name,
+                        event_time=_now(),
+                        message=message,
+                        phase=deployment.phase,
+                        health=None,
+                        generation=deployment.generation,
+                        items=items,
+                    )
+                ]
+            )
+
+    async def stop(self) -> None:
+        """Cancel scheduled remediations."""
+        tasks = [f.task for f in self._fights.values() if f.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class Detector:
+    """Re-evaluates deployments when their objects change, and all of them periodically."""
+
+    def __init__(
+        self,
+        *,
+        store: sqlite.Store,
+        cluster: observer.ClusterState,
+        catalog: catalog_mod.Catalog,
+        policies: Callable[[], policy.Policy],
+        remediator: Remediator | None,
+        resync_interval: float = 60.0,
+    ) -> None:
+        self._store = store
+        self._cluster = cluster
+        self._catalog = catalog
+        self._policies = policies
+        self._remediator = remediator
+        self._resync_interval = resync_interval
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._reported: dict[str, tuple[tuple[model.DriftItem, ...], model.Health]] = {}
+        self._open: dict[str, tuple[str, str, int]] = {}
+        self.evaluations = 0
+
+    def notify(self, deployment_id: str) -> None:
+        """An object of the deployment changed: evaluate it soon."""
+        self._dirty.add(deployment_id)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Evaluate dirty deployments as they come, and everything every ``resync_interval``."""
+        self._reported = await self._store.drift_states()
+        next_resync = 0.0
+        while True:
+            if time.monotonic() >= next_resync:
+                with contextlib.suppress(errors.BrokerError):
+                    self._dirty.update(
+                        d.deployment_id for d in await self._store.live_deployments(EVALUATED_PHASES)
+                    )
+                next_resync = time.monotonic() + self._resync_interval
+            while self._dirty:
+                deployment_id = self._dirty.pop()
+                try:
+                    await self.evaluate(deployment_id)
+                except errors.BrokerError as e:
+                    log.warning(
+                        "drift evaluation failed", extra={"deployment_id": deployment_id, "error": e.message}
+                    )
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_resync - time.monotonic())):
+                    await self._wake.wait()
+
+    def _verdict(self, deployment: model.Deployment) -> drift.Evaluation:
+        return drift.evaluate(
+            deployment, self._cluster.observe(deployment), catalog=self._catalog, rules=self._policies()
+        )
+
+    async def evaluate(self, deployment_id: str) -> None:
+        """Compare one deployment with what was last reported and record any change."""
+        deployment = await self._store.deployment_by_id(deployment_id)
+        if deployment is None or deployment.phase not in EVALUATED_PHASES:
+            return
+        self.evaluations += 1
+        verdict = self._verdict(deployment)
+        before, health_before = self._reported.get(deployment_id, ((), None))
+        readable = verdict.health is not model.Health.UNKNOWN
+        after = _keep_detect_times(before, verdict.unexpected) if readable else before
+        events = changes(deployment, before, after, health_before, verdict.health)
+        phase = model.Phase.DRIFT_DETECTED if after else model.Phase.READY
+        if events or phase is not deployment.phase or health_before is None:
+            written = await self._store.record_evaluation(
+                deployment, items=after, health=verdict.health, phase=phase, events=events
+            )
+            if not written:
+                return
+        self._reported[deployment_id] = (after, verdict.health)
+        self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(after))
+        auto = tuple(i for i in after if i.action is model.Action.AUTO_REMEDIATE)
+        if readable and auto and self._remediator is not None:
+            self._remediator.request(
+                dataclasses.replace(deployment, phase=phase), auto, lambda: self._still_auto(deployment)
+            )
+
+    def _still_auto(self, deployment: model.Deployment) -> bool:
+        verdict = self._verdict(deployment)
+        return any(i.action is model.Action.AUTO_REMEDIATE for i in verdict.unexpected)
+
+    def open_drifts(self) -> dict[tuple[str, str], int]:
+        """Open unexpected drift items by (namespace, resource type), for metrics."""
+        totals: dict[tuple[str, str], int] = {}
+        for namespace, resource_type, count in self._open.values():
+            totals[(namespace, resource_type)] = totals.get((namespace, resource_type), 0) + count
+        return totals
+
+
+def _keep_detect_times(
+    before: tuple[model.DriftItem, ...], after: tuple[model.DriftItem, ...]
+) -> tuple[model.DriftItem, ...]:
+    """Items as now observed, keeping when each was first seen."""
+    first_seen = {_key(i): i.detect_time for i in before}
+    now = _now()
+    return tuple(dataclasses.replace(i, detect_time=first_seen.get(_key(i)) or now) for i in after)

@@ -1,0 +1,96 @@
+"""Fan-out of committed drift events to live subscribers (the WatchDrift streams).
+
+The store calls ``EventHub.publish`` right after each commit, under its write lock, so every
+subscription sees events in sequence order. Publishing never waits: each subscription has a bounded
+buffer, and one that is full is cut off (``overflowed``) instead of growing memory or slowing the
+others; its stream then ends with a resumable error and the client resumes from its last sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+
+from broker.domain import model
+
+Predicate = Callable[[model.DriftEvent], bool]
+
+
+class Subscription:
+    """One subscriber's bounded buffer of matching events."""
+
+    __slots__ = ("_buffer", "_hub", "_limit", "_ready", "closed", "overflowed", "predicate")
+
+    def __init__(self, hub: EventHub, predicate: Predicate, limit: int) -> None:
+        self._hub = hub
+        self.predicate = predicate
+        self._limit = limit
+        self._buffer: collections.deque[model.DriftEvent] = collections.deque()
+        self._ready = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    def offer(self, event: model.DriftEvent) -> None:
+        """Buffer ``event`` if it matches; cut the subscriber off when its buffer is full."""
+        if self.closed or not self.predicate(event):
+            return
+        if len(self._buffer) >= self._limit:
+            self.overflowed = True
+            self.close()
+            return
+        self._buffer.append(event)
+        self._ready.set()
+
+    def close(self) -> None:
+        """End the subscription; a waiting ``next`` returns None."""
+        self.closed = True
+        self._buffer.clear()
+        self._ready.set()
+        self._hub.unsubscribe(self)
+
+    async def next(self, within: float) -> model.DriftEvent | None:
+        """The next buffered event; None when closed or when ``within`` seconds pass with none."""
+        if not self._buffer and not self.closed:
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(within):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
+        if self._buffer:
+            return self._buffer.popleft()
+        return None
+
+
+class EventHub:
+    """The set of live subscriptions; ``publish`` delivers to each without blocking."""
+
+    def __init__(self) -> None:
+        self._subscriptions: set[Subscription] = set()
+        self.shutting_down = False
+
+    def __len__(self) -> int:
+        return len(self._subscriptions)
+
+    def subscribe(self, predicate: Predicate, *, limit: int) -> Subscription:
+        """A new subscription that receives every later matching event."""
+        subscription = Subscription(self, predicate, limit)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Forget a subscription (closing it is the subscriber's business)."""
+        self._subscriptions.discard(subscription)
+
+    def publish(self, events: list[model.DriftEvent]) -> None:
+        """Deliver committed events, in sequence order, to every subscription."""
+        for subscription in list(self._subscriptions):
+            for event in events:
+                subscription.offer(event)
+
+    def close_all(self) -> None:
+        """Shutdown: end every subscription; their streams end resumably."""
+        self.shutting_down = True
+        for subscription in list(self._subscriptions):
+            subscription.close()

@@ -1,0 +1,185 @@
+"""Prometheus metrics, served at ``/metrics`` on the HTTP port.
+
+Each broker has its own registry (tests run several in one process). Counts that components keep
+anyway (informer relists, callback deliveries, subscribers, open drift) are read at scrape time by a
+collector instead of being duplicated; the rest are updated where they happen.
+
+- ``broker_rpc_requests_total{method,code}``, ``broker_rpc_duration_seconds{method}``
+- ``broker_drift_events_total{kind}``, ``broker_drift_items_total{drift_class,action}``
+- ``broker_open_drifts{namespace,resource_type}``
+- ``broker_remediations_total{outcome}``
+- ``broker_kube_watch_reconnects_total{kind}``, ``broker_kube_relists_total{kind}``
+- ``broker_callback_deliveries_total{result}``
+- ``broker_watch_subscribers``
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.domain import model
+
+
+class Metrics:
+    """The broker's metrics on one registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rpc_requests = Counter(
+            "broker_rpc_requests",
+            "RPCs handled, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.rpc_duration = Histogram(
+            "broker_rpc_duration_seconds",
+            "Time to handle unary RPCs (streams: to their end).",
+            ["method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600),
+            registry=self.registry,
+        )
+        self.drift_events = Counter(
+            "broker_drift_events",
+            "Events appended to the drift event log, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.drift_items = Counter(
+            "broker_drift_items",
+            "Drift items carried by drift events, by class and recommended action.",
+            ["drift_class", "action"],
+            registry=self.registry,
+        )
+        self.remediations = Counter(
+            "broker_remediations", "Remediation attempts, by outcome.", ["outcome"], registry=self.registry
+        )
+
+    def on_events(self, events: list[model.DriftEvent]) -> None:
+        """Count committed events (a store listener)."""
+        for event in events:
+            self.drift_events.labels(event.kind.value).inc()
+            if event.kind is model.EventKind.REMEDIATION_SUCCEEDED:
+                self.remediations.labels("succeeded").inc()
+            elif event.kind is model.EventKind.REMEDIATION_FAILED:
+                self.remediations.labels("failed").inc()
+            elif event.kind in (
+                model.EventKind.DRIFT_DETECTED,
+                model.EventKind.DRIFT_CHANGED,
+                model.EventKind.RESOURCE_MISSING,
+            ):
+                for item in event.items:
+                    self.drift_items.labels(item.drift_class.value, item.action.value).inc()
+
+    def add_collector(self, collector: Collector) -> None:
+        """Register a scrape-time collector."""
+        self.registry.register(collector)
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        """A server interceptor counting and timing every RPC."""
+        return _RpcInterceptor(self)
+
+
+class ScrapeCollector(Collector):
+    """Reads counts components keep anyway, at scrape time."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        """The current figures."""
+        data = self._read()
+        reconnects = CounterMetricFamily(
+            "broker_kube_watch_reconnects", "Kubernetes watch failures, by kind.", labels=["kind"]
+        )
+        relists = CounterMetricFamily(
+            "broker_kube_relists", "Kubernetes full lists (first and after 410), by kind.", labels=["kind"]
+        )
+        for kind, (reconnect_count, relist_count) in data.get("informers", {}).items():
+            reconnects.add_metric([kind], reconnect_count)
+            relists.add_metric([kind], relist_count)
+        callbacks = CounterMetricFamily(
+            "broker_callback_deliveries", "Callback delivery attempts, by result.", labels=["result"]
+        )
+        delivered, failed = data.get("callbacks", (0, 0))
+        callbacks.add_metric(["delivered"], delivered)
+        callbacks.add_metric(["failed"], failed)
+        subscribers = GaugeMetricFamily("broker_watch_subscribers", "Connected WatchDrift streams.")
+        subscribers.add_metric([], data.get("subscribers", 0))
+        open_drifts = GaugeMetricFamily(
+            "broker_open_drifts",
+            "Open unexpected drift items, by namespace and resource type.",
+            labels=["namespace", "resource_type"],
+        )
+        for (namespace, resource_type), count in sorted(data.get("open_drifts", {}).items()):
+            open_drifts.add_metric([namespace, resource_type], count)
+        yield from (reconnects, relists, callbacks, subscribers, open_drifts)
+
+
+class _RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = str(handler_call_details.method).rsplit("/", 1)[-1]
+        if handler is None:
+            return handler
+        metrics = self._metrics
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                code = "OK"
+                try:
+                    return await inner(request, context)
+                except BaseException:
+                    code = _code(context, default="UNKNOWN")
+                    raise
+                finally:
+                    metrics.rpc_requests.labels(method, code).inc()
+                    metrics.rpc_duration.labels(method).observe(time.perf_counter() - start)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                code = "OK"
+                try:
+                    async for message in inner_stream(request, context):
+                        yield message
+                except BaseException:
+                    code = _code(context, default="CANCELLED")
+                    raise
+                finally:
+                    metrics.rpc_requests.labels(method, code).inc()
+                    metrics.rpc_duration.labels(method).observe(time.perf_counter() - start)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _code(context: grpc.aio.ServicerContext, *, default: str) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else default
