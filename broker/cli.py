@@ -13,7 +13,7 @@ import os
 import pathlib
 import sys
 
-from broker import errors, logs, server
+from broker import client_cli, errors, logs, server
 from broker.store import sqlite
 
 
@@ -113,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create or upgrade the store's schema, then exit")
     _data_dir(migrate)
 
+    demo = commands.add_parser("demo", help="the whole story on the sandbox: provision, drift, remediation")
+    demo.add_argument(
+        "--data-dir", type=pathlib.Path, default=None, help="keep the demo's data here (default: a temp dir)"
+    )
+    get = commands.add_parser("get", help="resource states of a namespace, as a table")
+    client_cli.add_arguments(get, watch=False)
+    watch = commands.add_parser("watch", help="a live feed of drift events")
+    client_cli.add_arguments(watch, watch=True)
+
     sandbox = commands.add_parser(
         "sandbox", help="run only the embedded sandbox Kubernetes API (for kubectl)"
     )
@@ -149,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             return asyncio.run(_migrate(args.data_dir))
+        if args.command == "demo":
+            from broker import demo  # pulls in the example manager and its Kubernetes client
+
+            return demo.main(args.data_dir)
+        if args.command in ("get", "watch"):
+            return client_cli.run(args.command, args)
         if args.command == "sandbox":
             from broker import sandbox  # the other commands do not need the sandbox
 

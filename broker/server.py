@@ -258,7 +258,7 @@ class Broker:
             return
         client = await kube_client.Client.connect(kubeconfig)
         if settings.sandbox:
-            await _seed_sandbox(client, settings.sandbox_namespaces)
+            await seed_sandbox(client, settings.sandbox_namespaces)
         self.cluster = observer.ClusterState(
             client, catalog=settings.catalog, kafka_cluster=settings.kafka_cluster
         )
@@ -343,8 +343,12 @@ class Broker:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("background task failed", extra={"task": task.get_name()})
         self._tasks.clear()
         if self.remediator is not None:
             await self.remediator.stop()
@@ -360,7 +364,7 @@ class Broker:
         log.info("broker stopped")
 
 
-async def _seed_sandbox(client: kube_client.Client, namespaces: tuple[str, ...]) -> None:
+async def seed_sandbox(client: kube_client.Client, namespaces: tuple[str, ...]) -> None:
     """Give the sandbox what a real platform cluster would have: Strimzi's CRD, team namespaces."""
     await client.apply(crds.KAFKA_TOPIC)
     for name in namespaces:

@@ -464,6 +464,9 @@ class BrokerService:
                             yield event
                     if len(page) < self._limits.replay_page:
                         break
+            else:
+                # Live only: tell the client where it starts, so it can resume from there.
+                yield Heartbeat(sequence=last)
             while True:
                 live = await subscription.next(self._limits.heartbeat_interval)
                 if live is None:

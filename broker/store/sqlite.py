@@ -347,13 +347,15 @@ class Store:
                 yield db
             except BaseException:
                 self._appended = []
-                await db.rollback()
+                with contextlib.suppress(sqlite3.Error):  # a broken connection must not mask the cause
+                    await db.rollback()
                 raise
             try:
                 await db.commit()
             except sqlite3.Error as e:
                 self._appended = []
-                await db.rollback()
+                with contextlib.suppress(sqlite3.Error):
+                    await db.rollback()
                 raise errors.Unavailable(f"the store failed to commit: {type(e).__name__}") from e
             # Still under the lock: listeners see events in commit order, which is sequence order.
             appended, self._appended = self._appended, []

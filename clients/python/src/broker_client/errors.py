@@ -1,0 +1,96 @@
+"""Typed errors of the broker client, mapped from gRPC status codes in one place (``from_rpc_error``).
+
+::
+
+    BrokerError
+    ├── InvalidArgument        INVALID_ARGUMENT   the request is malformed (fix it, do not retry)
+    ├── Unauthenticated        UNAUTHENTICATED    no or a wrong token
+    ├── PermissionDenied       PERMISSION_DENIED  the namespace is not granted to this token
+    ├── NotFound               NOT_FOUND
+    ├── AlreadyExists          ALREADY_EXISTS     e.g. a request_id reused for another request
+    ├── FailedPrecondition     FAILED_PRECONDITION  the resource is in the wrong phase
+    ├── OutOfRange             OUT_OF_RANGE       a resume sequence is no longer in the log: re-read state
+    ├── ResourceExhausted      RESOURCE_EXHAUSTED
+    ├── Unavailable            UNAVAILABLE        retry later (the client already retried safe calls)
+    ├── DeadlineExceeded       DEADLINE_EXCEEDED
+    └── Internal               anything else
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class BrokerError(Exception):
+    """An error answered by the broker (or the transport), with its gRPC code and message."""
+
+    def __init__(self, message: str, *, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class InvalidArgument(BrokerError):
+    """The request is malformed; the message lists every invalid field."""
+
+
+class Unauthenticated(BrokerError):
+    """No token, or one the broker does not know."""
+
+
+class PermissionDenied(BrokerError):
+    """The token is not granted the namespace."""
+
+
+class NotFound(BrokerError):
+    """No such deployment in the namespace."""
+
+
+class AlreadyExists(BrokerError):
+    """The request conflicts with an earlier one."""
+
+
+class FailedPrecondition(BrokerError):
+    """The resource's current phase does not allow the request."""
+
+
+class OutOfRange(BrokerError):
+    """A resume position is outside the retained event log: re-read the state, then watch again."""
+
+
+class ResourceExhausted(BrokerError):
+    """A limit was reached."""
+
+
+class Unavailable(BrokerError):
+    """The broker cannot be reached or is shutting down."""
+
+
+class DeadlineExceeded(BrokerError):
+    """The call took longer than its deadline."""
+
+
+class Internal(BrokerError):
+    """Any other failure."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> BrokerError:
+    """The typed error of a failed call."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    cls = _BY_CODE.get(code, Internal)
+    return cls(details or code.name, code=code)

@@ -1,0 +1,1 @@
+"""Example manager services built on the client library (need the ``example`` extra)."""
