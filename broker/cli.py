@@ -13,7 +13,7 @@ import os
 import pathlib
 import sys
 
-from broker import client_cli, errors, logs, server
+from broker import client_cli, config, errors, logs, server
 from broker.store import sqlite
 
 
@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         default=_env_flag("BROKER_NO_REMEDIATION"),
         help="dry run: report drift and the recommended action, never change the cluster to fix it",
     )
+    serve.add_argument(
+        "--config",
+        type=pathlib.Path,
+        default=os.environ.get("BROKER_CONFIG") or None,
+        metavar="FILE",
+        help="YAML file with size tiers, versions, prices and remediation policies (see broker/config.py)",
+    )
     serve.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off")
     serve.add_argument(
         "--shutdown-grace",
@@ -170,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             host, port = server.split_addr(args.addr)
             asyncio.run(sandbox.run_standalone(host=host, port=port, data_dir=args.data_dir))
             return 0
+        configured = config.load(args.config)
         settings = server.Settings(
+            catalog=configured.catalog,
+            rules=configured.rules,
             grpc_addr=args.grpc_addr,
             http_addr=args.http_addr,
             data_dir=args.data_dir,

@@ -20,7 +20,7 @@ Predicate = Callable[[model.DriftEvent], bool]
 class Subscription:
     """One subscriber's bounded buffer of matching events."""
 
-    __slots__ = ("_buffer", "_hub", "_limit", "_ready", "closed", "overflowed", "predicate")
+    __slots__ = ("_buffer", "_hub", "_limit", "_ready", "closed", "high_water", "overflowed", "predicate")
 
     def __init__(self, hub: EventHub, predicate: Predicate, limit: int) -> None:
         self._hub = hub
@@ -30,10 +30,16 @@ class Subscription:
         self._ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
+        # The newest sequence offered, matching or not: once the buffer is drained, the stream has
+        # seen everything up to here (filtered-out events included), so it may resume from here.
+        self.high_water = 0
 
     def offer(self, event: model.DriftEvent) -> None:
         """Buffer ``event`` if it matches; cut the subscriber off when its buffer is full."""
-        if self.closed or not self.predicate(event):
+        if self.closed:
+            return
+        self.high_water = max(self.high_water, event.sequence)
+        if not self.predicate(event):
             return
         if len(self._buffer) >= self._limit:
             self.overflowed = True

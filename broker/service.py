@@ -431,7 +431,8 @@ class BrokerService:
         if open_streams >= self._limits.streams_per_principal:
             raise errors.ResourceExhausted(
                 f"principal {principal.name!r} already has {open_streams} drift streams open "
-                f"(the limit is {self._limits.streams_per_principal}); close some first"
+                f"(the limit is {self._limits.streams_per_principal}); close some first",
+                reason="TOO_MANY_STREAMS",
             )
         self._streams[principal.name] = open_streams + 1
         # Subscribe before reading anything, so nothing committed meanwhile can be missed.
@@ -483,6 +484,8 @@ class BrokerService:
                             reason="SHUTTING_DOWN",
                             metadata={"resume_after_sequence": str(last)},
                         )
+                    # The buffer is empty: every matching event up to the high water mark was sent.
+                    last = max(last, subscription.high_water)
                     yield Heartbeat(sequence=last)
                     continue
                 if live.sequence > last:

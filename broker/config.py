@@ -1,0 +1,136 @@
+"""The configuration file (``broker serve --config FILE``): sizes, versions, prices and policies.
+
+Everything is optional; what is left out keeps the documented defaults of ``broker.domain.catalog``.
+
+.. code-block:: yaml
+
+    sizes:                      # replaces the size tiers when given
+      small:  {cpu_request: 250m, cpu_limit: 500m, memory_request: 512Mi, memory_limit: 1Gi, storage: 5Gi}
+      medium: {cpu_request: 500m, cpu_limit: "1", memory_request: 1Gi, memory_limit: 2Gi, storage: 20Gi}
+    versions:                   # concrete versions per engine; a floating "15" resolves to the newest 15.x
+      postgresql: ["14.11", "15.2", "16.2"]
+    prices:                     # per month, in one currency
+      cpu_core_month: 56.0
+      memory_gib_month: 9.5
+      storage_gib_month: 0.40
+    max_replicas: 9
+    policies:                   # DESIGN section 5; the most specific rule wins
+      - namespace: "*"
+        mode: auto
+      - namespace: team-payments
+        resource_type: database
+        mode: alert
+        ignore_fields: [replicas]
+
+A file that does not follow this shape is a start-up error that names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import yaml
+
+from broker.domain import catalog as catalog_mod
+from broker.domain import model, policy, quantity
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What the file configures."""
+
+    catalog: catalog_mod.Catalog
+    rules: policy.Policy
+
+
+def load(path: pathlib.Path | None) -> Config:
+    """The configuration of ``path`` on top of the defaults; the defaults alone when None."""
+    if path is None:
+        return Config(catalog=catalog_mod.DEFAULT_CATALOG, rules=policy.Policy())
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read config file {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must be a mapping")
+    unknown = set(raw) - {"sizes", "versions", "prices", "max_replicas", "policies"}
+    if unknown:
+        raise ValueError(f"config file {path}: unknown keys {', '.join(sorted(unknown))}")
+    where = f"config file {path}"
+    return Config(catalog=_catalog(raw, where), rules=_policies(raw.get("policies") or [], where))
+
+
+def _catalog(raw: dict[str, Any], where: str) -> catalog_mod.Catalog:
+    base = catalog_mod.DEFAULT_CATALOG
+    sizes = base.sizes
+    if "sizes" in raw:
+        sizes = {}
+        for name, figures in _mapping(raw["sizes"], f"{where}: sizes").items():
+            fields = {f.name for f in dataclasses.fields(model.ComputeResources)}
+            if not isinstance(figures, dict) or set(figures) != fields:
+                raise ValueError(f"{where}: sizes.{name} needs exactly {', '.join(sorted(fields))}")
+            for key, value in figures.items():
+                try:
+                    quantity.parse(str(value))
+                except ValueError as e:
+                    raise ValueError(f"{where}: sizes.{name}.{key}: {e}") from e
+            sizes[str(name)] = model.ComputeResources(**{k: str(v) for k, v in figures.items()})
+    engines = dict(base.engines)
+    for engine, versions in _mapping(raw.get("versions", {}), f"{where}: versions").items():
+        if engine not in engines:
+            raise ValueError(
+                f"{where}: versions.{engine}: unknown engine (known: {', '.join(sorted(engines))})"
+            )
+        if not isinstance(versions, list) or not all(catalog_mod.is_valid_version(str(v)) for v in versions):
+            raise ValueError(f"{where}: versions.{engine} must be a list of versions like '15.2'")
+        engines[engine] = dataclasses.replace(engines[engine], versions=tuple(str(v) for v in versions))
+    prices = base.prices
+    if "prices" in raw:
+        figures = _mapping(raw["prices"], f"{where}: prices")
+        try:
+            prices = catalog_mod.Prices(**{k: float(v) for k, v in figures.items()})
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"{where}: prices needs cpu_core_month, memory_gib_month, storage_gib_month ({e})"
+            ) from e
+    max_replicas = raw.get("max_replicas", base.max_replicas)
+    if not isinstance(max_replicas, int) or max_replicas < 1:
+        raise ValueError(f"{where}: max_replicas must be a positive integer")
+    return catalog_mod.Catalog(engines=engines, sizes=sizes, prices=prices, max_replicas=max_replicas)
+
+
+def _policies(items: Any, where: str) -> policy.Policy:
+    if not isinstance(items, list):
+        raise ValueError(f"{where}: policies must be a list")
+    rules = []
+    for index, item in enumerate(items):
+        at = f"{where}: policies[{index}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{at} must be a mapping")
+        try:
+            mode = policy.Mode(item.get("mode", "auto"))
+            resource_type = model.ResourceType(item["resource_type"]) if item.get("resource_type") else None
+        except ValueError as e:
+            raise ValueError(
+                f"{at}: {e} (mode: auto, alert, off; resource_type: database, cache, topic)"
+            ) from e
+        ignore = item.get("ignore_fields") or []
+        if not isinstance(ignore, list):
+            raise ValueError(f"{at}: ignore_fields must be a list")
+        rules.append(
+            policy.Rule(
+                namespace=str(item.get("namespace", policy.ANY)),
+                resource_type=resource_type,
+                mode=mode,
+                ignore_fields=frozenset(str(f) for f in ignore),
+            )
+        )
+    return policy.Policy(rules=tuple(rules))
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping")
+    return value
