@@ -47,7 +47,29 @@ class CallbackVerifier:
         self._remember = remember
 
     def verify(self, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> Delivery | None:
-        """The delivery, or None for a duplicate; InvalidSignature when it must be rejected."""
+        """The delivery, or None for a duplicate; InvalidSignature when it must be rejected.
+
+        The id counts as handled from here on; a caller whose handling then fails calls ``forget``.
+        ``CallbackServer`` instead uses ``check`` and ``remember`` around its handler.
+        """
+        delivery = self.check(headers, body, now=now)
+        if self.seen(delivery.delivery_id):
+            return None
+        self.remember(delivery.delivery_id)
+        return delivery
+
+    def seen(self, delivery_id: str) -> bool:
+        """Whether ``delivery_id`` was handled already."""
+        return delivery_id in self._seen
+
+    def remember(self, delivery_id: str) -> None:
+        """Record ``delivery_id`` as handled (bounded memory, oldest forgotten first)."""
+        self._seen[delivery_id] = None
+        while len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+
+    def check(self, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> Delivery:
+        """Verify signature and age and parse the body, without de-duplicating."""
         lowered = {k.lower(): v for k, v in headers.items()}
         delivery_id = lowered.get(DELIVERY_HEADER, "")
         timestamp = lowered.get(TIMESTAMP_HEADER, "")
@@ -59,11 +81,6 @@ class CallbackVerifier:
         mac = hmac.new(self._key, f"{delivery_id}.{timestamp}.".encode() + body, hashlib.sha256)
         if not hmac.compare_digest("v1=" + mac.hexdigest(), signature):
             raise InvalidSignature("signature does not match")
-        if delivery_id in self._seen:
-            return None
-        self._seen[delivery_id] = None
-        while len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
         try:
             payload = json.loads(body)
         except ValueError as e:
@@ -81,8 +98,10 @@ Handler = Callable[[Delivery], Awaitable[None]]
 class CallbackServer:
     """A minimal HTTP/1.1 endpoint: POST bodies are verified, new deliveries go to ``handler``.
 
-    Answers 204 for accepted and duplicate deliveries (so the broker stops retrying), 401 for a
-    bad signature, 500 when the handler fails (so the broker retries later).
+    Answers 204 for handled and duplicate deliveries (so the broker stops retrying), 401 for a bad
+    signature, 409 while the same delivery is still being handled (a retry that overtook a slow
+    handler must not be acknowledged before the handling succeeded), and 500 when the handler
+    fails, so the broker retries later.
     """
 
     def __init__(self, verifier: CallbackVerifier, handler: Handler, *, max_body: int = 1 << 20) -> None:
@@ -90,6 +109,7 @@ class CallbackServer:
         self._handler = handler
         self._max_body = max_body
         self._server: asyncio.AbstractServer | None = None
+        self._in_progress: set[str] = set()
         self.port = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -114,6 +134,7 @@ class CallbackServer:
             400: "Bad Request",
             401: "Unauthorized",
             405: "Method Not Allowed",
+            409: "Conflict",
             413: "Payload Too Large",
             500: "Internal Server Error",
         }
@@ -138,13 +159,19 @@ class CallbackServer:
             return 413
         body = await reader.readexactly(length)
         try:
-            delivery = self._verifier.verify(headers, body)
+            delivery = self._verifier.check(headers, body)
         except InvalidSignature:
             return 401
-        if delivery is not None:
-            try:
-                await self._handler(delivery)
-            except Exception:
-                self._verifier.forget(delivery.delivery_id)
-                return 500
+        if self._verifier.seen(delivery.delivery_id):
+            return 204
+        if delivery.delivery_id in self._in_progress:
+            return 409
+        self._in_progress.add(delivery.delivery_id)
+        try:
+            await self._handler(delivery)
+        except Exception:
+            return 500
+        finally:
+            self._in_progress.discard(delivery.delivery_id)
+        self._verifier.remember(delivery.delivery_id)
         return 204

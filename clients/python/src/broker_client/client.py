@@ -55,8 +55,10 @@ SERVICE_CONFIG = json.dumps(
         ]
     }
 )
-# A stream ends with these when the broker restarts or cut a slow reader off: resume, don't fail.
-_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
+# A stream ends with these when the broker restarts or is unreachable: resume, don't fail.
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+# RESOURCE_EXHAUSTED is resumable only when this reader fell behind, not when a limit was hit.
+_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
 
 _RESOURCE_TYPES = {
     "database": pb.RESOURCE_TYPE_DATABASE,
@@ -322,7 +324,8 @@ class BrokerClient:
                     yield message
                 return  # the server ended the stream cleanly (it does not, normally)
             except grpc.RpcError as e:
-                if e.code() not in _RESUMABLE:
+                slow = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and errors.trailers(e)[0] == _TOO_SLOW
+                if e.code() not in _RESUMABLE and not slow:
                     raise errors.from_rpc_error(e) from e
             finally:
                 call.cancel()

@@ -24,10 +24,16 @@ import grpc
 class BrokerError(Exception):
     """An error answered by the broker (or the transport), with its gRPC code and message."""
 
-    def __init__(self, message: str, *, code: grpc.StatusCode) -> None:
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode, reason: str = "", details: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        # The broker's machine-readable reason (e.g. SUBSCRIBER_TOO_SLOW) and details such as
+        # resume-after-sequence, from its trailers; empty when the failure is the transport's.
+        self.reason = reason
+        self.details = dict(details or {})
 
 
 class InvalidArgument(BrokerError):
@@ -93,4 +99,19 @@ def from_rpc_error(error: grpc.RpcError) -> BrokerError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     cls = _BY_CODE.get(code, Internal)
-    return cls(details or code.name, code=code)
+    reason, extra = trailers(error)
+    return cls(details or code.name, code=code, reason=reason, details=extra)
+
+
+def trailers(error: grpc.RpcError) -> tuple[str, dict[str, str]]:
+    """The broker's error reason and details from a failed call's trailing metadata."""
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    reason, extra = "", {}
+    for key, value in metadata or ():
+        if not isinstance(value, str) or not key.startswith("broker-"):
+            continue
+        if key == "broker-error-reason":
+            reason = value
+        else:
+            extra[key.removeprefix("broker-")] = value
+    return reason, extra

@@ -190,17 +190,22 @@ class DatabaseManager:
         if status.get("observedGeneration") == generation or request_id in self._requested:
             return
         self._requested.add(request_id)
-        reply = await self._broker.provision(
-            namespace=namespace,
-            resource_type="database",
-            resource_name=name,
-            engine=spec["engine"],
-            version=str(spec["version"]),
-            size=spec["size"],
-            replicas=int(spec.get("replicas", 1)),
-            callback_url=self._callback_url,
-            request_id=request_id,
-        )
+        try:
+            reply = await self._broker.provision(
+                namespace=namespace,
+                resource_type="database",
+                resource_name=name,
+                engine=spec["engine"],
+                version=str(spec["version"]),
+                size=spec["size"],
+                replicas=int(spec.get("replicas", 1)),
+                callback_url=self._callback_url,
+                request_id=request_id,
+            )
+        except errors.BrokerError:
+            # Not handed over: the next reconcile retries (the request id makes that safe).
+            self._requested.discard(request_id)
+            raise
         await self._status(
             namespace,
             name,
