@@ -21,6 +21,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from broker_client import callbacks
+from broker_client.client import BrokerClient
+from broker_client.examples import database_manager
+from broker_client.v1 import broker_pb2 as pb
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+
 from broker import sandbox, server
 from broker.kube import client as kube_client
 
@@ -104,13 +111,6 @@ async def run(*, data_dir: pathlib.Path, within: float = 60.0) -> int:
 
 
 async def _story(story: Story, data_dir: pathlib.Path, within: float) -> None:
-    from broker_client import callbacks
-    from broker_client.client import BrokerClient
-    from broker_client.examples import database_manager
-    from broker_client.v1 import broker_pb2 as pb
-    from kubernetes_asyncio import client as k8s
-    from kubernetes_asyncio import config as k8s_config
-
     story.step("Starting the sandbox cluster (in memory, on loopback), the broker and the Database manager")
     async with sandbox.Sandbox(ready_delay=0.5) as cluster:
         kubeconfig = cluster.write_kubeconfig(data_dir / "sandbox.kubeconfig")
@@ -199,8 +199,6 @@ async def _scenes(
     seen: list[tuple[str, str, str]],
     within: float,
 ) -> None:
-    from broker_client.v1 import broker_pb2 as pb
-
     async def database_phase() -> str:
         out = await _kubectl(kubeconfig, "-n", NAMESPACE, "get", "database", NAME, "-o", "json")
         return str((json.loads(out).get("status") or {}).get("phase", ""))
