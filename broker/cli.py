@@ -102,6 +102,23 @@ def _parser() -> argparse.ArgumentParser:
         help="dry run: report drift and the recommended action, never change the cluster to fix it",
     )
     serve.add_argument(
+        "--tls-cert",
+        type=pathlib.Path,
+        default=None,
+        metavar="FILE",
+        help="serve gRPC and HTTP over TLS with this certificate (PEM)",
+    )
+    serve.add_argument(
+        "--tls-key", type=pathlib.Path, default=None, metavar="FILE", help="its private key (PEM)"
+    )
+    serve.add_argument(
+        "--tls-client-ca",
+        type=pathlib.Path,
+        default=None,
+        metavar="FILE",
+        help="require client certificates signed by this CA (mTLS), on gRPC and HTTP",
+    )
+    serve.add_argument(
         "--config",
         type=pathlib.Path,
         default=os.environ.get("BROKER_CONFIG") or None,
@@ -194,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             callback_key_file=args.callback_key_file,
             callback_allow_loopback=args.callback_allow_loopback,
             remediate=not args.no_remediation,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
         )
         asyncio.run(server.run(settings))
     except (ValueError, OSError, errors.BrokerError) as e:

@@ -16,6 +16,7 @@ import os
 import pathlib
 import secrets
 import signal
+import ssl
 from typing import Any
 
 import grpc
@@ -75,6 +76,9 @@ class Settings:
     kafka_cluster: str = "kafka"
     watch: service.WatchLimits = dataclasses.field(default_factory=service.WatchLimits)
     resync_interval: float = 60.0
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    tls_client_ca: pathlib.Path | None = None
     remediate: bool = True
     remediation_base_delay: float = 1.0
     remediation_max_delay: float = 300.0
@@ -109,6 +113,54 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tls:
+    """Server certificate and key, and the CA whose client certificates are required (mTLS)."""
+
+    cert_path: pathlib.Path
+    key_path: pathlib.Path
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Tls | None:
+        """The TLS material the settings name, or None for plaintext; ValueError when incomplete."""
+        if settings.tls_cert is None and settings.tls_key is None:
+            if settings.tls_client_ca is not None:
+                raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if settings.tls_cert is None or settings.tls_key is None:
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        try:
+            return cls(
+                cert_path=settings.tls_cert,
+                key_path=settings.tls_key,
+                cert=settings.tls_cert.read_bytes(),
+                key=settings.tls_key.read_bytes(),
+                client_ca=settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None,
+            )
+        except OSError as e:
+            raise ValueError(f"cannot read TLS material: {e}") from e
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        """Credentials for the gRPC port (client certificates required when a client CA is set)."""
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same for the HTTP gateway."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_path, self.key_path)
+        if self.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cadata=self.client_ca.decode())
+        return context
+
+
 def authenticator_for(settings: Settings) -> auth.Authenticator:
     """The authenticator the settings ask for; refuses to run open unless --insecure says so."""
     if settings.tokens_file is not None:
@@ -124,6 +176,7 @@ class Broker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.authenticator = authenticator_for(settings)
+        self.tls = Tls.from_settings(settings)
         self.grpc_port = 0
         self.http_port = 0
         self._draining = False
@@ -200,7 +253,11 @@ class Broker:
         if settings.reflection:
             reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         try:
-            self.grpc_port = server.add_insecure_port(f"{_bracket(grpc_host)}:{grpc_port}")
+            address = f"{_bracket(grpc_host)}:{grpc_port}"
+            if self.tls is not None:
+                self.grpc_port = server.add_secure_port(address, self.tls.grpc_credentials())
+            else:
+                self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as e:
             raise OSError(
                 f"cannot listen for gRPC on {settings.grpc_addr}: is another process using it?"
@@ -216,7 +273,8 @@ class Broker:
         )
         runner = web.AppRunner(app.app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, http_host, http_port)
+        ssl_context = self.tls.ssl_context() if self.tls is not None else None
+        site = web.TCPSite(runner, http_host, http_port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as e:

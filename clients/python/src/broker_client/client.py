@@ -98,15 +98,24 @@ class BrokerClient:
         token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         deadline: float = 10.0,
     ) -> BrokerClient:
         """Open a channel to ``target`` (``host:port``); ``tls`` for a TLS-terminated broker.
+
+        ``root_certificates`` verifies the broker (system roots when None); ``certificate_chain`` and
+        ``private_key`` present a client certificate to a broker that requires one (mTLS).
 
         ``deadline`` is how long each unary call may take, retries included.
         """
         options = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         if tls:
-            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
             channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
             channel = grpc.aio.insecure_channel(target, options=options)
