@@ -58,20 +58,7 @@ def changes(
     events: list[model.DriftEvent] = []
 
     def event(kind: model.EventKind, message: str) -> model.DriftEvent:
-        return model.DriftEvent(
-            sequence=0,
-            kind=kind,
-            deployment_id=deployment.deployment_id,
-            namespace=deployment.namespace,
-            resource_type=deployment.resource_type,
-            resource_name=deployment.resource_name,
-            event_time=_now(),
-            message=message,
-            phase=deployment.phase,
-            health=health_after,
-            generation=deployment.generation,
-            items=after,
-        )
+        return model.DriftEvent.about(deployment, kind, message, health=health_after, items=after)
 
     old_keys, new_keys = {_key(i) for i in before}, {_key(i) for i in after}
     if old_keys != new_keys:
@@ -205,22 +192,7 @@ class Remediator:
     ) -> None:
         with contextlib.suppress(errors.BrokerError):
             await self._store.append_events(
-                [
-                    model.DriftEvent(
-                        sequence=0,
-                        kind=kind,
-                        deployment_id=deployment.deployment_id,
-                        namespace=deployment.namespace,
-                        resource_type=deployment.resource_type,
-                        resource_name=deployment.resource_name,
-                        event_time=_now(),
-                        message=message,
-                        phase=deployment.phase,
-                        health=None,
-                        generation=deployment.generation,
-                        items=items,
-                    )
-                ]
+                [model.DriftEvent.about(deployment, kind, message, health=None, items=items)]
             )
 
     async def stop(self) -> None:

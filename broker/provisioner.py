@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -208,19 +207,8 @@ class Provisioner:
                 model.EventKind.PROVISIONING_SUCCEEDED if succeeded else model.EventKind.PROVISIONING_FAILED
             )
         obs = self._cluster.observe(deployment)
-        event = model.DriftEvent(
-            sequence=0,
-            kind=kind,
-            deployment_id=deployment.deployment_id,
-            namespace=deployment.namespace,
-            resource_type=deployment.resource_type,
-            resource_name=deployment.resource_name,
-            event_time=datetime.datetime.now(datetime.UTC),
-            message=message,
-            phase=deployment.phase,
-            health=drift.health(deployment, obs) if op.type is not model.OperationType.DEPROVISION else None,
-            generation=deployment.generation,
-        )
+        health = drift.health(deployment, obs) if op.type is not model.OperationType.DEPROVISION else None
+        event = model.DriftEvent.about(deployment, kind, message, health=health)
         callback = None
         if deployment.callback_url and op.type is not model.OperationType.DEPROVISION:
             callback = (

@@ -13,8 +13,9 @@ import asyncio
 import dataclasses
 import json
 import pathlib
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import grpc
@@ -45,6 +46,23 @@ principals:
     token: {OTHER_TOKEN}
     namespaces: [team-other]
 """
+
+
+T = TypeVar("T")
+
+
+async def until(
+    fetch: Callable[[], Awaitable[T]], ok: Callable[[T], object], *, within: float, what: str
+) -> T:
+    """Poll ``fetch`` until ``ok`` holds for its value and return it; fail with the last value after ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await fetch()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:g}s waiting for {what}; last seen:\n{value}")
+        await asyncio.sleep(0.05)
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:

@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,25 +21,11 @@ from broker_client import errors
 from broker_client.client import BrokerClient
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
-from conftest import OTHER_TOKEN, PLATFORM_TOKEN, RunningBroker
+from conftest import OTHER_TOKEN, PLATFORM_TOKEN, RunningBroker, until
 
 NS = "team-platform"
 UNKNOWN_ID = "deploy-000000000000"
 T = TypeVar("T")
-
-
-async def until(
-    fetch: Callable[[], Awaitable[T]], ok: Callable[[T], object], *, within: float, what: str
-) -> T:
-    """Poll ``fetch`` until ``ok`` holds for its value; fail with the last value after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}; last seen:\n{value}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -14,13 +14,13 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import pytest
 from broker_client.client import BrokerClient
 from broker_client.v1 import broker_pb2 as pb
-from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, RunningBroker
+from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, RunningBroker, until
 
 NS = "team-platform"
 T = TypeVar("T")
@@ -62,19 +62,6 @@ async def kubectl(kubeconfig: pathlib.Path, cache: pathlib.Path, *args: str) -> 
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     if proc.returncode != 0:
         pytest.fail(f"kubectl {' '.join(args)} failed: {err.decode()}")
-
-
-async def until(
-    fetch: Callable[[], Awaitable[T]], ok: Callable[[T], object], *, within: float, what: str
-) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}; last seen:\n{value}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

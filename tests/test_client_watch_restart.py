@@ -19,14 +19,13 @@ import contextlib
 import os
 import pathlib
 import shutil
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
 from broker_client.client import BrokerClient
 from broker_client.v1 import broker_pb2 as pb
-from conftest import PLATFORM_TOKEN, cluster_settings, seed_cluster
+from conftest import PLATFORM_TOKEN, cluster_settings, seed_cluster, until
 
 from broker import server
 
@@ -35,20 +34,6 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl
 NS = "team-platform"
 K = pb.DriftEventKind
 T = TypeVar("T")
-
-
-async def until(
-    fetch: Callable[[], Awaitable[T]], ok: Callable[[T], object], *, within: float, what: str
-) -> T:
-    """Poll ``fetch`` until ``ok`` holds for its value; fail with the last value after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}; last seen:\n{value}")
-        await asyncio.sleep(0.05)
 
 
 async def kubectl(kubeconfig: pathlib.Path, cache: pathlib.Path, *args: str) -> str:

@@ -18,7 +18,7 @@ import os
 import pathlib
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import aiohttp
@@ -26,7 +26,7 @@ import grpc
 import pytest
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
-from conftest import PLATFORM_TOKEN, RunningBroker, bearer
+from conftest import PLATFORM_TOKEN, RunningBroker, bearer, until
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
 
@@ -75,20 +75,6 @@ class Kubectl:
 @pytest.fixture
 def kubectl(sandbox_kubeconfig: pathlib.Path, tmp_path: pathlib.Path) -> Kubectl:
     return Kubectl(sandbox_kubeconfig, tmp_path / "kube-cache")
-
-
-async def until(
-    fetch: Callable[[], Awaitable[T]], ok: Callable[[T], object], *, within: float, what: str
-) -> T:
-    """Poll ``fetch`` until ``ok`` holds for its value, and return it; fail with the last value otherwise."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}; last seen:\n{value}")
-        await asyncio.sleep(0.1)
 
 
 class Manager:

@@ -16,8 +16,7 @@ import json
 import os
 import pathlib
 import shutil
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import pytest
@@ -26,7 +25,7 @@ from broker_client import callbacks
 from broker_client.client import BrokerClient
 from broker_client.examples import database_manager
 from broker_client.v1 import broker_pb2 as pb
-from conftest import PLATFORM_TOKEN, cluster_settings, seed_cluster
+from conftest import PLATFORM_TOKEN, cluster_settings, seed_cluster, until
 
 from broker import server
 from broker.kube import client as kube_client
@@ -52,20 +51,6 @@ T = TypeVar("T")
 def test_the_deployable_crd_is_the_one_the_manager_serves() -> None:
     on_disk = yaml.safe_load((REPO / "deploy" / "database-crd.yaml").read_text())
     assert on_disk == database_manager.DATABASE_CRD
-
-
-async def until(
-    fetch: Callable[[], Awaitable[T]], ok: Callable[[T], object], *, within: float, what: str
-) -> T:
-    """Poll ``fetch`` until ``ok`` holds for its value; fail with the last value after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}; last seen:\n{value}")
-        await asyncio.sleep(0.1)
 
 
 class Kubectl:

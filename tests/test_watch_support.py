@@ -20,7 +20,7 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -28,7 +28,7 @@ import grpc
 import pytest
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
-from conftest import bearer, cluster_settings, seed_cluster
+from conftest import bearer, cluster_settings, seed_cluster, until
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -40,20 +40,6 @@ T = TypeVar("T")
 PLATFORM = "team-platform"
 OTHER = "team-other"
 POSTGRES_15 = {"engine": "postgresql", "version": "15", "size": "medium"}
-
-
-async def until(
-    fetch: Callable[[], Awaitable[T]], ok: Callable[[T], object], *, within: float, what: str
-) -> T:
-    """Poll ``fetch`` until ``ok`` holds for its value; fail with the last value after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}; last seen:\n{value}")
-        await asyncio.sleep(0.05)
 
 
 async def value(x: T) -> T:

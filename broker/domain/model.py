@@ -277,6 +277,32 @@ class DriftEvent:
     generation: int
     items: tuple[DriftItem, ...] = ()
 
+    @classmethod
+    def about(
+        cls,
+        deployment: Deployment,
+        kind: EventKind,
+        message: str,
+        *,
+        health: Health | None,
+        items: tuple[DriftItem, ...] = (),
+    ) -> DriftEvent:
+        """A new event about ``deployment``; the store assigns its sequence and time."""
+        return cls(
+            sequence=0,
+            kind=kind,
+            deployment_id=deployment.deployment_id,
+            namespace=deployment.namespace,
+            resource_type=deployment.resource_type,
+            resource_name=deployment.resource_name,
+            event_time=datetime.datetime.now(datetime.UTC),
+            message=message,
+            phase=deployment.phase,
+            health=health,
+            generation=deployment.generation,
+            items=items,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class EventQuery:
