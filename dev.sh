@@ -81,6 +81,6 @@ case "$cmd" in
     ;;
   lint) ensure_venv; lint ;;
   gen) ensure_venv; "$PY" scripts/gen_proto.py ;;
-  bench) ensure_venv; for b in benchmarks/*.py benchmarks/*/bench_*.py; do [ -f "$b" ] && "$PY" "$b"; done ;;
+  bench) ensure_venv; for b in benchmarks/bench_*.py benchmarks/*/bench_*.py; do [ -f "$b" ] && "$PY" "$b"; done ;;
   *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 64 ;;
 esac
