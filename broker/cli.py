@@ -13,7 +13,7 @@ import os
 import pathlib
 import sys
 
-from broker import client_cli, config, errors, logs, server
+from broker import client_cli, config, errors, logs, server, service
 from broker.store import sqlite
 
 
@@ -119,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         help="require client certificates signed by this CA (mTLS), on gRPC and HTTP",
     )
     serve.add_argument(
+        "--max-streams-per-principal",
+        type=int,
+        default=100,
+        metavar="N",
+        help="WatchDrift streams one principal may hold open (default 100)",
+    )
+    serve.add_argument(
         "--config",
         type=pathlib.Path,
         default=os.environ.get("BROKER_CONFIG") or None,
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
+            watch=service.WatchLimits(streams_per_principal=args.max_streams_per_principal),
         )
         asyncio.run(server.run(settings))
     except (ValueError, OSError, errors.BrokerError) as e:

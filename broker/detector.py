@@ -224,7 +224,8 @@ class Detector:
         self._policies = policies
         self._remediator = remediator
         self._resync_interval = resync_interval
-        self._dirty: set[str] = set()
+        self._dirty: set[str] = set()  # changed in the cluster: evaluated first
+        self._resync: set[str] = set()  # the periodic sweep, evaluated when nothing else waits
         self._wake = asyncio.Event()
         self._reported: dict[str, tuple[tuple[model.DriftItem, ...], model.Health]] = {}
         self._open: dict[str, tuple[str, str, int]] = {}
@@ -242,12 +243,15 @@ class Detector:
         while True:
             if time.monotonic() >= next_resync:
                 with contextlib.suppress(errors.BrokerError):
-                    self._dirty.update(
+                    self._resync.update(
                         d.deployment_id for d in await self._store.live_deployments(EVALUATED_PHASES)
                     )
                 next_resync = time.monotonic() + self._resync_interval
-            while self._dirty:
-                deployment_id = self._dirty.pop()
+            # A watch event must not wait behind a sweep of thousands: changes go first, and each
+            # evaluation awaits the store, so a change arriving mid-sweep is picked next.
+            while self._dirty or self._resync:
+                deployment_id = self._dirty.pop() if self._dirty else self._resync.pop()
+                self._resync.discard(deployment_id)
                 try:
                     await self.evaluate(deployment_id)
                 except errors.BrokerError as e:

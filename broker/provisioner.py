@@ -50,6 +50,13 @@ def ready_problem(
     return None
 
 
+def _unfinished(deployment: model.Deployment) -> bool:
+    return deployment.last_operation.state in (
+        model.OperationState.ACCEPTED,
+        model.OperationState.IN_PROGRESS,
+    )
+
+
 class Provisioner:
     """Runs operations until cancelled; ``kick`` wakes it for new work, ``notify`` for cluster changes."""
 
@@ -61,6 +68,7 @@ class Provisioner:
         catalog: catalog_mod.Catalog,
         ready_timeout: float = 300.0,
         poll_interval: float = 2.0,
+        sweep_interval: float = 30.0,
         on_finished: Callable[[str], None] = lambda deployment_id: None,
     ) -> None:
         self._on_finished = on_finished
@@ -69,12 +77,15 @@ class Provisioner:
         self._catalog = catalog
         self._ready_timeout = ready_timeout
         self._poll_interval = poll_interval
+        self._sweep_interval = sweep_interval
         self._wake = asyncio.Event()
+        self._kicked: set[str] = set()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._changed: dict[str, asyncio.Event] = {}
 
-    def kick(self) -> None:
-        """New work was accepted."""
+    def kick(self, deployment_id: str) -> None:
+        """New work was accepted for a deployment."""
+        self._kicked.add(deployment_id)
         self._wake.set()
 
     def notify(self, deployment_id: str) -> None:
@@ -85,11 +96,22 @@ class Provisioner:
 
     async def run(self) -> None:
         """Pick up unfinished operations forever (including those left by a previous process)."""
+        loop = asyncio.get_running_loop()
+        next_sweep = 0.0
         try:
             while True:
                 self._wake.clear()
                 try:
-                    pending = await self._store.unfinished()
+                    # Kicks name their deployment; the full sweep (at start, to resume what a previous
+                    # process left, and now and then as a safety net) reads every unfinished one.
+                    if loop.time() >= next_sweep:
+                        self._kicked.clear()
+                        pending = await self._store.unfinished()
+                        next_sweep = loop.time() + self._sweep_interval
+                    else:
+                        kicked, self._kicked = self._kicked, set()
+                        found = [await self._store.deployment_by_id(k) for k in sorted(kicked)]
+                        pending = [d for d in found if d is not None and _unfinished(d)]
                 except errors.BrokerError as e:
                     log.warning("cannot read pending operations", extra={"error": e.message})
                     pending = []
@@ -131,7 +153,7 @@ class Provisioner:
         except Exception:
             log.exception("operation crashed; it will be retried", extra=extra)
             await asyncio.sleep(self._poll_interval)
-            self.kick()
+            self.kick(started.deployment_id)
         finally:
             self._changed.pop(started.deployment_id, None)
 

@@ -237,7 +237,7 @@ class Broker:
             cluster=self.cluster,
             policies=self.policies,
             callback_check=callback_policy,
-            on_accepted=self.provisioner.kick if self.provisioner else lambda: None,
+            on_accepted=self.provisioner.kick if self.provisioner else lambda deployment_id: None,
             hub=self.hub,
             watch_limits=settings.watch,
         )

@@ -156,7 +156,7 @@ class BrokerService:
         cluster: ClusterView | None = None,
         policies: PolicyBook | None = None,
         callback_check: CallbackCheck | None = None,
-        on_accepted: Callable[[], None] = lambda: None,
+        on_accepted: Callable[[str], None] = lambda deployment_id: None,
         hub: events.EventHub | None = None,
         watch_limits: WatchLimits | None = None,
     ) -> None:
@@ -191,7 +191,7 @@ class BrokerService:
                     raise errors.InvalidArgument([errors.FieldViolation("callback_url", e.message)]) from e
             result = await self._store.provision(command)
             if result.changed:
-                self._on_accepted()
+                self._on_accepted(result.deployment_id)
             record(
                 deployment_id=result.deployment_id,
                 generation=result.generation,
@@ -225,7 +225,7 @@ class BrokerService:
                 )
             )
             if result.changed:
-                self._on_accepted()
+                self._on_accepted(result.deployment_id)
             record(
                 deployment_id=result.deployment_id,
                 data_policy=data_policy.value,
@@ -331,7 +331,7 @@ class BrokerService:
                     request_id="",
                 )
             )
-            self._on_accepted()
+            self._on_accepted(deployment_id)
             record(deployment_id=deployment_id, accepted=",".join(accepted))
         updated = await self._store.get_deployment(
             model.Namespace(namespace), model.DeploymentId(deployment_id)

@@ -6,6 +6,7 @@ Errors leave through ``_abort``, which attaches a google.rpc.Status (ErrorInfo, 
 
 from __future__ import annotations
 
+import collections
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn, TypeVar
 
@@ -15,6 +16,7 @@ from broker_client.v1 import broker_pb2_grpc
 
 from broker import auth, service
 from broker.api import convert, status
+from broker.domain import model
 
 R = TypeVar("R")
 
@@ -45,6 +47,18 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
     def __init__(self, *, service: service.BrokerService, authenticator: auth.Authenticator) -> None:
         self._service = service
         self._auth = authenticator
+        # The same event goes to every subscriber: convert it once (messages are never mutated).
+        self._encoded: collections.OrderedDict[int, pb.WatchDriftResponse] = collections.OrderedDict()
+
+    def _encode(self, item: service.WatchItem) -> pb.WatchDriftResponse:
+        if not isinstance(item, model.DriftEvent):
+            return convert.watch_item_to_proto(item)
+        message = self._encoded.get(item.sequence)
+        if message is None:
+            message = self._encoded[item.sequence] = convert.watch_item_to_proto(item)
+            if len(self._encoded) > 4096:
+                self._encoded.popitem(last=False)
+        return message
 
     async def _unary(
         self, context: grpc.aio.ServicerContext, call: Callable[[auth.Principal], Awaitable[R]]
@@ -169,6 +183,6 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         try:
             principal = self._auth.authenticate(_authorization(context))
             async for item in self._service.watch(principal, convert.watch_input(request)):
-                yield convert.watch_item_to_proto(item)
+                yield self._encode(item)
         except Exception as e:
             await _abort(context, e)

@@ -22,6 +22,9 @@ from aiohttp import web
 
 from broker.sandbox import apply, errors, openapi, patch, protobuf, resources, selectors, store, tables
 
+# libyaml's loader when PyYAML was built with it (the pure-Python one is ten times slower).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 JsonDict = dict[str, Any]
 MetricsProvider = Callable[[str | None, str | None], list[JsonDict]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -539,7 +542,11 @@ class ApiServer:
             )
         try:
             if ctype.endswith("yaml"):
-                return yaml.safe_load(raw)
+                # Apply bodies are usually JSON (valid YAML): parse those as JSON, far faster.
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    return yaml.load(raw, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
             return json.loads(raw)
         except (ValueError, yaml.YAMLError) as exc:
             raise errors.BadRequest(f"the body of the request could not be decoded: {exc}") from exc
