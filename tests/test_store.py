@@ -174,3 +174,38 @@ async def test_broker_migrate_prepares_the_store(tmp_path: pathlib.Path):
     assert f"schema version {LATEST}" in out.decode()
     with sqlite3.connect(data_dir / sqlite.DB_FILENAME) as conn:
         assert conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (LATEST,)
+
+
+async def test_reads_see_every_commit_while_other_reads_run(tmp_path: pathlib.Path):
+    """A read that spans two awaits must not leave another coroutine's read in an older snapshot.
+
+    Polling readers (GetResourceState, the detector) share the reader connection with the
+    provisioner, which looks up each deployment right after its commit; it must always find it.
+    """
+    store = await sqlite.Store.open(tmp_path)
+    spec = model.ResourceSpec(engine="postgresql", version="15", size="medium", replicas=1)
+    stop = asyncio.Event()
+
+    async def poll() -> None:
+        query = model.ResourceQuery(namespace=model.Namespace("team-platform"))
+        while not stop.is_set():
+            await store.list_deployments(query, model.PageRequest(size=100, token=""))
+
+    pollers = [asyncio.create_task(poll()) for _ in range(4)]
+    try:
+        for index in range(150):
+            command = validation.provision_command(
+                namespace="team-platform",
+                resource_type=model.ResourceType.DATABASE,
+                resource_name=f"db-{index}",
+                spec=spec,
+                callback_url="",
+                request_id="",
+                catalog=catalog.DEFAULT_CATALOG,
+            )
+            result = await store.provision(command)
+            assert await store.deployment_by_id(result.deployment_id) is not None, f"commit {index} not seen"
+    finally:
+        stop.set()
+        await asyncio.gather(*pollers)
+        await store.close()

@@ -5,7 +5,10 @@ power loss; foreign keys on; migrations at start-up.
 
 Concurrency: one writer connection guarded by an asyncio lock (every write is one ``BEGIN
 IMMEDIATE`` transaction) and one reader connection, which under WAL never sees a half-written
-transaction of another coroutine. SQLite errors are translated into ``errors.Unavailable`` with the
+transaction of another coroutine. Every read runs and finishes its statement in one call
+(``execute_fetchall``): a statement left open between two awaits would keep the reader's read
+transaction open, and another coroutine's query would then run in that older snapshot and miss
+what was committed since. SQLite errors are translated into ``errors.Unavailable`` with the
 cause chained; nothing of a request's content is put in that message.
 """
 
@@ -282,8 +285,7 @@ class Store:
     async def schema_version(self) -> int:
         """The newest applied migration."""
         async with self._read() as db:
-            cur = await db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            row = await cur.fetchone()
+            row = await _one(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
         return int(row[0]) if row else 0
 
     async def ping(self) -> None:
@@ -298,8 +300,7 @@ class Store:
             "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_time TEXT NOT NULL)"
         )
         await db.commit()
-        cur = await db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-        row = await cur.fetchone()
+        row = await _one(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
         current = int(row[0]) if row else 0
         for version, description, sql in migrations.MIGRATIONS:
             if version <= current:
@@ -400,11 +401,11 @@ class Store:
     ) -> model.MutationResult | None:
         if not request_id:
             return None
-        cur = await db.execute(
+        row = await _one(
+            db,
             "SELECT request_hash, response FROM idempotency_keys WHERE namespace = ? AND request_id = ?",
             (namespace, request_id),
         )
-        row = await cur.fetchone()
         if row is None:
             return None
         if row["request_hash"] != request_hash:
@@ -443,13 +444,13 @@ class Store:
     async def _live_deployment(
         self, db: aiosqlite.Connection, command: model.ProvisionCommand
     ) -> model.Deployment | None:
-        cur = await db.execute(
+        row = await _one(
+            db,
             f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
             "WHERE d.namespace = ? AND d.resource_type = ? AND d.resource_name = ? AND d.phase != 'Deleted'",
             (command.namespace, command.resource_type.value, command.resource_name),
         )
-        row = await cur.fetchone()
         return _deployment_from_row(row) if row else None
 
     async def _insert_operation(
@@ -644,12 +645,13 @@ class Store:
     async def unfinished(self) -> list[model.Deployment]:
         """Deployments whose last operation is accepted or in progress (work to do or to resume)."""
         async with self._read() as db:
-            cur = await db.execute(
-                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
-                "JOIN operations o ON o.operation_id = d.last_operation_id "
-                "WHERE o.state IN ('accepted', 'in_progress') ORDER BY o.create_time"
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                    "JOIN operations o ON o.operation_id = d.last_operation_id "
+                    "WHERE o.state IN ('accepted', 'in_progress') ORDER BY o.create_time"
+                )
             )
-            rows = await cur.fetchall()
         return [_deployment_from_row(r) for r in rows]
 
     async def live_deployments(
@@ -662,24 +664,25 @@ class Store:
             where.append(f"d.namespace IN ({', '.join('?' * len(namespaces))})")
             params.extend(namespaces)
         async with self._read() as db:
-            cur = await db.execute(
-                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
-                "JOIN operations o ON o.operation_id = d.last_operation_id "
-                f"WHERE {' AND '.join(where)} ORDER BY d.namespace, d.resource_type, d.resource_name",
-                params,
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                    "JOIN operations o ON o.operation_id = d.last_operation_id "
+                    f"WHERE {' AND '.join(where)} ORDER BY d.namespace, d.resource_type, d.resource_name",
+                    params,
+                )
             )
-            rows = await cur.fetchall()
         return [_deployment_from_row(r) for r in rows]
 
     async def deployment_by_id(self, deployment_id: str) -> model.Deployment | None:
         """A deployment by id alone (for the broker's own workers, which are not namespace-scoped)."""
         async with self._read() as db:
-            cur = await db.execute(
+            row = await _one(
+                db,
                 f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
                 "JOIN operations o ON o.operation_id = d.last_operation_id WHERE d.deployment_id = ?",
                 (deployment_id,),
             )
-            row = await cur.fetchone()
         return _deployment_from_row(row) if row else None
 
     async def start_operation(self, deployment: model.Deployment) -> model.Deployment | None:
@@ -794,12 +797,14 @@ class Store:
     async def due_callbacks(self, limit: int = 50) -> list[tuple[str, str, str, int]]:
         """Undelivered callbacks whose next attempt is due: (delivery id, url, payload, attempts)."""
         async with self._read() as db:
-            cur = await db.execute(
-                "SELECT delivery_id, url, payload, attempts FROM callback_outbox "
-                "WHERE delivered_time IS NULL AND next_attempt_time <= ? ORDER BY next_attempt_time LIMIT ?",
-                (_ts(_now()), limit),
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT delivery_id, url, payload, attempts FROM callback_outbox "
+                    "WHERE delivered_time IS NULL AND next_attempt_time <= ? "
+                    "ORDER BY next_attempt_time LIMIT ?",
+                    (_ts(_now()), limit),
+                )
             )
-            rows = await cur.fetchall()
         return [(r["delivery_id"], r["url"], r["payload"], r["attempts"]) for r in rows]
 
     async def callback_attempted(
@@ -869,8 +874,7 @@ class Store:
     async def drift_states(self) -> dict[str, tuple[tuple[model.DriftItem, ...], model.Health]]:
         """What the detector last reported, per deployment (to resume without re-announcing)."""
         async with self._read() as db:
-            cur = await db.execute("SELECT deployment_id, items, health FROM drift_state")
-            rows = await cur.fetchall()
+            rows = list(await db.execute_fetchall("SELECT deployment_id, items, health FROM drift_state"))
         return {
             r["deployment_id"]: (
                 tuple(_item_from_dict(i) for i in json.loads(r["items"])),
@@ -882,24 +886,23 @@ class Store:
     async def event_bounds(self) -> tuple[int, int]:
         """The oldest retained and the newest sequence (0, 0 for an empty log)."""
         async with self._read() as db:
-            cur = await db.execute(
-                "SELECT COALESCE(MIN(sequence), 0), COALESCE(MAX(sequence), 0) FROM drift_events"
+            row = await _one(
+                db, "SELECT COALESCE(MIN(sequence), 0), COALESCE(MAX(sequence), 0) FROM drift_events"
             )
-            row = await cur.fetchone()
-            cur = await db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'drift_events'")
-            issued = await cur.fetchone()
+            issued = await _one(db, "SELECT seq FROM sqlite_sequence WHERE name = 'drift_events'")
         newest = max(int(row[1]) if row else 0, int(issued[0]) if issued else 0)
         return (int(row[0]) if row else 0), newest
 
     async def events_after(self, sequence: int, limit: int) -> list[model.DriftEvent]:
         """Events with a greater sequence, oldest first, across namespaces (callers filter)."""
         async with self._read() as db:
-            cur = await db.execute(
-                "SELECT sequence, deployment_id, namespace, resource_type, resource_name, kind, payload, "
-                "event_time FROM drift_events WHERE sequence > ? ORDER BY sequence LIMIT ?",
-                (sequence, limit),
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT sequence, deployment_id, namespace, resource_type, resource_name, kind, payload, "
+                    "event_time FROM drift_events WHERE sequence > ? ORDER BY sequence LIMIT ?",
+                    (sequence, limit),
+                )
             )
-            rows = await cur.fetchall()
         return [_event_from_row(r) for r in rows]
 
     async def prune_events(self, *, keep: int) -> int:
@@ -931,8 +934,11 @@ class Store:
     async def policies(self) -> list[policy.Rule]:
         """Every stored remediation policy."""
         async with self._read() as db:
-            cur = await db.execute("SELECT namespace, resource_type, mode, ignore_fields FROM policies")
-            rows = await cur.fetchall()
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT namespace, resource_type, mode, ignore_fields FROM policies"
+                )
+            )
         return [
             policy.Rule(
                 namespace=r["namespace"],
@@ -948,13 +954,13 @@ class Store:
     async def _deployment(
         self, db: aiosqlite.Connection, namespace: str, deployment_id: str
     ) -> model.Deployment:
-        cur = await db.execute(
+        row = await _one(
+            db,
             f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
             "WHERE d.namespace = ? AND d.deployment_id = ?",
             (namespace, deployment_id),
         )
-        row = await cur.fetchone()
         if row is None:
             raise errors.NotFound(f"deployment {deployment_id!r} not found in namespace {namespace!r}")
         return _deployment_from_row(row)
@@ -984,23 +990,24 @@ class Store:
         query_key = _query_key(query)
         after = _decode_page_token(page.token, query_key)
         async with self._read() as db:
-            cur = await db.execute(
+            total_row = await _one(
+                db,
                 f"SELECT COUNT(*) FROM deployments d WHERE {' AND '.join(where)}",
                 params,
             )
-            total_row = await cur.fetchone()
             page_where = list(where)
             page_params = list(params)
             if after is not None:
                 page_where.append("(d.resource_type, d.resource_name) > (?, ?)")
                 page_params.extend(after)
-            cur = await db.execute(
-                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
-                "JOIN operations o ON o.operation_id = d.last_operation_id "
-                f"WHERE {' AND '.join(page_where)} ORDER BY d.resource_type, d.resource_name LIMIT ?",
-                [*page_params, page.size + 1],
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                    "JOIN operations o ON o.operation_id = d.last_operation_id "
+                    f"WHERE {' AND '.join(page_where)} ORDER BY d.resource_type, d.resource_name LIMIT ?",
+                    [*page_params, page.size + 1],
+                )
             )
-            rows = list(await cur.fetchall())
         items = tuple(_deployment_from_row(r) for r in rows[: page.size])
         next_token = ""
         if len(rows) > page.size:
@@ -1027,12 +1034,13 @@ class Store:
             where.append("sequence > ?")
             params.append(int(after[1]) if after[1].isdigit() else 0)
         async with self._read() as db:
-            cur = await db.execute(
-                "SELECT sequence, deployment_id, namespace, resource_type, resource_name, kind, payload, "
-                f"event_time FROM drift_events WHERE {' AND '.join(where)} ORDER BY sequence LIMIT ?",
-                [*params, page.size + 1],
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT sequence, deployment_id, namespace, resource_type, resource_name, kind, payload, "
+                    f"event_time FROM drift_events WHERE {' AND '.join(where)} ORDER BY sequence LIMIT ?",
+                    [*params, page.size + 1],
+                )
             )
-            rows = list(await cur.fetchall())
         items = tuple(_event_from_row(r) for r in rows[: page.size])
         next_token = ""
         if len(rows) > page.size:
@@ -1043,9 +1051,14 @@ class Store:
     async def count_deployments(self) -> int:
         """How many deployments exist, deleted ones included (for tests and metrics)."""
         async with self._read() as db:
-            cur = await db.execute("SELECT COUNT(*) FROM deployments")
-            row = await cur.fetchone()
+            row = await _one(db, "SELECT COUNT(*) FROM deployments")
         return int(row[0]) if row else 0
+
+
+async def _one(db: aiosqlite.Connection, sql: str, params: Any = ()) -> sqlite3.Row | None:
+    """The first row of a query, run and finished in one call (see ``Store``: reads never interleave)."""
+    rows = await db.execute_fetchall(sql, params)
+    return next(iter(rows), None)
 
 
 def _statements(sql: str) -> Iterable[str]:
