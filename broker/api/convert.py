@@ -36,7 +36,8 @@ class _EnumMap:
                 f"proto enum values without a domain member: {sorted(proto.Name(v) for v in extra)}"
             )
 
-    def to_proto(self, value: enum.Enum | None) -> int:
+    def to_proto(self, value: enum.Enum | None) -> Any:
+        """The proto number (typed Any: each generated enum has its own ValueType)."""
         return 0 if value is None else self._to_proto[value]
 
     def to_domain(self, number: int, kind: type[E]) -> E | None:
@@ -179,8 +180,8 @@ def operation_to_proto(op: model.Operation) -> pb.Operation:
     """The proto of an operation."""
     return pb.Operation(
         operation_id=op.operation_id,
-        type=OPERATION_TYPES.to_proto(op.type),  # type: ignore[arg-type]
-        state=OPERATION_STATES.to_proto(op.state),  # type: ignore[arg-type]
+        type=OPERATION_TYPES.to_proto(op.type),
+        state=OPERATION_STATES.to_proto(op.state),
         generation=op.generation,
         message=op.message,
         create_time=timestamp(op.create_time),
@@ -192,7 +193,7 @@ def provision_response(result: model.MutationResult) -> pb.ProvisionResponse:
     """The ProvisionResponse of a provision result."""
     return pb.ProvisionResponse(
         deployment_id=result.deployment_id,
-        phase=PHASES.to_proto(result.phase),  # type: ignore[arg-type]
+        phase=PHASES.to_proto(result.phase),
         generation=result.generation,
         operation=operation_to_proto(result.operation),
     )
@@ -202,7 +203,7 @@ def deprovision_response(result: model.MutationResult) -> pb.DeprovisionResponse
     """The DeprovisionResponse of a deprovision result."""
     return pb.DeprovisionResponse(
         deployment_id=result.deployment_id,
-        phase=PHASES.to_proto(result.phase),  # type: ignore[arg-type]
+        phase=PHASES.to_proto(result.phase),
         operation=operation_to_proto(result.operation),
     )
 
@@ -212,11 +213,11 @@ def deployment_to_proto(d: model.Deployment) -> pb.Deployment:
     return pb.Deployment(
         deployment_id=d.deployment_id,
         namespace=d.namespace,
-        resource_type=RESOURCE_TYPES.to_proto(d.resource_type),  # type: ignore[arg-type]
+        resource_type=RESOURCE_TYPES.to_proto(d.resource_type),
         resource_name=d.resource_name,
         desired_spec=spec_to_proto(d.desired_spec),
         generation=d.generation,
-        phase=PHASES.to_proto(d.phase),  # type: ignore[arg-type]
+        phase=PHASES.to_proto(d.phase),
         callback_url=d.callback_url,
         last_operation=operation_to_proto(d.last_operation),
         create_time=timestamp(d.create_time),
@@ -231,9 +232,9 @@ def drift_item_to_proto(item: model.DriftItem) -> pb.DriftItem:
         field=item.field,
         desired=item.desired,
         actual=item.actual,
-        drift_class=DRIFT_CLASSES.to_proto(item.drift_class),  # type: ignore[arg-type]
-        severity=SEVERITIES.to_proto(item.severity),  # type: ignore[arg-type]
-        recommended_action=ACTIONS.to_proto(item.action),  # type: ignore[arg-type]
+        drift_class=DRIFT_CLASSES.to_proto(item.drift_class),
+        severity=SEVERITIES.to_proto(item.severity),
+        recommended_action=ACTIONS.to_proto(item.action),
         message=item.message,
         changed_by=item.changed_by,
     )
@@ -249,10 +250,10 @@ def resource_state_to_proto(view: service.ResourceView) -> pb.ResourceState:
     d = view.deployment
     out = pb.ResourceState(
         deployment_id=d.deployment_id,
-        resource_type=RESOURCE_TYPES.to_proto(d.resource_type),  # type: ignore[arg-type]
+        resource_type=RESOURCE_TYPES.to_proto(d.resource_type),
         resource_name=d.resource_name,
         namespace=d.namespace,
-        phase=PHASES.to_proto(view.phase),  # type: ignore[arg-type]
+        phase=PHASES.to_proto(view.phase),
         message=view.message,
         endpoint=view.endpoint,
         port=view.port,
@@ -263,7 +264,7 @@ def resource_state_to_proto(view: service.ResourceView) -> pb.ResourceState:
     evaluation = view.evaluation
     if evaluation is None:
         return out
-    out.health_status = HEALTH.to_proto(evaluation.health)  # type: ignore[assignment]
+    out.health_status = HEALTH.to_proto(evaluation.health)
     out.last_checked.CopyFrom(timestamp(evaluation.checked_at))
     if evaluation.actual_spec is not None:
         out.actual_spec.CopyFrom(spec_to_proto(evaluation.actual_spec))
@@ -301,16 +302,16 @@ def event_to_proto(event: model.DriftEvent) -> pb.DriftEvent:
     """The proto of an event-log entry."""
     return pb.DriftEvent(
         sequence=event.sequence,
-        kind=EVENT_KINDS.to_proto(event.kind),  # type: ignore[arg-type]
+        kind=EVENT_KINDS.to_proto(event.kind),
         deployment_id=event.deployment_id,
         namespace=event.namespace,
-        resource_type=RESOURCE_TYPES.to_proto(event.resource_type),  # type: ignore[arg-type]
+        resource_type=RESOURCE_TYPES.to_proto(event.resource_type),
         resource_name=event.resource_name,
         event_time=timestamp(event.event_time),
         message=event.message,
         drift_items=[drift_item_to_proto(i) for i in event.items],
-        phase=PHASES.to_proto(event.phase),  # type: ignore[arg-type]
-        health_status=HEALTH.to_proto(event.health),  # type: ignore[arg-type]
+        phase=PHASES.to_proto(event.phase),
+        health_status=HEALTH.to_proto(event.health),
         generation=event.generation,
     )
 
@@ -341,8 +342,8 @@ def rule_to_proto(rule: policy.Rule) -> pb.RemediationPolicy:
     """The proto of a policy rule."""
     return pb.RemediationPolicy(
         namespace=rule.namespace,
-        resource_type=RESOURCE_TYPES.to_proto(rule.resource_type),  # type: ignore[arg-type]
-        mode=MODES.to_proto(rule.mode),  # type: ignore[arg-type]
+        resource_type=RESOURCE_TYPES.to_proto(rule.resource_type),
+        mode=MODES.to_proto(rule.mode),
         ignore_fields=sorted(rule.ignore_fields),
     )
 
