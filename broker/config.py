@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from broker.domain import catalog as catalog_mod
-from broker.domain import model, policy, quantity
+from broker.domain import drift, model, policy, quantity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +119,11 @@ def _policies(items: Any, where: str) -> policy.Policy:
         ignore = item.get("ignore_fields") or []
         if not isinstance(ignore, list):
             raise ValueError(f"{at}: ignore_fields must be a list")
+        unknown = sorted(set(map(str, ignore)) - drift.FIELDS)
+        if unknown:
+            raise ValueError(
+                f"{at}: unknown ignore_fields {', '.join(unknown)}; use {', '.join(sorted(drift.FIELDS))}"
+            )
         rules.append(
             policy.Rule(
                 namespace=str(item.get("namespace", policy.ANY)),

@@ -229,7 +229,6 @@ class Detector:
         self._wake = asyncio.Event()
         self._reported: dict[str, tuple[tuple[model.DriftItem, ...], model.Health]] = {}
         self._open: dict[str, tuple[str, str, int]] = {}
-        self.evaluations = 0
 
     def notify(self, deployment_id: str) -> None:
         """An object of the deployment changed: evaluate it soon."""
@@ -273,7 +272,6 @@ class Detector:
         deployment = await self._store.deployment_by_id(deployment_id)
         if deployment is None or deployment.phase not in EVALUATED_PHASES:
             return
-        self.evaluations += 1
         verdict = self._verdict(deployment)
         before, health_before = self._reported.get(deployment_id, ((), None))
         readable = verdict.health is not model.Health.UNKNOWN

@@ -342,25 +342,12 @@ class BrokerService:
         """Store a remediation policy for a namespace (and type) and put it in effect."""
         violations: list[errors.FieldViolation] = []
         validation.check_namespace(rule.namespace, violations, field="policy.namespace")
-        known = {
-            "replicas",
-            "version",
-            "size",
-            "engine",
-            "labels",
-            "secret",
-            "statefulset",
-            "service",
-            "kafkatopic",
-            "partitions",
-            "retention_ms",
-        }
-        unknown = sorted(rule.ignore_fields - known)
+        unknown = sorted(rule.ignore_fields - drift.FIELDS)
         if unknown:
             violations.append(
                 errors.FieldViolation(
                     "policy.ignore_fields",
-                    f"unknown fields {', '.join(unknown)}; use {', '.join(sorted(known))}",
+                    f"unknown fields {', '.join(unknown)}; use {', '.join(sorted(drift.FIELDS))}",
                 )
             )
         validation.raise_if(violations)

@@ -83,6 +83,7 @@ def test_a_file_replaces_sizes_versions_prices_limits_and_policies(tmp_path: pat
         ("prices: {cpu_core_month: 1}\n", "prices needs"),
         ("max_replicas: 0\n", "max_replicas must be a positive integer"),
         ("policies: [{namespace: a, mode: sometimes}]\n", "policies[0]"),
+        ("policies: [{namespace: a, ignore_fields: [colour]}]\n", "unknown ignore_fields colour"),
         ("- just\n- a list\n", "must be a mapping"),
         ("sizes: [\n", "cannot read config file"),
     ],

@@ -71,7 +71,7 @@ def _observation(**changes: object) -> drift.Observation:
         readable=True,
         observed_at=NOW,
         workload=drift.WorkloadObservation(
-            replicas=1, ready_replicas=1, image="postgres:15.2", resources=MEDIUM, labels=LABELS
+            replicas=1, image="postgres:15.2", resources=MEDIUM, labels=LABELS
         ),
         service_present=True,
         secret_present=True,
@@ -110,7 +110,6 @@ def test_the_seed_example_is_expected_patch_drift_healthy_with_usage_and_cost() 
 def _scaled() -> drift.Observation:
     workload = drift.WorkloadObservation(
         replicas=3,
-        ready_replicas=3,
         image="postgres:15.2",
         resources=MEDIUM,
         labels=LABELS,
@@ -167,7 +166,6 @@ ROWS = [
             pods=(_pod(0, image="postgres:16"),),
             workload=drift.WorkloadObservation(
                 replicas=1,
-                ready_replicas=1,
                 image="postgres:16",
                 resources=MEDIUM,
                 labels=LABELS,
@@ -184,7 +182,6 @@ ROWS = [
         _observation(
             workload=drift.WorkloadObservation(
                 replicas=1,
-                ready_replicas=1,
                 image="postgres:15.2",
                 resources=LARGE,
                 labels=LABELS,
@@ -201,7 +198,6 @@ ROWS = [
         _observation(
             workload=drift.WorkloadObservation(
                 replicas=1,
-                ready_replicas=1,
                 image="postgres:15.2",
                 resources=MEDIUM,
                 labels={k: v for k, v in LABELS.items() if k != naming.LABEL_NAME},
@@ -244,9 +240,7 @@ def test_cost_deltas_are_actual_minus_desired() -> None:
 
 def test_a_size_matching_no_tier_is_custom_with_raw_figures() -> None:
     odd = dataclasses.replace(MEDIUM, cpu_request="750m")
-    workload = drift.WorkloadObservation(
-        replicas=1, ready_replicas=1, image="postgres:15.2", resources=odd, labels=LABELS
-    )
+    workload = drift.WorkloadObservation(replicas=1, image="postgres:15.2", resources=odd, labels=LABELS)
     (item,) = [i for i in _evaluate(_observation(workload=workload)).items if i.rule_id == "size.changed"]
     assert item.actual.startswith("custom (cpu 750m/1")
 

@@ -19,6 +19,7 @@ Paths (all but the probes need ``Authorization: Bearer <token>`` unless the brok
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -82,17 +83,19 @@ def _respell(desc: Any, data: dict[str, Any], *, to_seed: bool) -> None:
                     _respell(field.message_type, child, to_seed=to_seed)
 
 
+@functools.cache
+def _spellings(enum_desc: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """Proto name -> seed spelling, and lower-cased seed spelling -> proto name, per enum (cached)."""
+    to_seed = {v.name: _spelling(enum_desc, v.name) for v in enum_desc.values}
+    return to_seed, {seed.lower(): name for name, seed in to_seed.items()}
+
+
 def _respell_enum(enum_desc: Any, value: Any, *, to_seed: bool) -> Any:
     """One enum value in the other spelling; anything unrecognised is left for the parser to reject."""
     if not isinstance(value, str):
         return value
-    for v in enum_desc.values:
-        seed = _spelling(enum_desc, v.name)
-        if to_seed and value == v.name:
-            return seed
-        if not to_seed and value.lower() == seed.lower():
-            return v.name
-    return value
+    seeds, names = _spellings(enum_desc)
+    return seeds.get(value, value) if to_seed else names.get(value.lower(), value)
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -46,11 +46,26 @@ RESTARTS_DEGRADED = 3
 # Restart counts only grow: restarts count as "repeated" only while the last one is this recent.
 RECENT_RESTART = datetime.timedelta(minutes=10)
 
-EXPLANATIONS = {
-    "version.patch": "This is expected patch version drift",
-    "version.major": "Major version changes affect data; operators are alerted, nothing is changed",
-    "size.changed": "Size changes affect cost; operators are alerted, nothing is changed",
-}
+# Why an expected item is fine, as the seed's second sentence says it.
+EXPLANATIONS = {"version.patch": "This is expected patch version drift"}
+
+# Every ``DriftItem.field`` the rules produce: what policies may ignore.
+FIELDS = frozenset(
+    {
+        "version",
+        "engine",
+        "replicas",
+        "size",
+        "config",
+        "labels",
+        "secret",
+        "statefulset",
+        "service",
+        "kafkatopic",
+        "partitions",
+        "retention_ms",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +92,6 @@ class WorkloadObservation:
     """
 
     replicas: int
-    ready_replicas: int
     image: str
     resources: model.ComputeResources
     labels: Mapping[str, str]

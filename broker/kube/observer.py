@@ -93,9 +93,9 @@ def _first_container(obj: JsonDict) -> JsonDict:
     return dict(containers[0])
 
 
-def config_changes(live: JsonDict, desired: JsonDict) -> tuple[str, ...]:
+def config_changes(live: JsonDict, want: dict[str, str]) -> tuple[str, ...]:
     """Differences in the broker-owned configuration (container env) between live and desired."""
-    have, want = _env(_first_container(live)), _env(_first_container(desired))
+    have = _env(_first_container(live))
     changes = [f"env {name} added" for name in sorted(have.keys() - want.keys())]
     changes += [f"env {name} removed" for name in sorted(want.keys() - have.keys())]
     changes += [
@@ -140,7 +140,7 @@ def _time(value: Any) -> datetime.datetime | None:
         return None
 
 
-def _workload(obj: JsonDict, desired: JsonDict) -> drift.WorkloadObservation:
+def _workload(obj: JsonDict, desired_env: dict[str, str]) -> drift.WorkloadObservation:
     spec = obj.get("spec") or {}
     containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
     resources = containers[0].get("resources") or {}
@@ -151,7 +151,6 @@ def _workload(obj: JsonDict, desired: JsonDict) -> drift.WorkloadObservation:
     )
     return drift.WorkloadObservation(
         replicas=int(spec.get("replicas", 1)),
-        ready_replicas=int((obj.get("status") or {}).get("readyReplicas") or 0),
         image=str(containers[0].get("image", "")),
         resources=model.ComputeResources(
             cpu_request=str(requests.get("cpu", "")),
@@ -162,7 +161,7 @@ def _workload(obj: JsonDict, desired: JsonDict) -> drift.WorkloadObservation:
         ),
         labels=dict((obj.get("metadata") or {}).get("labels") or {}),
         field_managers=field_managers(obj, _STS_FIELDS),
-        config_changes=config_changes(obj, desired),
+        config_changes=config_changes(obj, desired_env),
     )
 
 
@@ -208,6 +207,7 @@ class ClusterState:
             for kind in (*WORKLOAD_KINDS, *TOPIC_KINDS)
         }
         self._metrics: dict[tuple[str, str], tuple[decimal.Decimal, decimal.Decimal]] = {}
+        self._env_cache: dict[str, tuple[int, dict[str, str]]] = {}
         self.metrics_available = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -323,7 +323,7 @@ class ClusterState:
         return drift.Observation(
             readable=True,
             observed_at=now,
-            workload=_workload(sts, manifests.statefulset(deployment, self._catalog)) if sts else None,
+            workload=_workload(sts, self._desired_env(deployment)) if sts else None,
             service_present=self._owned(self.informers["Service"].get(ns, name), dep_id) is not None,
             secret_present=secret is not None,
             secret_changed=secret_changed,
@@ -332,6 +332,14 @@ class ClusterState:
             storage_capacity=capacity,
             metrics_available=self.metrics_available,
         )
+
+    def _desired_env(self, deployment: model.Deployment) -> dict[str, str]:
+        """The container env the broker applies, built once per deployment generation (a hot path)."""
+        cached = self._env_cache.get(deployment.deployment_id)
+        if cached is None or cached[0] != deployment.generation:
+            env = _env(_first_container(manifests.statefulset(deployment, self._catalog)))
+            cached = self._env_cache[deployment.deployment_id] = (deployment.generation, env)
+        return cached[1]
 
     @staticmethod
     def _owned(obj: JsonDict | None, deployment_id: str) -> JsonDict | None:
