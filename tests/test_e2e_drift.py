@@ -440,8 +440,8 @@ async def test_resources_set_to_a_larger_tier_cost_more_and_only_alert(
     assert item.changed_by == "kubectl-set"
     assert item.desired == "medium"
     # kubectl cannot change a StatefulSet's claim template, so the storage stays the medium tier's 20Gi:
-    # the figures then match the large tier in cpu and memory only. Either reading is honest.
-    assert item.actual in ("large", "custom (cpu 1/2, memory 4Gi/8Gi, storage 20Gi)"), item.actual
+    # the figures match the large tier in cpu and memory only, which is no tier at all.
+    assert item.actual == "custom (cpu 1/2, memory 4Gi/8Gi, storage 20Gi)", item.actual
     assert item.message == f"Size mismatch: desired=medium, actual={item.actual}"
     # Cost-impacting: 1 core (56.00) + 4 GiB (38.00) + 20 GiB (8.00) = 102.00 against 45.50.
     assert item.HasField("monthly_cost_delta")

@@ -9,6 +9,7 @@ import time
 
 import aiohttp
 import grpc
+import pytest
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
 from conftest import PLATFORM_TOKEN, CallbackReceiver, RunningBroker, bearer
@@ -64,8 +65,10 @@ async def test_the_seed_workflow_end_to_end(
                 text = await r.text()
                 listing = json.loads(text)
             usage = listing["resources"][0].get("resourceUsage", {})
-            if "cpuUsage" in usage or time.monotonic() > deadline:
+            if "cpuUsage" in usage:
                 break
+            if time.monotonic() > deadline:
+                pytest.fail(f"no cpuUsage reported within 15 s: {usage}")
             await asyncio.sleep(0.2)
 
     assert listing["total"] == 1
