@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Callable
 
 from broker.domain import model
@@ -18,9 +19,15 @@ Predicate = Callable[[model.DriftEvent], bool]
 
 
 class Subscription:
-    """One subscriber's bounded buffer of matching events."""
+    """One subscriber's bounded buffer of matching events, and the position it may resume from.
 
-    __slots__ = ("_buffer", "_hub", "_limit", "_ready", "closed", "high_water", "overflowed", "predicate")
+    ``position`` only moves past what the stream handed on: events leave the buffer through
+    ``next``, and the position moves to the newest sequence offered (filtered-out events
+    included) only while nothing is buffered, so a heartbeat never carries the sequence of an
+    event the subscriber has not been given yet.
+    """
+
+    __slots__ = ("_buffer", "_high_water", "_hub", "_limit", "_ready", "closed", "overflowed", "predicate")
 
     def __init__(self, hub: EventHub, predicate: Predicate, limit: int) -> None:
         self._hub = hub
@@ -30,15 +37,13 @@ class Subscription:
         self._ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
-        # The newest sequence offered, matching or not: once the buffer is drained, the stream has
-        # seen everything up to here (filtered-out events included), so it may resume from here.
-        self.high_water = 0
+        self._high_water = 0
 
     def offer(self, event: model.DriftEvent) -> None:
         """Buffer ``event`` if it matches; cut the subscriber off when its buffer is full."""
         if self.closed:
             return
-        self.high_water = max(self.high_water, event.sequence)
+        self._high_water = max(self._high_water, event.sequence)
         if not self.predicate(event):
             return
         if len(self._buffer) >= self._limit:
@@ -55,16 +60,27 @@ class Subscription:
         self._ready.set()
         self._hub.unsubscribe(self)
 
+    def idle_position(self) -> int | None:
+        """The newest sequence offered, when nothing is buffered; None while events wait.
+
+        With an empty buffer every matching event up to here was handed on and the rest were
+        filtered out, so a stream may tell its client to resume from here.
+        """
+        return None if self._buffer else self._high_water
+
     async def next(self, within: float) -> model.DriftEvent | None:
-        """The next buffered event; None when closed or when ``within`` seconds pass with none."""
+        """The next buffered event; None when closed or when ``within`` seconds pass with none.
+
+        A buffered event always wins over the timeout: the timer may fire in the same event-loop
+        step as an event is buffered, and that event must not wait for (or be skipped by) the
+        heartbeat that follows.
+        """
         if not self._buffer and not self.closed:
             self._ready.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(within):
                     await self._ready.wait()
-            except TimeoutError:
-                return None
-        if self._buffer:
+        if self._buffer and not self.closed:
             return self._buffer.popleft()
         return None
 

@@ -15,6 +15,7 @@ collector instead of being duplicated; the rest are updated where they happen.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -156,7 +157,7 @@ class _RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None:
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -174,6 +175,26 @@ class _RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_writer = handler.unary_stream
+
+            async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                code = "OK"
+                try:
+                    return await inner_writer(request, context)
+                except BaseException:
+                    code = _code(context, default="CANCELLED")
+                    raise
+                finally:
+                    metrics.rpc_requests.labels(method, code).inc()
+                    metrics.rpc_duration.labels(method).observe(time.perf_counter() - start)
+
+            return grpc.unary_stream_rpc_method_handler(
+                writer,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

@@ -27,7 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from broker import auth, callbacks, detector, errors, events, metrics, provisioner, service
-from broker.api import gateway, grpc_api
+from broker.api import decoding, gateway, grpc_api
 from broker.domain import catalog as catalog_mod
 from broker.domain import policy
 from broker.kube import client as kube_client
@@ -244,7 +244,10 @@ class Broker:
         self.metrics.add_collector(metrics.ScrapeCollector(self._scrape))
         self._tasks.append(asyncio.create_task(self._prune_events(), name="event-retention"))
 
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[self.metrics.interceptor()])
+        server = grpc.aio.server(
+            options=GRPC_OPTIONS,
+            interceptors=[self.metrics.interceptor(), decoding.DecodeGuard(grpc_api.abort)],
+        )
         broker_pb2_grpc.add_BrokerServiceServicer_to_server(
             grpc_api.BrokerServicer(service=svc, authenticator=self.authenticator), server
         )

@@ -127,7 +127,10 @@ class SnapshotComplete:
 
 @dataclasses.dataclass(frozen=True)
 class Heartbeat:
-    """Nothing happened for a while; ``sequence`` is the newest in the log."""
+    """Nothing happened for a while; the stream has handed on everything up to ``sequence``.
+
+    A client that resumes with ``after_sequence=sequence`` misses nothing it asked for.
+    """
 
     sequence: int
 
@@ -137,9 +140,14 @@ WatchItem = model.DriftEvent | ResourceView | SnapshotComplete | Heartbeat
 
 @dataclasses.dataclass(frozen=True)
 class WatchLimits:
-    """Bounds of the drift streams: per-subscriber buffer, per-principal streams, heartbeats."""
+    """Bounds of the drift streams: per-subscriber lag, per-principal streams, heartbeats.
+
+    A subscriber is cut off (resumably) when more than ``buffer`` matching events wait for it,
+    or when the transport has not taken a message for ``max_lag_seconds``.
+    """
 
     buffer: int = 1000
+    max_lag_seconds: float = 30.0
     streams_per_principal: int = 100
     heartbeat_interval: float = 15.0
     replay_page: int = 500
@@ -161,7 +169,7 @@ class BrokerService:
         watch_limits: WatchLimits | None = None,
     ) -> None:
         self._hub = hub if hub is not None else events.EventHub()
-        self._limits = watch_limits or WatchLimits()
+        self.watch_limits = watch_limits or WatchLimits()
         self._streams: dict[str, int] = {}
         self._store = store
         self._catalog = catalog
@@ -415,15 +423,15 @@ class BrokerService:
         if self._hub.shutting_down:
             raise errors.Unavailable("the broker is shutting down; reconnect to another instance or retry")
         open_streams = self._streams.get(principal.name, 0)
-        if open_streams >= self._limits.streams_per_principal:
+        if open_streams >= self.watch_limits.streams_per_principal:
             raise errors.ResourceExhausted(
                 f"principal {principal.name!r} already has {open_streams} drift streams open "
-                f"(the limit is {self._limits.streams_per_principal}); close some first",
+                f"(the limit is {self.watch_limits.streams_per_principal}); close some first",
                 reason="TOO_MANY_STREAMS",
             )
         self._streams[principal.name] = open_streams + 1
         # Subscribe before reading anything, so nothing committed meanwhile can be missed.
-        subscription = self._hub.subscribe(wanted, limit=self._limits.buffer)
+        subscription = self._hub.subscribe(wanted, limit=self.watch_limits.buffer)
         try:
             oldest, newest = await self._store.event_bounds()
             last = newest
@@ -445,39 +453,41 @@ class BrokerService:
                     )
                 last = after
                 while True:
-                    page = await self._store.events_after(last, self._limits.replay_page)
+                    page = await self._store.events_after(last, self.watch_limits.replay_page)
                     for event in page:
                         last = event.sequence
                         if wanted(event):
                             yield event
-                    if len(page) < self._limits.replay_page:
+                    if len(page) < self.watch_limits.replay_page:
                         break
             else:
                 # Live only: tell the client where it starts, so it can resume from there.
                 yield Heartbeat(sequence=last)
             while True:
-                live = await subscription.next(self._limits.heartbeat_interval)
-                if live is None:
-                    if subscription.overflowed:
-                        raise errors.ResourceExhausted(
-                            f"this stream fell more than {self._limits.buffer} events behind and was "
-                            f"cut off; resume with after_sequence={last}",
-                            reason="SUBSCRIBER_TOO_SLOW",
-                            metadata={"resume_after_sequence": str(last)},
-                        )
-                    if subscription.closed:
-                        raise errors.Unavailable(
-                            f"the broker is shutting down; resume with after_sequence={last}",
-                            reason="SHUTTING_DOWN",
-                            metadata={"resume_after_sequence": str(last)},
-                        )
-                    # The buffer is empty: every matching event up to the high water mark was sent.
-                    last = max(last, subscription.high_water)
-                    yield Heartbeat(sequence=last)
+                live = await subscription.next(self.watch_limits.heartbeat_interval)
+                if live is not None:
+                    # Replayed or snapshotted already when not newer than the position.
+                    if live.sequence > last:
+                        last = live.sequence
+                        yield live
                     continue
-                if live.sequence > last:
-                    last = live.sequence
-                    yield live
+                if subscription.overflowed:
+                    raise errors.ResourceExhausted(
+                        f"this stream fell more than {self.watch_limits.buffer} events behind and was "
+                        f"cut off; resume with after_sequence={last}",
+                        reason="SUBSCRIBER_TOO_SLOW",
+                        metadata={"resume_after_sequence": str(last)},
+                    )
+                if subscription.closed:
+                    raise errors.Unavailable(
+                        f"the broker is shutting down; resume with after_sequence={last}",
+                        reason="SHUTTING_DOWN",
+                        metadata={"resume_after_sequence": str(last)},
+                    )
+                idle = subscription.idle_position()
+                if idle is not None:
+                    last = max(last, idle)
+                yield Heartbeat(sequence=last)
         finally:
             subscription.close()
             self._streams[principal.name] -= 1

@@ -1,27 +1,29 @@
 """The gRPC servicer of broker.v1.BrokerService: authenticate, convert, call the service, convert back.
 
-Errors leave through ``_abort``, which attaches a google.rpc.Status (ErrorInfo, BadRequest) in the
+Errors leave through ``abort``, which attaches a google.rpc.Status (ErrorInfo, BadRequest) in the
 ``grpc-status-details-bin`` trailer, the way grpcio-status clients and grpcurl read it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import NoReturn, TypeVar
 
 import grpc
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
 
-from broker import auth, service
+from broker import auth, errors, service
 from broker.api import convert, status
 from broker.domain import model
 
 R = TypeVar("R")
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """End the call with the status ``exc`` maps to, its details in the trailers."""
     public = status.public_error(exc)
     rich = status.rich_status(public)
     # The reason and its details also travel as plain trailers, for clients without the
@@ -67,7 +69,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             principal = self._auth.authenticate(_authorization(context))
             return await call(principal)
         except Exception as e:
-            await _abort(context, e)
+            await abort(context, e)
 
     async def Provision(
         self, request: pb.ProvisionRequest, context: grpc.aio.ServicerContext
@@ -176,13 +178,52 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
         return await self._unary(context, call)
 
-    async def WatchDrift(
+    # grpc.aio serves a streaming method that writes itself; the generated stub only knows iterators.
+    async def WatchDrift(  # type: ignore[override]
         self, request: pb.WatchDriftRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchDriftResponse]:
-        """Stream drift events: optional snapshot, then live events, resumable after a sequence."""
+    ) -> None:
+        """Stream drift events: optional snapshot, then live events, resumable after a sequence.
+
+        Each message goes to the transport with a deadline: a subscriber whose transport has not
+        taken a message for ``max_lag_seconds`` (its flow-control window and socket buffers are
+        full: it stopped reading) is cut off with a resumable RESOURCE_EXHAUSTED. The message being
+        written stays queued ahead of the status, so the resume sequence includes it.
+        """
+        position: int | None = None
         try:
             principal = self._auth.authenticate(_authorization(context))
             async for item in self._service.watch(principal, convert.watch_input(request)):
-                yield self._encode(item)
+                write = asyncio.ensure_future(context.write(self._encode(item)))
+                if not isinstance(item, service.ResourceView):
+                    position = item.sequence
+                try:
+                    await asyncio.wait((write,), timeout=self._service.watch_limits.max_lag_seconds)
+                finally:
+                    if not write.done():  # cut off below, or the call was cancelled meanwhile
+                        write.add_done_callback(_forget)
+                if not write.done():
+                    raise _too_slow(self._service.watch_limits.max_lag_seconds, position)
+                write.result()
         except Exception as e:
-            await _abort(context, e)
+            await abort(context, e)
+
+
+def _forget(write: asyncio.Future[None]) -> None:
+    """The write of a stream already ended: its outcome no longer matters to anyone."""
+    if not write.cancelled():
+        write.exception()
+
+
+def _too_slow(lag: float, position: int | None) -> errors.ResourceExhausted:
+    if position is None:
+        # Cut off inside the snapshot: there is no resume point, only a fresh snapshot.
+        return errors.ResourceExhausted(
+            f"this stream took no message for {lag:g} s during its snapshot and was cut off; "
+            "watch again with send_initial_state",
+            reason="SUBSCRIBER_TOO_SLOW",
+        )
+    return errors.ResourceExhausted(
+        f"this stream took no message for {lag:g} s and was cut off; resume with after_sequence={position}",
+        reason="SUBSCRIBER_TOO_SLOW",
+        metadata={"resume_after_sequence": str(position)},
+    )
