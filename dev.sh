@@ -2,7 +2,7 @@
 # One entry point for people and CI. Each command bootstraps what it needs first:
 #   ./dev.sh run     set up, then run the broker on the embedded sandbox cluster (insecure, data in ./.broker)
 #   ./dev.sh test    set up, then run every check CI runs: generated code, buf, ruff, mypy, layering, pytest
-#   ./dev.sh gen     regenerate the Python stubs from proto/
+#   ./dev.sh gen     regenerate the Python stubs from proto/ and the README's settings table
 #   ./dev.sh lint    the static checks only
 #   ./dev.sh bench   run the benchmarks (prints figures; not part of test)
 set -euo pipefail
@@ -45,6 +45,7 @@ ensure_venv() {
 lint() {
   log "generated stubs are fresh"
   "$PY" scripts/gen_proto.py --check
+  "$PY" scripts/gen_settings.py --check
   log "buf lint / format"
   "$VENV/bin/buf" lint
   "$VENV/bin/buf" format --diff --exit-code
@@ -80,7 +81,7 @@ case "$cmd" in
     "$VENV/bin/pytest" "$@"
     ;;
   lint) ensure_venv; lint ;;
-  gen) ensure_venv; "$PY" scripts/gen_proto.py ;;
+  gen) ensure_venv; "$PY" scripts/gen_proto.py; "$PY" scripts/gen_settings.py ;;
   bench) ensure_venv; for b in benchmarks/bench_*.py benchmarks/*/bench_*.py; do [ -f "$b" ] && "$PY" "$b"; done ;;
   *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 64 ;;
 esac

@@ -14,6 +14,8 @@ Everything is optional; what is left out keeps the documented defaults of ``brok
       memory_gib_month: 9.5
       storage_gib_month: 0.40
     max_replicas: 9
+    heartbeat_interval: 5       # any setting of `broker serve`, by its flag in snake case
+    callback_max_backoff: 30
     policies:                   # DESIGN section 5; the most specific rule wins
       - namespace: "*"
         mode: auto
@@ -33,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from broker import settings
 from broker.domain import catalog as catalog_mod
 from broker.domain import drift, model, policy, quantity
 
@@ -43,6 +46,9 @@ class Config:
 
     catalog: catalog_mod.Catalog
     rules: policy.Policy
+    # Values of ``broker.settings.TABLE`` by config key (``heartbeat_interval: 5``), unparsed:
+    # the settings table parses them, after the flags and the environment had their say.
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def load(path: pathlib.Path | None) -> Config:
@@ -55,11 +61,19 @@ def load(path: pathlib.Path | None) -> Config:
         raise ValueError(f"cannot read config file {path}: {e}") from e
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must be a mapping")
-    unknown = set(raw) - {"sizes", "versions", "prices", "max_replicas", "policies"}
+    catalog_keys = {"sizes", "versions", "prices", "max_replicas", "policies"}
+    unknown = set(raw) - catalog_keys - settings.BY_KEY.keys()
     if unknown:
-        raise ValueError(f"config file {path}: unknown keys {', '.join(sorted(unknown))}")
+        raise ValueError(
+            f"config file {path}: unknown keys {', '.join(sorted(unknown))} (besides sizes, versions, "
+            "prices, max_replicas and policies, a key is a setting of `broker serve --help` in snake case)"
+        )
     where = f"config file {path}"
-    return Config(catalog=_catalog(raw, where), rules=_policies(raw.get("policies") or [], where))
+    return Config(
+        catalog=_catalog(raw, where),
+        rules=_policies(raw.get("policies") or [], where),
+        settings={k: v for k, v in raw.items() if k not in catalog_keys},
+    )
 
 
 def _catalog(raw: dict[str, Any], where: str) -> catalog_mod.Catalog:

@@ -120,7 +120,17 @@ class ScrapeCollector(Collector):
         )
         for (namespace, resource_type), count in sorted(data.get("open_drifts", {}).items()):
             open_drifts.add_metric([namespace, resource_type], count)
-        yield from (reconnects, relists, callbacks, subscribers, open_drifts)
+        open_connections, refused = data.get("http_connections", (0, {}))
+        connections = GaugeMetricFamily("broker_http_connections", "Open connections to the HTTP port.")
+        connections.add_metric([], open_connections)
+        refusals = CounterMetricFamily(
+            "broker_http_connections_refused",
+            "HTTP connections closed by the port's limits, by reason (max_connections, header_timeout).",
+            labels=["reason"],
+        )
+        for reason in ("max_connections", "header_timeout"):
+            refusals.add_metric([reason], refused.get(reason, 0))
+        yield from (reconnects, relists, callbacks, subscribers, open_drifts, connections, refusals)
 
 
 class _RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -27,7 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from broker import auth, callbacks, detector, errors, events, metrics, provisioner, service
-from broker.api import decoding, gateway, grpc_api
+from broker.api import connections, decoding, gateway, grpc_api
 from broker.domain import catalog as catalog_mod
 from broker.domain import policy
 from broker.kube import client as kube_client
@@ -56,7 +56,8 @@ GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """How to run a broker; ``broker serve`` fills it from flags and environment variables."""
+    """How to run a broker; ``broker serve`` fills it from ``broker.settings.TABLE`` (flags,
+    environment variables, config-file keys), whose defaults are these."""
 
     grpc_addr: str = "0.0.0.0:50051"
     http_addr: str = "0.0.0.0:8082"
@@ -82,7 +83,10 @@ class Settings:
     remediate: bool = True
     remediation_base_delay: float = 1.0
     remediation_max_delay: float = 300.0
+    callback_max_backoff: float = 60.0
     event_retention: int = 100_000
+    event_prune_interval: float = 600.0
+    http: connections.Limits = dataclasses.field(default_factory=connections.Limits)
 
 
 def callback_key(settings: Settings) -> bytes:
@@ -192,6 +196,7 @@ class Broker:
         self.remediator: detector.Remediator | None = None
         self.hub = events.EventHub()
         self.metrics = metrics.Metrics()
+        self.http_connections = connections.Counters()
         self.policies = service.PolicyBook(settings.rules)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -227,7 +232,10 @@ class Broker:
         self.policies = service.PolicyBook(settings.rules, await self._store.policies())
         callback_policy = callbacks.CallbackPolicy(allow_loopback=settings.callback_allow_loopback)
         self.dispatcher = callbacks.Dispatcher(
-            store=self._store, key=await asyncio.to_thread(callback_key, settings), policy=callback_policy
+            store=self._store,
+            key=await asyncio.to_thread(callback_key, settings),
+            policy=callback_policy,
+            max_delay=settings.callback_max_backoff,
         )
         self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="callback-dispatcher"))
         await self._start_cluster()
@@ -274,10 +282,19 @@ class Broker:
             readiness=self._not_ready_reason,
             metrics_registry=self.metrics.registry,
         )
-        runner = web.AppRunner(app.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app.app, access_log=None, handle_signals=False, keepalive_timeout=settings.http.keepalive_timeout
+        )
         await runner.setup()
         ssl_context = self.tls.ssl_context() if self.tls is not None else None
-        site = web.TCPSite(runner, http_host, http_port, ssl_context=ssl_context)
+        site = connections.LimitedSite(
+            runner,
+            http_host,
+            http_port,
+            limits=settings.http,
+            counters=self.http_connections,
+            ssl_context=ssl_context,
+        )
         try:
             await site.start()
         except OSError as e:
@@ -366,6 +383,7 @@ class Broker:
             "informers": informers,
             "callbacks": (dispatcher.delivered, dispatcher.failed) if dispatcher else (0, 0),
             "subscribers": len(self.hub),
+            "http_connections": (self.http_connections.open, dict(self.http_connections.refused)),
             "open_drifts": self.detector.open_drifts() if self.detector else {},
         }
 
@@ -376,7 +394,7 @@ class Broker:
                 pruned = await self.store.prune_events(keep=self.settings.event_retention)
                 if pruned:
                     log.info("pruned the event log", extra={"events": pruned})
-            await asyncio.sleep(600)
+            await asyncio.sleep(self.settings.event_prune_interval)
 
     async def _not_ready_reason(self) -> str | None:
         if self._draining:
