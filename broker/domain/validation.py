@@ -11,8 +11,8 @@ import re
 import urllib.parse
 
 from broker import errors
+from broker.domain import addresses, model
 from broker.domain import catalog as catalog_mod
-from broker.domain import model
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -84,7 +84,13 @@ def check_request_id(value: str, violations: list[errors.FieldViolation]) -> Non
 
 
 def check_callback_url(value: str, violations: list[errors.FieldViolation]) -> None:
-    """Callback URLs are optional; when given, absolute http(s) URLs with a host and no credentials."""
+    """Callback URLs are optional; when given, absolute http(s) URLs with a host and no credentials.
+
+    The broker will call this URL, so it is read strictly (SSRF): anything URL parsers may read
+    differently (backslashes, whitespace, fragments, userinfo, ambiguous IPv4 spellings, zone ids)
+    is refused here. Which addresses may be called depends on the policy and is checked by
+    ``broker.callbacks.CallbackPolicy``, on the literal host now and on resolved addresses later.
+    """
     if not value:
         return
     if len(value) > MAX_CALLBACK_URL:
@@ -92,24 +98,30 @@ def check_callback_url(value: str, violations: list[errors.FieldViolation]) -> N
             errors.FieldViolation("callback_url", f"is longer than {MAX_CALLBACK_URL} characters")
         )
         return
+    problem = _callback_url_problem(value)
+    if problem:
+        violations.append(errors.FieldViolation("callback_url", problem))
+
+
+def _callback_url_problem(value: str) -> str | None:
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        return "must not contain whitespace or control characters (percent-encode them in the path)"
+    if "\\" in value:
+        return "must not contain backslashes: URL parsers disagree on whether they end the host"
     try:
         parsed = urllib.parse.urlsplit(value)
         port = parsed.port
     except ValueError as e:
-        violations.append(errors.FieldViolation("callback_url", f"is not a valid URL: {e}"))
-        return
+        return f"is not a valid URL: {e}"
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        violations.append(
-            errors.FieldViolation("callback_url", "must be an absolute http:// or https:// URL with a host")
-        )
-    elif parsed.username is not None or parsed.password is not None:
-        violations.append(
-            errors.FieldViolation(
-                "callback_url", "must not contain credentials; the broker signs callbacks instead"
-            )
-        )
-    elif port == 0:
-        violations.append(errors.FieldViolation("callback_url", "has port 0, which cannot be called"))
+        return "must be an absolute http:// or https:// URL with a host"
+    if "@" in parsed.netloc:
+        return "must not contain credentials; the broker signs callbacks instead"
+    if "#" in value:
+        return "must not contain a '#' fragment: it is never sent, so it can only mislead a reader"
+    if port == 0:
+        return "has port 0, which cannot be called"
+    return addresses.host_problem(parsed.hostname, bracketed=parsed.netloc.startswith("["))
 
 
 def page_request(size: int, token: str, violations: list[errors.FieldViolation]) -> model.PageRequest:
