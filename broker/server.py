@@ -74,6 +74,7 @@ class Settings:
     ready_timeout: float = 300.0
     callback_key_file: pathlib.Path | None = None
     callback_allow_loopback: bool = False
+    callback_allow_link_local: bool = False
     kafka_cluster: str = "kafka"
     watch: service.WatchLimits = dataclasses.field(default_factory=service.WatchLimits)
     resync_interval: float = 60.0
@@ -230,7 +231,10 @@ class Broker:
         self._store = await sqlite.Store.open(settings.data_dir)
         self._store.listeners += [self.hub.publish, self.metrics.on_events]
         self.policies = service.PolicyBook(settings.rules, await self._store.policies())
-        callback_policy = callbacks.CallbackPolicy(allow_loopback=settings.callback_allow_loopback)
+        callback_policy = callbacks.CallbackPolicy(
+            allow_loopback=settings.callback_allow_loopback,
+            allow_link_local=settings.callback_allow_link_local,
+        )
         self.dispatcher = callbacks.Dispatcher(
             store=self._store,
             key=await asyncio.to_thread(callback_key, settings),

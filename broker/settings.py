@@ -162,6 +162,12 @@ TABLE: tuple[Setting, ...] = (
         "allow callbacks to loopback addresses (local development and tests only)",
     ),
     Setting(
+        "callback_allow_link_local",
+        "--callback-allow-link-local",
+        SWITCH,
+        "allow callbacks to link-local addresses (cloud metadata addresses stay refused)",
+    ),
+    Setting(
         "callback_max_backoff",
         "--callback-max-backoff",
         SECONDS,
