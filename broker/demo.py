@@ -246,8 +246,14 @@ async def _scenes(
     async def resolved() -> bool:
         return pb.DRIFT_EVENT_KIND_DRIFT_RESOLVED in kinds()
 
-    await _until("remediation and resolution", resolved, within)
-    if pb.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED not in kinds():
+    async def remediated() -> bool:
+        # Succeeded is said once an observation shows the drift gone: after the resolution, or
+        # at the same moment.
+        return pb.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED in kinds()
+
+    await _until("the drift resolved", resolved, within)
+    await _until("the broker's remediation confirmed", remediated, within)
+    if pb.DRIFT_EVENT_KIND_REMEDIATION_STARTED not in kinds():
         raise DemoFailed("the drift resolved without the broker's remediation")
     replicas = json.loads(await _kubectl(kubeconfig, "-n", NAMESPACE, "get", "sts", NAME, "-o", "json"))[
         "spec"

@@ -36,6 +36,9 @@ from broker.store import sqlite
 log = logging.getLogger(__name__)
 
 EVALUATED_PHASES = (model.Phase.READY, model.Phase.DRIFT_DETECTED)
+# Which of some drift items an observation still shows: of the caches, or with the objects a
+# remediation just wrote in place of their cached copies.
+Remaining = Callable[[tuple[model.DriftItem, ...], observer.Written | None], tuple[model.DriftItem, ...]]
 MISSING_RULES = ("object.missing", "secret.missing")
 
 
@@ -128,15 +131,24 @@ class Remediator:
         return float(min(self._max_delay, self._base_delay * 2 ** (fight.attempts - 1)))
 
     def request(
-        self, deployment: model.Deployment, items: tuple[model.DriftItem, ...], recheck: Callable[[], bool]
+        self,
+        deployment: model.Deployment,
+        items: tuple[model.DriftItem, ...],
+        remaining: Remaining,
+        *,
+        keep: frozenset[str] = frozenset(),
     ) -> None:
-        """Schedule a remediation unless one is already scheduled or running for the deployment."""
+        """Schedule a remediation unless one is already scheduled or running for the deployment.
+
+        ``remaining(items)`` says which of ``items`` a fresh observation still shows; ``keep`` names
+        fields whose drift is only reported, so re-applying must leave their live values alone.
+        """
         fight = self._fights.setdefault(deployment.deployment_id, _Fight())
         if fight.task is not None and not fight.task.done():
             return
         delay = self.delay_for(fight, time.monotonic())
         fight.task = asyncio.create_task(
-            self._remediate(deployment, items, delay, fight, recheck),
+            self._remediate(deployment, items, delay, fight, remaining, keep),
             name=f"remediate-{deployment.deployment_id}",
         )
 
@@ -146,7 +158,8 @@ class Remediator:
         items: tuple[model.DriftItem, ...],
         delay: float,
         fight: _Fight,
-        recheck: Callable[[], bool],
+        remaining: Remaining,
+        keep: frozenset[str],
     ) -> None:
         what = "; ".join(i.message for i in items)
         if delay:
@@ -158,7 +171,8 @@ class Remediator:
                 items,
             )
             await asyncio.sleep(delay)
-            if not recheck():
+            items = remaining(items, None)
+            if not items:
                 return  # resolved by itself (or no longer auto-remediable) while we waited
         else:
             await self._event(
@@ -169,17 +183,29 @@ class Remediator:
             )
         self.attempts += 1
         try:
-            await self._cluster.apply(deployment, create_secret=False)
+            written = await self._cluster.apply(deployment, create_secret=False, keep=keep)
         except errors.BrokerError as e:
             await self._event(
                 deployment, model.EventKind.REMEDIATION_FAILED, f"Re-applying failed: {e.message}", items
+            )
+            return
+        # Applied is not fixed: the objects as the API server answered the writes must show the
+        # drift gone (another manager's field survives an apply, say).
+        left = remaining(items, written)
+        if left:
+            await self._event(
+                deployment,
+                model.EventKind.REMEDIATION_FAILED,
+                f"Re-applied generation {deployment.generation}, but the cluster still shows: "
+                + "; ".join(i.message for i in left),
+                left,
             )
             return
         fight.last_success = time.monotonic()
         await self._event(
             deployment,
             model.EventKind.REMEDIATION_SUCCEEDED,
-            f"Re-applied generation {deployment.generation}",
+            f"Re-applied generation {deployment.generation}; the drift is gone",
             items,
         )
 
@@ -288,13 +314,30 @@ class Detector:
         self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(after))
         auto = tuple(i for i in after if i.action is model.Action.AUTO_REMEDIATE)
         if readable and auto and self._remediator is not None:
+            reported_only = frozenset(i.field for i in after if i.action is not model.Action.AUTO_REMEDIATE)
             self._remediator.request(
-                dataclasses.replace(deployment, phase=phase), auto, lambda: self._still_auto(deployment)
+                dataclasses.replace(deployment, phase=phase),
+                auto,
+                lambda items, written: self._remaining(deployment, items, written),
+                keep=reported_only,
             )
 
-    def _still_auto(self, deployment: model.Deployment) -> bool:
-        verdict = self._verdict(deployment)
-        return any(i.action is model.Action.AUTO_REMEDIATE for i in verdict.unexpected)
+    def _remaining(
+        self,
+        deployment: model.Deployment,
+        items: tuple[model.DriftItem, ...],
+        written: observer.Written | None,
+    ) -> tuple[model.DriftItem, ...]:
+        """Those of ``items`` (by rule and field) still shown as auto-remediable drift."""
+        observation = self._cluster.observe(deployment, written=written)
+        verdict = drift.evaluate(deployment, observation, catalog=self._catalog, rules=self._policies())
+        now = {(i.rule_id, i.field): i for i in verdict.unexpected}
+        return tuple(
+            now[(i.rule_id, i.field)]
+            for i in items
+            if now.get((i.rule_id, i.field)) is not None
+            and now[(i.rule_id, i.field)].action is model.Action.AUTO_REMEDIATE
+        )
 
     def open_drifts(self) -> dict[tuple[str, str], int]:
         """Open unexpected drift items by (namespace, resource type), for metrics."""

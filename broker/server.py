@@ -250,6 +250,7 @@ class Broker:
             policies=self.policies,
             callback_check=callback_policy,
             on_accepted=self.provisioner.kick if self.provisioner else lambda deployment_id: None,
+            on_desired_changed=self.detector.notify if self.detector else lambda deployment_id: None,
             hub=self.hub,
             watch_limits=settings.watch,
         )

@@ -165,6 +165,7 @@ class BrokerService:
         policies: PolicyBook | None = None,
         callback_check: CallbackCheck | None = None,
         on_accepted: Callable[[str], None] = lambda deployment_id: None,
+        on_desired_changed: Callable[[str], None] = lambda deployment_id: None,
         hub: events.EventHub | None = None,
         watch_limits: WatchLimits | None = None,
     ) -> None:
@@ -177,6 +178,8 @@ class BrokerService:
         self.policies = policies or PolicyBook(policy.Policy())
         self._callback_check = callback_check
         self._on_accepted = on_accepted
+        # The desired state changed without anything to apply (accepted drift): re-evaluate it now.
+        self._on_desired_changed = on_desired_changed
 
     async def provision(self, principal: auth.Principal, request: ProvisionInput) -> model.MutationResult:
         """Validate and persist a desired state; answer at once (the workload comes later)."""
@@ -329,17 +332,16 @@ class BrokerService:
                     f"deployment {deployment_id} has no acceptable drift on {', '.join(sorted(wanted))}",
                     reason="NO_DRIFT",
                 )
-            await self._store.provision(
-                model.ProvisionCommand(
-                    namespace=deployment.namespace,
-                    resource_type=deployment.resource_type,
-                    resource_name=deployment.resource_name,
-                    spec=spec,
-                    callback_url=deployment.callback_url,
-                    request_id="",
+            # Nothing is applied: what runs already has these values. Drift on other fields stays.
+            if not await self._store.accept(
+                deployment, spec, f"accepted the observed {', '.join(accepted)} as desired; nothing applied"
+            ):
+                raise errors.FailedPrecondition(
+                    f"deployment {deployment_id} changed while its drift was being accepted; "
+                    "read it and retry",
+                    reason="DEPLOYMENT_CHANGED",
                 )
-            )
-            self._on_accepted(deployment_id)
+            self._on_desired_changed(deployment_id)
             record(deployment_id=deployment_id, accepted=",".join(accepted))
         updated = await self._store.get_deployment(
             model.Namespace(namespace), model.DeploymentId(deployment_id)

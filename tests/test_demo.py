@@ -51,12 +51,14 @@ def test_broker_demo_tells_the_whole_story_and_exits_0(tmp_path: pathlib.Path) -
         for marker in (
             "PROVISIONING_SUCCEEDED",
             "DRIFT_DETECTED",
-            "REMEDIATION_SUCCEEDED",
+            "REMEDIATION_STARTED",
             "DRIFT_RESOLVED",
             "Done",
         )
     ]
     assert positions == sorted(positions), out
+    # A remediation succeeds once an observation shows the drift gone: not before it started.
+    assert out.index("REMEDIATION_STARTED") < out.index("REMEDIATION_SUCCEEDED") < out.index("Done"), out
     # Output is for people: no terminal escapes when it is not a terminal.
     assert "\033[" not in out
     # It ran in a temporary directory and removed it.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import pathlib
 import re
 import shutil
@@ -62,15 +63,13 @@ async def test_a_manual_scale_reaches_the_subscriber_and_auto_remediation_undoes
         assert item.changed_by == "kubectl"
         assert "Replica count mismatch: desired=1, actual=3" in first.message
 
-        events = await watch.wait_kinds(
-            [
-                K.DRIFT_EVENT_KIND_DRIFT_DETECTED,
-                K.DRIFT_EVENT_KIND_REMEDIATION_STARTED,
-                K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED,
-                K.DRIFT_EVENT_KIND_DRIFT_RESOLVED,
-            ],
-            deployment_id=deployment_id,
-        )
+        # Succeeded is only said once an observation shows the drift gone: after Started, and
+        # after (or together with) the resolution.
+        for last in (K.DRIFT_EVENT_KIND_DRIFT_RESOLVED, K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED):
+            events = await watch.wait_kinds(
+                [K.DRIFT_EVENT_KIND_DRIFT_DETECTED, K.DRIFT_EVENT_KIND_REMEDIATION_STARTED, last],
+                deployment_id=deployment_id,
+            )
         # The cluster is back to the desired state.
         assert await until(
             lambda: kubectl.replicas("db-scaled"), lambda r: r == 1, within=20, what="spec.replicas back to 1"
@@ -257,3 +256,117 @@ async def test_an_alert_policy_for_the_namespace_stops_auto_remediation(
                 pb.GetRemediationPolicyRequest(namespace=PLATFORM), metadata=admin.auth
             )
             assert got.policy.mode == pb.REMEDIATION_MODE_ALERT
+
+
+async def test_accepting_replicas_leaves_an_alert_only_image_and_its_drift_alone(
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
+) -> None:
+    """AcceptDrift changes nothing in the cluster: a hand-set postgres:16 stays, and stays reported."""
+    await seed(sandbox_kubeconfig)
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,  # remediation off
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-keep")
+        await manager.wait_ready(deployment_id)
+        watch = manager.watch(deployment_id=deployment_id, after_sequence=await newest_sequence(broker))
+        await kubectl.run("set", "image", "statefulset/db-keep", "postgresql=postgres:16")
+        await kubectl.scale("db-keep", 3)
+
+        async def drifted() -> set[str]:
+            state = await manager.state(deployment_id)
+            return {i.rule_id for i in state.drift_items} if state else set()
+
+        await until(
+            drifted, lambda r: {"version.major", "replicas.changed"} <= r, within=20, what="both drifts"
+        )
+        reply = await manager.stub.AcceptDrift(
+            pb.AcceptDriftRequest(namespace=PLATFORM, deployment_id=deployment_id, fields=["replicas"]),
+            metadata=manager.auth,
+        )
+        assert list(reply.accepted_fields) == ["replicas"]
+        assert reply.deployment.desired_spec.replicas == 3
+        assert reply.deployment.last_operation.state == pb.OPERATION_STATE_SUCCEEDED
+
+        rules = await until(
+            drifted, lambda r: "replicas.changed" not in r, within=20, what="replicas accepted"
+        )
+        assert "version.major" in rules  # not accepted: still reported
+        await asyncio.sleep(0.5)  # anything the broker would (wrongly) apply has landed by now
+        _, out, _ = await kubectl.run("get", "statefulset", "db-keep", "-o", "json")
+        sts = json.loads(out)
+        assert sts["spec"]["replicas"] == 3
+        assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == "postgres:16"
+        assert K.DRIFT_EVENT_KIND_REMEDIATION_STARTED not in watch.kinds()
+
+
+async def test_remediating_replicas_keeps_an_alert_only_image(
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
+) -> None:
+    await seed(sandbox_kubeconfig)
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, remediate=True) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-mixed")
+        await manager.wait_ready(deployment_id)
+        watch = manager.watch(deployment_id=deployment_id, after_sequence=await newest_sequence(broker))
+        await kubectl.run("set", "image", "statefulset/db-mixed", "postgresql=postgres:16")
+        await kubectl.scale("db-mixed", 3)
+        await watch.wait_kinds(
+            [K.DRIFT_EVENT_KIND_REMEDIATION_STARTED, K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED],
+            deployment_id=deployment_id,
+        )
+        await until(
+            lambda: kubectl.replicas("db-mixed"), lambda r: r == 1, within=20, what="replicas back to 1"
+        )
+        _, out, _ = await kubectl.run("get", "statefulset", "db-mixed", "-o", "json")
+        assert json.loads(out)["spec"]["template"]["spec"]["containers"][0]["image"] == "postgres:16"
+        state = await manager.state(deployment_id)
+        assert state is not None
+        assert [i.rule_id for i in state.drift_items if i.drift_class == pb.DRIFT_CLASS_UNEXPECTED] == [
+            "version.major"
+        ]
+
+
+async def test_env_set_by_hand_is_removed_and_only_then_called_a_success(
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
+) -> None:
+    """Server-side apply cannot take away kubectl's FOO; the broker must, and must not claim
+    success while FOO is still there."""
+    await seed(sandbox_kubeconfig)
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, remediate=True) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-env")
+        await manager.wait_ready(deployment_id)
+        watch = manager.watch(deployment_id=deployment_id, after_sequence=await newest_sequence(broker))
+        await kubectl.run("set", "env", "statefulset/db-env", "FOO=bar")
+        events = await watch.wait_kinds(
+            [
+                K.DRIFT_EVENT_KIND_DRIFT_DETECTED,
+                K.DRIFT_EVENT_KIND_REMEDIATION_STARTED,
+                K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED,
+            ],
+            deployment_id=deployment_id,
+        )
+        detected = next(e for e in events if e.kind == K.DRIFT_EVENT_KIND_DRIFT_DETECTED)
+        assert any(i.rule_id == "config.changed" and "FOO" in i.actual for i in detected.drift_items)
+
+        async def env_names() -> list[str]:
+            _, out, _ = await kubectl.run("get", "statefulset", "db-env", "-o", "json")
+            return [
+                v["name"] for v in json.loads(out)["spec"]["template"]["spec"]["containers"][0].get("env", [])
+            ]
+
+        names = await until(
+            env_names, lambda n: "FOO" not in n, within=20, what="FOO removed from the cluster"
+        )
+        assert "POSTGRES_PASSWORD" in names  # the broker's own variables are still there
+        await watch.wait_kinds([K.DRIFT_EVENT_KIND_DRIFT_RESOLVED], deployment_id=deployment_id)
+        await asyncio.sleep(1.0)
+        assert watch.kinds(deployment_id).count(K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED) == 1, (
+            watch.summary()
+        )
+        assert K.DRIFT_EVENT_KIND_REMEDIATION_FAILED not in watch.kinds(deployment_id)

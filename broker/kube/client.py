@@ -202,6 +202,21 @@ class Client:
             content_type="application/apply-patch+yaml",
         )
 
+    async def json_patch(self, kind: str, namespace: str, name: str, operations: list[JsonDict]) -> JsonDict:
+        """Apply an RFC 6902 JSON patch under the broker's field manager; returns the live object.
+
+        For what server-side apply cannot do: remove a field another manager owns (apply only drops
+        fields the broker itself set). A ``test`` operation in ``operations`` makes it conditional.
+        """
+        return await self._json(
+            "PATCH",
+            self.path(kind, namespace, name),
+            what=f"patch {kind} {namespace}/{name}",
+            query=[("fieldManager", FIELD_MANAGER)],
+            body=operations,
+            content_type="application/json-patch+json",
+        )
+
     async def create(self, obj: JsonDict) -> JsonDict:
         """Create ``obj`` (POST); FailedPrecondition (conflict) when it already exists."""
         meta = obj["metadata"]

@@ -27,6 +27,8 @@ from broker.kube import manifests
 log = logging.getLogger(__name__)
 
 JsonDict = kube_client.JsonDict
+# Objects as the API server answered the broker's writes, by kind: fresher than the caches.
+Written = Mapping[str, JsonDict]
 WORKLOAD_KINDS = ("StatefulSet", "Service", "Secret", "Pod", "PersistentVolumeClaim")
 TOPIC_KINDS = ("KafkaTopic",)
 
@@ -179,6 +181,32 @@ def _topic(obj: JsonDict) -> drift.TopicObservation:
     )
 
 
+def _keep_workload_fields(manifest: JsonDict, live: JsonDict, keep: frozenset[str]) -> None:
+    """Put the live values of the kept drift fields into a StatefulSet manifest about to be applied."""
+    want, have = _first_container(manifest), _first_container(live)
+    if keep & {"version", "engine"} and have.get("image"):
+        want["image"] = have["image"]
+    if "size" in keep and have.get("resources"):
+        want["resources"] = have["resources"]
+    if "config" in keep and "env" in have:
+        want["env"] = have["env"]
+    if "replicas" in keep and "replicas" in (live.get("spec") or {}):
+        manifest["spec"]["replicas"] = live["spec"]["replicas"]
+    manifest["spec"]["template"]["spec"]["containers"][0] = want
+
+
+def _keep_topic_fields(manifest: JsonDict, live: JsonDict, keep: frozenset[str]) -> None:
+    """Put the live values of the kept drift fields into a KafkaTopic manifest about to be applied."""
+    spec, have = manifest["spec"], live.get("spec") or {}
+    if "partitions" in keep and "partitions" in have:
+        spec["partitions"] = have["partitions"]
+    if "replicas" in keep and "replicas" in have:
+        spec["replicas"] = have["replicas"]
+    live_retention = (have.get("config") or {}).get("retention.ms")
+    if "retention_ms" in keep and live_retention is not None:
+        spec.setdefault("config", {})["retention.ms"] = live_retention
+
+
 class ClusterState:
     """Caches of the managed objects, observations built from them, and the broker's writes."""
 
@@ -281,16 +309,25 @@ class ClusterState:
 
     # Observing -------------------------------------------------------------------------------------
 
-    def observe(self, deployment: model.Deployment) -> drift.Observation:
-        """What the caches say about one deployment's objects, now."""
+    def observe(self, deployment: model.Deployment, *, written: Written | None = None) -> drift.Observation:
+        """What the caches say about one deployment's objects, now.
+
+        ``written`` holds objects just written (by kind), taken instead of their cached copies: a
+        remediation checks its own result without waiting for the watch to bring it.
+        """
         now = datetime.datetime.now(datetime.UTC)
         if not self.synced:
             return drift.Observation(readable=False, observed_at=now)
         ns, name, dep_id = deployment.namespace, deployment.resource_name, deployment.deployment_id
+        written = written or {}
+
+        def current(kind: str, obj_name: str) -> JsonDict | None:
+            return written.get(kind) or self.informers[kind].get(ns, obj_name)
+
         if deployment.resource_type is model.ResourceType.TOPIC:
-            topic = self._owned(self.informers["KafkaTopic"].get(ns, name), dep_id)
+            topic = self._owned(current("KafkaTopic", name), dep_id)
             return drift.Observation(readable=True, observed_at=now, topic=_topic(topic) if topic else None)
-        sts = self._owned(self.informers["StatefulSet"].get(ns, name), dep_id)
+        sts = self._owned(current("StatefulSet", name), dep_id)
         secret = self._owned(
             self.informers["Secret"].get(ns, naming.secret_name(deployment.resource_type, name)), dep_id
         )
@@ -324,7 +361,7 @@ class ClusterState:
             readable=True,
             observed_at=now,
             workload=_workload(sts, self._desired_env(deployment)) if sts else None,
-            service_present=self._owned(self.informers["Service"].get(ns, name), dep_id) is not None,
+            service_present=self._owned(current("Service", name), dep_id) is not None,
             secret_present=secret is not None,
             secret_changed=secret_changed,
             secret_changed_by=secret_changed_by,
@@ -351,24 +388,62 @@ class ClusterState:
 
     # Writing ---------------------------------------------------------------------------------------
 
-    async def apply(self, deployment: model.Deployment, *, create_secret: bool = True) -> None:
+    async def apply(
+        self,
+        deployment: model.Deployment,
+        *,
+        create_secret: bool = True,
+        keep: frozenset[str] = frozenset(),
+    ) -> Written:
         """Create or update a deployment's objects (server-side apply; the Secret only if missing).
 
         Remediation passes ``create_secret=False``: a deleted Secret is alert-only, since a new
-        password would lock the application out of its data.
+        password would lock the application out of its data. ``keep`` names drift fields (``version``,
+        ``engine``, ``size``, ``replicas``, ``config``, ``partitions``, ``retention_ms``) whose live
+        values are applied instead of the desired ones: remediating one field must not undo drift the
+        policy says only to report. Container env the broker does not set is removed with a JSON
+        patch, since apply cannot take away a field another manager owns. Returns the objects as
+        the API server answered the last write of each.
         """
+        ns, name, dep_id = deployment.namespace, deployment.resource_name, deployment.deployment_id
         if deployment.resource_type is model.ResourceType.TOPIC:
-            await self.client.apply(manifests.kafka_topic(deployment, kafka_cluster=self._kafka_cluster))
-            return
-        secret_name = naming.secret_name(deployment.resource_type, deployment.resource_name)
-        secret = self.informers["Secret"].get(deployment.namespace, secret_name)
-        if create_secret and self._owned(secret, deployment.deployment_id) is None:
+            topic = manifests.kafka_topic(deployment, kafka_cluster=self._kafka_cluster)
+            live = self._owned(self.informers["KafkaTopic"].get(ns, name), dep_id)
+            if live is not None and keep:
+                _keep_topic_fields(topic, live, keep)
+            return {"KafkaTopic": await self.client.apply(topic)}
+        secret_name = naming.secret_name(deployment.resource_type, name)
+        secret = self.informers["Secret"].get(ns, secret_name)
+        if create_secret and self._owned(secret, dep_id) is None:
             try:
-                await self.client.get("Secret", deployment.namespace, secret_name)
+                await self.client.get("Secret", ns, secret_name)
             except errors.NotFound:
                 await self.client.create(manifests.secret(deployment, self._catalog))
-        await self.client.apply(manifests.service(deployment, self._catalog))
-        await self.client.apply(manifests.statefulset(deployment, self._catalog))
+        service = await self.client.apply(manifests.service(deployment, self._catalog))
+        sts = manifests.statefulset(deployment, self._catalog)
+        live = self._owned(self.informers["StatefulSet"].get(ns, name), dep_id)
+        if live is not None and keep:
+            _keep_workload_fields(sts, live, keep)
+        applied = await self.client.apply(sts)
+        if "config" not in keep:
+            applied = await self._drop_foreign_env(applied, sts)
+        return {"Service": service, "StatefulSet": applied}
+
+    async def _drop_foreign_env(self, live: JsonDict, wanted: JsonDict) -> JsonDict:
+        """Set the container env to exactly the broker's when another manager added or changed some."""
+        want_env = _first_container(wanted).get("env") or []
+        if not config_changes(live, _env(_first_container(wanted))):
+            return live
+        meta = live.get("metadata") or {}
+        return await self.client.json_patch(
+            "StatefulSet",
+            str(meta.get("namespace", "")),
+            str(meta.get("name", "")),
+            [
+                {"op": "test", "path": "/metadata/resourceVersion", "value": meta.get("resourceVersion")},
+                {"op": "replace", "path": "/spec/template/spec/containers/0/env", "value": want_env},
+            ],
+        )
 
     async def delete(self, deployment: model.Deployment, data_policy: model.DataPolicy) -> None:
         """Delete a deployment's objects; its volume claims too when the policy says so."""

@@ -826,6 +826,46 @@ class Store:
                     (error[:500], _ts(retry_at or now), delivery_id),
                 )
 
+    async def accept(self, deployment: model.Deployment, spec: model.ResourceSpec, message: str) -> bool:
+        """Make ``spec`` the desired state as already in place: a new generation, nothing to apply.
+
+        Accepting drift records observed values as desired; the workload already runs them, so the
+        generation's operation is finished at once and the phase stays as it was (the detector
+        re-evaluates). Nothing is written when the deployment moved on since it was read; returns
+        whether it was.
+        """
+        now = _now()
+        async with self._transaction() as db:
+            generation = deployment.generation + 1
+            op = await self._insert_operation(
+                db,
+                deployment_id=deployment.deployment_id,
+                op_type=model.OperationType.UPDATE,
+                generation=generation,
+                now=now,
+            )
+            await db.execute(
+                "UPDATE operations SET state = ?, message = ? WHERE operation_id = ?",
+                (model.OperationState.SUCCEEDED.value, message, op.operation_id),
+            )
+            cur = await db.execute(
+                "UPDATE deployments SET desired_spec = ?, generation = ?, last_operation_id = ?, "
+                "update_time = ? WHERE deployment_id = ? AND last_operation_id = ? "
+                "AND phase IN ('Ready', 'DriftDetected')",
+                (
+                    spec_to_json(spec),
+                    generation,
+                    op.operation_id,
+                    _ts(now),
+                    deployment.deployment_id,
+                    deployment.last_operation.operation_id,
+                ),
+            )
+            if cur.rowcount == 0:
+                await db.execute("DELETE FROM operations WHERE operation_id = ?", (op.operation_id,))
+                return False
+            return True
+
     async def record_evaluation(
         self,
         deployment: model.Deployment,
