@@ -9,6 +9,7 @@ Default classification (DESIGN section 5, the seed's drift rules):
 rule id                     difference                             class        action
 ==========================  =====================================  ===========  ==============
 version.patch               newer patch within the desired float   expected     none
+version.unknown             the image tag names no version         expected     none
 version.minor               other minor version                    unexpected   alert-only
 version.downgrade           older patch than desired               unexpected   alert-only
 version.major               other major version (data-affecting)   unexpected   alert-only
@@ -271,13 +272,29 @@ def _version_parts(version: str) -> tuple[int, ...]:
 
 
 def version_item(desired: str, actual: str, changed_by: str) -> model.DriftItem | None:
-    """Classify a running version against the desired (possibly floating) one."""
+    """Classify a running version against the desired (possibly floating) one.
+
+    An image whose tag names no version (``latest``, a digest only, a distribution name) says
+    nothing about the version: that is an informational item, never an alert.
+    """
     if actual == desired:
         return None
     want, have = _version_parts(desired), _version_parts(actual)
+    if not have:
+        return _item(
+            "version.unknown",
+            "version",
+            desired,
+            actual or "unknown",
+            expected=True,
+            severity=model.Severity.INFO,
+            action=model.Action.NONE,
+            message=f"Version unknown: the image tag {actual or '(none)'!r} names no version; "
+            f"desired={desired}",
+        )
     message = f"Version mismatch: desired={desired}, actual={actual}"
     alert, warn = model.Action.ALERT_ONLY, model.Severity.WARNING
-    if not want or not have or have[0] != want[0]:
+    if not want or have[0] != want[0]:
         return _item(
             "version.major",
             "version",
@@ -520,7 +537,7 @@ def _topic_items(deployment: model.Deployment, obs: Observation) -> list[model.D
 
 
 def _running_image(obs: Observation) -> str:
-    """The image most pods run (what is actually running, not what the template asks for)."""
+    """The image most pods were asked to run (what runs, not what the template asks for now)."""
     images = [p.image for p in obs.pods if p.image]
     return max(set(images), key=images.count) if images else ""
 

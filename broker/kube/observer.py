@@ -114,7 +114,14 @@ def _quantity(value: Any) -> decimal.Decimal | None:
 
 
 def _pod(obj: JsonDict, usage: tuple[decimal.Decimal, decimal.Decimal] | None) -> drift.PodObservation:
+    """One pod; its image is the one its spec asks for.
+
+    ``status.containerStatuses[].image`` is the runtime's spelling (kube-apiserver documents it as
+    possibly "resolved by the runtime": another tag sharing the digest, ``latest``, a digest
+    reference), so versions are read from the spec, which the kubelet ran.
+    """
     status = obj.get("status") or {}
+    spec_containers = (obj.get("spec") or {}).get("containers") or [{}]
     containers = status.get("containerStatuses") or [{}]
     first = containers[0]
     waiting = ((first.get("state") or {}).get("waiting") or {}).get("reason", "")
@@ -128,7 +135,7 @@ def _pod(obj: JsonDict, usage: tuple[decimal.Decimal, decimal.Decimal] | None) -
         ready=ready,
         restart_count=int(sum(int(c.get("restartCount") or 0) for c in containers)),
         waiting_reason=str(waiting),
-        image=str(first.get("image", "")),
+        image=str(spec_containers[0].get("image") or first.get("image", "")),
         cpu_usage=usage[0] if usage else None,
         memory_usage=usage[1] if usage else None,
         last_restart=_time(finished),
