@@ -278,6 +278,33 @@ ROWS = {
             "Labels changed: app.kubernetes.io/name",
             None,
         ),
+        # Relabelled so that a watch by managed-by would lose it: labels drifted, nothing is missing.
+        Row(
+            "relabel-managed-by",
+            ("label", "statefulset", "{name}", "app.kubernetes.io/managed-by=someone-else", "--overwrite"),
+            "labels.changed",
+            AUTO,
+            "Labels changed: app.kubernetes.io/managed-by",
+            None,
+        ),
+        # Relabelled to another deployment's id: still the broker's object (its owner annotation).
+        Row(
+            "relabel-deployment-id",
+            ("label", "statefulset", "{name}", "broker.platform/deployment-id=someone-elses", "--overwrite"),
+            "labels.changed",
+            AUTO,
+            "Labels changed: broker.platform/deployment-id",
+            None,
+        ),
+        # The selection's own label removed: the object leaves the watch and is found by name.
+        Row(
+            "remove-deployment-label",
+            ("label", "statefulset", "{name}", "broker.platform/deployment-id-"),
+            "labels.changed",
+            AUTO,
+            "Labels changed: broker.platform/deployment-id",
+            None,
+        ),
     ]
 }
 # Rows with a test of their own below (which checks more than the common part).

@@ -33,7 +33,11 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_DEPLOYMENT = "broker.platform/deployment-id"
 LABEL_TYPE = "broker.platform/resource-type"
-SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+# Watched by the deployment label's existence, not by ``managed-by``: a person who relabels
+# ``app.kubernetes.io/managed-by`` (a label other tools also write) must see labels.changed, not the
+# object reported missing. An object whose deployment label itself is changed leaves the selection;
+# the cluster adapter then looks it up by name (``observer.ClusterState``'s strays).
+SELECTOR = LABEL_DEPLOYMENT
 
 
 def labels(deployment_id: str, resource_type: model.ResourceType, name: str) -> dict[str, str]:

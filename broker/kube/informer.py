@@ -102,10 +102,11 @@ class Informer:
         if self._index_label:
             self._index.setdefault(self._label_value(obj), set()).add(key)
 
-    def _drop(self, key: Key) -> None:
+    def _drop(self, key: Key) -> kube_client.JsonDict | None:
         old = self._objects.pop(key, None)
         if old is not None and self._index_label:
             self._index.get(self._label_value(old), set()).discard(key)
+        return old
 
     async def run(self) -> None:
         """List and watch until cancelled; never returns otherwise."""
@@ -175,8 +176,11 @@ class Informer:
                 continue
             key = key_of(obj)
             if event_type == "DELETED":
-                self._drop(key)
-            else:
-                self._put(key, obj)
+                # Deleted, or no longer selected (labels changed): listeners learn of it as the
+                # object they knew, so they can tell whose it was.
+                old = self._drop(key)
+                self._on_change(self.kind, event_type, old or obj)
+                continue
+            self._put(key, obj)
             self._on_change(self.kind, event_type, obj)
         return resource_version

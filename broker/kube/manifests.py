@@ -27,6 +27,9 @@ from broker.domain import model, naming, quantity
 JsonDict = dict[str, Any]
 CHECKSUM_ANNOTATION = "broker.platform/data-checksum"
 GENERATION_ANNOTATION = "broker.platform/generation"
+# The deployment an object belongs to, as the broker wrote it: labels are selectable and get edited
+# by hand (that is drift to report), the annotation is the broker's own record of ownership.
+OWNER_ANNOTATION = "broker.platform/owner"
 KAFKA_CLUSTER_LABEL = "strimzi.io/cluster"
 
 # Letters and digits only: the password travels as a redis-server argument (where a leading "--"
@@ -151,14 +154,13 @@ PROBE_TIMINGS: dict[str, JsonDict] = {
 }
 
 
-def _meta(deployment: model.Deployment, name: str, **extra: Any) -> JsonDict:
-    meta: JsonDict = {
+def _meta(deployment: model.Deployment, name: str, *, annotations: dict[str, str] | None = None) -> JsonDict:
+    return {
         "name": name,
         "namespace": deployment.namespace,
         "labels": naming.labels(deployment.deployment_id, deployment.resource_type, deployment.resource_name),
+        "annotations": {OWNER_ANNOTATION: deployment.deployment_id, **(annotations or {})},
     }
-    meta.update(extra)
-    return meta
 
 
 def image_for(deployment: model.Deployment, catalog: catalog_mod.Catalog) -> str:

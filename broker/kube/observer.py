@@ -31,6 +31,8 @@ JsonDict = kube_client.JsonDict
 Written = Mapping[str, JsonDict]
 WORKLOAD_KINDS = ("StatefulSet", "Service", "Secret", "Pod", "PersistentVolumeClaim")
 TOPIC_KINDS = ("KafkaTopic",)
+# The objects a deployment is looked up by name: kept as strays when relabelled out of the selection.
+STRAY_KINDS = frozenset({"StatefulSet", "Service", "Secret", "KafkaTopic"})
 
 # Which part of an object's managedFields (fieldsV1) attributes a compared field: the subtree to
 # look in, and the key that must appear inside it. Scoped so that, say, the controller's
@@ -188,6 +190,16 @@ def _topic(obj: JsonDict) -> drift.TopicObservation:
     )
 
 
+def _labels(obj: JsonDict) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
+
+
+def _owner(obj: JsonDict) -> str:
+    """The deployment an object belongs to: the broker's annotation, else (older objects) its label."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(manifests.OWNER_ANNOTATION) or _labels(obj).get(naming.LABEL_DEPLOYMENT) or "")
+
+
 def _keep_workload_fields(manifest: JsonDict, live: JsonDict, keep: frozenset[str]) -> None:
     """Put the live values of the kept drift fields into a StatefulSet manifest about to be applied."""
     want, have = _first_container(manifest), _first_container(live)
@@ -243,14 +255,56 @@ class ClusterState:
         }
         self._metrics: dict[tuple[str, str], tuple[decimal.Decimal, decimal.Decimal]] = {}
         self._env_cache: dict[str, tuple[int, dict[str, str]]] = {}
+        # Objects relabelled out of the selection, by (kind, namespace, name), as last looked up.
+        self._strays: dict[tuple[str, str, str], JsonDict] = {}
+        self._lookups: set[asyncio.Task[None]] = set()
         self.metrics_available = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def _changed(self, kind: str, event_type: str, obj: JsonDict) -> None:
-        deployment_id = ((obj.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_DEPLOYMENT)
+        deployment_id = _owner(obj)
+        if kind in STRAY_KINDS:
+            key = (kind, *informer_mod.key_of(obj))
+            if event_type == "DELETED":
+                # Deleted, or relabelled out of the selection: a lookup by name tells which.
+                lookup = asyncio.create_task(self._look_for_stray(key, deployment_id))
+                self._lookups.add(lookup)
+                lookup.add_done_callback(self._lookups.discard)
+            else:
+                self._strays.pop(key, None)
         if deployment_id:
-            for listener in self._listeners:
-                listener(str(deployment_id))
+            self._notify(deployment_id)
+
+    def _notify(self, deployment_id: str) -> None:
+        for listener in self._listeners:
+            listener(deployment_id)
+
+    async def _look_for_stray(self, key: tuple[str, str, str], deployment_id: str) -> None:
+        """Keep an object the selection lost but that still exists and was written by the broker."""
+        kind, namespace, name = key
+        try:
+            obj = await self.client.get(kind, namespace, name)
+        except errors.NotFound:
+            self._strays.pop(key, None)
+        except errors.BrokerError as e:
+            log.debug("cannot look up a lost object", extra={"kind": kind, "name": name, "error": e.message})
+            return
+        else:
+            written_by_broker = any(
+                entry.get("manager") == kube_client.FIELD_MANAGER
+                for entry in (obj.get("metadata") or {}).get("managedFields") or []
+            )
+            if written_by_broker and self.informers[kind].get(namespace, name) is None:
+                self._strays[key] = obj
+            else:
+                self._strays.pop(key, None)
+        if deployment_id:
+            self._notify(deployment_id)
+
+    async def _refresh_strays(self) -> None:
+        """Strays have no watch: look each up again (a deleted one goes, a changed one updates)."""
+        for key, obj in list(self._strays.items()):
+            await self._look_for_stray(key, _owner(obj))
 
     def add_listener(self, on_change: Callable[[str], None]) -> None:
         """Also tell ``on_change`` (by deployment id) when any of a deployment's objects changes."""
@@ -286,9 +340,10 @@ class ClusterState:
 
     async def stop(self) -> None:
         """Stop the informers and close the client."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._lookups]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
@@ -296,6 +351,7 @@ class ClusterState:
 
     async def _poll_metrics(self) -> None:
         while True:
+            await self._refresh_strays()
             try:
                 items, _ = await self.client.list("PodMetrics", label_selector=naming.SELECTOR)
                 fresh: dict[tuple[str, str], tuple[decimal.Decimal, decimal.Decimal]] = {}
@@ -329,15 +385,14 @@ class ClusterState:
         written = written or {}
 
         def current(kind: str, obj_name: str) -> JsonDict | None:
-            return written.get(kind) or self.informers[kind].get(ns, obj_name)
+            found = written.get(kind) or self.informers[kind].get(ns, obj_name)
+            return found if found is not None else self._strays.get((kind, ns, obj_name))
 
         if deployment.resource_type is model.ResourceType.TOPIC:
             topic = self._owned(current("KafkaTopic", name), dep_id)
             return drift.Observation(readable=True, observed_at=now, topic=_topic(topic) if topic else None)
         sts = self._owned(current("StatefulSet", name), dep_id)
-        secret = self._owned(
-            self.informers["Secret"].get(ns, naming.secret_name(deployment.resource_type, name)), dep_id
-        )
+        secret = self._owned(current("Secret", naming.secret_name(deployment.resource_type, name)), dep_id)
         secret_changed = False
         secret_changed_by = ""
         if secret is not None:
@@ -388,10 +443,7 @@ class ClusterState:
     @staticmethod
     def _owned(obj: JsonDict | None, deployment_id: str) -> JsonDict | None:
         """The object if it belongs to this deployment (a namesake of another deployment does not)."""
-        if obj is None:
-            return None
-        labels = (obj.get("metadata") or {}).get("labels") or {}
-        return obj if labels.get(naming.LABEL_DEPLOYMENT) == deployment_id else None
+        return obj if obj is not None and _owner(obj) == deployment_id else None
 
     # Writing ---------------------------------------------------------------------------------------
 
