@@ -6,7 +6,8 @@ verdict with what it last reported and appends only changes to the event log, in
 transaction as the new drift state and phase:
 
 - unexpected drift appeared (DriftDetected, or ResourceMissing when an object is gone), changed
-  (DriftChanged) or went away (DriftResolved); expected drift (a newer patch) is state, not news;
+  (DriftChanged) or went away (DriftResolved);
+- expected drift (a newer patch) appeared, changed or went (ExpectedDrift: no alarm, a trace);
 - health changed (HealthChanged).
 
 While the cluster cannot be read the last reported drift stands (nothing is "resolved" by an
@@ -50,6 +51,14 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def _unexpected(items: tuple[model.DriftItem, ...]) -> tuple[model.DriftItem, ...]:
+    return tuple(i for i in items if i.drift_class is model.DriftClass.UNEXPECTED)
+
+
+def _expected(items: tuple[model.DriftItem, ...]) -> tuple[model.DriftItem, ...]:
+    return tuple(i for i in items if i.drift_class is model.DriftClass.EXPECTED)
+
+
 def changes(
     deployment: model.Deployment,
     before: tuple[model.DriftItem, ...],
@@ -57,35 +66,48 @@ def changes(
     health_before: model.Health | None,
     health_after: model.Health,
 ) -> list[model.DriftEvent]:
-    """The events that tell the difference between two verdicts (pure; empty when nothing changed)."""
+    """The events that tell the difference between two verdicts (pure; empty when nothing changed).
+
+    ``before`` and ``after`` hold every item, expected ones included: unexpected drift makes the
+    Drift*/ResourceMissing events, expected drift (a newer patch) its own ExpectedDrift events, so
+    that the history records every change of what runs without raising an alarm.
+    """
     events: list[model.DriftEvent] = []
+    unexpected_before, unexpected_after = _unexpected(before), _unexpected(after)
 
-    def event(kind: model.EventKind, message: str) -> model.DriftEvent:
-        return model.DriftEvent.about(deployment, kind, message, health=health_after, items=after)
+    def event(kind: model.EventKind, message: str, items: tuple[model.DriftItem, ...]) -> model.DriftEvent:
+        return model.DriftEvent.about(deployment, kind, message, health=health_after, items=items)
 
-    old_keys, new_keys = {_key(i) for i in before}, {_key(i) for i in after}
+    old_keys, new_keys = {_key(i) for i in unexpected_before}, {_key(i) for i in unexpected_after}
     if old_keys != new_keys:
-        appeared = [i for i in after if _key(i) not in old_keys]
+        appeared = [i for i in unexpected_after if _key(i) not in old_keys]
         newly_missing = [i for i in appeared if i.rule_id in MISSING_RULES]
-        if not after:
-            events.append(
-                event(
-                    model.EventKind.DRIFT_RESOLVED, "Drift resolved: " + "; ".join(i.message for i in before)
-                )
-            )
+        if not unexpected_after:
+            message = "Drift resolved: " + "; ".join(i.message for i in unexpected_before)
+            events.append(event(model.EventKind.DRIFT_RESOLVED, message, unexpected_after))
         elif newly_missing:
-            events.append(
-                event(model.EventKind.RESOURCE_MISSING, "; ".join(i.message for i in newly_missing))
-            )
-        elif not before:
-            events.append(event(model.EventKind.DRIFT_DETECTED, "; ".join(i.message for i in after)))
+            message = "; ".join(i.message for i in newly_missing)
+            events.append(event(model.EventKind.RESOURCE_MISSING, message, unexpected_after))
         else:
-            events.append(event(model.EventKind.DRIFT_CHANGED, "; ".join(i.message for i in after)))
+            kind = model.EventKind.DRIFT_DETECTED if not unexpected_before else model.EventKind.DRIFT_CHANGED
+            events.append(event(kind, "; ".join(i.message for i in unexpected_after), unexpected_after))
+    expected_before, expected_after = _expected(before), _expected(after)
+    if {_key(i) for i in expected_before} != {_key(i) for i in expected_after}:
+        if expected_after:
+            lines = [
+                i.message + (f" ({drift.EXPLANATIONS[i.rule_id]})" if i.rule_id in drift.EXPLANATIONS else "")
+                for i in expected_after
+            ]
+            message = "Expected drift: " + "; ".join(lines)
+        else:
+            message = "Expected drift gone: " + "; ".join(i.message for i in expected_before)
+        events.append(event(model.EventKind.EXPECTED_DRIFT, message, expected_after))
     if health_before is not None and health_before is not health_after:
         events.append(
             event(
                 model.EventKind.HEALTH_CHANGED,
                 f"Health changed from {health_before.value} to {health_after.value}",
+                unexpected_after,
             )
         )
     return events
@@ -301,9 +323,9 @@ class Detector:
         verdict = self._verdict(deployment)
         before, health_before = self._reported.get(deployment_id, ((), None))
         readable = verdict.health is not model.Health.UNKNOWN
-        after = _keep_detect_times(before, verdict.unexpected) if readable else before
+        after = _keep_detect_times(before, verdict.items) if readable else before
         events = changes(deployment, before, after, health_before, verdict.health)
-        phase = model.Phase.DRIFT_DETECTED if after else model.Phase.READY
+        phase = model.Phase.DRIFT_DETECTED if _unexpected(after) else model.Phase.READY
         if events or phase is not deployment.phase or health_before is None:
             written = await self._store.record_evaluation(
                 deployment, items=after, health=verdict.health, phase=phase, events=events
@@ -311,10 +333,13 @@ class Detector:
             if not written:
                 return
         self._reported[deployment_id] = (after, verdict.health)
-        self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(after))
-        auto = tuple(i for i in after if i.action is model.Action.AUTO_REMEDIATE)
+        open_items = _unexpected(after)
+        self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(open_items))
+        auto = tuple(i for i in open_items if i.action is model.Action.AUTO_REMEDIATE)
         if readable and auto and self._remediator is not None:
-            reported_only = frozenset(i.field for i in after if i.action is not model.Action.AUTO_REMEDIATE)
+            reported_only = frozenset(
+                i.field for i in open_items if i.action is not model.Action.AUTO_REMEDIATE
+            )
             self._remediator.request(
                 dataclasses.replace(deployment, phase=phase),
                 auto,

@@ -76,7 +76,7 @@ def _observation(**changes: object) -> drift.Observation:
         service_present=True,
         secret_present=True,
         pods=(_pod(0),),
-        storage_capacity=decimal.Decimal(5 * 2**30),
+        storage_capacity=decimal.Decimal(20 * 2**30),  # the medium tier's claim
         metrics_available=True,
     )
     return dataclasses.replace(healthy, **changes)  # type: ignore[arg-type]
@@ -103,7 +103,7 @@ def test_the_seed_example_is_expected_patch_drift_healthy_with_usage_and_cost() 
     assert result.actual_spec == model.ResourceSpec(
         engine="postgresql", version="15.2", size="medium", replicas=1, resources=MEDIUM
     )
-    assert result.usage == drift.Usage(cpu="250m", memory="512Mi", storage="5Gi", replicas=1)
+    assert result.usage == drift.Usage(cpu="250m", memory="512Mi", storage="20Gi", replicas=1)
     assert result.monthly_cost == 45.5
 
 
@@ -337,7 +337,7 @@ def test_an_unreadable_cluster_reports_nothing_made_up() -> None:
 
 def test_usage_is_absent_not_zero_without_metrics() -> None:
     result = _evaluate(_observation(metrics_available=False))
-    assert result.usage == drift.Usage(cpu=None, memory=None, storage="5Gi", replicas=1)
+    assert result.usage == drift.Usage(cpu=None, memory=None, storage="20Gi", replicas=1)
 
 
 def test_policy_modes_and_ignore_rules() -> None:
@@ -365,3 +365,18 @@ def test_policy_modes_and_ignore_rules() -> None:
     assert layered.rule_for("team-platform", model.ResourceType.DATABASE).mode is policy.Mode.AUTO
     assert layered.rule_for("team-platform", model.ResourceType.CACHE).mode is policy.Mode.OFF
     assert layered.rule_for("elsewhere", model.ResourceType.CACHE).mode is policy.Mode.AUTO
+
+
+def test_storage_usage_and_cost_count_the_same_claims_retained_ones_included() -> None:
+    """Scaled from 3 to 1: the two claims a StatefulSet keeps still hold storage and cost money."""
+    retained = _evaluate(_observation(storage_capacity=decimal.Decimal(3 * 20 * 2**30)))
+    assert retained.usage is not None
+    assert retained.usage.storage == "60Gi"
+    # One replica's compute (0.5 core, 1 GiB) and 60 GiB of storage at the default prices.
+    assert retained.monthly_cost == round(0.5 * 56.0 + 1 * 9.5 + 60 * 0.40, 2)
+
+
+def test_a_missing_secret_makes_a_database_unhealthy() -> None:
+    result = _evaluate(_observation(secret_present=False))
+    assert result.health is model.Health.UNHEALTHY
+    assert "secret.missing" in {i.rule_id for i in result.items}

@@ -637,3 +637,35 @@ async def test_a_topic_changed_by_hand_is_reported(
     await assert_reported(
         manager, reply.deployment_id, Row(rule, (), rule, action, message, changed_by), "events"
     )
+
+
+async def test_an_expected_patch_change_leaves_a_trace_in_the_history_and_no_alarm(
+    manager: Manager, kubectl: Kubectl, sandbox: Any
+) -> None:
+    sandbox.faults.set_image_resolution({})
+    deployment_id = (await manager.provision("db-patch")).deployment_id
+    await manager.wait_ready(deployment_id)
+    await kubectl.run("set", "image", "statefulset/db-patch", "postgresql=postgres:15.6")
+
+    async def traces() -> list[pb.DriftEvent]:
+        reply = await manager.stub.ListDriftEvents(
+            pb.ListDriftEventsRequest(
+                namespace=NS, deployment_id=deployment_id, kinds=[pb.DRIFT_EVENT_KIND_EXPECTED_DRIFT]
+            ),
+            metadata=AUTH,
+        )
+        return list(reply.events)
+
+    events = await until(
+        traces, lambda es: any("actual=15.6" in e.message for e in es), within=15, what="the 15.6 trace"
+    )
+    assert {e.kind for e in events} == {pb.DRIFT_EVENT_KIND_EXPECTED_DRIFT}  # the kind filter works
+    latest = events[-1]
+    assert (
+        "Version mismatch: desired=15, actual=15.6 (This is expected patch version drift)" in latest.message
+    )
+    assert [i.drift_class for i in latest.drift_items] == [pb.DRIFT_CLASS_EXPECTED]
+    state = await manager.state(deployment_id)
+    assert state is not None
+    assert state.phase == pb.STATE_READY  # expected drift raises no alarm
+    assert unexpected_rules(state) == []

@@ -653,3 +653,16 @@ async def test_admin_token_works_on_the_gateway_in_any_namespace(http):
     )
 
     assert status == 202, answer
+
+
+async def test_with_no_cluster_connected_health_is_unknown_not_absent(http, stub):
+    deployment_id = await provision(http, issue_body())
+    reply = await stub.GetResourceState(
+        pb.GetResourceStateRequest(namespace=NS, deployment_id=deployment_id), metadata=bearer(PLATFORM_TOKEN)
+    )
+    assert reply.resources[0].health_status == pb.HEALTH_STATUS_UNKNOWN
+    params = {"namespace": NS, "deploymentId": deployment_id}
+    async with http.get("/v1/resources", params=params, headers=HEADERS) as r:
+        assert r.status == 200
+        doc = await r.json()
+    assert doc["resources"][0]["healthStatus"] == "Unknown"

@@ -263,6 +263,9 @@ def resource_state_to_proto(view: service.ResourceView) -> pb.ResourceState:
     )
     evaluation = view.evaluation
     if evaluation is None:
+        # Nothing observed (no cluster connected, or nothing created yet): health is not known,
+        # which is a fact to state, not a field to leave out.
+        out.health_status = HEALTH.to_proto(model.Health.UNKNOWN)
         return out
     out.health_status = HEALTH.to_proto(evaluation.health)
     out.last_checked.CopyFrom(timestamp(evaluation.checked_at))

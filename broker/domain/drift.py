@@ -211,20 +211,31 @@ def size_of(resources: model.ComputeResources, catalog: catalog_mod.Catalog) -> 
     return "custom"
 
 
-def monthly_cost(resources: model.ComputeResources, replicas: int, prices: catalog_mod.Prices) -> float:
-    """Estimated monthly cost of ``replicas`` replicas with these requests and storage."""
+def monthly_cost(
+    resources: model.ComputeResources,
+    replicas: int,
+    prices: catalog_mod.Prices,
+    *,
+    storage_bytes: decimal.Decimal | None = None,
+) -> float:
+    """Estimated monthly cost of ``replicas`` replicas with these requests and storage.
+
+    ``storage_bytes`` is the storage actually held (every volume claim, retained ones of a
+    scale-down included) when known; otherwise each replica is counted with the tier's storage.
+    """
     try:
         cpu = quantity.parse(resources.cpu_request)
         memory = quantity.parse(resources.memory_request) / quantity.GIB
-        storage = quantity.parse(resources.storage) / quantity.GIB
+        storage = quantity.parse(resources.storage) / quantity.GIB * replicas
     except ValueError:
         return 0.0
-    per_replica = (
-        cpu * decimal.Decimal(str(prices.cpu_core_month))
-        + memory * decimal.Decimal(str(prices.memory_gib_month))
-        + storage * decimal.Decimal(str(prices.storage_gib_month))
+    if storage_bytes is not None:
+        storage = storage_bytes / quantity.GIB
+    compute = cpu * decimal.Decimal(str(prices.cpu_core_month)) + memory * decimal.Decimal(
+        str(prices.memory_gib_month)
     )
-    return float(round(per_replica * replicas, 2))
+    total = compute * replicas + storage * decimal.Decimal(str(prices.storage_gib_month))
+    return float(round(total, 2))
 
 
 def _describe(resources: model.ComputeResources) -> str:
@@ -553,8 +564,8 @@ def health(deployment: model.Deployment, obs: Observation) -> model.Health:
         if obs.topic is None or obs.topic.ready is False:
             return model.Health.UNHEALTHY
         return model.Health.HEALTHY if obs.topic.ready else model.Health.UNKNOWN
-    if obs.workload is None or not obs.service_present:
-        return model.Health.UNHEALTHY
+    if obs.workload is None or not obs.service_present or not obs.secret_present:
+        return model.Health.UNHEALTHY  # a required object is missing (DESIGN section 5)
     desired = deployment.desired_spec.replicas or 1
     ready = sum(1 for p in obs.pods if p.ready)
     crashing = any(p.waiting_reason in CRASH_REASONS for p in obs.pods)
@@ -634,7 +645,8 @@ def evaluate(
     spec = actual_spec(deployment, obs, catalog)
     cost = None
     if spec is not None and spec.resources is not None and spec.replicas is not None:
-        cost = monthly_cost(spec.resources, spec.replicas, catalog.prices)
+        # The same storage figure as the usage reports: what the volume claims hold.
+        cost = monthly_cost(spec.resources, spec.replicas, catalog.prices, storage_bytes=obs.storage_capacity)
     return Evaluation(
         actual_spec=spec,
         items=tuple(items),

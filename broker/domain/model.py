@@ -241,6 +241,7 @@ class EventKind(enum.Enum):
     PROVISIONING_SUCCEEDED = "ProvisioningSucceeded"
     PROVISIONING_FAILED = "ProvisioningFailed"
     DEPROVISIONED = "Deprovisioned"
+    EXPECTED_DRIFT = "ExpectedDrift"
 
 
 @dataclasses.dataclass(frozen=True)

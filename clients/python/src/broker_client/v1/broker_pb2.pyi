@@ -330,6 +330,10 @@ class _DriftEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DriftE
     """Provisioning failed or timed out."""
     DRIFT_EVENT_KIND_DEPROVISIONED: _DriftEventKind.ValueType  # 11
     """The resource was deprovisioned."""
+    DRIFT_EVENT_KIND_EXPECTED_DRIFT: _DriftEventKind.ValueType  # 12
+    """Expected drift (a newer patch version, say) appeared or changed: nothing to do, recorded so
+    that the history tells every change of what runs.
+    """
 
 class DriftEventKind(_DriftEventKind, metaclass=_DriftEventKindEnumTypeWrapper):
     """DriftEventKind names the kind of change a drift event reports."""
@@ -358,6 +362,10 @@ DRIFT_EVENT_KIND_PROVISIONING_FAILED: DriftEventKind.ValueType  # 10
 """Provisioning failed or timed out."""
 DRIFT_EVENT_KIND_DEPROVISIONED: DriftEventKind.ValueType  # 11
 """The resource was deprovisioned."""
+DRIFT_EVENT_KIND_EXPECTED_DRIFT: DriftEventKind.ValueType  # 12
+"""Expected drift (a newer patch version, say) appeared or changed: nothing to do, recorded so
+that the history tells every change of what runs.
+"""
 Global___DriftEventKind: _TypeAlias = DriftEventKind  # noqa: Y015
 
 class _RemediationMode:
