@@ -181,6 +181,14 @@ class Provisioner:
                 await self._finish(deployment, succeeded=False, message=e.message)
                 return
             except errors.BrokerError as e:
+                if e.message != problem:
+                    # Say why once per reason, where people look: the logs, GetDeployment, the state.
+                    log.warning(
+                        "cannot apply yet; retrying",
+                        extra={"deployment_id": deployment.deployment_id, "reason": e.message},
+                    )
+                    with contextlib.suppress(errors.BrokerError):
+                        await self._store.note_progress(deployment, f"retrying: {e.message}")
                 problem = e.message
                 if not await self._wait(changed, deadline):
                     await self._finish(deployment, succeeded=False, message=f"could not apply: {problem}")

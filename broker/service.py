@@ -562,7 +562,8 @@ def _message(deployment: model.Deployment, phase: model.Phase, evaluation: drift
     if phase is model.Phase.PENDING:
         return f"Accepted generation {deployment.generation}; the workload has not been created yet"
     if phase is model.Phase.PROVISIONING:
-        return f"Provisioning generation {deployment.generation}"
+        waiting = op.message if op.message.startswith("retrying: ") else ""
+        return f"Provisioning generation {deployment.generation}" + (f"; {waiting}" if waiting else "")
     if phase is model.Phase.FAILED:
         return f"Provisioning failed: {op.message}"
     if phase is model.Phase.DELETING:

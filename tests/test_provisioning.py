@@ -4,15 +4,18 @@ and reading the desired state back (GetDeployment, GetResourceState with filters
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import re
 
 import grpc
 import pytest
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
-from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, RunningBroker, bearer
+from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, RunningBroker, bearer, until
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from broker.kube import client as kube_client
 
 NS = "team-platform"
 AUTH = bearer(PLATFORM_TOKEN)
@@ -314,7 +317,7 @@ async def test_resource_state_shows_the_desired_side_only(stub):
     assert not resource.HasField("last_checked")
     assert not resource.HasField("resource_usage")
     assert not resource.HasField("estimated_monthly_cost")
-    assert resource.health_status == pb.HEALTH_STATUS_UNSPECIFIED
+    assert resource.health_status == pb.HEALTH_STATUS_UNKNOWN  # not known: said, not left out
     assert resource.drift_detected is False
     assert list(resource.drift_details) == []
     assert list(resource.drift_items) == []
@@ -553,3 +556,45 @@ async def test_deprovision_with_a_request_id_replays_and_refuses_reuse(stub):
     assert first.phase == pb.STATE_DELETING
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
     assert error_reason(err) == "REQUEST_ID_REUSED"
+
+
+async def test_a_namespace_the_cluster_lacks_is_said_in_words_then_provisioning_goes_on_once_it_exists(
+    cluster_broker: RunningBroker, sandbox_kubeconfig: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with grpc.aio.insecure_channel(cluster_broker.grpc_target) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        reply = await stub.Provision(
+            pb.ProvisionRequest(
+                namespace="no-such-ns",
+                resource_type=pb.RESOURCE_TYPE_DATABASE,
+                resource_name="lost-db",
+                spec=pb.ResourceSpec(engine="postgresql", version="15", size="small", replicas=1),
+            ),
+            metadata=bearer(ADMIN_TOKEN),
+        )
+        words = "namespace no-such-ns does not exist in the cluster"
+
+        async def deployment() -> pb.Deployment:
+            got = await stub.GetDeployment(
+                pb.GetDeploymentRequest(namespace="no-such-ns", deployment_id=reply.deployment_id),
+                metadata=bearer(ADMIN_TOKEN),
+            )
+            return got.deployment
+
+        found = await until(deployment, lambda d: words in d.last_operation.message, within=10, what=words)
+        assert found.phase == pb.STATE_PROVISIONING
+        state = await stub.GetResourceState(
+            pb.GetResourceStateRequest(namespace="no-such-ns", deployment_id=reply.deployment_id),
+            metadata=bearer(ADMIN_TOKEN),
+        )
+        assert words in state.resources[0].message
+        assert any(words in str(getattr(r, "reason", "")) for r in caplog.records), "not in the logs"
+
+        # Created meanwhile (a GitOps sync, say): the retry goes through.
+        client = await kube_client.Client.connect(sandbox_kubeconfig)
+        try:
+            await client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "no-such-ns"}})
+        finally:
+            await client.close()
+        done = await until(deployment, lambda d: d.phase == pb.STATE_READY, within=20, what="Ready")
+        assert done.last_operation.state == pb.OPERATION_STATE_SUCCEEDED

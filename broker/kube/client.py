@@ -68,6 +68,21 @@ class Expired(errors.Unavailable):
     default_reason = "WATCH_EXPIRED"
 
 
+class NamespaceMissing(errors.Unavailable):
+    """A write was refused because its namespace does not exist (yet: it may be created soon)."""
+
+    default_reason = "NAMESPACE_NOT_FOUND"
+
+
+def _missing_namespace(body: Any) -> str:
+    """The namespace a 404 Status body says is missing, or ""."""
+    with contextlib.suppress(TypeError, ValueError, AttributeError):
+        details = json.loads(body).get("details") or {}
+        if details.get("kind") == "namespaces":
+            return str(details.get("name", ""))
+    return ""
+
+
 def _message(status: int, body: Any) -> str:
     text = ""
     with contextlib.suppress(TypeError, ValueError, AttributeError):
@@ -81,6 +96,13 @@ def translate(exc: BaseException, what: str, *, body: bytes | None = None) -> er
         status = int(exc.status or 0)
         message = _message(status, body if body is not None else exc.body)
         if status == 404:
+            missing = _missing_namespace(body if body is not None else exc.body)
+            if missing:
+                # kube-apiserver's NamespaceLifecycle: the object is fine, its namespace is not there.
+                return NamespaceMissing(
+                    f"namespace {missing} does not exist in the cluster; create it "
+                    f"(kubectl create namespace {missing}) or provision into a namespace that exists"
+                )
             return errors.NotFound(f"{what}: not found ({message})")
         if status == 409:
             return errors.FailedPrecondition(f"{what}: conflict ({message})", reason="KUBERNETES_CONFLICT")

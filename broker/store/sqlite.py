@@ -708,6 +708,15 @@ class Store:
                 )
             return await self._deployment(db, deployment.namespace, deployment.deployment_id)
 
+    async def note_progress(self, deployment: model.Deployment, message: str) -> None:
+        """Say why an operation in progress is waiting (shown by GetDeployment and the state)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE operations SET message = ?, update_time = ? "
+                "WHERE operation_id = ? AND state = 'in_progress'",
+                (message, _ts(_now()), deployment.last_operation.operation_id),
+            )
+
     async def finish_operation(
         self,
         deployment: model.Deployment,
