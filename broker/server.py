@@ -24,10 +24,9 @@ from aiohttp import web
 from broker_client.v1 import broker_pb2, broker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from broker import auth, callbacks, detector, errors, events, metrics, provisioner, service
-from broker.api import connections, decoding, gateway, grpc_api
+from broker.api import connections, decoding, gateway, grpc_api, reflection
 from broker.domain import catalog as catalog_mod
 from broker.domain import policy
 from broker.kube import client as kube_client
@@ -267,7 +266,7 @@ class Broker:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if settings.reflection:
-            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+            reflection.enable(server, services=names)  # v1 and v1alpha, with the proto comments
         try:
             address = f"{_bracket(grpc_host)}:{grpc_port}"
             if self.tls is not None:

@@ -1,1 +1,2 @@
-"""Generated gRPC stubs and messages of the broker.v1 API (do not edit; run scripts/gen_proto.py)."""
+"""Generated gRPC stubs and messages of the broker.v1 API, and its descriptor set with comments
+(broker.binpb) for server reflection (do not edit; run scripts/gen_proto.py)."""
