@@ -23,14 +23,31 @@ was wrong and what to do, and never contain secrets.
 from __future__ import annotations
 
 import dataclasses
+import enum
+from collections.abc import Callable
+
+
+def _seed_spelling(value: enum.Enum) -> str:
+    return str(value.value)
 
 
 @dataclasses.dataclass(frozen=True)
 class FieldViolation:
-    """One invalid field of a request: its path (``spec.replicas``) and why it is invalid."""
+    """One invalid field of a request: its path (``spec.replicas``) and why it is invalid.
+
+    ``choices`` are the values the field takes, when it is an enum: each transport spells them the
+    way it accepts them (``cache`` on /v1, ``RESOURCE_TYPE_CACHE`` on gRPC) through ``describe``.
+    """
 
     field: str
     description: str
+    choices: tuple[enum.Enum, ...] = ()
+
+    def describe(self, spell: Callable[[enum.Enum], str] = _seed_spelling) -> str:
+        """The description, with the choices spelled by ``spell``."""
+        if not self.choices:
+            return self.description
+        return f"{self.description}: use one of {', '.join(spell(c) for c in self.choices)}"
 
 
 class BrokerError(Exception):
@@ -58,9 +75,12 @@ class InvalidArgument(BrokerError):
     default_reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: list[FieldViolation], *, reason: str | None = None) -> None:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        super().__init__(f"invalid request: {summary}", reason=reason)
         self.violations = tuple(violations)
+        super().__init__(self.message_with(_seed_spelling), reason=reason)
+
+    def message_with(self, spell: Callable[[enum.Enum], str]) -> str:
+        """The message with enum choices spelled by ``spell`` (a transport's spelling)."""
+        return "invalid request: " + "; ".join(f"{v.field}: {v.describe(spell)}" for v in self.violations)
 
 
 class Unauthenticated(BrokerError):

@@ -73,10 +73,11 @@ BAD_INPUTS: list[Case] = [
      "starting with a letter"),
     ("name-too-long", "provision", provision(resourceName="a" * 53), None, "resource_name", "at most 52"),
     ("name-empty", "provision", provision(resourceName=""), None, "resource_name", "is required"),
+    # Each transport spells the choices the way it takes them: a pair is (gRPC, HTTP).
     ("type-missing", "provision", provision(resourceType=...), None, "resource_type",
-     "database, cache, topic"),
+     ("RESOURCE_TYPE_DATABASE, RESOURCE_TYPE_CACHE, RESOURCE_TYPE_TOPIC", "database, cache, topic")),
     ("type-unknown", "provision", provision(resourceType=99), provision(resourceType="queue"),
-     "resource_type", "database, cache, topic"),
+     "resource_type", ("RESOURCE_TYPE_DATABASE, RESOURCE_TYPE_CACHE, RESOURCE_TYPE_TOPIC", "database, cache, topic")),
     ("engine-unknown", "provision", provision(spec=spec(engine="mongodb")), None, "spec.engine",
      "'mongodb' is not an engine"),
     ("engine-missing", "provision", provision(spec=spec(engine="")), None, "spec.engine", "is required"),
@@ -202,22 +203,23 @@ async def test_bad_input_is_rejected_alike_over_grpc_and_http(
 ):
     err = await call_grpc(stub, rpc, grpc_body)
     status, body = await call_http(http, rpc, seed_spelling(http_body or grpc_body))
+    grpc_fragment, http_fragment = fragment if isinstance(fragment, tuple) else (fragment, fragment)
 
     # gRPC: INVALID_ARGUMENT with BadRequest naming the field, ErrorInfo with a reason.
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     reason, violations = grpc_violations(err)
     assert reason == "INVALID_ARGUMENT"
     assert [f for f, _ in violations] == [field], violations
-    assert fragment in violations[0][1]
-    assert fragment in err.details()
+    assert grpc_fragment in violations[0][1]
+    assert grpc_fragment in err.details()
     # HTTP: 400 with the same field violations.
     assert status == 400, body
     error = body["error"]
     assert error["code"] == 400
     assert error["status"] == "INVALID_ARGUMENT"
     assert [v["field"] for v in error["fieldViolations"]] == [field], error
-    assert fragment in error["fieldViolations"][0]["description"]
-    assert fragment in error["message"]
+    assert http_fragment in error["fieldViolations"][0]["description"]
+    assert http_fragment in error["message"]
     # Bad input never reaches the store.
     assert await running_broker.broker.store.count_deployments() == 0
 

@@ -24,6 +24,8 @@ class _EnumMap:
     """A checked bijection between a domain enum and a proto enum (UNSPECIFIED maps to None)."""
 
     def __init__(self, domain: type[enum.Enum], proto: Any, prefix: str) -> None:
+        self.domain = domain
+        self._proto = proto
         self._to_proto: dict[enum.Enum, int] = {}
         self._to_domain: dict[int, enum.Enum] = {}
         for member in domain:
@@ -35,6 +37,10 @@ class _EnumMap:
             raise RuntimeError(
                 f"proto enum values without a domain member: {sorted(proto.Name(v) for v in extra)}"
             )
+
+    def name_of(self, value: enum.Enum) -> str:
+        """The proto name of a domain value (``RESOURCE_TYPE_CACHE``)."""
+        return str(self._proto.Name(self._to_proto[value]))
 
     def to_proto(self, value: enum.Enum | None) -> Any:
         """The proto number (typed Any: each generated enum has its own ValueType)."""
@@ -56,6 +62,18 @@ SEVERITIES = _EnumMap(model.Severity, pb.Severity, "SEVERITY_")
 ACTIONS = _EnumMap(model.Action, pb.RecommendedAction, "RECOMMENDED_ACTION_")
 EVENT_KINDS = _EnumMap(model.EventKind, pb.DriftEventKind, "DRIFT_EVENT_KIND_")
 MODES = _EnumMap(policy.Mode, pb.RemediationMode, "REMEDIATION_MODE_")
+
+
+_ALL_MAPS = (RESOURCE_TYPES, PHASES, HEALTH, DATA_POLICIES, OPERATION_TYPES, OPERATION_STATES)
+_MAPS: dict[type[enum.Enum], _EnumMap] = {
+    m.domain: m for m in (*_ALL_MAPS, DRIFT_CLASSES, SEVERITIES, ACTIONS, EVENT_KINDS, MODES)
+}
+
+
+def proto_spelling(value: enum.Enum) -> str:
+    """A domain enum value as gRPC clients write it (``RESOURCE_TYPE_CACHE``), for error messages."""
+    enum_map = _MAPS.get(type(value))
+    return enum_map.name_of(value) if enum_map is not None else str(value.value)
 
 
 def timestamp(value: datetime.datetime) -> timestamp_pb2.Timestamp:
@@ -89,7 +107,7 @@ def resource_type(number: int) -> model.ResourceType | None:
         raise errors.InvalidArgument(
             [
                 errors.FieldViolation(
-                    "resource_type", f"{number} is not a resource type: use one of database, cache, topic"
+                    "resource_type", f"{number} is not a resource type", tuple(model.ResourceType)
                 )
             ]
         )
@@ -331,7 +349,7 @@ def rule_from_proto(msg: pb.RemediationPolicy) -> policy.Rule:
     mode = MODES.to_domain(msg.mode, policy.Mode)
     if mode is None:
         raise errors.InvalidArgument(
-            [errors.FieldViolation("policy.mode", "is required: auto, alert or off")]
+            [errors.FieldViolation("policy.mode", "is required", tuple(policy.Mode))]
         )
     return policy.Rule(
         namespace=msg.namespace,

@@ -25,14 +25,12 @@ R = TypeVar("R")
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
     """End the call with the status ``exc`` maps to, its details in the trailers."""
     public = status.public_error(exc)
-    rich = status.rich_status(public)
+    rich = status.rich_status(public, convert.proto_spelling)
     # The reason and its details also travel as plain trailers, for clients without the
     # google.rpc protos (the client library reads them to tell a slow reader from a limit).
     trailers = [("grpc-status-details-bin", rich.SerializeToString()), ("broker-error-reason", public.reason)]
     trailers += [(f"broker-{key.replace('_', '-')}", value) for key, value in sorted(public.metadata.items())]
-    await context.abort(
-        status.mapping_of(public).grpc_code, public.message, trailing_metadata=tuple(trailers)
-    )
+    await context.abort(status.mapping_of(public).grpc_code, rich.message, trailing_metadata=tuple(trailers))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 

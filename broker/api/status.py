@@ -8,8 +8,10 @@ INTERNAL / 500 with an incident id and no detail, and the detail goes to the log
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -21,6 +23,8 @@ from broker import errors
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "resource-broker.platform"
+# How a transport spells an enum value in an error message.
+Spelling = Callable[[enum.Enum], str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +68,11 @@ def public_error(exc: BaseException) -> errors.BrokerError:
     )
 
 
-def rich_status(exc: errors.BrokerError) -> status_pb2.Status:
-    """A google.rpc.Status with ErrorInfo and, for invalid input, BadRequest field violations."""
+def rich_status(exc: errors.BrokerError, spell: Spelling | None = None) -> status_pb2.Status:
+    """A google.rpc.Status with ErrorInfo and, for invalid input, BadRequest field violations.
+
+    ``spell`` spells enum values in messages the way the caller's transport takes them.
+    """
     mapping = mapping_of(exc)
     details = []
     info = any_pb2.Any()
@@ -76,14 +83,23 @@ def rich_status(exc: errors.BrokerError) -> status_pb2.Status:
         bad.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.describe(spell) if spell else v.describe()
+                    )
                     for v in exc.violations
                 ]
             )
         )
         details.append(bad)
     code = mapping.grpc_code.value[0] if mapping is not INTERNAL else code_pb2.INTERNAL
-    return status_pb2.Status(code=code, message=exc.message, details=details)
+    return status_pb2.Status(code=code, message=message_of(exc, spell), details=details)
+
+
+def message_of(exc: errors.BrokerError, spell: Spelling | None = None) -> str:
+    """The error's message, enum values spelled by ``spell`` where it lists them."""
+    if spell is not None and isinstance(exc, errors.InvalidArgument):
+        return exc.message_with(spell)
+    return exc.message
 
 
 def http_body(exc: errors.BrokerError) -> tuple[int, dict[str, Any]]:
@@ -98,5 +114,5 @@ def http_body(exc: errors.BrokerError) -> tuple[int, dict[str, Any]]:
     if exc.metadata:
         error["metadata"] = exc.metadata
     if isinstance(exc, errors.InvalidArgument):
-        error["fieldViolations"] = [{"field": v.field, "description": v.description} for v in exc.violations]
+        error["fieldViolations"] = [{"field": v.field, "description": v.describe()} for v in exc.violations]
     return mapping.http_status, {"error": error}

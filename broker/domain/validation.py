@@ -158,9 +158,7 @@ def provision_command(
     check_callback_url(callback_url, violations)
     check_request_id(request_id, violations)
     if resource_type is None:
-        violations.append(
-            errors.FieldViolation("resource_type", "is required: one of database, cache, topic")
-        )
+        violations.append(errors.FieldViolation("resource_type", "is required", tuple(model.ResourceType)))
     if spec is None:
         violations.append(errors.FieldViolation("spec", "is required"))
     normalized = None
