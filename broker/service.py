@@ -53,6 +53,9 @@ class EventsInput:
     kinds: frozenset[model.EventKind] = frozenset()
     page_size: int = 0
     page_token: str = ""
+    resource_type: model.ResourceType | None = None
+    resource_name: str = ""
+    after_sequence: int | None = None
 
 
 class ClusterView(Protocol):
@@ -286,6 +289,9 @@ class BrokerService:
         violations: list[errors.FieldViolation] = []
         validation.check_namespace(request.namespace, violations)
         validation.check_deployment_id(request.deployment_id, violations, required=False)
+        validation.check_resource_name(request.resource_name, violations, required=False)
+        if request.after_sequence is not None and request.after_sequence < 0:
+            violations.append(errors.FieldViolation("after_sequence", "must not be negative"))
         page = validation.page_request(request.page_size, request.page_token, violations)
         validation.raise_if(violations)
         principal.require(request.namespace)
@@ -293,6 +299,9 @@ class BrokerService:
             namespace=model.Namespace(request.namespace),
             deployment_id=model.DeploymentId(request.deployment_id) if request.deployment_id else None,
             kinds=request.kinds,
+            resource_type=request.resource_type,
+            resource_name=model.ResourceName(request.resource_name) if request.resource_name else None,
+            after_sequence=request.after_sequence or 0,
         )
         return await self._store.list_events(query, page)
 

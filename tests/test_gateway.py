@@ -17,6 +17,7 @@ import pytest
 from broker_client.v1 import broker_pb2 as pb
 from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, RunningBroker, bearer
 from google.protobuf import json_format
+from test_watch_support import filler_event
 
 from broker import server
 
@@ -666,3 +667,60 @@ async def test_with_no_cluster_connected_health_is_unknown_not_absent(http, stub
         assert r.status == 200
         doc = await r.json()
     assert doc["resources"][0]["healthStatus"] == "Unknown"
+
+
+async def test_events_take_watch_drifts_filters_after_sequence_type_and_name(http, stub, running_broker):
+    first = await provision(http, issue_body())
+    other = issue_body()
+    other["resourceName"] = "other-db"
+    await provision(http, other)
+    cache = issue_body()
+    cache.update(
+        resourceType="cache",
+        resourceName="a-cache",
+        spec={"engine": "redis", "version": "7", "size": "small"},
+    )
+    await provision(http, cache)
+    appended = [filler_event(first, i, name="postgres-app-db") for i in range(2)]
+    appended.append(filler_event(first, 2, name="other-db"))
+    await running_broker.broker.store.append_events(appended)
+
+    async def listed(**params: str) -> list[dict[str, Any]]:
+        async with http.get("/v1/events", params={"namespace": NS, **params}, headers=HEADERS) as r:
+            assert r.status == 200, await r.text()
+            return list((await r.json())["events"])
+
+    everything = await listed()
+    assert len(everything) >= 3
+    middle = int(everything[-2]["sequence"])  # int64 is a string in proto3 JSON
+    assert [e["sequence"] for e in await listed(afterSequence=str(middle))] == [everything[-1]["sequence"]]
+    assert {e["resourceName"] for e in await listed(resourceName="postgres-app-db")} == {"postgres-app-db"}
+    # The same over gRPC, with the proto spelling.
+    reply = await stub.ListDriftEvents(
+        pb.ListDriftEventsRequest(
+            namespace=NS, resource_type=pb.RESOURCE_TYPE_DATABASE, after_sequence=middle
+        ),
+        metadata=bearer(PLATFORM_TOKEN),
+    )
+    assert [e.sequence for e in reply.events] == [int(everything[-1]["sequence"])]
+    async with http.get("/v1/events", params={"namespace": NS, "afterSequence": "-1"}, headers=HEADERS) as r:
+        assert r.status == 400
+        assert "after_sequence" in (await r.text())
+
+
+async def test_put_policies_takes_what_get_policies_returns(http):
+    params = {"namespace": NS, "resourceType": "database"}
+    async with http.get("/v1/policies", params=params, headers=HEADERS) as r:
+        assert r.status == 200
+        current = await r.json()
+    current["policy"].update(mode="alert", ignoreFields=["replicas"])
+    async with http.put("/v1/policies", json=current, headers=HEADERS) as r:
+        assert r.status == 200, await r.text()
+        assert (await r.json())["policy"]["mode"].lower() == "alert"
+    # The bare policy object, as GET shows it inside "policy", is taken too.
+    async with http.put("/v1/policies", json={**current["policy"], "mode": "off"}, headers=HEADERS) as r:
+        assert r.status == 200, await r.text()
+    async with http.get("/v1/policies", params=params, headers=HEADERS) as r:
+        got = (await r.json())["policy"]
+    assert got["mode"].lower() == "off"
+    assert got["ignoreFields"] == ["replicas"]

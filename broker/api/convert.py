@@ -147,6 +147,9 @@ def events_input(request: pb.ListDriftEventsRequest) -> service.EventsInput:
         kinds=kinds,
         page_size=request.page_size,
         page_token=request.page_token,
+        resource_type=resource_type(request.resource_type),
+        resource_name=request.resource_name,
+        after_sequence=request.after_sequence if request.HasField("after_sequence") else None,
     )
 
 

@@ -343,9 +343,12 @@ class Gateway:
         return web.json_response(render(pb.GetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))))
 
     async def policy_put(self, request: web.Request) -> web.Response:
-        """PUT /v1/policies with {policy: {namespace, resourceType, mode, ignoreFields}}."""
+        """PUT /v1/policies with what GET returns ({policy: {...}}) or the bare policy object."""
         principal = self._principal(request)
-        msg = parse(await self._json(request), pb.SetRemediationPolicyRequest())
+        data = await self._json(request)
+        if isinstance(data, dict) and "policy" not in data and "namespace" in data:
+            data = {"policy": data}
+        msg = parse(data, pb.SetRemediationPolicyRequest())
         rule = await self._service.set_policy(principal, convert.rule_from_proto(msg.policy))
         return web.json_response(render(pb.SetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))))
 

@@ -312,3 +312,6 @@ class EventQuery:
     namespace: Namespace
     deployment_id: DeploymentId | None = None
     kinds: frozenset[EventKind] = frozenset()
+    resource_type: ResourceType | None = None
+    resource_name: ResourceName | None = None
+    after_sequence: int = 0

@@ -1077,11 +1077,20 @@ class Store:
             kinds = sorted(k.value for k in query.kinds)
             where.append(f"kind IN ({', '.join('?' * len(kinds))})")
             params.extend(kinds)
+        if query.resource_type is not None:
+            where.append("resource_type = ?")
+            params.append(query.resource_type.value)
+        if query.resource_name is not None:
+            where.append("resource_name = ?")
+            params.append(query.resource_name)
         query_key = _query_key(query)
         after = _decode_page_token(page.token, query_key)
+        position = query.after_sequence
         if after is not None:
+            position = max(position, int(after[1]) if after[1].isdigit() else 0)
+        if position:
             where.append("sequence > ?")
-            params.append(int(after[1]) if after[1].isdigit() else 0)
+            params.append(position)
         async with self._read() as db:
             rows = list(
                 await db.execute_fetchall(

@@ -1387,6 +1387,9 @@ class ListDriftEventsRequest(_message.Message):
     KINDS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
+    RESOURCE_NAME_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Namespace is the namespace to read; required."""
     deployment_id: _builtins.str
@@ -1395,6 +1398,12 @@ class ListDriftEventsRequest(_message.Message):
     """PageSize is the maximum number of events to return, 1 to 1000; 0 means 100."""
     page_token: _builtins.str
     """PageToken is the next_page_token of a previous call with the same filters."""
+    resource_type: Global___ResourceType.ValueType
+    """ResourceType filters by resource type; unspecified matches all (as in WatchDrift)."""
+    resource_name: _builtins.str
+    """ResourceName filters by resource name; empty matches all (as in WatchDrift)."""
+    after_sequence: _builtins.int
+    """AfterSequence lists only events after this sequence (as WatchDrift resumes); unset lists from the start."""
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___DriftEventKind.ValueType]:
         """Kinds filters by event kind; empty matches all."""
@@ -1407,12 +1416,17 @@ class ListDriftEventsRequest(_message.Message):
         kinds: _abc.Iterable[Global___DriftEventKind.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        resource_type: Global___ResourceType.ValueType = ...,
+        resource_name: _builtins.str = ...,
+        after_sequence: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "kinds", b"kinds", "namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence", "deployment_id", b"deployment_id", "kinds", b"kinds", "namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token", "resource_name", b"resource_name", "resource_type", b"resource_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__after_sequence: _TypeAlias = _typing.Literal["after_sequence"]  # noqa: Y015
+    _WhichOneofArgType__after_sequence: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_sequence) -> _WhichOneofReturnType__after_sequence | None: ...
 
 Global___ListDriftEventsRequest: _TypeAlias = ListDriftEventsRequest  # noqa: Y015
 
