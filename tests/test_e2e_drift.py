@@ -669,3 +669,40 @@ async def test_an_expected_patch_change_leaves_a_trace_in_the_history_and_no_ala
     assert state is not None
     assert state.phase == pb.STATE_READY  # expected drift raises no alarm
     assert unexpected_rules(state) == []
+
+
+async def test_a_value_the_broker_cannot_read_is_drift_and_detection_goes_on(
+    manager: Manager, kubectl: Kubectl, cluster_broker: RunningBroker
+) -> None:
+    """kubectl patch ... partitions "three": reported as unreadable, and a later real change still is."""
+    reply = await manager.provision(
+        "events", {"engine": "kafka"}, resource_type=pb.RESOURCE_TYPE_TOPIC, topic=pb.TopicSpec(partitions=3)
+    )
+    deployment_id = reply.deployment_id
+    await manager.wait_ready(deployment_id)
+
+    await kubectl.run(
+        "patch", "kafkatopic", "events", "--type", "merge", "-p", '{"spec":{"partitions":"three"}}'
+    )
+    state = await until(
+        lambda: manager.state(deployment_id),
+        lambda s: item_of(s, "field.unreadable") is not None,
+        within=15,
+        what="the unreadable partition count",
+    )
+    item = item_of(state, "field.unreadable")
+    assert item is not None
+    assert (item.field, item.desired, item.actual) == ("partitions", "3", "'three'")
+    # Still serving: the namespace read answers, and the broker says it is ready.
+    async with manager.http.get("/readyz") as r:
+        assert r.status == 200
+
+    await kubectl.run("patch", "kafkatopic", "events", "--type", "merge", "-p", '{"spec":{"partitions":5}}')
+    state = await until(
+        lambda: manager.state(deployment_id),
+        lambda s: item_of(s, "topic.partitions.increased") is not None,
+        within=15,
+        what="the real change after the unreadable one",
+    )
+    assert item_of(state, "field.unreadable") is None
+    assert state.actual_spec.topic.partitions == 5

@@ -26,6 +26,7 @@ topic.partitions.increased  more partitions (cannot be undone)     unexpected   
 topic.retention.shortened   shorter retention (data-affecting)     unexpected   alert-only
 topic.retention.changed     longer retention                       unexpected   auto-remediate
 topic.replicas.changed      other replication factor               unexpected   auto-remediate
+field.unreadable            a compared value that cannot be read   unexpected   auto-remediate
 ==========================  =====================================  ===========  ==============
 
 Usage varying and Kubernetes-managed metadata are expected and not reported at all.
@@ -98,6 +99,8 @@ class WorkloadObservation:
     labels: Mapping[str, str]
     field_managers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     config_changes: tuple[str, ...] = ()
+    # Compared fields whose value could not be read (field -> the raw value, shown).
+    unreadable: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,7 @@ class TopicObservation:
     ready: bool | None
     labels: Mapping[str, str]
     field_managers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    unreadable: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +354,20 @@ def version_item(desired: str, actual: str, changed_by: str) -> model.DriftItem 
     )
 
 
+def _unreadable(field: str, desired: object, raw: str, changed_by: str) -> model.DriftItem:
+    """A compared field whose value is not one the broker can read: drift, never a crash."""
+    return _item(
+        "field.unreadable",
+        field,
+        desired,
+        raw,
+        severity=model.Severity.WARNING,
+        action=model.Action.AUTO_REMEDIATE,
+        message=f"Unreadable {field}: {raw} is not a valid value (desired={desired})",
+        changed_by=changed_by,
+    )
+
+
 def _missing(kind: str, name: str, action: model.Action, rule: str = "object.missing") -> model.DriftItem:
     return _item(
         rule,
@@ -416,7 +434,13 @@ def _workload_items(
     base_cost = (
         monthly_cost(desired.resources, desired_replicas, catalog.prices) if desired.resources else None
     )
-    if workload.replicas != desired_replicas:
+    if "replicas" in workload.unreadable:
+        items.append(
+            _unreadable(
+                "replicas", desired_replicas, workload.unreadable["replicas"], managers.get("replicas", "")
+            )
+        )
+    elif workload.replicas != desired_replicas:
         delta = None
         if desired.resources and base_cost is not None:
             delta = round(monthly_cost(desired.resources, workload.replicas, catalog.prices) - base_cost, 2)
@@ -501,7 +525,11 @@ def _topic_items(deployment: model.Deployment, obs: Observation) -> list[model.D
     want = desired.topic or model.TopicSpec(partitions=1, retention_ms=0)
     managers = topic.field_managers
     items: list[model.DriftItem] = []
-    if topic.partitions != want.partitions:
+    desired_replicas = desired.replicas or 1
+    wanted = {"partitions": want.partitions, "retention_ms": want.retention_ms, "replicas": desired_replicas}
+    for field, raw in sorted(topic.unreadable.items()):
+        items.append(_unreadable(field, wanted.get(field, ""), raw, managers.get(field, "")))
+    if "partitions" not in topic.unreadable and topic.partitions != want.partitions:
         fewer = topic.partitions < want.partitions
         items.append(
             _item(
@@ -515,7 +543,7 @@ def _topic_items(deployment: model.Deployment, obs: Observation) -> list[model.D
                 changed_by=managers.get("partitions", ""),
             )
         )
-    if topic.retention_ms != want.retention_ms:
+    if "retention_ms" not in topic.unreadable and topic.retention_ms != want.retention_ms:
         shorter = topic.retention_ms < want.retention_ms
         items.append(
             _item(
@@ -529,8 +557,7 @@ def _topic_items(deployment: model.Deployment, obs: Observation) -> list[model.D
                 changed_by=managers.get("retention_ms", ""),
             )
         )
-    desired_replicas = desired.replicas or 1
-    if topic.replicas != desired_replicas:
+    if "replicas" not in topic.unreadable and topic.replicas != desired_replicas:
         items.append(
             _item(
                 "topic.replicas.changed",

@@ -108,6 +108,23 @@ def config_changes(live: JsonDict, want: dict[str, str]) -> tuple[str, ...]:
     return tuple(changes)
 
 
+def _integer(value: Any, field: str, unreadable: dict[str, str], default: int) -> int:
+    """A whole number from a watched object; a value that is not one is noted, never raised.
+
+    Objects in the cluster are anyone's to edit (a CRD without a schema takes "three" for a
+    partition count): what cannot be read is an observation of its own, ``unreadable``.
+    """
+    if value is None:
+        return default
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    except (TypeError, ValueError):
+        unreadable[field] = repr(value)[:80]
+        return default
+
+
 def _quantity(value: Any) -> decimal.Decimal | None:
     try:
         return quantity.parse(str(value)) if value is not None else None
@@ -135,7 +152,7 @@ def _pod(obj: JsonDict, usage: tuple[decimal.Decimal, decimal.Decimal] | None) -
         name=str((obj.get("metadata") or {}).get("name", "")),
         phase=str(status.get("phase", "")),
         ready=ready,
-        restart_count=int(sum(int(c.get("restartCount") or 0) for c in containers)),
+        restart_count=sum(_integer(c.get("restartCount"), "restartCount", {}, 0) for c in containers),
         waiting_reason=str(waiting),
         image=str(spec_containers[0].get("image") or first.get("image", "")),
         cpu_usage=usage[0] if usage else None,
@@ -160,8 +177,9 @@ def _workload(obj: JsonDict, desired_env: dict[str, str]) -> drift.WorkloadObser
     storage = (((claims[0].get("spec") or {}).get("resources") or {}).get("requests") or {}).get(
         "storage", ""
     )
+    unreadable: dict[str, str] = {}
     return drift.WorkloadObservation(
-        replicas=int(spec.get("replicas", 1)),
+        replicas=_integer(spec.get("replicas"), "replicas", unreadable, 1),
         image=str(containers[0].get("image", "")),
         resources=model.ComputeResources(
             cpu_request=str(requests.get("cpu", "")),
@@ -173,6 +191,7 @@ def _workload(obj: JsonDict, desired_env: dict[str, str]) -> drift.WorkloadObser
         labels=dict((obj.get("metadata") or {}).get("labels") or {}),
         field_managers=field_managers(obj, _STS_FIELDS),
         config_changes=config_changes(obj, desired_env),
+        unreadable=unreadable,
     )
 
 
@@ -180,13 +199,16 @@ def _topic(obj: JsonDict) -> drift.TopicObservation:
     spec = obj.get("spec") or {}
     conditions = (obj.get("status") or {}).get("conditions") or []
     ready = next((c.get("status") == "True" for c in conditions if c.get("type") == "Ready"), None)
+    unreadable: dict[str, str] = {}
+    config: JsonDict = spec["config"] if isinstance(spec.get("config"), dict) else {}
     return drift.TopicObservation(
-        partitions=int(spec.get("partitions") or 0),
-        replicas=int(spec.get("replicas") or 0),
-        retention_ms=int((spec.get("config") or {}).get("retention.ms") or 0),
+        partitions=_integer(spec.get("partitions"), "partitions", unreadable, 0),
+        replicas=_integer(spec.get("replicas"), "replicas", unreadable, 0),
+        retention_ms=_integer(config.get("retention.ms"), "retention_ms", unreadable, 0),
         ready=ready,
         labels=dict((obj.get("metadata") or {}).get("labels") or {}),
         field_managers=field_managers(obj, _TOPIC_FIELDS),
+        unreadable=unreadable,
     )
 
 
