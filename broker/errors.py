@@ -4,6 +4,8 @@ The tree::
 
     BrokerError                      anything the broker reports to a caller
     ├── InvalidArgument              the request is malformed; carries field violations
+    ├── RequestTooLarge              the request body is larger than the broker reads
+    ├── MethodNotAllowed             an HTTP path called with a method it does not take
     ├── Unauthenticated              no or an unknown bearer token
     ├── PermissionDenied             the principal may not use the namespace
     ├── NotFound                     no such deployment (in a namespace the caller may see)
@@ -81,6 +83,18 @@ class InvalidArgument(BrokerError):
     def message_with(self, spell: Callable[[enum.Enum], str]) -> str:
         """The message with enum choices spelled by ``spell`` (a transport's spelling)."""
         return "invalid request: " + "; ".join(f"{v.field}: {v.describe(spell)}" for v in self.violations)
+
+
+class RequestTooLarge(BrokerError):
+    """The request body is larger than the broker reads."""
+
+    default_reason = "REQUEST_TOO_LARGE"
+
+
+class MethodNotAllowed(BrokerError):
+    """The path exists, but not for this HTTP method."""
+
+    default_reason = "METHOD_NOT_ALLOWED"
 
 
 class Unauthenticated(BrokerError):

@@ -4,7 +4,7 @@ Each broker has its own registry (tests run several in one process). Counts that
 anyway (informer relists, callback deliveries, subscribers, open drift) are read at scrape time by a
 collector instead of being duplicated; the rest are updated where they happen.
 
-- ``broker_rpc_requests_total{method,code}``, ``broker_rpc_duration_seconds{method}``
+- ``broker_rpc_requests_total{method,code,transport}``, ``broker_rpc_duration_seconds{method,transport}``
 - ``broker_drift_events_total{kind}``, ``broker_drift_items_total{drift_class,action}``
 - ``broker_open_drifts{namespace,resource_type}``
 - ``broker_remediations_total{outcome}``
@@ -35,14 +35,14 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.rpc_requests = Counter(
             "broker_rpc_requests",
-            "RPCs handled, by method and status code.",
-            ["method", "code"],
+            "RPCs handled, by method, status code and transport (grpc, or http for the /v1 gateway).",
+            ["method", "code", "transport"],
             registry=self.registry,
         )
         self.rpc_duration = Histogram(
             "broker_rpc_duration_seconds",
-            "Time to handle unary RPCs (streams: to their end).",
-            ["method"],
+            "Time to handle unary RPCs (streams: to their end), by method and transport.",
+            ["method", "transport"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600),
             registry=self.registry,
         )
@@ -61,6 +61,11 @@ class Metrics:
         self.remediations = Counter(
             "broker_remediations", "Remediation attempts, by outcome.", ["outcome"], registry=self.registry
         )
+
+    def count_rpc(self, method: str, code: str, transport: str, seconds: float) -> None:
+        """Count one call of an RPC (``code`` is the gRPC status name) over a transport."""
+        self.rpc_requests.labels(method, code, transport).inc()
+        self.rpc_duration.labels(method, transport).observe(seconds)
 
     def on_events(self, events: list[model.DriftEvent]) -> None:
         """Count committed events (a store listener)."""
@@ -136,79 +141,52 @@ class ScrapeCollector(Collector):
 class _RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # Handlers are stateless per method: wrap each once, not on every call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = str(handler_call_details.method).rsplit("/", 1)[-1]
+        path = str(handler_call_details.method)
+        wrapped = self._wrapped.get(path)
+        if wrapped is None:
+            wrapped = self._wrapped[path] = self._wrap(path, await continuation(handler_call_details))
+        return wrapped
+
+    def _wrap(self, path: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        """The handler, counted and timed (unary calls, and streams that write their messages)."""
         if handler is None:
+            return None
+        method = path.rsplit("/", 1)[-1]
+        count = self._metrics.count_rpc
+        inner = handler.unary_unary or handler.unary_stream
+        if inner is None or inspect.isasyncgenfunction(inner):
             return handler
-        metrics = self._metrics
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        default = "UNKNOWN" if handler.unary_unary is not None else "CANCELLED"
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code = "OK"
-                try:
-                    return await inner(request, context)
-                except BaseException:
-                    code = _code(context, default="UNKNOWN")
-                    raise
-                finally:
-                    metrics.rpc_requests.labels(method, code).inc()
-                    metrics.rpc_duration.labels(method).observe(time.perf_counter() - start)
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                code = _code(context, default=default)
+                raise
+            finally:
+                count(method, code, "grpc", time.perf_counter() - start)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code = "OK"
-                try:
-                    async for message in inner_stream(request, context):
-                        yield message
-                except BaseException:
-                    code = _code(context, default="CANCELLED")
-                    raise
-                finally:
-                    metrics.rpc_requests.labels(method, code).inc()
-                    metrics.rpc_duration.labels(method).observe(time.perf_counter() - start)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_writer = handler.unary_stream
-
-            async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code = "OK"
-                try:
-                    return await inner_writer(request, context)
-                except BaseException:
-                    code = _code(context, default="CANCELLED")
-                    raise
-                finally:
-                    metrics.rpc_requests.labels(method, code).inc()
-                    metrics.rpc_duration.labels(method).observe(time.perf_counter() - start)
-
-            return grpc.unary_stream_rpc_method_handler(
-                writer,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return factory(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _code(context: grpc.aio.ServicerContext, *, default: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from broker_client.v1 import broker_pb2, broker_pb2_grpc
+from broker_client.v1 import broker_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
@@ -260,8 +260,8 @@ class Broker:
             options=GRPC_OPTIONS,
             interceptors=[self.metrics.interceptor(), decoding.DecodeGuard(grpc_api.abort)],
         )
-        broker_pb2_grpc.add_BrokerServiceServicer_to_server(
-            grpc_api.BrokerServicer(service=svc, authenticator=self.authenticator), server
+        server.add_generic_rpc_handlers(
+            (grpc_api.BrokerServicer(service=svc, authenticator=self.authenticator).handler(),)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -285,6 +285,7 @@ class Broker:
             authenticator=self.authenticator,
             readiness=self._not_ready_reason,
             metrics_registry=self.metrics.registry,
+            rpc_metrics=self.metrics,
         )
         runner = web.AppRunner(
             app.app, access_log=None, handle_signals=False, keepalive_timeout=settings.http.keepalive_timeout

@@ -58,6 +58,41 @@ class EventsInput:
     after_sequence: int | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class DeploymentInput:
+    """One deployment of a namespace, as a transport parsed the request, before validation."""
+
+    namespace: str
+    deployment_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeprovisionInput:
+    """A deprovision request as a transport parsed it, before validation."""
+
+    namespace: str
+    deployment_id: str
+    data_policy: model.DataPolicy = model.DataPolicy.KEEP
+    request_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptDriftInput:
+    """An accept-drift request (which observed fields become desired) before validation."""
+
+    namespace: str
+    deployment_id: str
+    fields: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyInput:
+    """Which policy to read: a namespace, and a resource type or all of them."""
+
+    namespace: str
+    resource_type: model.ResourceType | None = None
+
+
 class ClusterView(Protocol):
     """What the service needs of the cluster: an observation from the caches, never an API call."""
 
@@ -213,16 +248,10 @@ class BrokerService:
             )
         return result
 
-    async def deprovision(
-        self,
-        principal: auth.Principal,
-        *,
-        namespace: str,
-        deployment_id: str,
-        data_policy: model.DataPolicy,
-        request_id: str,
-    ) -> model.MutationResult:
+    async def deprovision(self, principal: auth.Principal, request: DeprovisionInput) -> model.MutationResult:
         """Mark a deployment for deletion, keeping or deleting its volumes as asked."""
+        namespace, deployment_id = request.namespace, request.deployment_id
+        data_policy, request_id = request.data_policy, request.request_id
         violations: list[errors.FieldViolation] = []
         validation.check_namespace(namespace, violations)
         validation.check_deployment_id(deployment_id, violations, required=True)
@@ -247,10 +276,9 @@ class BrokerService:
             )
         return result
 
-    async def get_deployment(
-        self, principal: auth.Principal, *, namespace: str, deployment_id: str
-    ) -> model.Deployment:
+    async def get_deployment(self, principal: auth.Principal, request: DeploymentInput) -> model.Deployment:
         """One deployment's desired spec, phase and last operation."""
+        namespace, deployment_id = request.namespace, request.deployment_id
         violations: list[errors.FieldViolation] = []
         validation.check_namespace(namespace, violations)
         validation.check_deployment_id(deployment_id, violations, required=True)
@@ -306,9 +334,10 @@ class BrokerService:
         return await self._store.list_events(query, page)
 
     async def accept_drift(
-        self, principal: auth.Principal, *, namespace: str, deployment_id: str, fields: list[str]
+        self, principal: auth.Principal, request: AcceptDriftInput
     ) -> tuple[model.Deployment, list[str]]:
         """Make observed values the desired state: a new generation that matches what runs."""
+        namespace, deployment_id, fields = request.namespace, request.deployment_id, request.fields
         violations: list[errors.FieldViolation] = []
         validation.check_namespace(namespace, violations)
         validation.check_deployment_id(deployment_id, violations, required=True)
@@ -382,10 +411,9 @@ class BrokerService:
             record(mode=rule.mode.value, ignore=",".join(sorted(rule.ignore_fields)))
         return rule
 
-    def get_policy(
-        self, principal: auth.Principal, *, namespace: str, resource_type: model.ResourceType | None
-    ) -> policy.Rule:
+    def get_policy(self, principal: auth.Principal, request: PolicyInput) -> policy.Rule:
         """The policy in effect for a namespace and type (the default when none was set)."""
+        namespace, resource_type = request.namespace, request.resource_type
         violations: list[errors.FieldViolation] = []
         validation.check_namespace(namespace, violations)
         validation.raise_if(violations)

@@ -27,6 +27,9 @@ EXPECTED = [
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE, 400),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE, 503),
+    # aiohttp's own refusals on the /v1 port, in the same table.
+    (errors.RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    (errors.MethodNotAllowed, grpc.StatusCode.UNIMPLEMENTED, 405),
 ]
 
 SECRET_DETAIL = "password=hunter2 at /var/lib/broker"

@@ -724,3 +724,34 @@ async def test_put_policies_takes_what_get_policies_returns(http):
         got = (await r.json())["policy"]
     assert got["mode"].lower() == "off"
     assert got["ignoreFields"] == ["replicas"]
+
+
+async def test_gateway_calls_are_counted_like_grpc_calls_with_their_transport(http, stub):
+    await provision(http, issue_body())
+    await stub.GetResourceState(pb.GetResourceStateRequest(namespace=NS), metadata=bearer(PLATFORM_TOKEN))
+    async with http.get("/v1/resources", params={"namespace": NS}, headers=HEADERS) as r:
+        assert r.status == 200
+    async with http.get("/v1/resources", headers=HEADERS) as r:
+        assert r.status == 400  # no namespace: counted with its code
+    async with http.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        text = await r.text()
+    lines = set(text.splitlines())
+    assert 'broker_rpc_requests_total{code="OK",method="Provision",transport="http"} 1.0' in lines
+    assert 'broker_rpc_requests_total{code="OK",method="GetResourceState",transport="http"} 1.0' in lines
+    assert (
+        'broker_rpc_requests_total{code="INVALID_ARGUMENT",method="GetResourceState",transport="http"} 1.0'
+        in lines
+    )
+    assert 'broker_rpc_requests_total{code="OK",method="GetResourceState",transport="grpc"} 1.0' in lines
+
+
+def test_every_v1_path_is_a_route_of_the_rpc_table():
+    from broker.api import rpcs
+
+    paths = {(route.method, route.path) for rpc in rpcs.TABLE for route in rpc.routes}
+    assert ("POST", "/v1/provision") in paths
+    assert ("GET", "/v1/resources") in paths
+    assert ("PUT", "/v1/policies") in paths
+    assert {rpc.name for rpc in rpcs.TABLE} | rpcs.STREAMING == {
+        m.name for m in pb.DESCRIPTOR.services_by_name["BrokerService"].methods
+    }

@@ -220,6 +220,16 @@ def provision_response(result: model.MutationResult) -> pb.ProvisionResponse:
     )
 
 
+def deprovision_input(request: pb.DeprovisionRequest) -> service.DeprovisionInput:
+    """The service input of a DeprovisionRequest."""
+    return service.DeprovisionInput(
+        namespace=request.namespace,
+        deployment_id=request.deployment_id,
+        data_policy=data_policy(request.data_policy),
+        request_id=request.request_id,
+    )
+
+
 def deprovision_response(result: model.MutationResult) -> pb.DeprovisionResponse:
     """The DeprovisionResponse of a deprovision result."""
     return pb.DeprovisionResponse(

@@ -1,4 +1,6 @@
-"""The gRPC servicer of broker.v1.BrokerService: authenticate, convert, call the service, convert back.
+"""The gRPC side of broker.v1.BrokerService: one method per row of ``rpcs.TABLE``, plus WatchDrift.
+
+Each call authenticates from the ``authorization`` metadata and runs the row's handler.
 
 Errors leave through ``abort``, which attaches a google.rpc.Status (ErrorInfo, BadRequest) in the
 ``grpc-status-details-bin`` trailer, the way grpcio-status clients and grpcurl read it.
@@ -9,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 from broker_client.v1 import broker_pb2 as pb
-from broker_client.v1 import broker_pb2_grpc
+from google.protobuf import message
 
 from broker import auth, errors, service
-from broker.api import convert, status
+from broker.api import convert, rpcs, status
 from broker.domain import model
-
-R = TypeVar("R")
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
@@ -41,14 +41,43 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
-class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
-    """Implements the RPCs on top of ``service.BrokerService``."""
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BrokerService"].full_name
+
+
+class BrokerServicer:
+    """Serves broker.v1.BrokerService: the unary RPCs of ``rpcs.TABLE``, and WatchDrift."""
 
     def __init__(self, *, service: service.BrokerService, authenticator: auth.Authenticator) -> None:
         self._service = service
         self._auth = authenticator
         # The same event goes to every subscriber: convert it once (messages are never mutated).
         self._encoded: collections.OrderedDict[int, pb.WatchDriftResponse] = collections.OrderedDict()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler of every method, to register on a grpc.aio server."""
+        methods = {
+            rpc.name: grpc.unary_unary_rpc_method_handler(
+                self._unary(rpc), request_deserializer=rpc.request.FromString, response_serializer=_serialize
+            )
+            for rpc in rpcs.TABLE
+        }
+        methods["WatchDrift"] = grpc.unary_stream_rpc_method_handler(
+            self.WatchDrift,
+            request_deserializer=pb.WatchDriftRequest.FromString,
+            response_serializer=_serialize,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+    def _unary(self, rpc: rpcs.Rpc) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        handler, svc, authenticator = rpc.handler, self._service, self._auth
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await handler(svc, authenticator.authenticate(_authorization(context)), request)
+            except Exception as e:
+                await abort(context, e)
+
+        return call
 
     def _encode(self, item: service.WatchItem) -> pb.WatchDriftResponse:
         if not isinstance(item, model.DriftEvent):
@@ -60,126 +89,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 self._encoded.popitem(last=False)
         return message
 
-    async def _unary(
-        self, context: grpc.aio.ServicerContext, call: Callable[[auth.Principal], Awaitable[R]]
-    ) -> R:
-        try:
-            principal = self._auth.authenticate(_authorization(context))
-            return await call(principal)
-        except Exception as e:
-            await abort(context, e)
-
-    async def Provision(
-        self, request: pb.ProvisionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ProvisionResponse:
-        """Create or update a resource's desired state."""
-
-        async def call(principal: auth.Principal) -> pb.ProvisionResponse:
-            result = await self._service.provision(principal, convert.provision_input(request))
-            return convert.provision_response(result)
-
-        return await self._unary(context, call)
-
-    async def GetResourceState(
-        self, request: pb.GetResourceStateRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetResourceStateResponse:
-        """Read desired and actual state of a namespace's resources."""
-
-        async def call(principal: auth.Principal) -> pb.GetResourceStateResponse:
-            page = await self._service.get_resource_state(principal, convert.resource_state_input(request))
-            return convert.resource_page_to_proto(request.namespace, page)
-
-        return await self._unary(context, call)
-
-    async def Deprovision(
-        self, request: pb.DeprovisionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DeprovisionResponse:
-        """Delete a resource's workload."""
-
-        async def call(principal: auth.Principal) -> pb.DeprovisionResponse:
-            result = await self._service.deprovision(
-                principal,
-                namespace=request.namespace,
-                deployment_id=request.deployment_id,
-                data_policy=convert.data_policy(request.data_policy),
-                request_id=request.request_id,
-            )
-            return convert.deprovision_response(result)
-
-        return await self._unary(context, call)
-
-    async def GetDeployment(
-        self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetDeploymentResponse:
-        """Read one deployment."""
-
-        async def call(principal: auth.Principal) -> pb.GetDeploymentResponse:
-            deployment = await self._service.get_deployment(
-                principal, namespace=request.namespace, deployment_id=request.deployment_id
-            )
-            return pb.GetDeploymentResponse(deployment=convert.deployment_to_proto(deployment))
-
-        return await self._unary(context, call)
-
-    async def ListDriftEvents(
-        self, request: pb.ListDriftEventsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListDriftEventsResponse:
-        """Read the drift history."""
-
-        async def call(principal: auth.Principal) -> pb.ListDriftEventsResponse:
-            page = await self._service.list_drift_events(principal, convert.events_input(request))
-            return convert.events_page_to_proto(page)
-
-        return await self._unary(context, call)
-
-    async def AcceptDrift(
-        self, request: pb.AcceptDriftRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AcceptDriftResponse:
-        """Make observed values the desired state."""
-
-        async def call(principal: auth.Principal) -> pb.AcceptDriftResponse:
-            deployment, accepted = await self._service.accept_drift(
-                principal,
-                namespace=request.namespace,
-                deployment_id=request.deployment_id,
-                fields=list(request.fields),
-            )
-            return pb.AcceptDriftResponse(
-                deployment=convert.deployment_to_proto(deployment), accepted_fields=accepted
-            )
-
-        return await self._unary(context, call)
-
-    async def SetRemediationPolicy(
-        self, request: pb.SetRemediationPolicyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SetRemediationPolicyResponse:
-        """Set how drift is handled for a namespace and type."""
-
-        async def call(principal: auth.Principal) -> pb.SetRemediationPolicyResponse:
-            rule = await self._service.set_policy(principal, convert.rule_from_proto(request.policy))
-            return pb.SetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))
-
-        return await self._unary(context, call)
-
-    async def GetRemediationPolicy(
-        self, request: pb.GetRemediationPolicyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetRemediationPolicyResponse:
-        """Read the policy in effect."""
-
-        async def call(principal: auth.Principal) -> pb.GetRemediationPolicyResponse:
-            rule = self._service.get_policy(
-                principal,
-                namespace=request.namespace,
-                resource_type=convert.resource_type(request.resource_type),
-            )
-            return pb.GetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))
-
-        return await self._unary(context, call)
-
-    # grpc.aio serves a streaming method that writes itself; the generated stub only knows iterators.
-    async def WatchDrift(  # type: ignore[override]
-        self, request: pb.WatchDriftRequest, context: grpc.aio.ServicerContext
-    ) -> None:
+    async def WatchDrift(self, request: pb.WatchDriftRequest, context: grpc.aio.ServicerContext) -> None:
         """Stream drift events: optional snapshot, then live events, resumable after a sequence.
 
         Each message goes to the transport with a deadline: a subscriber whose transport has not
@@ -204,6 +114,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 write.result()
         except Exception as e:
             await abort(context, e)
+
+
+def _serialize(response: message.Message) -> bytes:
+    return response.SerializeToString()
 
 
 def _forget(write: asyncio.Future[None]) -> None:

@@ -45,6 +45,8 @@ TABLE: dict[type[errors.BrokerError], Mapping] = {
     errors.OutOfRange: Mapping(grpc.StatusCode.OUT_OF_RANGE, 400),
     errors.ResourceExhausted: Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     errors.Unavailable: Mapping(grpc.StatusCode.UNAVAILABLE, 503),
+    errors.RequestTooLarge: Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    errors.MethodNotAllowed: Mapping(grpc.StatusCode.UNIMPLEMENTED, 405),
 }
 INTERNAL = Mapping(grpc.StatusCode.INTERNAL, 500)
 

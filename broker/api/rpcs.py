@@ -1,0 +1,149 @@
+"""Every unary RPC once: its request type, its handler, and the /v1 routes that map onto it.
+
+A handler takes the authenticated principal and the request message, calls the service layer and
+returns the response message: protobuf in, protobuf out, nothing about the transport. The gRPC
+server registers one method per row (``grpc_api``), the gateway one aiohttp route per ``Route``
+(``gateway``), so an RPC cannot exist on one transport and be forgotten on the other. WatchDrift,
+the one streaming RPC, has no /v1 path and is served by ``grpc_api`` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from broker_client.v1 import broker_pb2 as pb
+from google.protobuf import message
+
+from broker import auth, service
+from broker.api import convert
+
+Handler = Callable[[service.BrokerService, auth.Principal, Any], Awaitable[message.Message]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One /v1 path of an RPC.
+
+    The request's fields come from the JSON body when ``body`` is set, else from the query string
+    (``repeated`` names the keys that may repeat or take comma lists). Path parameters are
+    request fields of the same (proto) name. ``wrap`` names the field a bare JSON object stands
+    for (``PUT /v1/policies`` takes the policy itself as well as ``{"policy": ...}``).
+    """
+
+    method: str
+    path: str
+    status: int = 200
+    body: bool = False
+    repeated: tuple[str, ...] = ()
+    wrap: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rpc:
+    """One unary RPC of broker.v1.BrokerService."""
+
+    name: str
+    request: type[message.Message]
+    handler: Handler
+    routes: tuple[Route, ...] = ()
+
+
+async def _provision(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    return convert.provision_response(await svc.provision(principal, convert.provision_input(req)))
+
+
+async def _resource_state(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    page = await svc.get_resource_state(principal, convert.resource_state_input(req))
+    return convert.resource_page_to_proto(req.namespace, page)
+
+
+async def _deprovision(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    return convert.deprovision_response(await svc.deprovision(principal, convert.deprovision_input(req)))
+
+
+async def _deployment(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    deployment = await svc.get_deployment(
+        principal, service.DeploymentInput(req.namespace, req.deployment_id)
+    )
+    return pb.GetDeploymentResponse(deployment=convert.deployment_to_proto(deployment))
+
+
+async def _events(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    return convert.events_page_to_proto(await svc.list_drift_events(principal, convert.events_input(req)))
+
+
+async def _accept(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    request = service.AcceptDriftInput(req.namespace, req.deployment_id, tuple(req.fields))
+    deployment, accepted = await svc.accept_drift(principal, request)
+    return pb.AcceptDriftResponse(
+        deployment=convert.deployment_to_proto(deployment), accepted_fields=accepted
+    )
+
+
+async def _set_policy(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    rule = await svc.set_policy(principal, convert.rule_from_proto(req.policy))
+    return pb.SetRemediationPolicyResponse(policy=convert.rule_to_proto(rule))
+
+
+async def _get_policy(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    request = service.PolicyInput(req.namespace, convert.resource_type(req.resource_type))
+    return pb.GetRemediationPolicyResponse(policy=convert.rule_to_proto(svc.get_policy(principal, request)))
+
+
+TABLE: tuple[Rpc, ...] = (
+    Rpc("Provision", pb.ProvisionRequest, _provision, (Route("POST", "/v1/provision", 202, body=True),)),
+    Rpc(
+        "GetResourceState",
+        pb.GetResourceStateRequest,
+        _resource_state,
+        (Route("GET", "/v1/resources"), Route("POST", "/v1/resources", body=True)),
+    ),
+    Rpc(
+        "Deprovision",
+        pb.DeprovisionRequest,
+        _deprovision,
+        (
+            Route("DELETE", "/v1/deployments/{deployment_id}", 202),
+            Route("POST", "/v1/deprovision", 202, body=True),
+        ),
+    ),
+    Rpc(
+        "GetDeployment",
+        pb.GetDeploymentRequest,
+        _deployment,
+        (Route("GET", "/v1/deployments/{deployment_id}"),),
+    ),
+    Rpc(
+        "ListDriftEvents",
+        pb.ListDriftEventsRequest,
+        _events,
+        (Route("GET", "/v1/events", repeated=("kinds",)),),
+    ),
+    Rpc(
+        "AcceptDrift",
+        pb.AcceptDriftRequest,
+        _accept,
+        (Route("POST", "/v1/deployments/{deployment_id}:acceptDrift", body=True),),
+    ),
+    Rpc(
+        "SetRemediationPolicy",
+        pb.SetRemediationPolicyRequest,
+        _set_policy,
+        (Route("PUT", "/v1/policies", body=True, wrap="policy"),),
+    ),
+    Rpc("GetRemediationPolicy", pb.GetRemediationPolicyRequest, _get_policy, (Route("GET", "/v1/policies"),)),
+)
+STREAMING = frozenset({"WatchDrift"})
+
+
+def _check() -> None:
+    """Every method of the service is in the table (or streams), and nothing else is."""
+    methods = {m.name for m in pb.DESCRIPTOR.services_by_name["BrokerService"].methods}
+    listed = {rpc.name for rpc in TABLE} | STREAMING
+    if methods != listed:
+        raise RuntimeError(f"RPC table and broker.proto disagree: {sorted(methods ^ listed)}")
+
+
+_check()
