@@ -40,7 +40,7 @@ import aiohttp
 import aiohttp.abc
 import yarl
 
-from broker import errors
+from broker import errors, workers
 from broker.domain import addresses
 from broker.store import sqlite
 
@@ -247,7 +247,7 @@ class Dispatcher:
         self._poll_interval = poll_interval
         self._timeout = timeout
         self._getaddrinfo = getaddrinfo
-        self._wake = asyncio.Event()
+        self._wake = workers.Wakeup()
         self.delivered = 0
         self.failed = 0
 
@@ -270,19 +270,19 @@ class Dispatcher:
             headers={"User-Agent": "resource-broker-callbacks"},
             trust_env=False,
         ) as http:
-            while True:
-                self._wake.clear()
+
+            async def deliver_due() -> float | None:
                 try:
                     due = await self._store.due_callbacks()
                 except errors.BrokerError as e:
                     log.warning("cannot read the callback outbox", extra={"error": e.message})
-                    due = []
-                if due:
-                    await asyncio.gather(*(self._deliver(http, *entry) for entry in due))
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._poll_interval):
-                        await self._wake.wait()
+                    return None
+                if not due:
+                    return None
+                await asyncio.gather(*(self._deliver(http, *entry) for entry in due))
+                return 0.0  # more may be due already
+
+            await workers.run_forever(deliver_due, interval=self._poll_interval, wake=self._wake)
 
     async def _deliver(
         self, http: aiohttp.ClientSession, delivery_id: str, url: str, payload: str, attempts: int

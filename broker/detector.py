@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from broker import errors
+from broker import errors, workers
 from broker.domain import catalog as catalog_mod
 from broker.domain import drift, model, policy
 from broker.kube import observer
@@ -245,12 +245,7 @@ class Remediator:
 
     async def stop(self) -> None:
         """Cancel scheduled remediations."""
-        tasks = [f.task for f in self._fights.values() if f.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await workers.cancel_and_wait(f.task for f in self._fights.values() if f.task is not None)
 
 
 class Detector:
@@ -274,7 +269,7 @@ class Detector:
         self._resync_interval = resync_interval
         self._dirty: set[str] = set()  # changed in the cluster: evaluated first
         self._resync: set[str] = set()  # the periodic sweep, evaluated when nothing else waits
-        self._wake = asyncio.Event()
+        self._wake = workers.Wakeup()
         self._reported: dict[str, tuple[tuple[model.DriftItem, ...], model.Health]] = {}
         self._open: dict[str, tuple[str, str, int]] = {}
 
@@ -287,7 +282,9 @@ class Detector:
         """Evaluate dirty deployments as they come, and everything every ``resync_interval``."""
         self._reported = await self._store.drift_states()
         next_resync = 0.0
-        while True:
+
+        async def sweep() -> float:
+            nonlocal next_resync
             if time.monotonic() >= next_resync:
                 with contextlib.suppress(errors.BrokerError):
                     self._resync.update(
@@ -305,10 +302,9 @@ class Detector:
                     log.warning(
                         "drift evaluation failed", extra={"deployment_id": deployment_id, "error": e.message}
                     )
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, next_resync - time.monotonic())):
-                    await self._wake.wait()
+            return next_resync - time.monotonic()
+
+        await workers.run_forever(sweep, interval=self._resync_interval, wake=self._wake)
 
     def _verdict(self, deployment: model.Deployment) -> drift.Evaluation:
         return drift.evaluate(

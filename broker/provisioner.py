@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from broker import errors
+from broker import errors, workers
 from broker.domain import catalog as catalog_mod
 from broker.domain import drift, model, naming
 from broker.kube import manifests, observer
@@ -78,7 +78,7 @@ class Provisioner:
         self._ready_timeout = ready_timeout
         self._poll_interval = poll_interval
         self._sweep_interval = sweep_interval
-        self._wake = asyncio.Event()
+        self._wake = workers.Wakeup()
         self._kicked: set[str] = set()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -98,38 +98,33 @@ class Provisioner:
         """Pick up unfinished operations forever (including those left by a previous process)."""
         loop = asyncio.get_running_loop()
         next_sweep = 0.0
-        try:
-            while True:
-                self._wake.clear()
-                try:
-                    # Kicks name their deployment; the full sweep (at start, to resume what a previous
-                    # process left, and now and then as a safety net) reads every unfinished one.
-                    if loop.time() >= next_sweep:
-                        self._kicked.clear()
-                        pending = await self._store.unfinished()
-                        next_sweep = loop.time() + self._sweep_interval
-                    else:
-                        kicked, self._kicked = self._kicked, set()
-                        found = [await self._store.deployment_by_id(k) for k in sorted(kicked)]
-                        pending = [d for d in found if d is not None and _unfinished(d)]
-                except errors.BrokerError as e:
-                    log.warning("cannot read pending operations", extra={"error": e.message})
-                    pending = []
-                for deployment in pending:
-                    key = deployment.deployment_id
-                    task = self._in_flight.get(key)
-                    if task is not None and not task.done():
-                        continue
+
+        async def pick_up() -> None:
+            nonlocal next_sweep
+            try:
+                # Kicks name their deployment; the full sweep (at start, to resume what a previous
+                # process left, and now and then as a safety net) reads every unfinished one.
+                if loop.time() >= next_sweep:
+                    self._kicked.clear()
+                    pending = await self._store.unfinished()
+                    next_sweep = loop.time() + self._sweep_interval
+                else:
+                    kicked, self._kicked = self._kicked, set()
+                    found = [await self._store.deployment_by_id(k) for k in sorted(kicked)]
+                    pending = [d for d in found if d is not None and _unfinished(d)]
+            except errors.BrokerError as e:
+                log.warning("cannot read pending operations", extra={"error": e.message})
+                return
+            for deployment in pending:
+                key = deployment.deployment_id
+                task = self._in_flight.get(key)
+                if task is None or task.done():
                     self._in_flight[key] = asyncio.create_task(self._carry_out(deployment), name=f"op-{key}")
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._poll_interval):
-                        await self._wake.wait()
+
+        try:
+            await workers.run_forever(pick_up, interval=self._poll_interval, wake=self._wake)
         finally:
-            for task in self._in_flight.values():
-                task.cancel()
-            for task in self._in_flight.values():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await workers.cancel_and_wait(self._in_flight.values())
 
     async def _carry_out(self, deployment: model.Deployment) -> None:
         started = await self._store.start_operation(deployment)

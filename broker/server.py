@@ -25,7 +25,9 @@ from broker_client.v1 import broker_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from broker import auth, callbacks, detector, errors, events, metrics, provisioner, service
+from broker import auth, callbacks, errors, events, metrics, service, workers
+from broker import detector as detection
+from broker import provisioner as provisioning
 from broker.api import connections, decoding, gateway, grpc_api, reflection
 from broker.domain import catalog as catalog_mod
 from broker.domain import policy
@@ -87,6 +89,16 @@ class Settings:
     event_retention: int = 100_000
     event_prune_interval: float = 600.0
     http: connections.Limits = dataclasses.field(default_factory=connections.Limits)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterParts:
+    """The components a connected cluster brings: its caches and the workers that act on them."""
+
+    state: observer.ClusterState
+    provisioner: provisioning.Provisioner
+    remediator: detection.Remediator
+    detector: detection.Detector
 
 
 def callback_key(settings: Settings) -> bytes:
@@ -189,16 +201,41 @@ class Broker:
         self._health = HealthServicer()
         self._http: web.AppRunner | None = None
         self._sandbox: Any = None
-        self.cluster: observer.ClusterState | None = None
-        self.provisioner: provisioner.Provisioner | None = None
+        # What a connected cluster adds, built together or not at all.
+        self._cluster: ClusterParts | None = None
         self.dispatcher: callbacks.Dispatcher | None = None
-        self.detector: detector.Detector | None = None
-        self.remediator: detector.Remediator | None = None
         self.hub = events.EventHub()
         self.metrics = metrics.Metrics()
         self.http_connections = connections.Counters()
         self.policies = service.PolicyBook(settings.rules)
-        self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = workers.Supervisor(self._worker_failed)
+        self.failed = asyncio.Event()
+
+    @property
+    def cluster(self) -> observer.ClusterState | None:
+        """The cluster's caches and writes, when a cluster is connected."""
+        return self._cluster.state if self._cluster else None
+
+    @property
+    def provisioner(self) -> provisioning.Provisioner | None:
+        """The provisioning worker, when a cluster is connected."""
+        return self._cluster.provisioner if self._cluster else None
+
+    @property
+    def detector(self) -> detection.Detector | None:
+        """The drift detector, when a cluster is connected."""
+        return self._cluster.detector if self._cluster else None
+
+    @property
+    def remediator(self) -> detection.Remediator | None:
+        """The remediator, when a cluster is connected."""
+        return self._cluster.remediator if self._cluster else None
+
+    def _worker_failed(self, name: str, exc: BaseException) -> None:
+        """A supervised worker failed: not ready from now on, and ``run`` stops the process."""
+        self.failed.set()
+        self._draining = True
+        asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
 
     @property
     def store(self) -> sqlite.Store:
@@ -240,7 +277,7 @@ class Broker:
             policy=callback_policy,
             max_delay=settings.callback_max_backoff,
         )
-        self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="callback-dispatcher"))
+        self.supervisor.start("callback-dispatcher", self.dispatcher.run())
         await self._start_cluster()
         svc = service.BrokerService(
             store=self._store,
@@ -254,7 +291,7 @@ class Broker:
             watch_limits=settings.watch,
         )
         self.metrics.add_collector(metrics.ScrapeCollector(self._scrape))
-        self._tasks.append(asyncio.create_task(self._prune_events(), name="event-retention"))
+        self.supervisor.start("event-retention", self._prune_events())
 
         server = grpc.aio.server(
             options=GRPC_OPTIONS,
@@ -342,35 +379,38 @@ class Broker:
         client = await kube_client.Client.connect(kubeconfig)
         if settings.sandbox:
             await seed_sandbox(client, settings.sandbox_namespaces)
-        self.cluster = observer.ClusterState(
-            client, catalog=settings.catalog, kafka_cluster=settings.kafka_cluster
-        )
-        self.provisioner = provisioner.Provisioner(
+        state = observer.ClusterState(client, catalog=settings.catalog, kafka_cluster=settings.kafka_cluster)
+        remediator = detection.Remediator(
             store=self.store,
-            cluster=self.cluster,
-            catalog=settings.catalog,
-            ready_timeout=settings.ready_timeout,
-            on_finished=self._operation_finished,
-        )
-        self.remediator = detector.Remediator(
-            store=self.store,
-            cluster=self.cluster,
+            cluster=state,
             base_delay=settings.remediation_base_delay,
             max_delay=settings.remediation_max_delay,
         )
-        self.detector = detector.Detector(
-            store=self.store,
-            cluster=self.cluster,
-            catalog=settings.catalog,
-            policies=lambda: self.policies.current,
-            remediator=self.remediator if settings.remediate else None,
-            resync_interval=settings.resync_interval,
+        parts = self._cluster = ClusterParts(
+            state=state,
+            provisioner=provisioning.Provisioner(
+                store=self.store,
+                cluster=state,
+                catalog=settings.catalog,
+                ready_timeout=settings.ready_timeout,
+                on_finished=self._operation_finished,
+            ),
+            remediator=remediator,
+            detector=detection.Detector(
+                store=self.store,
+                cluster=state,
+                catalog=settings.catalog,
+                policies=lambda: self.policies.current,
+                remediator=remediator if settings.remediate else None,
+                resync_interval=settings.resync_interval,
+            ),
         )
-        self.cluster.add_listener(self.provisioner.notify)
-        self.cluster.add_listener(self.detector.notify)
-        await self.cluster.start()
-        self._tasks.append(asyncio.create_task(self.provisioner.run(), name="provisioner"))
-        self._tasks.append(asyncio.create_task(self.detector.run(), name="detector"))
+        state.add_listener(parts.provisioner.notify)
+        state.add_listener(parts.detector.notify)
+        for name, worker in state.workers().items():
+            self.supervisor.start(name, worker)
+        self.supervisor.start("provisioner", parts.provisioner.run())
+        self.supervisor.start("detector", parts.detector.run())
         log.info("watching the cluster", extra={"api": client.host})
 
     def _operation_finished(self, deployment_id: str) -> None:
@@ -394,14 +434,18 @@ class Broker:
 
     async def _prune_events(self) -> None:
         """Keep the event log to ``event_retention`` entries (resumes older than that get OUT_OF_RANGE)."""
-        while True:
+
+        async def prune() -> None:
             with contextlib.suppress(errors.BrokerError):
                 pruned = await self.store.prune_events(keep=self.settings.event_retention)
                 if pruned:
                     log.info("pruned the event log", extra={"events": pruned})
-            await asyncio.sleep(self.settings.event_prune_interval)
+
+        await workers.run_forever(prune, interval=self.settings.event_prune_interval)
 
     async def _not_ready_reason(self) -> str | None:
+        if self.supervisor.failure is not None:
+            return f"background worker {self.supervisor.failure[0]} failed; the broker is stopping"
         if self._draining:
             return "shutting down"
         try:
@@ -424,21 +468,12 @@ class Broker:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("background task failed", extra={"task": task.get_name()})
-        self._tasks.clear()
+        await self.supervisor.stop()
         if self.remediator is not None:
             await self.remediator.stop()
-        if self.cluster is not None:
-            await self.cluster.stop()
-            self.cluster = None
+        if self._cluster is not None:
+            await self._cluster.state.stop()
+            self._cluster = None
         if self._sandbox is not None:
             await self._sandbox.stop()
             self._sandbox = None
@@ -468,7 +503,13 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await broker.start()
     try:
-        await stop.wait()
-        log.info("shutdown requested; draining")
+        stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(broker.failed.wait())
+        await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+        await workers.cancel_and_wait((stopped, failed))
+        log.info("shutdown requested; draining" if stop.is_set() else "a background worker failed; stopping")
     finally:
         await broker.stop()
+    if broker.supervisor.failure is not None:
+        name, exc = broker.supervisor.failure
+        # Non-zero exit: Kubernetes restarts the pod (see broker.workers on why not in place).
+        raise errors.Unavailable(f"background worker {name} failed: {type(exc).__name__}: {exc}")

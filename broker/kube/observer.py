@@ -9,15 +9,14 @@ everything they get comes from the caches.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import decimal
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from broker import errors
+from broker import errors, workers
 from broker.domain import catalog as catalog_mod
 from broker.domain import drift, model, naming, quantity
 from broker.kube import client as kube_client
@@ -281,7 +280,6 @@ class ClusterState:
         self._strays: dict[tuple[str, str, str], JsonDict] = {}
         self._lookups: set[asyncio.Task[None]] = set()
         self.metrics_available = False
-        self._tasks: list[asyncio.Task[None]] = []
 
     def _changed(self, kind: str, event_type: str, obj: JsonDict) -> None:
         deployment_id = _owner(obj)
@@ -332,11 +330,13 @@ class ClusterState:
         """Also tell ``on_change`` (by deployment id) when any of a deployment's objects changes."""
         self._listeners.append(on_change)
 
-    async def start(self) -> None:
-        """Start the informers and the metrics poller (returns at once; see ``wait_synced``)."""
-        for inf in self.informers.values():
-            self._tasks.append(asyncio.create_task(inf.run(), name=f"informer-{inf.kind}"))
-        self._tasks.append(asyncio.create_task(self._poll_metrics(), name="metrics-poller"))
+    def workers(self) -> dict[str, Coroutine[Any, Any, None]]:
+        """The informers and the metrics poller, by name, for the owner's supervisor to run."""
+        running: dict[str, Coroutine[Any, Any, None]] = {
+            f"informer-{inf.kind}": inf.run() for inf in self.informers.values()
+        }
+        running["metrics-poller"] = self._poll_metrics()
+        return running
 
     async def wait_synced(self, within: float) -> bool:
         """Wait until every cache completed its first list; False if that takes longer than ``within`` s."""
@@ -361,14 +361,8 @@ class ClusterState:
         return None
 
     async def stop(self) -> None:
-        """Stop the informers and close the client."""
-        tasks = [*self._tasks, *self._lookups]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        """Stop the lookups in flight and close the client (the owner stops the workers)."""
+        await workers.cancel_and_wait(self._lookups)
         await self.client.close()
 
     async def _poll_metrics(self) -> None:
