@@ -28,7 +28,7 @@ from grpc_health.v1._async import HealthServicer
 from broker import auth, callbacks, errors, events, metrics, service, workers
 from broker import detector as detection
 from broker import provisioner as provisioning
-from broker.api import connections, decoding, gateway, grpc_api, reflection
+from broker.api import connections, decoding, gateway, grpc_api, grpc_metrics, reflection
 from broker.domain import catalog as catalog_mod
 from broker.domain import policy
 from broker.kube import client as kube_client
@@ -295,7 +295,7 @@ class Broker:
 
         server = grpc.aio.server(
             options=GRPC_OPTIONS,
-            interceptors=[self.metrics.interceptor(), decoding.DecodeGuard(grpc_api.abort)],
+            interceptors=[grpc_metrics.RpcInterceptor(self.metrics), decoding.DecodeGuard(grpc_api.abort)],
         )
         server.add_generic_rpc_handlers(
             (grpc_api.BrokerServicer(service=svc, authenticator=self.authenticator).handler(),)
