@@ -4,33 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
+import signal
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 from broker_client import errors as client_errors
+from broker_client import flags
 from broker_client.client import BrokerClient
 from broker_client.v1 import broker_pb2 as pb
 from google.protobuf import json_format
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, watch: bool) -> None:
-    """The flags shared by ``get`` and ``watch``."""
-    parser.add_argument(
-        "--target",
-        default=os.environ.get("BROKER_TARGET", "localhost:50051"),
-        help="broker gRPC address (default localhost:50051, or $BROKER_TARGET)",
-    )
-    parser.add_argument(
-        "--token", default=os.environ.get("BROKER_TOKEN"), help="bearer token (or $BROKER_TOKEN)"
-    )
-    parser.add_argument("--tls", action="store_true", help="the broker's gRPC port is behind TLS")
-    parser.add_argument(
-        "-n",
-        "--namespace",
+    """The flags of ``get`` and ``watch``, spelled as in every client program (``broker_client.flags``)."""
+    flags.add_connection_flags(parser)
+    flags.add_namespace_flag(
+        parser,
+        repeatable=watch,
         required=not watch,
-        action="append" if watch else "store",
         help="namespace" + (" (repeatable; default: all the token may see)" if watch else ""),
     )
     parser.add_argument("--type", choices=["database", "cache", "topic"], help="only this resource type")
@@ -95,11 +89,47 @@ async def watch(args: argparse.Namespace) -> int:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    """Run ``get`` or ``watch``; broker errors become a message and exit code 1."""
+    """Run ``get`` or ``watch``; broker errors become a message and exit code 1, Ctrl-C exit code 130."""
     try:
-        return asyncio.run(get(args) if command == "get" else watch(args))
+        return asyncio.run(_interruptible(get(args) if command == "get" else watch(args)))
     except client_errors.BrokerError as e:
         print(f"broker {command}: {e.code.name}: {e.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+async def _interruptible(command: Coroutine[Any, Any, int]) -> int:
+    """Run ``command``; SIGINT cancels it (closing its streams) and makes the exit code 130.
+
+    The handler is the event loop's own, installed whatever SIGINT's inherited disposition: a
+    process started in the background of a non-interactive shell (a script's ``broker watch &``,
+    a CI runner's test suite) inherits SIGINT *ignored*, and then ``asyncio.run`` installs no
+    handler of its own, so Ctrl-C or ``kill -INT`` did nothing and ``watch`` ran on. A second
+    SIGINT, should closing hang, interrupts at once.
+    """
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    task = asyncio.ensure_future(command)
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    except (NotImplementedError, RuntimeError):  # no loop signal handlers here (Windows)
+        return await task
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if interrupted and main is not None and not main.cancelling():
+            return 130
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGINT)

@@ -5,20 +5,23 @@
 - the unary round trip (provision, get_resource_state, get_deployment, deprovision) and the
   idempotency of ``request_id``;
 - retries: the channel's service config retries UNAVAILABLE for idempotent calls only. A tiny
-  in-test gRPC server that fails the first calls proves it by counting server-side attempts.
+  in-test gRPC server that fails the first calls proves it by counting server-side attempts;
+- pages (``Page``: items, next_page_token, total) and enum arguments, which take the seed's
+  spelling or the proto value alike, and refuse anything else before a call is made.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 from broker_client import errors
-from broker_client.client import BrokerClient
+from broker_client.client import BrokerClient, Page
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
 from conftest import OTHER_TOKEN, PLATFORM_TOKEN, RunningBroker, until
@@ -107,7 +110,7 @@ async def test_a_bad_resource_name_is_invalid_argument_naming_the_field(client: 
         info.value, errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, "resource_name", "Bad_Name"
     )
     # Nothing was created.
-    assert await client.get_resource_state(NS) == []
+    assert (await client.get_resource_state(NS)).items == ()
 
 
 async def test_a_request_id_reused_for_a_different_request_is_already_exists(client: BrokerClient) -> None:
@@ -192,7 +195,7 @@ async def test_provision_read_and_deprovision_round_trip_on_the_sandbox(
         assert reply.phase in (pb.STATE_PENDING, pb.STATE_PROVISIONING)
         assert reply.operation.type == pb.OPERATION_TYPE_PROVISION
 
-        async def state() -> list[pb.ResourceState]:
+        async def state() -> Page[pb.ResourceState]:
             return await client.get_resource_state(NS, deployment_id=reply.deployment_id)
 
         [ready] = await until(
@@ -212,7 +215,7 @@ async def test_provision_read_and_deprovision_round_trip_on_the_sandbox(
         assert [s.deployment_id for s in await client.get_resource_state(NS, resource_type="database")] == [
             reply.deployment_id
         ]
-        assert await client.get_resource_state(NS, resource_type="cache") == []
+        assert not await client.get_resource_state(NS, resource_type="cache")
         assert [s.deployment_id for s in await client.get_resource_state(NS, resource_name="billing-db")] == [
             reply.deployment_id
         ]
@@ -318,6 +321,12 @@ class FlakyBroker(broker_pb2_grpc.BrokerServiceServicer):
     ) -> pb.ProvisionResponse:
         await self._maybe_fail("Provision", request, context)
         return pb.ProvisionResponse(deployment_id="deploy-0123456789ab", phase=pb.STATE_PENDING, generation=1)
+
+    async def Deprovision(
+        self, request: pb.DeprovisionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeprovisionResponse:
+        await self._maybe_fail("Deprovision", request, context)
+        return pb.DeprovisionResponse(deployment_id=request.deployment_id, phase=pb.STATE_DELETING)
 
     async def AcceptDrift(
         self, request: pb.AcceptDriftRequest, context: grpc.aio.ServicerContext
@@ -425,3 +434,189 @@ async def test_an_unreachable_broker_is_unavailable_within_the_deadline() -> Non
             await client.get_resource_state(NS)
     assert isinstance(info.value, errors.BrokerError)
     assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+# Pages ------------------------------------------------------------------------------------------
+
+
+async def test_get_resource_state_returns_pages_with_a_total_and_reads_every_page_by_default(
+    client: BrokerClient,
+) -> None:
+    for name in ("cache-a", "cache-b", "cache-c"):
+        await client.provision(
+            namespace=NS, resource_type="cache", resource_name=name, engine="redis", version="7", size="small"
+        )
+
+    first = await client.get_resource_state(NS, page_size=2)
+    assert isinstance(first, Page)
+    assert [s.resource_name for s in first] == ["cache-a", "cache-b"]
+    assert (len(first), first.total) == (2, 3)
+    assert first.next_page_token
+    rest = await client.get_resource_state(NS, page_size=2, page_token=first.next_page_token)
+    assert [s.resource_name for s in rest.items] == ["cache-c"]
+    assert (rest.next_page_token, rest.total) == ("", 3)
+
+    everything = await client.get_resource_state(NS)
+    assert [s.resource_name for s in everything] == ["cache-a", "cache-b", "cache-c"]
+    assert (everything.next_page_token, everything.total) == ("", 3)
+    assert everything[0].resource_name == "cache-a"
+    assert everything == list(everything.items)  # what callers of the list-returning version compared
+
+    none = await client.get_resource_state(NS, resource_name="no-such-cache")
+    assert (none.items, none.total, bool(none)) == ((), 0, False)
+    with pytest.raises(ValueError, match="page_size must be at least 1"):
+        await client.get_resource_state(NS, page_size=0)
+
+
+async def test_list_drift_events_returns_pages_and_filters_kinds_by_either_spelling(
+    cluster_broker: RunningBroker,
+) -> None:
+    async with await BrokerClient.connect(cluster_broker.grpc_target, token=PLATFORM_TOKEN) as client:
+        ids = []
+        for name in ("events-a", "events-b"):
+            reply = await client.provision(
+                namespace=NS,
+                resource_type="database",
+                resource_name=name,
+                engine="postgresql",
+                version="15",
+                size="small",
+            )
+            ids.append(reply.deployment_id)
+        for deployment_id in ids:
+            await client.wait_ready(deployment_id, namespace=NS, timeout=30)
+
+        # Paged by hand, then all at once: the pages are the start of the log (it may have grown since).
+        one = await client.list_drift_events(NS, page_size=1)
+        assert one.next_page_token
+        after = await client.list_drift_events(NS, page_size=1000, page_token=one.next_page_token)
+        every = await client.list_drift_events(NS)
+        assert isinstance(every, Page)
+        assert every.total is None  # the broker does not count events
+        assert every.next_page_token == ""
+        sequences = [e.sequence for e in every]
+        assert sequences == sorted(sequences)
+        paged = [e.sequence for e in [*one, *after]]
+        assert len(one) == 1
+        assert paged == sequences[: len(paged)]
+
+        spellings: list[Any] = [
+            "provisioning_succeeded",
+            "ProvisioningSucceeded",
+            "PROVISIONING-SUCCEEDED",
+            "DRIFT_EVENT_KIND_PROVISIONING_SUCCEEDED",
+            pb.DRIFT_EVENT_KIND_PROVISIONING_SUCCEEDED,
+        ]
+        found = [
+            sorted(e.deployment_id for e in await client.list_drift_events(NS, kinds=[kind]))
+            for kind in spellings
+        ]
+        assert found == [sorted(ids)] * len(spellings)
+        assert not await client.list_drift_events(NS, kinds=["drift_detected"])
+        of_b = await client.list_drift_events(NS, deployment_id=ids[1])
+        expected = [e.sequence for e in every if e.deployment_id == ids[1]]
+        assert expected
+        assert [e.sequence for e in of_b][: len(expected)] == expected
+        assert {e.deployment_id for e in of_b} == {ids[1]}
+
+
+# Enum arguments ---------------------------------------------------------------------------------
+
+
+async def test_enum_arguments_take_the_seed_spelling_and_the_proto_value_alike(client: BrokerClient) -> None:
+    first = await client.provision(
+        namespace=NS,
+        resource_type=pb.RESOURCE_TYPE_CACHE,
+        resource_name="enum-cache",
+        engine="redis",
+        version="7",
+        size="small",
+    )
+    again = await client.provision(
+        namespace=NS,
+        resource_type="CACHE",
+        resource_name="enum-cache",
+        engine="redis",
+        version="7",
+        size="small",
+    )
+    assert again.deployment_id == first.deployment_id
+    for spelling in ("cache", "Cache", "RESOURCE_TYPE_CACHE", pb.RESOURCE_TYPE_CACHE):
+        assert [s.deployment_id for s in await client.get_resource_state(NS, resource_type=spelling)] == [
+            first.deployment_id
+        ], spelling
+    for spelling in ("database", pb.RESOURCE_TYPE_DATABASE):
+        assert not await client.get_resource_state(NS, resource_type=spelling)
+    # The proto's UNSPECIFIED is "no filter", like None.
+    assert len(await client.get_resource_state(NS, resource_type=pb.RESOURCE_TYPE_UNSPECIFIED)) == 1
+
+    by_name = await client.set_remediation_policy(NS, mode="alert", resource_type="database")
+    assert (by_name.mode, by_name.resource_type) == (pb.REMEDIATION_MODE_ALERT, pb.RESOURCE_TYPE_DATABASE)
+    by_value = await client.set_remediation_policy(
+        NS, mode=pb.REMEDIATION_MODE_OFF, resource_type=pb.RESOURCE_TYPE_DATABASE, ignore_fields=["replicas"]
+    )
+    assert by_value.mode == pb.REMEDIATION_MODE_OFF
+    current = await client.get_remediation_policy(NS, resource_type="database")
+    assert (current.mode, list(current.ignore_fields)) == (pb.REMEDIATION_MODE_OFF, ["replicas"])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda c: c.get_resource_state(NS, resource_type="queue"),
+            "unknown resource type 'queue': use one of 'database', 'cache', 'topic' or a ResourceType value",
+        ),
+        (lambda c: c.get_resource_state(NS, resource_type=99), "unknown resource type 99"),
+        (lambda c: c.get_resource_state(NS, resource_type=True), "unknown resource type True"),
+        (lambda c: c.get_resource_state(NS, resource_type=1.0), "unknown resource type 1.0"),
+        (
+            lambda c: c.provision(
+                namespace=NS, resource_type=None, resource_name="x", engine="redis", version="7", size="small"
+            ),
+            "resource type is required",
+        ),
+        (
+            lambda c: c.set_remediation_policy(NS, mode="sometimes"),
+            "unknown mode 'sometimes': use one of 'auto'",
+        ),
+        (lambda c: c.set_remediation_policy(NS, mode=pb.REMEDIATION_MODE_UNSPECIFIED), "mode is required"),
+        (lambda c: c.list_drift_events(NS, kinds=["drift"]), "unknown event kind 'drift'"),
+        (lambda c: c.deprovision(NS, UNKNOWN_ID, data_policy="shred"), "unknown data policy 'shred'"),
+        (
+            lambda c: c.deprovision(NS, UNKNOWN_ID, data_policy="keep", delete_data=True),
+            "delete_data=True contradicts data_policy='keep'",
+        ),
+        (lambda c: anext(c.watch_drift(kinds=[42])), "unknown event kind 42"),
+    ],
+)
+async def test_a_bad_enum_argument_is_a_value_error_before_any_call(
+    flaky: Callable[[int], Awaitable[tuple[FlakyBroker, str]]],
+    call: Callable[[BrokerClient], Awaitable[Any]],
+    message: str,
+) -> None:
+    servicer, target = await flaky(0)
+    async with await BrokerClient.connect(target, token=PLATFORM_TOKEN) as client:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            await call(client)
+    assert sum(servicer.attempts.values()) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "policy"),
+    [
+        ({}, pb.DATA_POLICY_KEEP),
+        ({"data_policy": "keep"}, pb.DATA_POLICY_KEEP),
+        ({"data_policy": "delete"}, pb.DATA_POLICY_DELETE),
+        ({"data_policy": pb.DATA_POLICY_DELETE}, pb.DATA_POLICY_DELETE),
+        ({"delete_data": True}, pb.DATA_POLICY_DELETE),
+    ],
+)
+async def test_deprovision_sends_the_data_policy_however_it_is_spelled(
+    flaky: Callable[[int], Awaitable[tuple[FlakyBroker, str]]], kwargs: dict[str, Any], policy: int
+) -> None:
+    servicer, target = await flaky(0)
+    async with await BrokerClient.connect(target, token=PLATFORM_TOKEN) as client:
+        await client.deprovision(NS, "deploy-0123456789ab", **kwargs)
+    [request] = servicer.requests["Deprovision"]
+    assert request.data_policy == policy

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import pytest
-from broker_client.client import BrokerClient
+from broker_client.client import BrokerClient, Page
 from broker_client.v1 import broker_pb2 as pb
 from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, RunningBroker, until
 
@@ -102,7 +102,7 @@ async def test_broker_get_prints_a_table_with_the_header_and_a_row_per_resource(
         sandbox_kubeconfig, tmp_path / "kube-cache", "scale", "statefulset", "orders-db", "--replicas=3"
     )
 
-    async def drifted() -> list[pb.ResourceState]:
+    async def drifted() -> Page[pb.ResourceState]:
         return await client.get_resource_state(NS, deployment_id=deployment_id)
 
     await until(drifted, lambda s: s and s[0].phase == pb.STATE_DRIFT_DETECTED, within=30, what="drift")
@@ -251,21 +251,29 @@ class WatchProcess:
             if ok(line):
                 return line
 
-    async def interrupt(self) -> int:
+    async def interrupt(self, *, within: float = 30) -> int:
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGINT)
         try:
-            return await asyncio.wait_for(self.proc.wait(), 30)
+            return await asyncio.wait_for(self.proc.wait(), within)
         except TimeoutError:
             self.proc.kill()
             return await self.proc.wait()
 
 
-async def start_watch(broker: RunningBroker, *args: str) -> WatchProcess:
+# Starts ``python -m broker ...`` with SIGINT ignored, as a background job of a non-interactive
+# shell (``broker watch &`` in a script, or a test suite run that way) inherits it: Python then keeps
+# it ignored, and ``asyncio.run`` installs no handler of its own.
+SIGINT_IGNORED = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'broker', *sys.argv[1:]])"
+)
+
+
+async def start_watch(broker: RunningBroker, *args: str, sigint_ignored: bool = False) -> WatchProcess:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "broker",
+        *(("-c", SIGINT_IGNORED) if sigint_ignored else ("-m", "broker")),
         "watch",
         "--target",
         broker.grpc_target,
@@ -338,3 +346,102 @@ async def test_broker_watch_json_prints_one_parsable_event_per_line(
     assert int(event["sequence"]) >= 1
     for other in watch.lines:
         json.loads(other)
+
+
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["sigint-default", "sigint-inherited-ignored"])
+async def test_ctrl_c_ends_broker_watch_at_once_with_130_whatever_sigint_it_inherited(
+    running_broker: RunningBroker, sigint_ignored: bool
+) -> None:
+    watch = await start_watch(running_broker, "-n", NS, sigint_ignored=sigint_ignored)
+    started = time.monotonic()
+    code = await watch.interrupt(within=10)
+    assert code == 130
+    assert time.monotonic() - started < 5
+    assert watch.proc.stderr is not None
+    assert (await watch.proc.stderr.read()).decode() == ""  # no traceback, nothing at all
+
+
+async def test_ctrl_c_ends_broker_watch_while_it_waits_to_reconnect(running_broker: RunningBroker) -> None:
+    watch = await start_watch(running_broker, "-n", NS)
+    await running_broker.broker.stop()  # the stream ends resumably; it retries with backoff
+    await asyncio.sleep(1.5)
+    assert watch.proc.returncode is None  # still trying, as it should
+
+    started = time.monotonic()
+    code = await watch.interrupt(within=10)
+    assert code == 130
+    assert time.monotonic() - started < 5
+    assert watch.proc.stderr is not None
+    assert "Traceback" not in (await watch.proc.stderr.read()).decode()
+
+
+# The flags: the same in broker get, broker watch and the example manager ------------------------
+
+
+async def help_of(*command: str) -> dict[str, str]:
+    """``--help`` of a client program: each option's synopsis and help text, unwrapped."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *command,
+        "--help",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**clean_env(), "COLUMNS": "250"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    options: dict[str, str] = {}
+    last = ""
+    for line in out.decode().splitlines():
+        if line.startswith("  -"):
+            last, _, text = line.strip().partition("  ")
+            options[last] = text.strip()
+        elif last and line.startswith("    "):  # a help text below a long synopsis
+            options[last] = f"{options[last]} {line.strip()}".strip()
+        else:
+            last = ""
+    return options
+
+
+async def test_get_watch_and_the_example_manager_spell_the_connection_flags_the_same() -> None:
+    get = await help_of("-m", "broker", "get")
+    watch = await help_of("-m", "broker", "watch")
+    manager = await help_of("-m", "broker_client.examples.database_manager")
+
+    shared = {
+        "--target HOST:PORT": "broker gRPC address (default $BROKER_TARGET, else localhost:50051)",
+        "--token TOKEN": "bearer token (default $BROKER_TOKEN)",
+        "--tls": "the broker's gRPC port is behind TLS",
+    }
+    for name, options in (("get", get), ("watch", watch), ("manager", manager)):
+        for synopsis, text in shared.items():
+            assert options.get(synopsis) == text, (name, synopsis, options)
+        assert "-n NAMESPACE, --namespace NAMESPACE" in options, (name, options)
+        assert not [o for o in options if "--broker" in o], (name, options)  # a hidden, deprecated alias
+    assert "repeatable" in watch["-n NAMESPACE, --namespace NAMESPACE"]
+    assert "repeatable" in manager["-n NAMESPACE, --namespace NAMESPACE"]
+
+
+async def test_broker_get_requires_a_namespace_and_takes_target_from_the_environment(
+    running_broker: RunningBroker,
+) -> None:
+    code, _, err = await broker_cli("get", "--target", running_broker.grpc_target, "--token", PLATFORM_TOKEN)
+    assert code == 2
+    assert "the following arguments are required: -n/--namespace" in err
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        "get",
+        "-n",
+        NS,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**clean_env(), "BROKER_TARGET": running_broker.grpc_target, "BROKER_TOKEN": PLATFORM_TOKEN},
+    )
+    out, err_bytes = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err_bytes.decode()
+    assert out.decode().strip() == f"no resources in namespace {NS}"

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
-from broker_client.client import BrokerClient
+from broker_client.client import BrokerClient, Page
 from broker_client.v1 import broker_pb2 as pb
 from conftest import PLATFORM_TOKEN, cluster_settings, seed_cluster, until
 
@@ -157,11 +157,11 @@ async def test_watch_drift_yields_every_event_once_in_order_across_two_broker_re
         )
         return reply.deployment_id
 
-    async def logged(ok: Callable[[list[pb.DriftEvent]], object], what: str) -> list[pb.DriftEvent]:
+    async def logged(ok: Callable[[Page[pb.DriftEvent]], object], what: str) -> Page[pb.DriftEvent]:
         """Wait until the broker's log (read with the client) satisfies ``ok``."""
         return await until(lambda: client.list_drift_events(NS), ok, within=30, what=what)
 
-    def has(log: list[pb.DriftEvent], name: str, kind: int) -> bool:
+    def has(log: Page[pb.DriftEvent], name: str, kind: int) -> bool:
         return any(e.resource_name == name and e.kind == kind for e in log)
 
     try:

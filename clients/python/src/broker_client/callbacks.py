@@ -19,6 +19,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+# The path managers give the broker for callbacks (``http://manager:8080/v1/callback``), as in the
+# original design. ``CallbackServer`` answers POSTs on any path, so a proxy may rewrite it.
+CALLBACK_PATH = "/v1/callback"
+
 DELIVERY_HEADER = "x-broker-delivery-id"
 TIMESTAMP_HEADER = "x-broker-timestamp"
 SIGNATURE_HEADER = "x-broker-signature"

@@ -1,5 +1,9 @@
 """Typed errors of the broker client, mapped from gRPC status codes in one place (``from_rpc_error``).
 
+Besides the errors of failed calls, two are raised by ``BrokerClient.wait_ready`` about the
+deployment it waits for (the calls themselves succeeded); they subclass the nearest code so that
+``except BrokerError`` still catches everything the client raises.
+
 ::
 
     BrokerError
@@ -9,10 +13,12 @@
     ├── NotFound               NOT_FOUND
     ├── AlreadyExists          ALREADY_EXISTS     e.g. a request_id reused for another request
     ├── FailedPrecondition     FAILED_PRECONDITION  the resource is in the wrong phase
+    │   └── ProvisioningFailed                    wait_ready: the deployment is Failed (or being deleted)
     ├── OutOfRange             OUT_OF_RANGE       a resume sequence is no longer in the log: re-read state
     ├── ResourceExhausted      RESOURCE_EXHAUSTED
     ├── Unavailable            UNAVAILABLE        retry later (the client already retried safe calls)
     ├── DeadlineExceeded       DEADLINE_EXCEEDED
+    │   └── WaitTimeout                           wait_ready gave up; also a builtin TimeoutError
     └── Internal               anything else
 """
 
@@ -78,6 +84,30 @@ class DeadlineExceeded(BrokerError):
 
 class Internal(BrokerError):
     """Any other failure."""
+
+
+class ProvisioningFailed(FailedPrecondition):
+    """The deployment ``wait_ready`` waited for failed, or is being deleted: it will not become Ready.
+
+    ``message`` is the broker's reason (the deployment's last error); a new Provision of a fixed
+    spec is the way out.
+    """
+
+    def __init__(self, message: str, *, deployment_id: str, generation: int = 0) -> None:
+        super().__init__(message, code=grpc.StatusCode.FAILED_PRECONDITION, reason="PROVISIONING_FAILED")
+        self.deployment_id = deployment_id
+        self.generation = generation
+
+
+class WaitTimeout(DeadlineExceeded, TimeoutError):
+    """``wait_ready`` ran out of time before the deployment was Ready (or had failed).
+
+    Also a ``TimeoutError``, so code written against ``asyncio.timeout`` catches it.
+    """
+
+    def __init__(self, message: str, *, deployment_id: str) -> None:
+        super().__init__(message, code=grpc.StatusCode.DEADLINE_EXCEEDED, reason="WAIT_TIMEOUT")
+        self.deployment_id = deployment_id
 
 
 _BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {

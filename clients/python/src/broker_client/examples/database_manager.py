@@ -1,16 +1,25 @@
 """An example manager: a controller for ``Database`` resources (platform.company.com/v1) that asks
 the broker for the workloads, as in the original design.
 
+- At start it makes sure the ``Database`` CRD is served: it applies it (server-side apply, field
+  manager ``database-manager``) when its credentials allow, uses the installed one when they do not,
+  and stops with a message saying how to install it when it is missing (``--print-crd`` prints it).
 - A new or changed Database (``metadata.generation`` ahead of ``status.observedGeneration``) is
   provisioned through the broker; ``status.deploymentId`` records the answer, the phase becomes
   Provisioning. A finalizer makes sure deletion deprovisions, even if the manager was down.
+- A Provision the broker refuses (an invalid spec) is logged as ``provision of NS/NAME failed:
+  ...``, sets ``status.phase: Failed`` with the reason and emits a Warning ``ProvisionFailed``
+  Event; it is retried when the spec changes. One that could not reach the broker is retried with
+  backoff.
 - The broker's callback (verified, de-duplicated) sets ``status.phase`` Ready or Failed.
 - Drift events from WatchDrift set ``status.phase: DriftDetected`` with the drift in the message and
   emit a Kubernetes Event: ``Remediating`` when the broker's policy auto-remediates, a Warning
   ``DriftAlert`` when it only alerts. ``DriftResolved`` returns the phase to Ready.
 
-Run it with ``python -m broker_client.examples.database_manager --broker HOST:PORT --token ...``;
-it needs ``pip install 'resource-broker-client[example]'`` (kubernetes-asyncio).
+Run it with ``python -m broker_client.examples.database_manager --target HOST:PORT --token TOKEN
+-n NAMESPACE --callback-key-file FILE --advertise http://database-manager:8080``; the flags are
+those of ``broker get``/``broker watch`` (``broker_client.flags``). It needs
+``pip install 'resource-broker-client[example]'`` (kubernetes-asyncio).
 """
 
 from __future__ import annotations
@@ -19,9 +28,13 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import ipaddress
+import json
 import logging
-import os
-from collections.abc import Awaitable, Callable
+import re
+import sys
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from kubernetes_asyncio import client as k8s
@@ -29,15 +42,24 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio import watch as k8s_watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from broker_client import callbacks, errors
+from broker_client import callbacks, errors, flags
 from broker_client.client import BrokerClient
 from broker_client.v1 import broker_pb2 as pb
 
 log = logging.getLogger("database-manager")
 
 GROUP, VERSION, PLURAL = "platform.company.com", "v1", "databases"
+CRD_NAME = f"{PLURAL}.{GROUP}"
 FINALIZER = "platform.company.com/deprovision"
 COMPONENT = "database-manager"
+INSTALL_HINT = (
+    "install it as a cluster administrator with `kubectl apply -f deploy/database-crd.yaml` "
+    "(or `python -m broker_client.examples.database_manager --print-crd | kubectl apply -f -`), "
+    "or allow this manager to get and patch customresourcedefinitions"
+)
+# The broker refused the request itself: retrying the same spec cannot help.
+_REFUSED = (errors.InvalidArgument, errors.FailedPrecondition, errors.AlreadyExists)
+_MAX_RETRY_DELAY = 10.0
 
 # The CRD this manager serves (deploy/database-crd.yaml holds the same, for kubectl apply).
 DATABASE_CRD: dict[str, Any] = {
@@ -104,6 +126,150 @@ _DRIFT_KINDS = (
 )
 
 
+class ManagerError(Exception):
+    """The manager cannot run as configured; the message says what to do."""
+
+
+class CrdNotInstalled(ManagerError):
+    """The Database CRD is not served and this manager could not install it."""
+
+
+def _api_error(e: ApiException) -> str:
+    """``403 Forbidden: <the Status message>``, trimmed (a body is never logged whole)."""
+    message = ""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        message = str(json.loads(e.body or "{}").get("message") or "")
+    text = f"{e.status} {e.reason or ''}".strip()
+    return f"{text}: {message[:300]}" if message else text
+
+
+def _established(crd: dict[str, Any]) -> bool:
+    conditions = (crd.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+
+async def ensure_crd(kube: k8s.ApiClient, *, namespace: str, within: float = 30.0) -> bool:
+    """Make sure the Database CRD is served before watching Databases; True if this call applied it.
+
+    It is applied with server-side apply (field manager ``database-manager``), so re-applying
+    an unchanged CRD changes nothing and an older one is brought up to date. A manager whose
+    credentials may not write CRDs (403) uses the installed CRD, checked by listing Databases in
+    ``namespace``; if there is none it raises ``CrdNotInstalled``, whose message says how to
+    install it, rather than retrying 404s forever.
+    """
+    extensions = k8s.ApiextensionsV1Api(kube)
+    try:
+        applied = await extensions.patch_custom_resource_definition(
+            CRD_NAME,
+            DATABASE_CRD,
+            field_manager=COMPONENT,
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+    except ApiException as e:
+        if e.status != 403:
+            raise CrdNotInstalled(
+                f"could not install the Database CRD {CRD_NAME}: {_api_error(e)}; {INSTALL_HINT}"
+            ) from e
+        forbidden = _api_error(e)
+    else:
+        # A new CRD is served once Established (at once, usually); watching before gets 404s.
+        crd = applied.to_dict()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not _established(crd):
+            if loop.time() > deadline:
+                raise CrdNotInstalled(
+                    f"the Database CRD {CRD_NAME} was applied but is not Established after {within:g} s"
+                )
+            await asyncio.sleep(0.2)
+            crd = (await extensions.read_custom_resource_definition(CRD_NAME)).to_dict()
+        log.info("applied the Database CRD %s (server-side apply as %s)", CRD_NAME, COMPONENT)
+        return True
+    try:
+        await k8s.CustomObjectsApi(kube).list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, limit=1
+        )
+    except ApiException as e:
+        if e.status == 404:
+            raise CrdNotInstalled(
+                f"the Database CRD {CRD_NAME} is not installed, and this manager may not install it "
+                f"({forbidden}); {INSTALL_HINT}"
+            ) from e
+        raise CrdNotInstalled(
+            f"this manager may not install the Database CRD {CRD_NAME} ({forbidden}) and cannot list "
+            f"Databases in {namespace!r} ({_api_error(e)}); {INSTALL_HINT}"
+        ) from e
+    log.info(
+        "the Database CRD %s is installed; this manager may not update it (%s) and uses it as it is",
+        CRD_NAME,
+        forbidden,
+    )
+    return False
+
+
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+
+
+def callback_url(advertise: str) -> str:
+    """The callback URL the broker is given: ``<advertise>/v1/callback``.
+
+    ``advertise`` is where the broker reaches this manager: ``http(s)://host:port``, ``host:port``
+    (taken as ``http://host:port``) or ``http(s)://host`` (the scheme's port, e.g. behind a
+    Service on port 80). Anything else is a ValueError that says what is wrong: no port after a
+    bare host, a port that is not 1..65535 (``host:port:port`` included), a path (the manager
+    appends ``/v1/callback`` itself), a query, a fragment, user info, another scheme.
+    """
+    text = advertise.strip()
+    example = f"http://{COMPONENT}:8080"
+    if not text or any(c.isspace() for c in text):
+        raise ValueError(
+            f"{advertise!r} is not a URL; give the address the broker calls back, like {example}"
+        )
+    bare = "://" not in text
+    if bare:
+        text = f"http://{text}"
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{advertise!r}: the scheme must be http or https, like {example}")
+    if "@" in parts.netloc:
+        raise ValueError(f"{advertise!r}: user info is not allowed")
+    if parts.path not in ("", "/"):
+        raise ValueError(
+            f"{advertise!r} has a path ({parts.path}); give only scheme://host:port, "
+            f"the manager appends {callbacks.CALLBACK_PATH}"
+        )
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError(f"{advertise!r}: a query or fragment is not allowed")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(
+            f"{advertise!r}: the port must be one number between 1 and 65535, like {example}"
+        ) from None
+    host = parts.hostname or ""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{advertise!r}: {host!r} is not an IPv6 address") from None
+    elif not _HOST.match(host):
+        raise ValueError(f"{advertise!r}: {host!r} is not a host name or IPv4 address, like {example}")
+    if port == 0:
+        raise ValueError(f"{advertise!r}: the port must be between 1 and 65535")
+    if bare and port is None:
+        raise ValueError(f"{advertise!r} has no port: give host:port or a URL, like {example}")
+    return f"{parts.scheme.lower()}://{parts.netloc}{callbacks.CALLBACK_PATH}"
+
+
+class _RetryLater(Exception):
+    """A broker call failed in a way worth retrying; it was logged where it happened."""
+
+
+def _reason(e: errors.BrokerError) -> str:
+    return f"{e.code.name}: {e.message}"
+
+
 class DatabaseManager:
     """Reconciles Database resources through the broker."""
 
@@ -117,9 +283,10 @@ class DatabaseManager:
         on_event: Callable[[str, str, str], Awaitable[None] | None] | None = None,
     ) -> None:
         self._broker = broker
+        self._kube = kube
         self._custom = k8s.CustomObjectsApi(kube)
         self._core = k8s.CoreV1Api(kube)
-        self._callback_url = callback_url
+        self.callback_url = callback_url
         self._namespaces = namespaces
         self._on_event = on_event
         # Generations already handed to the broker: our own finalizer and status patches come back
@@ -127,17 +294,23 @@ class DatabaseManager:
         self._requested: set[str] = set()
 
     async def run(self) -> None:
-        """Reconcile Databases and follow drift until cancelled."""
+        """Make sure the CRD is served, then reconcile Databases and follow drift until cancelled.
+
+        Raises ``CrdNotInstalled`` when the CRD is missing and cannot be installed (``ensure_crd``).
+        """
+        await ensure_crd(self._kube, namespace=self._namespaces[0])
         await asyncio.gather(*(self._watch_databases(ns) for ns in self._namespaces), self._follow_drift())
 
     # Databases -------------------------------------------------------------------------------------
 
     async def _watch_databases(self, namespace: str) -> None:
+        delay = 1.0
         while True:
             try:
                 listing = await self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
                 for item in listing.get("items", []):
                     await self._reconcile(item)
+                delay = 1.0
                 watcher = k8s_watch.Watch()
                 async with watcher.stream(
                     self._custom.list_namespaced_custom_object,
@@ -151,9 +324,24 @@ class DatabaseManager:
                     async for event in stream:
                         if event["type"] in ("ADDED", "MODIFIED"):
                             await self._reconcile(event["object"])
-            except (ApiException, errors.BrokerError, OSError) as e:
-                log.warning("database watch failed; retrying: %s", e)
-                await asyncio.sleep(1)
+                continue  # the watch timed out: list again
+            except _RetryLater:
+                pass  # logged where it failed, as what failed
+            except ApiException as e:
+                if e.status == 404:
+                    log.warning(
+                        "listing Databases in %s failed: the Database CRD %s is not served (%s); %s",
+                        namespace,
+                        CRD_NAME,
+                        _api_error(e),
+                        INSTALL_HINT,
+                    )
+                else:
+                    log.warning("database watch in %s failed; retrying: %s", namespace, _api_error(e))
+            except (OSError, errors.BrokerError) as e:
+                log.warning("database watch in %s failed; retrying: %s", namespace, e)
+            await asyncio.sleep(delay)
+            delay = min(_MAX_RETRY_DELAY, delay * 2)
 
     async def _reconcile(self, db: dict[str, Any]) -> None:
         meta, spec, status = db["metadata"], db.get("spec", {}), db.get("status") or {}
@@ -161,8 +349,13 @@ class DatabaseManager:
         if meta.get("deletionTimestamp"):
             if FINALIZER in (meta.get("finalizers") or []):
                 if status.get("deploymentId"):
-                    with contextlib.suppress(errors.NotFound):
+                    try:
                         await self._broker.deprovision(namespace, status["deploymentId"])
+                    except errors.NotFound:
+                        pass
+                    except errors.BrokerError as e:
+                        log.warning("deprovision of %s/%s failed: %s", namespace, name, _reason(e))
+                        raise _RetryLater from e
                     await self._emit(db, "Normal", "Deprovisioned", "Asked the broker to delete the database")
                 finalizers = [f for f in meta["finalizers"] if f != FINALIZER]
                 await self._custom.patch_namespaced_custom_object(
@@ -191,21 +384,30 @@ class DatabaseManager:
             return
         self._requested.add(request_id)
         try:
+            replicas = int(spec.get("replicas", 1))
+        except (TypeError, ValueError):
+            await self._refused(db, generation, f"spec.replicas {spec.get('replicas')!r} is not a number")
+            return
+        try:
             reply = await self._broker.provision(
                 namespace=namespace,
                 resource_type="database",
                 resource_name=name,
-                engine=spec["engine"],
-                version=str(spec["version"]),
-                size=spec["size"],
-                replicas=int(spec.get("replicas", 1)),
-                callback_url=self._callback_url,
+                engine=str(spec.get("engine", "")),
+                version=str(spec.get("version", "")),
+                size=str(spec.get("size", "")),
+                replicas=replicas,
+                callback_url=self.callback_url,
                 request_id=request_id,
             )
-        except errors.BrokerError:
-            # Not handed over: the next reconcile retries (the request id makes that safe).
+        except _REFUSED as e:
+            await self._refused(db, generation, _reason(e))
+            return
+        except errors.BrokerError as e:
+            # Not handed over: retried later (the request id makes that safe).
+            log.warning("provision of %s/%s failed: %s; retrying", namespace, name, _reason(e))
             self._requested.discard(request_id)
-            raise
+            raise _RetryLater from e
         await self._status(
             namespace,
             name,
@@ -220,6 +422,19 @@ class DatabaseManager:
             "Provisioning",
             f"Broker deployment {reply.deployment_id}, generation {reply.generation}",
         )
+
+    async def _refused(self, db: dict[str, Any], generation: int, reason: str) -> None:
+        """This generation's spec cannot be provisioned: say so on the Database, until it changes."""
+        namespace, name = db["metadata"]["namespace"], db["metadata"]["name"]
+        log.warning("provision of %s/%s failed: %s", namespace, name, reason)
+        await self._status(
+            namespace,
+            name,
+            phase="Failed",
+            message=f"Provision failed: {reason}",
+            observedGeneration=generation,
+        )
+        await self._emit(db, "Warning", "ProvisionFailed", reason)
 
     # Callbacks and drift ---------------------------------------------------------------------------
 
@@ -327,9 +542,15 @@ async def run_manager(
     kubeconfig: str | None,
     callback_host: str,
     callback_port: int,
-    advertise: str,
+    advertise: str | None,
+    tls: bool = False,
 ) -> None:
-    """Run the manager with its callback endpoint until cancelled."""
+    """Run the manager with its callback endpoint until cancelled.
+
+    ``advertise`` is the base URL the broker calls back (see ``callback_url``); None means
+    ``http://database-manager:<the port listened on>``, a Service named after the manager.
+    """
+    url = callback_url(advertise) if advertise is not None else None
     configuration = k8s.Configuration()
     if kubeconfig:
         await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
@@ -337,9 +558,8 @@ async def run_manager(
         k8s_config.load_incluster_config(client_configuration=configuration)
     async with (
         k8s.ApiClient(configuration) as kube,
-        await BrokerClient.connect(broker_target, token=token) as broker,
+        await BrokerClient.connect(broker_target, token=token, tls=tls) as broker,
     ):
-        server: callbacks.CallbackServer | None = None
         manager: DatabaseManager | None = None
 
         async def handle(delivery: callbacks.Delivery) -> None:
@@ -348,48 +568,106 @@ async def run_manager(
 
         server = callbacks.CallbackServer(callbacks.CallbackVerifier(callback_key), handle)
         await server.start(callback_host, callback_port)
-        manager = DatabaseManager(
-            broker=broker,
-            kube=kube,
-            callback_url=f"{advertise}:{server.port}/v1/callback",
-            namespaces=namespaces,
-        )
         try:
+            manager = DatabaseManager(
+                broker=broker,
+                kube=kube,
+                callback_url=url or callback_url(f"http://{COMPONENT}:{server.port}"),
+                namespaces=namespaces,
+            )
+            log.info("serving callbacks on %s:%d for %s", callback_host, server.port, manager.callback_url)
             await manager.run()
         finally:
             await server.stop()
 
 
-def main() -> None:
-    """Command-line entry point of the example manager."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--broker", default="localhost:50051")
-    parser.add_argument("--token", default=os.environ.get("BROKER_TOKEN"))
-    parser.add_argument("--namespace", action="append", required=True, dest="namespaces")
-    parser.add_argument("--callback-key-file", required=True)
-    parser.add_argument("--kubeconfig")
-    parser.add_argument("--listen", default="0.0.0.0:8080")
-    parser.add_argument(
-        "--advertise", default="http://database-manager", help="scheme://host the broker calls back"
+def _advertise(value: str) -> str:
+    try:
+        callback_url(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (port 0 picks a free one)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _PrintCrd(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(json.dumps(DATABASE_CRD, indent=2))
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The manager's flags: the client programs' shared ones (``broker_client.flags``) and its own."""
+    parser = argparse.ArgumentParser(
+        prog="python -m broker_client.examples.database_manager",
+        description="The example manager of Database resources: it provisions them through the broker.",
     )
-    args = parser.parse_args()
-    host, _, port = args.listen.rpartition(":")
+    flags.add_connection_flags(parser, deprecated_target_aliases=["--broker"])
+    flags.add_namespace_flag(
+        parser, repeatable=True, required=True, help="namespace whose Databases to manage (repeatable)"
+    )
+    parser.add_argument(
+        "--callback-key-file", metavar="FILE", required=True, help="the broker's callback HMAC key"
+    )
+    parser.add_argument("--kubeconfig", metavar="FILE", help="default: the pod's service account")
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        type=_listen,
+        default="0.0.0.0:8080",
+        help="where to serve callbacks (default 0.0.0.0:8080)",
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="URL",
+        type=_advertise,
+        help=(
+            "how the broker reaches this manager: http(s)://host:port or host:port; the callback URL "
+            f"is URL{callbacks.CALLBACK_PATH} (default http://{COMPONENT}:<listen port>)"
+        ),
+    )
+    parser.add_argument("--print-crd", action=_PrintCrd, help="print the Database CRD (JSON) and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point of the example manager; returns its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    host, port = args.listen
     with open(args.callback_key_file, "rb") as f:
         key = f.read().strip()
     logging.basicConfig(level=logging.INFO)
-    asyncio.run(
-        run_manager(
-            broker_target=args.broker,
-            token=args.token,
-            namespaces=args.namespaces,
-            callback_key=key,
-            kubeconfig=args.kubeconfig,
-            callback_host=host,
-            callback_port=int(port),
-            advertise=args.advertise,
+    try:
+        asyncio.run(
+            run_manager(
+                broker_target=args.target,
+                token=args.token,
+                namespaces=args.namespace,
+                callback_key=key,
+                kubeconfig=args.kubeconfig,
+                callback_host=host,
+                callback_port=port,
+                advertise=args.advertise,
+                tls=args.tls,
+            )
         )
-    )
+    except ManagerError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
