@@ -25,8 +25,6 @@ from broker_client import callbacks
 from broker_client.client import BrokerClient
 from broker_client.examples import database_manager
 from broker_client.v1 import broker_pb2 as pb
-from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
 
 from broker import sandbox, server
 from broker.kube import client as kube_client
@@ -135,8 +133,6 @@ async def _story(story: Story, data_dir: pathlib.Path, within: float) -> None:
         await broker.start()
         target = f"127.0.0.1:{broker.grpc_port}"
         story.say(f"broker gRPC {target}, HTTP http://127.0.0.1:{broker.http_port}")
-        configuration = k8s.Configuration()
-        await k8s_config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
         seen: list[tuple[str, str, str]] = []
         tasks: list[asyncio.Task[None]] = []
 
@@ -145,7 +141,10 @@ async def _story(story: Story, data_dir: pathlib.Path, within: float) -> None:
             story.say(f"Kubernetes Event from the manager: {kind} {reason}: {message}", mark="ev")
 
         try:
-            async with k8s.ApiClient(configuration) as kube, await BrokerClient.connect(target) as client:
+            async with (
+                database_manager.kubernetes(str(kubeconfig)) as kube,
+                await BrokerClient.connect(target) as client,
+            ):
                 key = (data_dir / "broker" / "callback.key").read_bytes().strip()
                 manager: database_manager.DatabaseManager | None = None
 

@@ -34,7 +34,7 @@ import logging
 import re
 import sys
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from kubernetes_asyncio import client as k8s
@@ -533,6 +533,18 @@ class DatabaseManager:
                 await result
 
 
+@contextlib.asynccontextmanager
+async def kubernetes(kubeconfig: str | None) -> AsyncIterator[k8s.ApiClient]:
+    """A Kubernetes API client from a kubeconfig file, or in-cluster config when None."""
+    configuration = k8s.Configuration()
+    if kubeconfig:
+        await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    else:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    async with k8s.ApiClient(configuration) as kube:
+        yield kube
+
+
 async def run_manager(
     *,
     broker_target: str,
@@ -551,13 +563,8 @@ async def run_manager(
     ``http://database-manager:<the port listened on>``, a Service named after the manager.
     """
     url = callback_url(advertise) if advertise is not None else None
-    configuration = k8s.Configuration()
-    if kubeconfig:
-        await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    else:
-        k8s_config.load_incluster_config(client_configuration=configuration)
     async with (
-        k8s.ApiClient(configuration) as kube,
+        kubernetes(kubeconfig) as kube,
         await BrokerClient.connect(broker_target, token=token, tls=tls) as broker,
     ):
         manager: DatabaseManager | None = None
