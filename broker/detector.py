@@ -260,9 +260,11 @@ class Detector:
         policies: Callable[[], policy.Policy],
         remediator: Remediator | None,
         resync_interval: float = 60.0,
+        startup_grace: float = 10.0,
     ) -> None:
         self._store = store
         self._cluster = cluster
+        self._startup_grace = startup_grace
         self._catalog = catalog
         self._policies = policies
         self._remediator = remediator
@@ -272,6 +274,9 @@ class Detector:
         self._wake = workers.Wakeup()
         self._reported: dict[str, tuple[tuple[model.DriftItem, ...], model.Health]] = {}
         self._open: dict[str, tuple[str, str, int]] = {}
+        # The verdict on each evaluated deployment, for the operation it was made for: what reads
+        # show (the detector is the only evaluator), items with the time each was first seen.
+        self._verdicts: dict[str, tuple[str, drift.Evaluation]] = {}
 
     def notify(self, deployment_id: str) -> None:
         """An object of the deployment changed: evaluate it soon."""
@@ -281,6 +286,10 @@ class Detector:
     async def run(self) -> None:
         """Evaluate dirty deployments as they come, and everything every ``resync_interval``."""
         self._reported = await self._store.drift_states()
+        # At start the caches are still listing: evaluating now would report every resource
+        # Unknown, then Healthy again a moment later. Wait for them (a cluster that stays
+        # unreadable is then reported as such).
+        await self._cluster.wait_synced(self._startup_grace)
         next_resync = 0.0
 
         async def sweep() -> float:
@@ -311,10 +320,36 @@ class Detector:
             deployment, self._cluster.observe(deployment), catalog=self._catalog, rules=self._policies()
         )
 
+    def verdict(self, deployment: model.Deployment) -> drift.Evaluation | None:
+        """The last verdict on a deployment, if it was made for its current operation."""
+        kept = self._verdicts.get(deployment.deployment_id)
+        if kept is None or kept[0] != deployment.last_operation.operation_id:
+            return None
+        return kept[1]
+
+    def reevaluate(self, namespace: str, resource_type: model.ResourceType | None) -> None:
+        """The policy of a namespace (and type) changed: evaluate its deployments now, not at resync."""
+        for deployment_id, (ns, kind, _) in self._open.items():
+            if namespace in (ns, policy.ANY) and (resource_type is None or kind == resource_type.value):
+                self._dirty.add(deployment_id)
+        self._wake.set()
+
+    def resync_now(self) -> None:
+        """Evaluate every deployment soon: the cluster became readable again, or stopped being so."""
+        self._resync.update(self._open)
+        self._wake.set()
+
+    def _forget(self, deployment_id: str) -> None:
+        self._reported.pop(deployment_id, None)
+        self._open.pop(deployment_id, None)
+        self._verdicts.pop(deployment_id, None)
+
     async def evaluate(self, deployment_id: str) -> None:
         """Compare one deployment with what was last reported and record any change."""
         deployment = await self._store.deployment_by_id(deployment_id)
         if deployment is None or deployment.phase not in EVALUATED_PHASES:
+            # Deprovisioned (or provisioning again): its drift is nobody's business any more.
+            self._forget(deployment_id)
             return
         verdict = self._verdict(deployment)
         before, health_before = self._reported.get(deployment_id, ((), None))
@@ -329,6 +364,10 @@ class Detector:
             if not written:
                 return
         self._reported[deployment_id] = (after, verdict.health)
+        self._verdicts[deployment_id] = (
+            deployment.last_operation.operation_id,
+            dataclasses.replace(verdict, items=after),
+        )
         open_items = _unexpected(after)
         self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(open_items))
         auto = tuple(i for i in open_items if i.action is model.Action.AUTO_REMEDIATE)

@@ -283,6 +283,7 @@ class Broker:
             store=self._store,
             catalog=settings.catalog,
             cluster=self.cluster,
+            verdicts=self.detector,
             policies=self.policies,
             callback_check=callback_policy,
             on_accepted=self.provisioner.kick if self.provisioner else lambda deployment_id: None,
@@ -407,6 +408,7 @@ class Broker:
         )
         state.add_listener(parts.provisioner.notify)
         state.add_listener(parts.detector.notify)
+        state.add_sync_listener(parts.detector.resync_now)
         for name, worker in state.workers().items():
             self.supervisor.start(name, worker)
         self.supervisor.start("provisioner", parts.provisioner.run())

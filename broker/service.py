@@ -100,6 +100,23 @@ class ClusterView(Protocol):
         """The current observation of one deployment's objects."""
         ...
 
+    @property
+    def synced(self) -> bool:
+        """Whether the caches can be trusted now (False during an API outage)."""
+        ...
+
+
+class Verdicts(Protocol):
+    """What the detector concluded about each deployment it evaluates (the only evaluator)."""
+
+    def verdict(self, deployment: model.Deployment) -> drift.Evaluation | None:
+        """The last verdict for the deployment's current operation, if any."""
+        ...
+
+    def reevaluate(self, namespace: str, resource_type: model.ResourceType | None) -> None:
+        """Evaluate a namespace's deployments (of a type) again now: their policy changed."""
+        ...
+
 
 class CallbackCheck(Protocol):
     """Refuses callback URLs that point at forbidden addresses (SSRF)."""
@@ -200,6 +217,7 @@ class BrokerService:
         store: sqlite.Store,
         catalog: catalog_mod.Catalog,
         cluster: ClusterView | None = None,
+        verdicts: Verdicts | None = None,
         policies: PolicyBook | None = None,
         callback_check: CallbackCheck | None = None,
         on_accepted: Callable[[str], None] = lambda deployment_id: None,
@@ -213,6 +231,7 @@ class BrokerService:
         self._store = store
         self._catalog = catalog
         self._cluster = cluster
+        self._verdicts = verdicts
         self.policies = policies or PolicyBook(policy.Policy())
         self._callback_check = callback_check
         self._on_accepted = on_accepted
@@ -408,6 +427,8 @@ class BrokerService:
             principal.require(rule.namespace)
             await self._store.set_policy(rule)
             self.policies.set(rule)
+            if self._verdicts is not None:
+                self._verdicts.reevaluate(rule.namespace, rule.resource_type)
             record(mode=rule.mode.value, ignore=",".join(sorted(rule.ignore_fields)))
         return rule
 
@@ -532,17 +553,29 @@ class BrokerService:
             self._streams[principal.name] -= 1
 
     def _view(self, deployment: model.Deployment) -> ResourceView:
+        """What is known of a deployment: the detector's verdict where it keeps one.
+
+        The detector is the only evaluator of running resources; only a deployment it has not
+        judged yet (being provisioned, failed, being deleted, or Ready a moment ago) is evaluated
+        here, from the caches.
+        """
         evaluation = None
         phase = deployment.phase
-        if self._cluster is not None and deployment.phase not in (model.Phase.PENDING, model.Phase.DELETED):
+        # Whether the cluster can be read is live: during an outage a kept verdict is not shown
+        # as current (the evaluation of an unreadable observation says Unknown, at no cost).
+        readable = self._cluster is None or self._cluster.synced
+        if self._verdicts is not None and readable:
+            evaluation = self._verdicts.verdict(deployment)
+        live = phase not in (model.Phase.PENDING, model.Phase.DELETED)
+        if evaluation is None and self._cluster is not None and live:
             evaluation = drift.evaluate(
                 deployment,
                 self._cluster.observe(deployment),
                 catalog=self._catalog,
                 rules=self.policies.current,
             )
-            if phase is model.Phase.READY and evaluation.unexpected:
-                phase = model.Phase.DRIFT_DETECTED
+        if phase is model.Phase.READY and evaluation is not None and evaluation.unexpected:
+            phase = model.Phase.DRIFT_DETECTED
         return ResourceView(
             deployment=deployment,
             phase=phase,
@@ -610,7 +643,8 @@ def _message(deployment: model.Deployment, phase: model.Phase, evaluation: drift
     if phase is model.Phase.DRIFT_DETECTED and evaluation is not None:
         return "Unexpected drift: " + "; ".join(i.message for i in evaluation.unexpected)
     if evaluation is not None and evaluation.health is not model.Health.HEALTHY:
-        return f"{op.message or 'Running'}; health is {evaluation.health.value}"
+        # Not the last operation's words ("... is running and healthy"): they may be stale now.
+        return f"Running; health is {evaluation.health.value}"
     return op.message
 
 

@@ -63,8 +63,11 @@ class Informer:
         watch_timeout: int = 300,
         backoff: Backoff | None = None,
         index_label: str = "",
+        on_sync: Callable[[str, bool], None] = lambda kind, synced: None,
     ) -> None:
         self.kind = kind
+        # Told when the cache becomes trustworthy (listed) or stops being so (the watch failed).
+        self._on_sync = on_sync
         self._client = client
         self._selector = label_selector
         self._on_change = on_change
@@ -128,7 +131,9 @@ class Informer:
                 await asyncio.sleep(30)
             except errors.BrokerError as e:
                 self.last_error = e.message
-                self.synced.clear()
+                if self.synced.is_set():
+                    self.synced.clear()
+                    self._on_sync(self.kind, False)
                 self.reconnects += 1
                 delay = self._backoff.next_delay()
                 log.warning(
@@ -156,7 +161,9 @@ class Informer:
         for k, o in fresh.items():
             self._put(k, o)
         self.last_error = ""
-        self.synced.set()
+        if not self.synced.is_set():
+            self.synced.set()
+            self._on_sync(self.kind, True)
         for obj in gone:
             self._on_change(self.kind, "DELETED", obj)
         for obj in changed:

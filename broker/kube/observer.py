@@ -262,6 +262,7 @@ class ClusterState:
         self.client = client
         self._catalog = catalog
         self._listeners: list[Callable[[str], None]] = [on_change]
+        self._sync_listeners: list[Callable[[], None]] = []
         self._kafka_cluster = kafka_cluster
         self._metrics_interval = metrics_interval
         self.informers = {
@@ -271,6 +272,7 @@ class ClusterState:
                 label_selector=naming.SELECTOR,
                 on_change=self._changed,
                 index_label=naming.LABEL_DEPLOYMENT,
+                on_sync=self._sync_changed,
             )
             for kind in (*WORKLOAD_KINDS, *TOPIC_KINDS)
         }
@@ -294,6 +296,14 @@ class ClusterState:
                 self._strays.pop(key, None)
         if deployment_id:
             self._notify(deployment_id)
+
+    def _sync_changed(self, kind: str, synced: bool) -> None:
+        for listener in self._sync_listeners:
+            listener()
+
+    def add_sync_listener(self, on_sync: Callable[[], None]) -> None:
+        """Also call ``on_sync`` when the caches become readable, or stop being readable."""
+        self._sync_listeners.append(on_sync)
 
     def _notify(self, deployment_id: str) -> None:
         for listener in self._listeners:
@@ -366,8 +376,9 @@ class ClusterState:
         await self.client.close()
 
     async def _poll_metrics(self) -> None:
-        while True:
+        async def poll() -> None:
             await self._refresh_strays()
+            previous, was_available = self._metrics, self.metrics_available
             try:
                 items, _ = await self.client.list("PodMetrics", label_selector=naming.SELECTOR)
                 fresh: dict[tuple[str, str], tuple[decimal.Decimal, decimal.Decimal]] = {}
@@ -384,7 +395,15 @@ class ClusterState:
             except errors.BrokerError as e:
                 log.debug("pod metrics unavailable", extra={"error": e.message})
                 self.metrics_available = False
-            await asyncio.sleep(self._metrics_interval)
+            # Usage is part of each deployment's verdict: tell the deployments whose pods changed.
+            changed = previous.keys() | self._metrics.keys()
+            if was_available == self.metrics_available:
+                changed = {k for k in changed if previous.get(k) != self._metrics.get(k)}
+            owners = {_owner(pod) for ns, name in changed if (pod := self.informers["Pod"].get(ns, name))}
+            for deployment_id in sorted(owners - {""}):
+                self._notify(deployment_id)
+
+        await workers.run_forever(poll, interval=self._metrics_interval)
 
     # Observing -------------------------------------------------------------------------------------
 

@@ -1,0 +1,184 @@
+"""The detector is the only evaluator: what reads show is its verdict, kept per deployment.
+
+What a user sees of that: every drift item carries when it was first detected; a policy change is in
+force at once (not at the next resync); the open-drift metric follows deprovisions; a restart does
+not flap health through Unknown; and a message never contradicts the health next to it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import shutil
+
+import aiohttp
+import pytest
+from broker_client.v1 import broker_pb2 as pb
+from conftest import ADMIN_TOKEN, PLATFORM_TOKEN
+from test_watch_support import PLATFORM, Kubectl, broker_on, client_of, seed, until
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
+
+K = pb.DriftEventKind
+# A resync far away: whatever happens in these tests happens because of an event, not the sweep.
+SLOW_RESYNC = {"resync_interval": 600.0}
+
+
+@pytest.fixture
+def kubectl(sandbox_kubeconfig: pathlib.Path, tmp_path: pathlib.Path) -> Kubectl:
+    return Kubectl(sandbox_kubeconfig, tmp_path / "kube-cache")
+
+
+async def test_every_drift_item_says_when_it_was_first_detected(
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
+) -> None:
+    await seed(sandbox_kubeconfig)
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, **SLOW_RESYNC) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-when")
+        await manager.wait_ready(deployment_id)
+        before = datetime.datetime.now(datetime.UTC)
+        await kubectl.scale("db-when", 3)
+        state = await until(
+            lambda: manager.state(deployment_id),
+            lambda s: s is not None and any(i.rule_id == "replicas.changed" for i in s.drift_items),
+            within=15,
+            what="the replica drift",
+        )
+        assert state is not None
+        for item in state.drift_items:  # the expected patch drift too
+            assert item.HasField("detect_time"), item
+        (replicas,) = [i for i in state.drift_items if i.rule_id == "replicas.changed"]
+        first_seen = replicas.detect_time.ToDatetime(tzinfo=datetime.UTC)
+        assert before - datetime.timedelta(seconds=1) <= first_seen <= datetime.datetime.now(datetime.UTC)
+        # Still the first detection later on, after other changes of the same resource.
+        await kubectl.run("label", "statefulset", "db-when", "extra=1")
+        again = await manager.state(deployment_id)
+        assert again is not None
+        (same,) = [i for i in again.drift_items if i.rule_id == "replicas.changed"]
+        assert same.detect_time == replicas.detect_time
+        async with manager.http.get(
+            "/v1/resources", params={"namespace": PLATFORM, "deploymentId": deployment_id}
+        ) as r:
+            doc = await r.json()
+        items = doc["resources"][0]["driftItems"]
+        assert all("detectTime" in i for i in items), items
+
+
+async def test_a_policy_change_is_in_force_at_once_not_at_the_next_resync(
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
+) -> None:
+    await seed(sandbox_kubeconfig)
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, **SLOW_RESYNC) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-policy")
+        await manager.wait_ready(deployment_id)
+        await kubectl.scale("db-policy", 3)
+        watch = manager.watch(deployment_id=deployment_id)
+        await until(
+            lambda: manager.state(deployment_id),
+            lambda s: s is not None and s.phase == pb.STATE_DRIFT_DETECTED,
+            within=15,
+            what="drift",
+        )
+        await manager.stub.SetRemediationPolicy(
+            pb.SetRemediationPolicyRequest(
+                policy=pb.RemediationPolicy(namespace=PLATFORM, mode=pb.REMEDIATION_MODE_OFF)
+            ),
+            metadata=manager.auth,
+        )
+        # Off: the drift is no longer reported, and the detector says so, well before a resync.
+        await watch.wait_kinds([K.DRIFT_EVENT_KIND_DRIFT_RESOLVED], deployment_id=deployment_id, within=10)
+        state = await manager.state(deployment_id)
+        assert state is not None
+        assert state.phase == pb.STATE_READY
+        assert [i for i in state.drift_items if i.drift_class == pb.DRIFT_CLASS_UNEXPECTED] == []
+
+
+async def open_drifts(broker_http: str) -> float:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{broker_http}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r,
+    ):
+        text = await r.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("broker_open_drifts{") and f'namespace="{PLATFORM}"' in line
+    )
+
+
+async def test_the_open_drift_metric_follows_a_deprovision(
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
+) -> None:
+    await seed(sandbox_kubeconfig)
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, **SLOW_RESYNC) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        url = f"http://127.0.0.1:{broker.http_port}"
+        deployment_id = await manager.provision("db-gone")
+        await manager.wait_ready(deployment_id)
+        await kubectl.scale("db-gone", 3)
+        await until(lambda: open_drifts(url), lambda n: n == 1, within=15, what="one open drift")
+        await manager.stub.Deprovision(
+            pb.DeprovisionRequest(namespace=PLATFORM, deployment_id=deployment_id), metadata=manager.auth
+        )
+        await until(
+            lambda: open_drifts(url), lambda n: n == 0, within=20, what="no open drift after deprovision"
+        )
+
+
+async def test_a_restart_does_not_flap_health_through_unknown(
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path
+) -> None:
+    await seed(sandbox_kubeconfig)
+    data = tmp_path / "data"
+    async with (
+        broker_on(data, tokens_file, sandbox_kubeconfig) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-steady")
+        await manager.wait_ready(deployment_id)
+        _, last = await broker.store.event_bounds()
+    async with (
+        broker_on(data, tokens_file, sandbox_kubeconfig) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        await manager.wait_ready(deployment_id)
+        detector = broker.detector
+        assert detector is not None
+        await until(
+            lambda: manager.state(deployment_id),
+            lambda s: s is not None and s.health_status == pb.HEALTH_STATUS_HEALTHY,
+            within=10,
+            what="healthy",
+        )
+        await broker.detector.evaluate(deployment_id)  # as a resync would
+        later = [e for e in await manager.events(PLATFORM, deployment_id=deployment_id) if e.sequence > last]
+        assert [e for e in later if e.kind == K.DRIFT_EVENT_KIND_HEALTH_CHANGED] == [], later
+
+
+async def test_the_message_never_contradicts_the_health(
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
+) -> None:
+    await seed(sandbox_kubeconfig)
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-sick")
+        await manager.wait_ready(deployment_id)
+        await kubectl.run("delete", "secret", "db-sick-credentials")
+        state = await until(
+            lambda: manager.state(deployment_id),
+            lambda s: s is not None and s.health_status == pb.HEALTH_STATUS_UNHEALTHY,
+            within=15,
+            what="unhealthy",
+        )
+        assert state is not None
+        assert "healthy" not in state.message.lower().replace("unhealthy", ""), state.message
