@@ -365,12 +365,18 @@ class Broker:
         if settings.sandbox:
             from broker import sandbox  # only sandbox mode pays for importing it
 
-            self._sandbox = sandbox.Sandbox()
+            # Its objects live in the data dir too: a restart finds the workloads (and Secrets) it left.
+            self._sandbox = sandbox.Sandbox(state_dir=sandbox.state_dir_of(settings.data_dir))
             await self._sandbox.start("127.0.0.1", 0)
             kubeconfig = self._sandbox.write_kubeconfig(settings.data_dir / "sandbox.kubeconfig")
             log.warning(
-                "SANDBOX: an in-memory Kubernetes API on loopback, not a cluster; its state is lost at exit",
-                extra={"url": self._sandbox.url, "kubeconfig": str(kubeconfig)},
+                "SANDBOX: a simulated Kubernetes API on loopback, not a cluster; its state is kept in "
+                "the data dir",
+                extra={
+                    "url": self._sandbox.url,
+                    "kubeconfig": str(kubeconfig),
+                    "state": self._sandbox.restored.describe(),
+                },
             )
         elif kubeconfig is None and not os.environ.get("KUBERNETES_SERVICE_HOST"):
             log.warning(

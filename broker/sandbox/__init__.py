@@ -1,4 +1,4 @@
-"""An embedded, in-memory Kubernetes API server with a workload simulator: "the sandbox".
+"""An embedded Kubernetes API server with a workload simulator: "the sandbox".
 
 Stock ``kubectl`` and ``kubernetes-asyncio`` talk to it over plain HTTP on loopback as if it were
 a cluster::
@@ -18,11 +18,15 @@ cascading deletion, paginated lists, resumable watches with 410 Gone and bookmar
 
 Deliberate differences from a real cluster (it is a sandbox, and says so when it starts):
 
-* State lives in memory only; there is no etcd, no authentication or authorization (any token is
-  accepted, RBAC is absent), no admission webhooks and no TLS. Responses are always JSON; request
-  bodies are JSON or YAML, plus protobuf for Namespace, ConfigMap and Secret only (what
-  ``kubectl create namespace|configmap|secret`` send); other protobuf or CBOR bodies get 415, so
-  e.g. ``kubectl create service`` fails (``kubectl apply``/``create -f`` work).
+* State lives in memory; with ``Sandbox(state_dir=...)`` (what ``broker serve --sandbox`` and
+  ``broker sandbox`` use, in ``<data-dir>/sandbox``) it is also saved to a JSON snapshot, debounced
+  and at stop, and restored at start with uids and resourceVersions intact, the watch history
+  excepted (see :mod:`broker.sandbox.persistence`). There is no etcd, no authentication or
+  authorization (any token is accepted, RBAC is absent), no admission webhooks and no TLS.
+  Responses are always JSON; request bodies are JSON or YAML, plus protobuf for Namespace,
+  ConfigMap and Secret only (what ``kubectl create namespace|configmap|secret`` send); other
+  protobuf or CBOR bodies get 415, so e.g. ``kubectl create service`` fails (``kubectl
+  apply``/``create -f`` work).
 * No aggregated discovery (clients fall back to the per-group documents). OpenAPI v3 publishes only
   the PATCH operations kubectl checks for ``fieldValidation`` support, without schemas (``kubectl
   explain`` has nothing to show); there is no OpenAPI v2. ``fieldValidation=Strict`` is accepted but
@@ -41,18 +45,24 @@ Deliberate differences from a real cluster (it is a sandbox, and says so when it
   volumeMounts, volumes, conditions, ownerReferences, ...), not from Go types or OpenAPI; other lists
   are atomic (``volumeClaimTemplates``, ``args``, ...). List-map keys do not include defaulted
   fields (container ports are keyed by ``containerPort`` alone). ``managedFields`` are recorded per
-  (manager, operation, subresource) and cannot be overwritten by clients. Like kube-apiserver, the
-  manager defaults to the User-Agent up to the first ``/``: kubectl 1.32 sends ``fieldManager`` for
-  ``edit``, ``patch``, ``label``, ``annotate``, ``set``, ``create`` and client-side ``apply``, but not
-  for ``scale``, which therefore shows up as ``kubectl`` with subresource ``scale``.
+  (manager, operation, subresource), not per API version, and cannot be overwritten by clients;
+  beyond 10 Update managers the oldest merge into ``ancient-changes``, as in kube-apiserver. Like
+  kube-apiserver, the manager defaults to the User-Agent up to the first ``/``: kubectl 1.32
+  sends ``fieldManager`` for ``edit``, ``patch``, ``label``, ``annotate``, ``set``, ``create`` and
+  client-side ``apply``, but not for ``scale``, which therefore shows up as ``kubectl`` with
+  subresource ``scale``.
 * Built-in kinds drop ``null`` fields on write (as decoding into Go structs does), so e.g. a pod
   template's ``metadata.creationTimestamp: null`` is not echoed back.
 * Paginated lists continue from the current state rather than an MVCC snapshot at the first page's
   resourceVersion; a continue token older than the watch window is ``410 Expired`` as after an etcd
   compaction. ``resourceVersionMatch=Exact`` only works for the current version.
-* Watch history is one ring buffer of ``watch_window`` events across all kinds (kube-apiserver keeps
-  one per kind, sized by time); watches without ``timeoutSeconds`` end after 30 minutes; a watcher
-  whose queue overflows ``watch_queue_size`` is closed (the client re-watches and resumes).
+* Watch history is one ring buffer across all kinds of at most ``watch_window`` events and
+  ``watch_window_bytes`` of their serializations (kube-apiserver keeps one per kind, sized by time);
+  watches without ``timeoutSeconds`` end after 30 minutes; a watcher whose queue overflows
+  ``watch_queue_size`` is closed (the client re-watches and resumes).
+* Events are not expired after an hour (``--event-ttl``) but kept to ``event_limit`` per namespace,
+  least recently written removed first; controllers aggregate repeats into ``count`` as client-go
+  does, so the simulator's Events stay few.
 * Deletion is immediate: no graceful termination period (pods vanish without ``Terminating`` unless
   finalizers hold them); finalizers and foreground deletion do work. Terminating namespaces are
   emptied at once, regardless of the finalizers of their content.
@@ -64,7 +74,8 @@ Deliberate differences from a real cluster (it is a sandbox, and says so when it
   request, memory about half), served for running pods that are not crash-looping.
 """
 
-from broker.sandbox.cluster import Sandbox, run_standalone
+from broker.sandbox.cluster import Sandbox, run_standalone, state_dir_of
 from broker.sandbox.faults import DEFAULT_IMAGE_RESOLUTION, Faults
+from broker.sandbox.persistence import StateError
 
-__all__ = ["DEFAULT_IMAGE_RESOLUTION", "Faults", "Sandbox", "run_standalone"]
+__all__ = ["DEFAULT_IMAGE_RESOLUTION", "Faults", "Sandbox", "StateError", "run_standalone", "state_dir_of"]

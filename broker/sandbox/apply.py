@@ -11,6 +11,10 @@ Kubernetes records, per field manager and operation, the set of fields that mana
   ``force=true`` moves ownership. A field the applier set before, left out now and owned by nobody
   else is removed from the object.
 
+As in kube-apiserver, at most :data:`MAX_UPDATE_MANAGERS` Update entries are kept: beyond that the
+oldest are merged into one ``ancient-changes`` entry, so a client that sends a new ``fieldManager``
+with every request cannot grow an object's metadata without bound.
+
 Field sets are kept as Python sets of paths, each a tuple of ``fieldsV1`` path elements. Which lists
 are keyed comes from :data:`broker.sandbox.patch.MERGE_KEYS` (the sandbox has no OpenAPI schema);
 other lists are atomic, owned and replaced as a whole.
@@ -59,6 +63,11 @@ MAP_FIELDS = frozenset(
     }
 )
 """Free-form maps, which (as in Kubernetes) are owned as a node (``.``) besides their keys."""
+
+MAX_UPDATE_MANAGERS = 10
+"""kube-apiserver's ``DefaultMaxUpdateManagers``: Update entries kept before the oldest are merged."""
+ANCIENT_CHANGES = "ancient-changes"
+"""The manager name the merged oldest Update entries are recorded under (as kube-apiserver names it)."""
 
 
 def tracked(obj: JsonDict) -> JsonDict:
@@ -278,8 +287,44 @@ def _entry(managers: list[Manager], *, manager: str, operation: str, subresource
     return next((m for m in managers if m.identity == (manager, operation, subresource)), None)
 
 
+def _cap_update_managers(managers: list[Manager]) -> list[Manager]:
+    """Merge the oldest Update entries into ``ancient-changes`` until at most the cap remain.
+
+    kube-apiserver's ``capManagersManager`` does this (per API version; the sandbox keys managers
+    without the version, so it keeps one bucket).
+    """
+    updaters = [m for m in managers if m.operation == "Update" and m.fields]
+    if len(updaters) <= MAX_UPDATE_MANAGERS:
+        return managers
+    bucket = _entry(managers, manager=ANCIENT_CHANGES, operation="Update", subresource="")
+    out = list(managers)
+    length = len(updaters)
+    # Oldest first; sorted() is stable, so entries written in the same second keep their order.
+    for entry in sorted(updaters, key=lambda m: m.time):
+        if length <= MAX_UPDATE_MANAGERS:
+            break
+        if entry is bucket:
+            continue
+        if bucket is None:
+            bucket = Manager(
+                manager=ANCIENT_CHANGES,
+                operation="Update",
+                api_version=entry.api_version,
+                time=entry.time,
+                fields=set(entry.fields),
+            )
+            out[out.index(entry)] = bucket
+            continue
+        bucket.fields |= entry.fields
+        bucket.time = max(bucket.time, entry.time)
+        bucket.api_version = entry.api_version
+        out.remove(entry)
+        length -= 1
+    return out
+
+
 def _render(managers: list[Manager]) -> list[JsonDict]:
-    return [m.render() for m in managers if m.fields]
+    return [m.render() for m in _cap_update_managers(managers) if m.fields]
 
 
 def track_update(

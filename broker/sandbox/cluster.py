@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.sandbox import controllers, faults, kubeconfig, resources, server, store
+from broker.sandbox import controllers, faults, kubeconfig, persistence, resources, server, store
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +22,18 @@ class Sandbox:
 
     ``ready_delay`` is how long a pod takes from creation to Running and Ready; ``crash_interval``
     how often a crash-looping container restarts; ``watch_window`` how many events watches can
-    resume across before ``410 Gone``; ``watch_queue_size`` how many undelivered events a watcher
-    may hold before it is cut off; ``bookmark_interval`` how often idle watches that allow
-    bookmarks get one; ``image_resolution`` maps floating image tags to what containers report
-    running (default :data:`broker.sandbox.faults.DEFAULT_IMAGE_RESOLUTION`, ``{}`` for identity);
-    ``simulate=False`` serves the API without any simulation (nothing creates pods).
+    resume across before ``410 Gone``, and ``watch_window_bytes`` how many bytes of serialized
+    objects those events may hold (whichever is reached first); ``watch_queue_size`` how many
+    undelivered events a watcher may hold before it is cut off; ``event_limit`` how many
+    Kubernetes Events a namespace keeps (the least recently written go first);
+    ``bookmark_interval`` how often idle watches that allow bookmarks get one;
+    ``image_resolution`` maps floating image tags to what containers report running (default
+    :data:`broker.sandbox.faults.DEFAULT_IMAGE_RESOLUTION`, ``{}`` for identity); ``simulate=False``
+    serves the API without any simulation (nothing creates pods).
+
+    ``state_dir`` keeps the objects across restarts (see :mod:`broker.sandbox.persistence`):
+    restored at :meth:`start`, saved ``save_interval`` seconds after changes and at :meth:`stop`.
+    Without it (the default) the state lives in memory only.
     """
 
     def __init__(
@@ -36,14 +43,26 @@ class Sandbox:
         crash_interval: float = 1.0,
         image_resolution: dict[str, str] | None = None,
         watch_window: int = 10_000,
+        watch_window_bytes: int = 32 * 1024 * 1024,
         watch_queue_size: int = 10_000,
+        event_limit: int = 1_000,
         bookmark_interval: float = 60.0,
         simulate: bool = True,
         seed: int = 0,
+        state_dir: str | os.PathLike[str] | None = None,
+        save_interval: float = 1.0,
     ) -> None:
         self.store = store.Store(
-            registry=resources.Registry(), watch_window=watch_window, watch_queue_size=watch_queue_size
+            registry=resources.Registry(),
+            watch_window=watch_window,
+            watch_window_bytes=watch_window_bytes,
+            watch_queue_size=watch_queue_size,
+            event_limit=event_limit,
         )
+        self.persistence = (
+            persistence.Persistence(state_dir, interval=save_interval) if state_dir is not None else None
+        )
+        self.restored: persistence.Restored | None = None
         resolution = faults.DEFAULT_IMAGE_RESOLUTION if image_resolution is None else image_resolution
         self.faults = faults.Faults(image_resolution=resolution, seed=seed)
         self.ready_delay = ready_delay
@@ -85,10 +104,18 @@ class Sandbox:
         """Start serving on ``host:port`` (port 0 picks a free one) and start the simulator."""
         if self._runner is not None:
             raise RuntimeError("the sandbox is already started")
-        self._runner = web.AppRunner(self._api.application(), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        self.host = host
-        await self._listen(port)
+        if self.persistence is not None:
+            # Before anything serves or simulates: clients must never see the state before the restore.
+            self.restored = await self.persistence.open(self.store)
+            log.log(logging.INFO if self.restored.clean else logging.WARNING, self.restored.describe())
+        try:
+            self._runner = web.AppRunner(self._api.application(), handler_cancellation=True, access_log=None)
+            await self._runner.setup()
+            self.host = host
+            await self._listen(port)
+        except BaseException:
+            await self.stop()
+            raise
         if self.simulate:
             self._kubelet = controllers.Kubelet(
                 self.store,
@@ -123,6 +150,9 @@ class Sandbox:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.persistence is not None:
+            # Last, when neither clients nor the simulator can write any more: the clean snapshot.
+            await self.persistence.close()
 
     async def _close_listener(self) -> None:
         if self._listener is not None:
@@ -170,16 +200,26 @@ class Sandbox:
         await self.stop()
 
 
+def state_dir_of(data_dir: str | os.PathLike[str]) -> pathlib.Path:
+    """Where a sandbox started for a data directory keeps its state: ``<data_dir>/sandbox``."""
+    return pathlib.Path(data_dir) / "sandbox"
+
+
 async def run_standalone(*, host: str, port: int, data_dir: str | os.PathLike[str]) -> None:
-    """Run a sandbox until cancelled, with a kubeconfig at ``<data_dir>/sandbox.kubeconfig``."""
-    sandbox = Sandbox()
+    """Run a sandbox until cancelled, with a kubeconfig at ``<data_dir>/sandbox.kubeconfig``.
+
+    Its objects are kept in ``<data_dir>/sandbox/state.json`` across runs.
+    """
+    sandbox = Sandbox(state_dir=state_dir_of(data_dir))
     await sandbox.start(host=host, port=port)
     path = sandbox.write_kubeconfig(pathlib.Path(data_dir) / "sandbox.kubeconfig")
-    banner = "THIS IS AN IN-MEMORY KUBERNETES SANDBOX, NOT A CLUSTER: nothing runs, state is lost on exit."
+    banner = "THIS IS A SIMULATED KUBERNETES SANDBOX, NOT A CLUSTER: nothing runs."
     log.warning(banner)
     log.warning("sandbox API server: %s", sandbox.url)
     log.warning("kubeconfig: %s (kubectl --kubeconfig %s get pods)", path, path)
     print(banner, flush=True)
+    if sandbox.restored is not None:
+        print(sandbox.restored.describe(), flush=True)
     print(f"sandbox API server: {sandbox.url}", flush=True)
     print(f"kubeconfig: {path}", flush=True)
     try:

@@ -13,7 +13,15 @@
 
 Every controller is driven by the store's change stream, never by polling, so reactions take
 milliseconds; timers only model time that passes in a real cluster (container start-up, crash
-back-off).
+back-off). Like a real controller, each starts from the current state (every stored object as
+ADDED) before it follows changes, so after a restore it picks up where the previous run stopped;
+the kubelet first takes over the restored pods' containers from their status, as a restarted
+kubelet finds them running, so a restore rewrites nothing that was already true.
+
+Events are recorded as client-go's ``EventCorrelator`` records them: a repeat of the same event
+(same source, object, type, reason and message) increments ``count`` and ``lastTimestamp`` of one
+Event object instead of adding another, so a StatefulSet scaled up and down all day has a handful
+of Events, not one per pod.
 """
 
 from __future__ import annotations
@@ -77,8 +85,10 @@ class Runner:
         self._watcher: store.Watcher | None = None
 
     def start(self) -> None:
-        """Subscribe and start consuming."""
+        """Subscribe, queue the current state as ADDED events, and start consuming."""
         self._watcher = self.store.subscribe(self.keys)
+        for event in self.store.initial_events(self.keys):
+            self._watcher.push(event)
         self._task = asyncio.create_task(self._run(self._watcher), name=type(self).__name__)
 
     async def stop(self) -> None:
@@ -108,18 +118,43 @@ class Runner:
 def record_event(
     st: store.Store, *, involved: JsonDict, reason: str, message: str, component: str, type_: str = "Normal"
 ) -> None:
-    """Write a core/v1 Event about an object, as controllers and the kubelet do."""
+    """Write a core/v1 Event about an object, as controllers and the kubelet do.
+
+    The Event's name is derived from what makes two events the same (client-go's aggregation key:
+    source, involved object, type, reason, message), so a repeat finds the first one and only
+    bumps its ``count`` and ``lastTimestamp``.
+    """
     meta = involved["metadata"]
     namespace = meta.get("namespace") or "default"
     stamp = store.now()
     rt = st.registry.preferred(EVENTS)
     if rt is None or st.find(("", "namespaces"), "", namespace) is None:
         return
+    identity = "\x00".join(
+        str(part)
+        for part in (
+            component,
+            involved.get("kind"),
+            involved.get("apiVersion"),
+            namespace,
+            meta["name"],
+            meta.get("uid"),
+            type_,
+            reason,
+            message,
+        )
+    )
+    name = f"{meta['name']}.{_digest(identity)[:16]}"
+    existing = st.find(EVENTS, namespace, name)
+    if existing is not None:
+        repeated = store.thaw(existing)
+        repeated["count"] = int(repeated.get("count") or 1) + 1
+        repeated["lastTimestamp"] = stamp
+        with contextlib.suppress(errors.ApiError):
+            st.update(rt, repeated, manager=component)
+        return
     event = {
-        "metadata": {
-            "name": f"{meta['name']}.{_digest(stamp + reason + str(st.resource_version))[:16]}",
-            "namespace": namespace,
-        },
+        "metadata": {"name": name, "namespace": namespace},
         "involvedObject": {
             "kind": involved.get("kind"),
             "namespace": namespace,
@@ -160,7 +195,53 @@ class Kubelet(Runner):
         self._restarts: dict[str, int] = {}
         self._last_crash: dict[str, tuple[str, str]] = {}
         self._ips: dict[str, str] = {}
+        self._ips_in_use: set[str] = set()
         self._next_ip = 2
+
+    def start(self) -> None:
+        """Take over the stored pods' containers, then start consuming."""
+        self.adopt()
+        super().start()
+
+    def adopt(self) -> None:
+        """Rebuild what the node knows about running pods from their status (after a restore).
+
+        A restarted kubelet finds its containers still running; here the status the previous run
+        wrote is the only record, and reading start time, images, restarts and IP back from it makes
+        the next status this kubelet computes identical, so restored pods stay Ready untouched.
+        """
+        for pod in self.store.objects(PODS):
+            uid = pod["metadata"]["uid"]
+            status = pod.get("status") or {}
+            if status.get("phase") != "Running" or uid in self._started:
+                continue
+            containers = status.get("containerStatuses") or []
+            started = next(
+                (
+                    c["state"]["running"].get("startedAt")
+                    for c in containers
+                    if isinstance((c.get("state") or {}).get("running"), dict)
+                ),
+                None,
+            )
+            self._started[uid] = str(started or status.get("startTime") or store.now())
+            self._images[uid] = {str(c.get("name")): str(c.get("image", "")) for c in containers}
+            restarts = max((int(c.get("restartCount") or 0) for c in containers), default=0)
+            if restarts:
+                self._restarts[uid] = restarts
+            last = next(
+                (
+                    c["lastState"]["terminated"]
+                    for c in containers
+                    if isinstance((c.get("lastState") or {}).get("terminated"), dict)
+                ),
+                None,
+            )
+            if last is not None:
+                self._last_crash[uid] = (str(last.get("startedAt", "")), str(last.get("finishedAt", "")))
+            if status.get("podIP"):
+                self._ips[uid] = str(status["podIP"])
+                self._ips_in_use.add(self._ips[uid])
 
     async def stop(self) -> None:
         """Cancel timers and stop."""
@@ -186,8 +267,9 @@ class Kubelet(Runner):
         timer = self._timers.pop(uid, None)
         if timer is not None:
             timer.cancel()
-        for table in (self._started, self._images, self._restarts, self._last_crash, self._ips):
+        for table in (self._started, self._images, self._restarts, self._last_crash):
             table.pop(uid, None)
+        self._ips_in_use.discard(self._ips.pop(uid, ""))
 
     def _rt(self) -> resources.ResourceType:
         rt = self.store.registry.preferred(PODS)
@@ -310,10 +392,16 @@ class Kubelet(Runner):
         }
 
     def _pod_ip(self, uid: str) -> str:
+        """The pod's IP in 10.244.0.0/16: the next one no live pod holds (reused after deletion)."""
         if uid not in self._ips:
-            self._next_ip += 1
-            n = self._next_ip
-            self._ips[uid] = f"10.244.{n // 250}.{n % 250 + 2}"
+            for _ in range(250 * 256):
+                self._next_ip += 1
+                n = self._next_ip % (250 * 256)
+                ip = f"10.244.{n // 250}.{n % 250 + 2}"
+                if ip not in self._ips_in_use:
+                    break
+            self._ips[uid] = ip
+            self._ips_in_use.add(ip)
         return self._ips[uid]
 
     def _running_status(self, pod: JsonDict, *, crashing: bool) -> JsonDict:

@@ -829,9 +829,9 @@ class ApiServer:
                 )
             except errors.Gone as exc:
                 gone = exc
-        await response.prepare(request)
         if gone is not None or watcher is None:
             error = gone or errors.Gone("watch expired")
+            await response.prepare(request)
             await response.write(store.dumps({"type": "ERROR", "object": error.status()}) + b"\n")
             await response.write_eof()
             return response
@@ -840,7 +840,10 @@ class ApiServer:
         next_bookmark = loop.time() + self.bookmark_interval
         headers_sent = False
         initial_end_pending = send_initial and bookmarks
+        # From here on the watcher is registered: whatever ends the request (a client gone before the
+        # headers went out included) must unregister it, or it would collect events for nobody.
         try:
+            await response.prepare(request)
             while True:
                 remaining = end - loop.time()
                 if remaining <= 0:

@@ -1,12 +1,20 @@
 """The sandbox's object store: objects, the global resourceVersion, the event history and watchers.
 
 Like etcd behind kube-apiserver, every write bumps one cluster-wide ``resourceVersion`` counter and
-is recorded as a watch event in a ring buffer of configurable size (the "watch window"). A watch
-that resumes from a version still inside the window receives every later event; an older version
-gets ``410 Gone`` (reason ``Expired``). Each stored object keeps its JSON serialization next to it,
-so lists and watch events are serialized once per write, not once per reader; every watcher has a
-bounded queue and is cut off (as kube-apiserver does with slow watchers) when it overflows, so one
-stuck client cannot grow the server's memory.
+is recorded as a watch event in a ring buffer (the "watch window") bounded twice: by a number of
+events (``watch_window``) and by the bytes of their serializations (``watch_window_bytes``), so
+that a window of large objects cannot hold gigabytes. A watch that resumes from a version still
+inside the window receives every later event; an older version gets ``410 Gone`` (reason
+``Expired``). The window keeps each change as its serialization only (:class:`Change`), never the
+parsed object: a parsed Kubernetes object takes five to ten times the memory of its JSON, and a
+change is only parsed again when a watch resumes across it. Each stored object keeps its JSON
+serialization next to it, so lists and watch events are serialized once per write, not once per
+reader; every watcher has a bounded queue and is cut off (as kube-apiserver does with slow
+watchers) when it overflows, so one stuck client cannot grow the server's memory.
+
+Kubernetes Events are the one kind written as a side effect of other writes (controllers record
+one per pod created or deleted), so they are bounded too: at most ``event_limit`` per namespace, the
+least recently written one removed first, as kube-apiserver's ``--event-ttl`` expires them from etcd.
 
 Stored objects are treated as immutable: every write builds a new dict. Readers get the stored dict
 and must copy it (:func:`thaw`) before changing it.
@@ -26,7 +34,7 @@ import datetime
 import json
 import secrets
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from broker.sandbox import apply, errors, kinds, resources, selectors
@@ -37,6 +45,7 @@ ObjectRef = tuple[StorageKey, str, str]
 
 CRD_KEY: StorageKey = ("apiextensions.k8s.io", "customresourcedefinitions")
 NAMESPACE_KEY: StorageKey = ("", "namespaces")
+EVENT_KEY: StorageKey = ("", "events")
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
@@ -67,9 +76,14 @@ class Entry:
 
 
 class Event:
-    """One change, as watchers see it; its wire line is built once and shared by every watcher."""
+    """One change, as watchers see it; its wire line is built once and shared by every watcher.
 
-    __slots__ = ("_line", "key", "obj", "old", "raw", "rv", "type")
+    The object (and, for MODIFIED, the object before) can be given parsed, serialized or both; the
+    parsed form is decoded from ``raw``/``old_raw`` on first use, which is how changes replayed from
+    the history (kept serialized only) cost nothing until a filter has to look inside them.
+    """
+
+    __slots__ = ("_line", "_obj", "_old", "key", "old_raw", "raw", "rv", "type")
 
     def __init__(
         self,
@@ -77,28 +91,76 @@ class Event:
         type: str,
         key: StorageKey,
         rv: int,
-        obj: JsonDict,
+        obj: JsonDict | None,
         raw: bytes | None,
         old: JsonDict | None,
+        old_raw: bytes | None = None,
     ) -> None:
+        if obj is None and raw is None:
+            raise ValueError("an event needs its object, parsed or serialized")
         self.type = type
         self.key = key
         self.rv = rv
-        self.obj = obj
+        self._obj = obj
         self.raw = raw
-        self.old = old
+        self._old = old
+        self.old_raw = old_raw
         self._line: bytes | None = None
+
+    @property
+    def obj(self) -> JsonDict:
+        """The object after the change (read-only)."""
+        if self._obj is None:
+            assert self.raw is not None
+            self._obj = dict(json.loads(self.raw))
+        return self._obj
+
+    @property
+    def old(self) -> JsonDict | None:
+        """The object before a MODIFIED change, if known (read-only)."""
+        if self._old is None and self.old_raw is not None:
+            self._old = dict(json.loads(self.old_raw))
+        return self._old
+
+    def serialized(self) -> bytes:
+        """The object's JSON, serialized now if nobody has yet."""
+        if self.raw is None:
+            self.raw = dumps(self.obj)
+        return self.raw
 
     def line(self) -> bytes:
         """The JSON watch event line (``{"type":..,"object":..}`` and a newline)."""
         if self._line is None:
-            raw = self.raw if self.raw is not None else dumps(self.obj)
-            self._line = b'{"type":"' + self.type.encode() + b'","object":' + raw + b"}\n"
+            self._line = b'{"type":"' + self.type.encode() + b'","object":' + self.serialized() + b"}\n"
         return self._line
 
     def retyped(self, type: str, obj: JsonDict) -> Event:
         """The same change seen by a filtered watcher, e.g. a label change as DELETED."""
         return Event(type=type, key=self.key, rv=self.rv, obj=obj, raw=None, old=None)
+
+
+class Change:
+    """A change as the watch history keeps it: the serializations only, shared with the store.
+
+    ``raw`` is the very bytes object the store's :class:`Entry` holds while the version is current,
+    and ``old_raw`` the previous version's (the previous change's ``raw``), so the history costs
+    the serializations of the versions it spans and nothing else.
+    """
+
+    __slots__ = ("key", "old_raw", "raw", "rv", "type")
+
+    def __init__(self, event: Event) -> None:
+        self.type = event.type
+        self.key = event.key
+        self.rv = event.rv
+        self.raw = event.serialized()
+        self.old_raw = event.old_raw
+
+    def event(self) -> Event:
+        """The change as a fresh event for a resuming watch (parsed on demand)."""
+        return Event(
+            type=self.type, key=self.key, rv=self.rv, obj=None, raw=self.raw, old=None, old_raw=self.old_raw
+        )
 
 
 class Watcher:
@@ -118,6 +180,7 @@ class Watcher:
         self.labels = labels or selectors.LabelSelector()
         self.fields = fields or selectors.FieldSelector()
         self.max_queue = max_queue
+        self._unfiltered = namespace is None and self.labels.empty and self.fields.empty
         self._queue: collections.deque[Event] = collections.deque()
         self._wake = asyncio.Event()
         self.closed = False
@@ -135,8 +198,11 @@ class Watcher:
         """Queue the event if the filter passes (turning moves across the filter into ADDED/DELETED)."""
         if self.closed:
             return
+        if self._unfiltered:
+            self.push(event)
+            return
         now_matches = self._matches(event.obj)
-        if event.old is None or event.type != "MODIFIED":
+        if event.type != "MODIFIED" or event.old is None:
             if not now_matches:
                 return
         else:
@@ -193,6 +259,25 @@ class Watcher:
 
 
 @dataclasses.dataclass(frozen=True)
+class State:
+    """What a restart needs: the counters and every stored object's serialization, by storage key.
+
+    Taken in one synchronous step (:meth:`Store.export`), so it is one consistent version of the
+    whole store; the byte strings are the store's own immutable serializations, safe to write out
+    from another thread.
+    """
+
+    resource_version: int
+    service_ips: int
+    objects: dict[StorageKey, list[bytes]]
+
+    @property
+    def count(self) -> int:
+        """How many objects."""
+        return sum(len(items) for items in self.objects.values())
+
+
+@dataclasses.dataclass(frozen=True)
 class ListResult:
     """One page of a list: the items' serializations, the list's version and the continuation."""
 
@@ -210,15 +295,28 @@ class Store:
         *,
         registry: resources.Registry,
         watch_window: int = 10_000,
+        watch_window_bytes: int = 32 * 1024 * 1024,
         watch_queue_size: int = 10_000,
+        event_limit: int = 1_000,
     ) -> None:
+        if watch_window < 1 or watch_window_bytes < 1 or event_limit < 1:
+            raise ValueError("watch_window, watch_window_bytes and event_limit must be positive")
         self.registry = registry
         self.watch_window = watch_window
+        self.watch_window_bytes = watch_window_bytes
         self.watch_queue_size = watch_queue_size
+        self.event_limit = event_limit
         self._rv = 0
         self._objects: dict[StorageKey, dict[str, dict[str, Entry]]] = {}
-        self._history: collections.deque[Event] = collections.deque()
+        self._history: collections.deque[Change] = collections.deque()
+        self._history_bytes = 0
         self._evicted_rv = 0
+        self.version_ceiling: int | None = None
+        """No resourceVersion above this is handed out before ``on_ceiling`` has moved it (persistence)."""
+        self.on_ceiling: Callable[[int], int] | None = None
+        """Called with the version about to exceed ``version_ceiling``; returns the new ceiling."""
+        self.on_write: Callable[[], None] | None = None
+        """Called after every write (persistence schedules a snapshot from it)."""
         self._watchers: dict[StorageKey, set[Watcher]] = {}
         self._subscribers: set[Watcher] = set()
         self._dependents: dict[str, set[ObjectRef]] = {}
@@ -238,6 +336,16 @@ class Store:
     def oldest_resumable(self) -> int:
         """The oldest resourceVersion a watch can still resume from."""
         return self._evicted_rv
+
+    @property
+    def history_size(self) -> tuple[int, int]:
+        """How many changes the watch window holds, and the bytes of their serializations."""
+        return len(self._history), self._history_bytes
+
+    def count(self, key: StorageKey | None = None) -> int:
+        """How many objects are stored (of one kind, or of every kind)."""
+        keys = [key] if key is not None else list(self._objects)
+        return sum(len(bucket) for k in keys for bucket in self._objects.get(k, {}).values())
 
     def _rt(self, key: StorageKey) -> resources.ResourceType:
         rt = self.registry.preferred(key)
@@ -387,22 +495,27 @@ class Store:
                 rv = int(entry.obj["metadata"]["resourceVersion"])
                 watcher.push(Event(type="ADDED", key=key, rv=rv, obj=entry.obj, raw=entry.raw, old=None))
         else:
-            for event in self.history_since(since):
-                if event.key == key:
-                    watcher.offer(event)
+            for change in self._changes_since(since):
+                if change.key == key:
+                    watcher.offer(change.event())
+                    if watcher.closed:
+                        break
         if not watcher.closed:
             self._watchers.setdefault(key, set()).add(watcher)
         return watcher
 
     def history_since(self, since: int) -> list[Event]:
         """Every retained event after ``since``; Gone when some of them have been evicted."""
+        return [change.event() for change in self._changes_since(since)]
+
+    def _changes_since(self, since: int) -> list[Change]:
         if since < self._evicted_rv:
             raise errors.Gone(f"too old resource version: {since} ({self._evicted_rv + 1})")
-        out: list[Event] = []
-        for event in reversed(self._history):
-            if event.rv <= since:
+        out: list[Change] = []
+        for change in reversed(self._history):
+            if change.rv <= since:
                 break
-            out.append(event)
+            out.append(change)
         out.reverse()
         return out
 
@@ -436,9 +549,15 @@ class Store:
         return count
 
     def _emit(self, event: Event) -> None:
-        self._history.append(event)
-        while len(self._history) > self.watch_window:
-            self._evicted_rv = self._history.popleft().rv
+        change = Change(event)
+        self._history.append(change)
+        self._history_bytes += len(change.raw)
+        while self._history and (
+            len(self._history) > self.watch_window or self._history_bytes > self.watch_window_bytes
+        ):
+            evicted = self._history.popleft()
+            self._history_bytes -= len(evicted.raw)
+            self._evicted_rv = evicted.rv
         for watcher in list(self._watchers.get(event.key, ())):
             watcher.offer(event)
             if watcher.closed:
@@ -446,11 +565,95 @@ class Store:
         for sub in self._subscribers:
             if sub.keys is None or event.key in sub.keys:
                 sub.push(event)
+        if self.on_write is not None:
+            self.on_write()
+
+    def initial_events(self, keys: Iterable[StorageKey] | None = None) -> list[Event]:
+        """Every stored object (of ``keys``, or all) as an ADDED event.
+
+        What a controller starts from, as a real one lists before it watches: after a restore,
+        the objects it would otherwise only see when they next change.
+        """
+        wanted = list(self._objects) if keys is None else list(keys)
+        return [
+            Event(
+                type="ADDED",
+                key=key,
+                rv=int(entry.obj["metadata"]["resourceVersion"]),
+                obj=entry.obj,
+                raw=entry.raw,
+                old=None,
+            )
+            for key in wanted
+            for entry in self.iter_entries(key)
+        ]
+
+    # ----- persistence ---------------------------------------------------------------------------
+
+    def export(self) -> State:
+        """The whole store as one consistent :class:`State` (cheap: it references serializations)."""
+        objects = {
+            key: [entry.raw for bucket in buckets.values() for entry in bucket.values()]
+            for key, buckets in self._objects.items()
+            if buckets
+        }
+        return State(resource_version=self._rv, service_ips=self._service_ips, objects=objects)
+
+    def restore(
+        self,
+        *,
+        resource_version: int,
+        service_ips: int,
+        objects: Mapping[StorageKey, Iterable[JsonDict]],
+    ) -> int:
+        """Replace the whole content with saved objects; returns how many were restored.
+
+        Objects keep their uid, creationTimestamp, resourceVersion and managedFields; the counter
+        continues from ``resource_version``. The watch history starts empty at that version, so a
+        watch or continue token from an older version gets ``410 Gone`` (the client relists) rather
+        than silently missing the changes before the restart. Must run before anything watches.
+        """
+        if any(self._watchers.values()) or self._subscribers:
+            raise RuntimeError("restore the store before anything watches it")
+        checked: list[tuple[StorageKey, str, str, JsonDict]] = []
+        for key, items in objects.items():
+            for obj in items:
+                meta = obj.get("metadata")
+                if not isinstance(meta, dict) or not meta.get("name") or not meta.get("uid"):
+                    raise ValueError(f"a saved {key[1]} object has no metadata.name or metadata.uid")
+                if int(meta.get("resourceVersion") or 0) > resource_version:
+                    raise ValueError(
+                        f"saved {key[1]} {meta['name']!r} has resourceVersion {meta.get('resourceVersion')}, "
+                        f"newer than the saved counter {resource_version}"
+                    )
+                checked.append((key, str(meta.get("namespace") or ""), str(meta["name"]), obj))
+        for crd in self.objects(CRD_KEY):
+            self.registry.remove_crd(crd["metadata"]["name"])
+        self._objects = {}
+        self._uids.clear()
+        self._dependents.clear()
+        self._history.clear()
+        self._history_bytes = 0
+        for key, namespace, name, obj in checked:
+            ref: ObjectRef = (key, namespace, name)
+            self._bucket(key, namespace)[name] = Entry(obj)
+            self._index(obj, ref, add=True)
+            self._uids[obj["metadata"]["uid"]] = ref
+            if key == CRD_KEY:
+                # Terminating CRDs too: they still serve until their finalizers are gone.
+                self.registry.add_crd(obj)
+        self._rv = resource_version
+        self._evicted_rv = resource_version
+        self._service_ips = service_ips
+        return len(checked)
 
     # ----- writing -------------------------------------------------------------------------------
 
     def _next_rv(self) -> int:
         self._rv += 1
+        ceiling = self.version_ceiling
+        if ceiling is not None and self._rv > ceiling and self.on_ceiling is not None:
+            self.version_ceiling = self.on_ceiling(self._rv)
         return self._rv
 
     def _check_namespace(self, rt: resources.ResourceType, namespace: str, name: str) -> None:
@@ -497,13 +700,32 @@ class Store:
         if old is not None:
             self._index(old, ref, add=False)
         entry = Entry(obj)
-        self._bucket(rt.storage_key, namespace)[meta["name"]] = entry
+        bucket = self._bucket(rt.storage_key, namespace)
+        previous = bucket.get(meta["name"])
+        old_raw = None
+        if old is not None:
+            old_raw = previous.raw if previous is not None and previous.obj is old else dumps(old)
+        if rt.storage_key == EVENT_KEY:
+            # Re-inserted at the end: the bucket's order is least recently written first.
+            bucket.pop(meta["name"], None)
+        bucket[meta["name"]] = entry
         self._index(obj, ref, add=True)
         self._uids[meta["uid"]] = ref
-        self._emit(Event(type=kind, key=rt.storage_key, rv=self._rv, obj=obj, raw=entry.raw, old=old))
+        self._emit(
+            Event(
+                type=kind, key=rt.storage_key, rv=self._rv, obj=obj, raw=entry.raw, old=old, old_raw=old_raw
+            )
+        )
         if rt.storage_key == CRD_KEY:
             self._crd_changed(obj)
+        if rt.storage_key == EVENT_KEY and old is None:
+            self._expire_events(rt, bucket)
         return obj
+
+    def _expire_events(self, rt: resources.ResourceType, bucket: dict[str, Entry]) -> None:
+        """Remove the least recently written Events beyond ``event_limit`` (kube-apiserver's TTL)."""
+        while len(bucket) > self.event_limit:
+            self._remove(rt, next(iter(bucket.values())).obj)
 
     def _remove(self, rt: resources.ResourceType, old: JsonDict) -> JsonDict:
         meta = old["metadata"]
@@ -517,7 +739,9 @@ class Store:
         self._uids.pop(meta["uid"], None)
         final = dict(old)
         final["metadata"] = {**meta, "resourceVersion": str(self._next_rv())}
-        self._emit(Event(type="DELETED", key=rt.storage_key, rv=self._rv, obj=final, raw=None, old=None))
+        self._emit(
+            Event(type="DELETED", key=rt.storage_key, rv=self._rv, obj=final, raw=dumps(final), old=None)
+        )
         if rt.storage_key == CRD_KEY:
             self._crd_removed(final)
         return final
