@@ -33,11 +33,12 @@ ensure_venv() {
   [ -x "$PY" ] || { log "creating virtual environment $VENV"; python3 -m venv "$VENV"; }
   # Reinstall only when the dependency declarations changed since the last install.
   local stamp="$VENV/.installed" want
-  want=$(cat pyproject.toml clients/python/pyproject.toml | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml clients/python/pyproject.toml sandbox/pyproject.toml | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log "installing Python packages into $VENV"
     "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
-    "$PY" -m pip install -q --disable-pip-version-check -e ./clients/python -e '.[dev]'
+    # The sandbox is a distribution of its own (kube-sandbox): the broker runs without it.
+    "$PY" -m pip install -q --disable-pip-version-check -e ./clients/python -e './sandbox[pytest]' -e '.[dev]'
     echo "$want" > "$stamp"
   fi
 }

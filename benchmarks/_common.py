@@ -273,20 +273,6 @@ async def _broker_child(options: BrokerOptions) -> None:
         await broker.stop()
 
 
-async def seed_sandbox(kubeconfig: pathlib.Path, namespaces: Sequence[str]) -> None:
-    """What a platform cluster has before the broker comes: Strimzi's KafkaTopic CRD and namespaces."""
-    from broker.kube import client as kube_client
-    from broker.kube import crds
-
-    client = await kube_client.Client.connect(kubeconfig)
-    try:
-        await client.apply(crds.KAFKA_TOPIC)
-        for name in namespaces:
-            await client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    finally:
-        await client.close()
-
-
 def describe_gc(stats: dict[str, Any]) -> str:
     """A server's garbage-collection pauses in one line."""
     parts = []

@@ -471,7 +471,7 @@ def _b64(data: bytes) -> str:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from broker.sandbox import Sandbox
+    from kube_sandbox import Sandbox, profiles
 
     assert args.resources % args.namespace_size == 0, "--resources must be a multiple of --namespace-size"
     args.namespaces = args.resources // args.namespace_size
@@ -484,12 +484,16 @@ async def _main(args: argparse.Namespace) -> None:
         f"work dir {tmp} (removed at exit without --keep)"
     )
 
-    sandbox = Sandbox(ready_delay=0.05, watch_window=200_000, watch_queue_size=200_000)
+    sandbox = Sandbox(
+        ready_delay=0.05,
+        watch_window=200_000,
+        watch_queue_size=200_000,
+        profile=profiles.platform(tuple(namespaces)),
+    )
     await sandbox.start()
     children: list[_common.Child] = []
     try:
         kubeconfig = sandbox.write_kubeconfig(tmp / "sandbox.kubeconfig")
-        await _common.seed_sandbox(kubeconfig, namespaces)
         per_namespace_api = args.provision // args.namespaces
         bulk = [
             (_namespace(i, args.namespace_size), _name(i))

@@ -434,17 +434,16 @@ def _fmt_ms(value: float) -> str:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from broker.sandbox import Sandbox
+    from kube_sandbox import Sandbox, profiles
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-watch-"))
     print(f"bench_watch: work dir {tmp} (removed at exit without --keep)")
-    sandbox = Sandbox(ready_delay=0.05)
+    sandbox = Sandbox(ready_delay=0.05, profile=profiles.platform((NAMESPACE,)))
     await sandbox.start()
     children: list[_common.Child] = []
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
     try:
         kubeconfig = sandbox.write_kubeconfig(tmp / "sandbox.kubeconfig")
-        await _common.seed_sandbox(kubeconfig, [NAMESPACE])
         broker, grpc_port, _ = await _common.spawn_broker(
             _common.BrokerOptions(
                 kubeconfig=str(kubeconfig),

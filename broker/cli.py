@@ -102,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("get", "watch"):
             return client_cli.run(args.command, args)
         if args.command == "sandbox":
-            from broker import sandbox  # the other commands do not need the sandbox
-
+            kube_sandbox = server.load_sandbox()  # the other commands do not need the sandbox
             host, port = server.split_addr(args.addr)
-            asyncio.run(sandbox.run_standalone(host=host, port=port, data_dir=args.data_dir))
+            profile = kube_sandbox.profiles.platform(server.Settings().sandbox_namespaces)
+            asyncio.run(
+                kube_sandbox.run_standalone(host=host, port=port, data_dir=args.data_dir, profile=profile)
+            )
             return 0
         configured = config.load(args.config)
         values = settings.resolve(args, configured.settings, os.environ, where=f"config file {args.config}")

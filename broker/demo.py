@@ -26,8 +26,7 @@ from broker_client.client import BrokerClient
 from broker_client.examples import database_manager
 from broker_client.v1 import broker_pb2 as pb
 
-from broker import sandbox, server
-from broker.kube import client as kube_client
+from broker import server
 
 NAMESPACE = "team-platform"
 NAME = "postgres-app-db"
@@ -110,15 +109,12 @@ async def run(*, data_dir: pathlib.Path, within: float = 60.0) -> int:
 
 async def _story(story: Story, data_dir: pathlib.Path, within: float) -> None:
     story.step("Starting the sandbox cluster (in memory, on loopback), the broker and the Database manager")
-    async with sandbox.Sandbox(ready_delay=0.5) as cluster:
+    kube_sandbox = server.load_sandbox()
+    async with kube_sandbox.Sandbox(
+        ready_delay=0.5, profile=kube_sandbox.profiles.platform((NAMESPACE,))
+    ) as cluster:
         kubeconfig = cluster.write_kubeconfig(data_dir / "sandbox.kubeconfig")
         story.say(f"sandbox API {cluster.url}; kubeconfig {kubeconfig}")
-        adapter = await kube_client.Client.connect(kubeconfig)
-        try:
-            await server.seed_sandbox(adapter, (NAMESPACE,))
-            await adapter.apply(database_manager.DATABASE_CRD)
-        finally:
-            await adapter.close()
         broker = server.Broker(
             server.Settings(
                 grpc_addr="127.0.0.1:0",

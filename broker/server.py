@@ -32,7 +32,7 @@ from broker.api import connections, decoding, gateway, grpc_api, grpc_metrics, r
 from broker.domain import catalog as catalog_mod
 from broker.domain import policy
 from broker.kube import client as kube_client
-from broker.kube import crds, observer
+from broker.kube import observer
 from broker.store import sqlite
 
 log = logging.getLogger(__name__)
@@ -363,10 +363,12 @@ class Broker:
         settings = self.settings
         kubeconfig = settings.kubeconfig
         if settings.sandbox:
-            from broker import sandbox  # only sandbox mode pays for importing it
-
+            kube_sandbox = load_sandbox()
             # Its objects live in the data dir too: a restart finds the workloads (and Secrets) it left.
-            self._sandbox = sandbox.Sandbox(state_dir=sandbox.state_dir_of(settings.data_dir))
+            self._sandbox = kube_sandbox.Sandbox(
+                state_dir=kube_sandbox.state_dir_of(settings.data_dir),
+                profile=kube_sandbox.profiles.platform(settings.sandbox_namespaces),
+            )
             await self._sandbox.start("127.0.0.1", 0)
             kubeconfig = self._sandbox.write_kubeconfig(settings.data_dir / "sandbox.kubeconfig")
             log.warning(
@@ -384,8 +386,6 @@ class Broker:
             )
             return
         client = await kube_client.Client.connect(kubeconfig)
-        if settings.sandbox:
-            await seed_sandbox(client, settings.sandbox_namespaces)
         state = observer.ClusterState(client, catalog=settings.catalog, kafka_cluster=settings.kafka_cluster)
         remediator = detection.Remediator(
             store=self.store,
@@ -491,11 +491,18 @@ class Broker:
         log.info("broker stopped")
 
 
-async def seed_sandbox(client: kube_client.Client, namespaces: tuple[str, ...]) -> None:
-    """Give the sandbox what a real platform cluster would have: Strimzi's CRD, team namespaces."""
-    await client.apply(crds.KAFKA_TOPIC)
-    for name in namespaces:
-        await client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+def load_sandbox() -> Any:
+    """The sandbox distribution, imported only when asked for (it is not part of the broker)."""
+    try:
+        import kube_sandbox
+    except ImportError as e:
+        raise errors.FailedPrecondition(
+            "the sandbox cluster is a distribution of its own and is not installed: "
+            "pip install ./sandbox (from the broker's source tree) or pip install kube-sandbox; "
+            "./dev.sh run installs it",
+            reason="SANDBOX_NOT_INSTALLED",
+        ) from e
+    return kube_sandbox
 
 
 def _bracket(host: str) -> str:

@@ -22,13 +22,13 @@ import grpc
 import pytest
 from aiohttp import web
 from broker_client.v1 import broker_pb2_grpc
+from kube_sandbox import cluster as sandbox_cluster
+from kube_sandbox import profiles
 
 from broker import callbacks, server
-from broker.kube import client as kube_client
-from broker.kube import crds
-from broker.sandbox import cluster as sandbox_cluster
 
-pytest_plugins = ["broker.sandbox.pytest_plugin"]
+# The sandbox's fixtures come from its pytest plugin (the kube-sandbox distribution registers it).
+PLATFORM_PROFILE = profiles.platform(("team-platform", "team-other"))
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 PLATFORM_TOKEN = "platform-token-0123456789abcdef"
@@ -88,8 +88,11 @@ class RunningBroker:
 
 @pytest.fixture
 def sandbox_options() -> dict[str, object]:
-    """Pods become ready quickly; tests that need slower pods override this fixture."""
-    return {"ready_delay": 0.05, "crash_interval": 0.2}
+    """Pods become ready quickly; a platform cluster's namespaces and Strimzi's CRD are there.
+
+    Tests that need slower pods override this fixture.
+    """
+    return {"ready_delay": 0.05, "crash_interval": 0.2, "profile": PLATFORM_PROFILE}
 
 
 @dataclasses.dataclass
@@ -152,19 +155,6 @@ async def callback_receiver() -> AsyncIterator[CallbackReceiver]:
         await runner.cleanup()
 
 
-async def seed_cluster(
-    kubeconfig: pathlib.Path, namespaces: tuple[str, ...] = ("team-platform", "team-other")
-) -> None:
-    """Give a sandbox what a platform cluster has: Strimzi's KafkaTopic CRD and team namespaces."""
-    client = await kube_client.Client.connect(kubeconfig)
-    try:
-        await client.apply(crds.KAFKA_TOPIC)
-        for name in namespaces:
-            await client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    finally:
-        await client.close()
-
-
 def cluster_settings(
     data_dir: pathlib.Path, tokens: pathlib.Path, kubeconfig: pathlib.Path, **overrides: Any
 ) -> server.Settings:
@@ -195,7 +185,6 @@ async def cluster_broker(
     sandbox_kubeconfig: pathlib.Path,
 ) -> AsyncIterator[RunningBroker]:
     """A broker with token auth that provisions into the ``sandbox`` fixture's cluster."""
-    await seed_cluster(sandbox_kubeconfig)
     data_dir = tmp_path / "data"
     broker = server.Broker(cluster_settings(data_dir, tokens_file, sandbox_kubeconfig))
     await broker.start()

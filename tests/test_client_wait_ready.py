@@ -22,11 +22,11 @@ import pytest
 from broker_client import errors
 from broker_client.client import BrokerClient
 from broker_client.v1 import broker_pb2 as pb
-from conftest import PLATFORM_TOKEN, RunningBroker, cluster_settings, seed_cluster, until
+from conftest import PLATFORM_TOKEN, RunningBroker, cluster_settings, until
+from kube_sandbox import cluster as sandbox_cluster
 from kubernetes_asyncio import client as k8s
 
 from broker import server
-from broker.sandbox import cluster as sandbox_cluster
 
 NS = "team-platform"
 NAME = "orders-db"
@@ -171,7 +171,6 @@ async def impatient_broker(
     sandbox: sandbox_cluster.Sandbox,
     sandbox_kubeconfig: pathlib.Path,
 ) -> AsyncIterator[RunningBroker]:
-    await seed_cluster(sandbox_kubeconfig)
     data_dir = tmp_path / "data"
     broker = server.Broker(cluster_settings(data_dir, tokens_file, sandbox_kubeconfig, ready_timeout=1.0))
     await broker.start()

@@ -25,7 +25,7 @@ from typing import TypeVar
 import pytest
 from broker_client.client import BrokerClient, Page
 from broker_client.v1 import broker_pb2 as pb
-from conftest import PLATFORM_TOKEN, cluster_settings, seed_cluster, until
+from conftest import PLATFORM_TOKEN, cluster_settings, until
 
 from broker import server
 
@@ -129,7 +129,6 @@ class Subscriber:
 async def test_watch_drift_yields_every_event_once_in_order_across_two_broker_restarts(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path
 ) -> None:
-    await seed_cluster(sandbox_kubeconfig)
     data_dir = tmp_path / "data"
     cache = tmp_path / "kube-cache"
 

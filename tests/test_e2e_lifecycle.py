@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
-from conftest import CallbackReceiver, Delivery, RunningBroker, cluster_settings, seed_cluster
+from conftest import PLATFORM_PROFILE, CallbackReceiver, Delivery, RunningBroker, cluster_settings
 from test_e2e_drift import AUTH, HTTP_HEADERS, NS, Kubectl, Manager, item_of, unexpected_rules, until
 
 from broker import callbacks, server
@@ -400,7 +400,7 @@ class TestABrokerStoppedMidProvision:
     @pytest.fixture
     def sandbox_options(self) -> dict[str, object]:
         """Pods take 3 s to become ready, so there is time to stop the broker in between."""
-        return {"ready_delay": 3.0, "crash_interval": 0.2}
+        return {"ready_delay": 3.0, "crash_interval": 0.2, "profile": PLATFORM_PROFILE}
 
     async def test_finishes_the_provisioning_after_restart(
         self,
@@ -410,7 +410,6 @@ class TestABrokerStoppedMidProvision:
         kubectl: Kubectl,
         recording_receiver: RecordingReceiver,
     ) -> None:
-        await seed_cluster(sandbox_kubeconfig)
         settings = cluster_settings(tmp_path / "data", tokens_file, sandbox_kubeconfig)
 
         first = server.Broker(settings)

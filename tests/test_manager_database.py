@@ -38,15 +38,15 @@ from broker_client import callbacks
 from broker_client.client import BrokerClient
 from broker_client.examples import database_manager
 from broker_client.v1 import broker_pb2 as pb
-from conftest import PLATFORM_TOKEN, cluster_settings, seed_cluster, until
+from conftest import PLATFORM_TOKEN, cluster_settings, until
+from kube_sandbox import cluster as sandbox_cluster
+from kube_sandbox import kubeconfig as sandbox_kubeconfig_file
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from broker import server
 from broker.kube import client as kube_client
-from broker.sandbox import cluster as sandbox_cluster
-from broker.sandbox import kubeconfig as sandbox_kubeconfig_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NS = "team-platform"
@@ -204,7 +204,6 @@ async def manager_setup(
 ) -> AsyncIterator[dict[str, Any]]:
     """Sandbox *without* the Database CRD, a broker that remediates, and the manager running as a
     task; by the time the test starts the manager has installed the CRD itself."""
-    await seed_cluster(sandbox_kubeconfig)
     assert await crd_of(kube_api) is None
     async with running_manager(
         tmp_path=tmp_path, tokens_file=tokens_file, sandbox_kubeconfig=sandbox_kubeconfig, kube=kube_api
@@ -345,7 +344,6 @@ async def test_a_database_created_while_the_broker_is_down_is_provisioned_once_i
 ) -> None:
     """A broker restart (or any UNAVAILABLE) while a Database is created must only delay it: the
     manager retries the Provision (same request id, so it is safe) instead of forgetting it."""
-    await seed_cluster(sandbox_kubeconfig)
     adapter = await kube_client.Client.connect(sandbox_kubeconfig)
     try:
         await adapter.apply(database_manager.DATABASE_CRD)
@@ -589,7 +587,6 @@ async def test_without_the_permission_and_without_the_crd_the_manager_stops_sayi
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     proxy, _, api = forbidding_api
-    await seed_cluster(sandbox_kubeconfig)
     async with BrokerClient(_unreachable_channel(), token=None, deadline=1.0) as broker:
         manager = database_manager.DatabaseManager(
             broker=broker, kube=api, callback_url="http://127.0.0.1:1/v1/callback", namespaces=[NS]
@@ -611,7 +608,6 @@ async def test_the_manager_command_exits_1_with_the_message_and_no_traceback(
     tmp_path: pathlib.Path,
 ) -> None:
     _, forbidden_kubeconfig, _ = forbidding_api
-    await seed_cluster(sandbox_kubeconfig)
     key = tmp_path / "callback.key"
     key.write_text("not-the-brokers-key\n")
     proc = await asyncio.create_subprocess_exec(
@@ -666,7 +662,6 @@ async def test_without_the_permission_but_with_the_crd_installed_the_manager_use
 ) -> None:
     proxy, _, api = forbidding_api
     caplog.set_level(logging.INFO, logger="database-manager")
-    await seed_cluster(sandbox_kubeconfig)
     adapter = await kube_client.Client.connect(sandbox_kubeconfig)  # a cluster admin installed it
     try:
         await adapter.apply(database_manager.DATABASE_CRD)
@@ -804,7 +799,6 @@ async def run_manager_task(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, **kwargs: Any
 ) -> AsyncIterator[tuple[BrokerClient, Kubectl]]:
     """``run_manager`` (what the command runs) as a task, with a broker, on the seeded sandbox."""
-    await seed_cluster(sandbox_kubeconfig)
     data_dir = tmp_path / "data"
     broker = server.Broker(cluster_settings(data_dir, tokens_file, sandbox_kubeconfig))
     await broker.start()

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from broker_client.v1 import broker_pb2 as pb
 from conftest import ADMIN_TOKEN, PLATFORM_TOKEN
-from test_watch_support import PLATFORM, Kubectl, broker_on, client_of, seed, until
+from test_watch_support import PLATFORM, Kubectl, broker_on, client_of, until
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
 
@@ -32,7 +32,6 @@ def kubectl(sandbox_kubeconfig: pathlib.Path, tmp_path: pathlib.Path) -> Kubectl
 async def test_every_drift_item_says_when_it_was_first_detected(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, **SLOW_RESYNC) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,
@@ -70,7 +69,6 @@ async def test_every_drift_item_says_when_it_was_first_detected(
 async def test_a_policy_change_is_in_force_at_once_not_at_the_next_resync(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, **SLOW_RESYNC) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,
@@ -115,7 +113,6 @@ async def open_drifts(broker_http: str) -> float:
 async def test_the_open_drift_metric_follows_a_deprovision(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, **SLOW_RESYNC) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,
@@ -136,7 +133,6 @@ async def test_the_open_drift_metric_follows_a_deprovision(
 async def test_a_restart_does_not_flap_health_through_unknown(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path
 ) -> None:
-    await seed(sandbox_kubeconfig)
     data = tmp_path / "data"
     async with (
         broker_on(data, tokens_file, sandbox_kubeconfig) as broker,
@@ -166,7 +162,6 @@ async def test_a_restart_does_not_flap_health_through_unknown(
 async def test_the_message_never_contradicts_the_health(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
-from conftest import ADMIN_TOKEN, bearer, cluster_settings, seed_cluster, until
+from conftest import ADMIN_TOKEN, bearer, cluster_settings, until
 from test_watch_support import value
 
 from broker import cli, config, server, settings
@@ -178,7 +178,6 @@ async def test_the_callback_backoff_cap_bounds_the_wait_between_attempts(
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
-    await seed_cluster(sandbox_kubeconfig)
     broker = server.Broker(
         cluster_settings(tmp_path / "data", tokens_file, sandbox_kubeconfig, callback_max_backoff=0.2)
     )

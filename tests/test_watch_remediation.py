@@ -18,7 +18,7 @@ import pytest
 from broker_client.v1 import broker_pb2 as pb
 from conftest import ADMIN_TOKEN, PLATFORM_TOKEN
 from kubernetes_asyncio import client as k8s
-from test_watch_support import PLATFORM, Kubectl, broker_on, client_of, seed, until, value
+from test_watch_support import PLATFORM, Kubectl, broker_on, client_of, until, value
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
 
@@ -37,7 +37,6 @@ async def newest_sequence(broker: Any) -> int:
 async def test_a_manual_scale_reaches_the_subscriber_and_auto_remediation_undoes_it(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, remediate=True) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,
@@ -111,7 +110,6 @@ async def test_a_fight_with_another_actor_backs_off_instead_of_spinning(
     kubectl: Kubectl,
     kube_api: k8s.ApiClient,
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(
             tmp_path / "data", tokens_file, sandbox_kubeconfig, remediate=True, remediation_base_delay=0.2
@@ -163,7 +161,6 @@ async def test_a_fight_with_another_actor_backs_off_instead_of_spinning(
 async def test_accepting_a_manual_scale_makes_it_desired_and_resolves_the_drift(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,  # remediation off
         client_of(broker, PLATFORM_TOKEN) as manager,
@@ -200,7 +197,6 @@ async def test_accepting_a_manual_scale_makes_it_desired_and_resolves_the_drift(
 async def test_an_alert_policy_for_the_namespace_stops_auto_remediation(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, remediate=True) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,
@@ -262,7 +258,6 @@ async def test_accepting_replicas_leaves_an_alert_only_image_and_its_drift_alone
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
     """AcceptDrift changes nothing in the cluster: a hand-set postgres:16 stays, and stays reported."""
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,  # remediation off
         client_of(broker, PLATFORM_TOKEN) as manager,
@@ -303,7 +298,6 @@ async def test_accepting_replicas_leaves_an_alert_only_image_and_its_drift_alone
 async def test_remediating_replicas_keeps_an_alert_only_image(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, remediate=True) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,
@@ -334,7 +328,6 @@ async def test_env_set_by_hand_is_removed_and_only_then_called_a_success(
 ) -> None:
     """Server-side apply cannot take away kubectl's FOO; the broker must, and must not claim
     success while FOO is still there."""
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, remediate=True) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,

@@ -24,7 +24,6 @@ from test_watch_support import (
     broker_on,
     client_of,
     error_info,
-    seed,
     until,
     value,
 )
@@ -110,7 +109,6 @@ async def test_a_subscriber_reconnecting_at_random_moments_gets_every_event_once
     sandbox_kubeconfig: pathlib.Path,
     kube_api: k8s.ApiClient,
 ) -> None:
-    await seed(sandbox_kubeconfig)
     rnd = random.Random(20240611)
     async with (
         broker_on(
@@ -164,7 +162,6 @@ async def test_a_subscriber_reconnecting_at_random_moments_gets_every_event_once
 async def test_a_resume_point_older_than_the_retained_log_is_refused_explicitly(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,
@@ -233,7 +230,6 @@ async def test_a_resume_point_older_than_the_retained_log_is_refused_explicitly(
 async def test_a_broker_restart_ends_streams_resumably_and_the_new_broker_continues_without_loss(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path
 ) -> None:
-    await seed(sandbox_kubeconfig)
     kubectl = Kubectl(sandbox_kubeconfig, tmp_path / "kube-cache")
     data_dir = tmp_path / "data"
     async with (

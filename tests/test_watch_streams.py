@@ -26,7 +26,6 @@ from test_watch_support import (
     client_of,
     error_info,
     filler_event,
-    seed,
     until,
     value,
 )
@@ -55,7 +54,6 @@ async def pending_deployment(client: Client, name: str = "filler") -> str:
 async def test_a_snapshot_is_the_current_state_then_a_marker_then_live_events(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,
         client_of(broker, ADMIN_TOKEN) as admin,
@@ -107,7 +105,6 @@ async def test_a_snapshot_is_the_current_state_then_a_marker_then_live_events(
 async def test_a_caller_limited_to_one_namespace_sees_only_its_events(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,
         client_of(broker, PLATFORM_TOKEN) as platform,
@@ -371,7 +368,6 @@ async def test_a_subscriber_that_does_not_read_is_cut_off_while_the_others_get_e
 async def test_the_history_is_listed_in_order_over_grpc_and_http(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
-    await seed(sandbox_kubeconfig)
     async with (
         broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,
         client_of(broker, PLATFORM_TOKEN) as manager,

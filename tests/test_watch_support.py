@@ -28,7 +28,7 @@ import grpc
 import pytest
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
-from conftest import bearer, cluster_settings, seed_cluster, until
+from conftest import bearer, cluster_settings, until
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -71,11 +71,6 @@ async def broker_on(
         yield broker
     finally:
         await broker.stop()
-
-
-async def seed(kubeconfig: pathlib.Path) -> None:
-    """Both team namespaces and the KafkaTopic CRD in the sandbox."""
-    await seed_cluster(kubeconfig)
 
 
 def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:

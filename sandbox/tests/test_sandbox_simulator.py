@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from kube_sandbox import DEFAULT_IMAGE_RESOLUTION
 from kubernetes_asyncio import client
 from sandbox_support import KAFKA_TOPIC_CRD, eventually, statefulset
 
-from broker.sandbox import DEFAULT_IMAGE_RESOLUTION
+# A runtime that reports what a floating tag resolved to (the fault; the default is the spec image).
+RESOLVING = {"ready_delay": 0.05, "image_resolution": DEFAULT_IMAGE_RESOLUTION}
 
 
 async def _pods(core, selector: str) -> list:
@@ -22,6 +24,7 @@ def _ready(pod) -> bool:
     )
 
 
+@pytest.mark.parametrize("sandbox_options", [RESOLVING])
 async def test_statefulset_pods_become_ready_with_status_and_resolved_image(kube_api) -> None:
     apps = client.AppsV1Api(kube_api)
     core = client.CoreV1Api(kube_api)
@@ -109,6 +112,7 @@ async def test_scale_subresource_scales_pods_and_keeps_claims(kube_api) -> None:
     assert (scaled.spec.replicas, scaled.status.replicas) == (1, 1)
 
 
+@pytest.mark.parametrize("sandbox_options", [RESOLVING])
 async def test_template_change_rolls_the_pods(kube_api) -> None:
     apps = client.AppsV1Api(kube_api)
     core = client.CoreV1Api(kube_api)
@@ -161,6 +165,7 @@ async def test_deleted_pod_is_recreated_by_the_controller(kube_api) -> None:
     assert (await eventually(replaced)).metadata.name == "re-0"
 
 
+@pytest.mark.parametrize("sandbox_options", [RESOLVING])
 async def test_plain_pods_are_scheduled_and_started(kube_api) -> None:
     core = client.CoreV1Api(kube_api)
     await core.create_namespaced_pod(

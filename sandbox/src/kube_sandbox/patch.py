@@ -15,7 +15,7 @@ import copy
 import json
 from typing import Any
 
-from broker.sandbox import errors
+from kube_sandbox import errors
 
 JsonDict = dict[str, Any]
 

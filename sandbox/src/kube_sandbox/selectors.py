@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from broker.sandbox import errors
+from kube_sandbox import errors
 
 JsonDict = dict[str, Any]
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from broker.sandbox import resources
+from kube_sandbox import resources
 
 JsonDict = dict[str, Any]
 Column = tuple[str, str, str, int, str]

@@ -16,7 +16,7 @@ oldest are merged into one ``ancient-changes`` entry, so a client that sends a n
 with every request cannot grow an object's metadata without bound.
 
 Field sets are kept as Python sets of paths, each a tuple of ``fieldsV1`` path elements. Which lists
-are keyed comes from :data:`broker.sandbox.patch.MERGE_KEYS` (the sandbox has no OpenAPI schema);
+are keyed comes from :data:`kube_sandbox.patch.MERGE_KEYS` (the sandbox has no OpenAPI schema);
 other lists are atomic, owned and replaced as a whole.
 """
 
@@ -26,7 +26,7 @@ import copy
 import json
 from typing import Any
 
-from broker.sandbox import errors, patch
+from kube_sandbox import errors, patch
 
 JsonDict = dict[str, Any]
 Path = tuple[str, ...]
@@ -410,7 +410,7 @@ def server_side_apply(
 ) -> JsonDict:
     """Merge an applied configuration into ``current`` and return the new object with managedFields.
 
-    Raises :class:`broker.sandbox.errors.Conflict` listing each conflicting field and manager when
+    Raises :class:`kube_sandbox.errors.Conflict` listing each conflicting field and manager when
     another manager owns a field the configuration sets to a different value and ``force`` is off.
     """
     managers = parse_managers(current)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 import pathlib
@@ -12,7 +13,17 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.sandbox import controllers, faults, kubeconfig, persistence, resources, server, store
+from kube_sandbox import (
+    controllers,
+    errors,
+    faults,
+    kubeconfig,
+    persistence,
+    profiles,
+    resources,
+    server,
+    store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +38,16 @@ class Sandbox:
     undelivered events a watcher may hold before it is cut off; ``event_limit`` how many
     Kubernetes Events a namespace keeps (the least recently written go first);
     ``bookmark_interval`` how often idle watches that allow bookmarks get one;
-    ``image_resolution`` maps floating image tags to what containers report running (default
-    :data:`broker.sandbox.faults.DEFAULT_IMAGE_RESOLUTION`, ``{}`` for identity); ``simulate=False``
+    ``image_resolution`` maps spec images to what containers report running: by default none, so
+    ``status.containerStatuses[].image`` is the spec's image as kubelet reports it; a mapping (say
+    :data:`kube_sandbox.faults.DEFAULT_IMAGE_RESOLUTION`) simulates a runtime that reports its own
+    spelling (a resolved tag, a digest); ``simulate=False``
     serves the API without any simulation (nothing creates pods).
 
-    ``state_dir`` keeps the objects across restarts (see :mod:`broker.sandbox.persistence`):
+    ``state_dir`` keeps the objects across restarts (see :mod:`kube_sandbox.persistence`):
     restored at :meth:`start`, saved ``save_interval`` seconds after changes and at :meth:`stop`.
-    Without it (the default) the state lives in memory only.
+    Without it (the default) the state lives in memory only. ``profile`` names the objects a
+    fresh sandbox starts with (see :mod:`kube_sandbox.profiles`).
     """
 
     def __init__(
@@ -51,7 +65,9 @@ class Sandbox:
         seed: int = 0,
         state_dir: str | os.PathLike[str] | None = None,
         save_interval: float = 1.0,
+        profile: profiles.Profile = profiles.EMPTY,
     ) -> None:
+        self.profile = profile
         self.store = store.Store(
             registry=resources.Registry(),
             watch_window=watch_window,
@@ -63,8 +79,7 @@ class Sandbox:
             persistence.Persistence(state_dir, interval=save_interval) if state_dir is not None else None
         )
         self.restored: persistence.Restored | None = None
-        resolution = faults.DEFAULT_IMAGE_RESOLUTION if image_resolution is None else image_resolution
-        self.faults = faults.Faults(image_resolution=resolution, seed=seed)
+        self.faults = faults.Faults(image_resolution=image_resolution or {}, seed=seed)
         self.ready_delay = ready_delay
         self.crash_interval = crash_interval
         self.bookmark_interval = bookmark_interval
@@ -108,6 +123,7 @@ class Sandbox:
             # Before anything serves or simulates: clients must never see the state before the restore.
             self.restored = await self.persistence.open(self.store)
             log.log(logging.INFO if self.restored.clean else logging.WARNING, self.restored.describe())
+        self._apply_profile()
         try:
             self._runner = web.AppRunner(self._api.application(), handler_cancellation=True, access_log=None)
             await self._runner.setup()
@@ -131,6 +147,19 @@ class Sandbox:
             ]
             for runner in self._controllers:
                 runner.start()
+
+    def _apply_profile(self) -> None:
+        """Create the profile's objects that do not exist yet (a restored state keeps its own)."""
+        for obj in self.profile.objects:
+            rt = self.store.registry.by_kind(api_version=obj["apiVersion"], kind=obj["kind"])
+            if rt is None:
+                raise ValueError(
+                    f"profile {self.profile.name}: {obj['kind']} is not a kind the sandbox serves"
+                )
+            meta = obj["metadata"]
+            with contextlib.suppress(errors.AlreadyExists):
+                self.store.create(rt, copy.deepcopy(obj), manager=f"kube-sandbox-profile-{self.profile.name}")
+                log.info("profile %s: created %s %s", self.profile.name, obj["kind"], meta.get("name"))
 
     async def _listen(self, port: int) -> None:
         assert self._runner is not None
@@ -205,12 +234,14 @@ def state_dir_of(data_dir: str | os.PathLike[str]) -> pathlib.Path:
     return pathlib.Path(data_dir) / "sandbox"
 
 
-async def run_standalone(*, host: str, port: int, data_dir: str | os.PathLike[str]) -> None:
+async def run_standalone(
+    *, host: str, port: int, data_dir: str | os.PathLike[str], profile: profiles.Profile = profiles.EMPTY
+) -> None:
     """Run a sandbox until cancelled, with a kubeconfig at ``<data_dir>/sandbox.kubeconfig``.
 
     Its objects are kept in ``<data_dir>/sandbox/state.json`` across runs.
     """
-    sandbox = Sandbox(state_dir=state_dir_of(data_dir))
+    sandbox = Sandbox(state_dir=state_dir_of(data_dir), profile=profile)
     await sandbox.start(host=host, port=port)
     path = sandbox.write_kubeconfig(pathlib.Path(data_dir) / "sandbox.kubeconfig")
     banner = "THIS IS A SIMULATED KUBERNETES SANDBOX, NOT A CLUSTER: nothing runs."

@@ -21,7 +21,7 @@ Deliberate differences from a real cluster (it is a sandbox, and says so when it
 * State lives in memory; with ``Sandbox(state_dir=...)`` (what ``broker serve --sandbox`` and
   ``broker sandbox`` use, in ``<data-dir>/sandbox``) it is also saved to a JSON snapshot, debounced
   and at stop, and restored at start with uids and resourceVersions intact, the watch history
-  excepted (see :mod:`broker.sandbox.persistence`). There is no etcd, no authentication or
+  excepted (see :mod:`kube_sandbox.persistence`). There is no etcd, no authentication or
   authorization (any token is accepted, RBAC is absent), no admission webhooks and no TLS.
   Responses are always JSON; request bodies are JSON or YAML, plus protobuf for Namespace,
   ConfigMap and Secret only (what ``kubectl create namespace|configmap|secret`` send); other
@@ -67,15 +67,15 @@ Deliberate differences from a real cluster (it is a sandbox, and says so when it
   finalizers hold them); finalizers and foreground deletion do work. Terminating namespaces are
   emptied at once, regardless of the finalizers of their content.
 * The simulator: containers start ``ready_delay`` after creation; a container whose image changes in
-  place restarts; images are reported as resolved by ``image_resolution`` (floating tags to concrete
-  versions, see :data:`DEFAULT_IMAGE_RESOLUTION`) rather than normalized registry references; the
+  place restarts; containers report the spec's image, as kubelet does, unless ``image_resolution``
+  maps it to a runtime's spelling (see :data:`DEFAULT_IMAGE_RESOLUTION`, a fault to simulate one); the
   StatefulSet controller treats ``minReadySeconds`` as 0 and keeps no ControllerRevision history;
   KafkaTopics become Ready without a Kafka cluster; pod metrics are synthetic (cpu 25-50 % of the
   request, memory about half), served for running pods that are not crash-looping.
 """
 
-from broker.sandbox.cluster import Sandbox, run_standalone, state_dir_of
-from broker.sandbox.faults import DEFAULT_IMAGE_RESOLUTION, Faults
-from broker.sandbox.persistence import StateError
+from kube_sandbox.cluster import Sandbox, run_standalone, state_dir_of
+from kube_sandbox.faults import DEFAULT_IMAGE_RESOLUTION, Faults
+from kube_sandbox.persistence import StateError
 
 __all__ = ["DEFAULT_IMAGE_RESOLUTION", "Faults", "Sandbox", "StateError", "run_standalone", "state_dir_of"]

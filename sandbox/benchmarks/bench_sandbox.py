@@ -28,9 +28,8 @@ import time
 from typing import Any
 
 import aiohttp
+from kube_sandbox import Sandbox
 from kubernetes_asyncio import client, config, watch
-
-from broker.sandbox import Sandbox
 
 NAMESPACE = "bench"
 OBJECTS = 10_000

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from broker.sandbox import resources, store
+from kube_sandbox import resources, store
 
 JsonDict = dict[str, Any]
 

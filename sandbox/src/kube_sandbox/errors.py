@@ -1,7 +1,7 @@
 """The sandbox API server's exceptions, one per Kubernetes ``Status`` reason.
 
 Every failure the store, the patch engines or the request handlers detect is raised as one of these;
-the HTTP layer (:mod:`broker.sandbox.server`) is the single place that turns them into ``Status``
+the HTTP layer (:mod:`kube_sandbox.server`) is the single place that turns them into ``Status``
 bodies, so the reasons, codes and messages match what kube-apiserver sends::
 
     ApiError                  (base: code + reason + message + details)

@@ -13,7 +13,7 @@ import base64
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from broker.sandbox import errors
+from kube_sandbox import errors
 
 JsonDict = dict[str, Any]
 MAGIC = b"k8s\x00"

@@ -1,8 +1,9 @@
 """pytest fixtures that give each test its own running sandbox cluster.
 
-Register with ``pytest_plugins = ["broker.sandbox.pytest_plugin"]`` in the root ``conftest.py``.
+Installing the distribution registers it (a ``pytest11`` entry point); the ``kube_api`` fixture
+needs kubernetes-asyncio (``pip install 'kube-sandbox[pytest]'``).
 
-* ``sandbox_options``: keyword arguments for :class:`broker.sandbox.Sandbox`; override the fixture
+* ``sandbox_options``: keyword arguments for :class:`kube_sandbox.Sandbox`; override the fixture
   in a module or conftest to change them (the default makes pods ready after 50 ms).
 * ``sandbox``: a started sandbox on an ephemeral loopback port, stopped after the test.
 * ``sandbox_kubeconfig``: the path of a kubeconfig for it in ``tmp_path``.
@@ -17,9 +18,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from kubernetes_asyncio import client, config
 
-from broker.sandbox import cluster
+from kube_sandbox import cluster
 
 
 @pytest.fixture
@@ -48,6 +48,8 @@ def sandbox_kubeconfig(sandbox: cluster.Sandbox, tmp_path: pathlib.Path) -> path
 @pytest_asyncio.fixture
 async def kube_api(sandbox_kubeconfig: pathlib.Path) -> AsyncIterator[Any]:
     """A kubernetes-asyncio ``ApiClient`` loaded from ``sandbox_kubeconfig``."""
+    from kubernetes_asyncio import client, config  # only tests that ask for it need the library
+
     configuration = client.Configuration()
     await config.load_kube_config(config_file=str(sandbox_kubeconfig), client_configuration=configuration)
     api = client.ApiClient(configuration)

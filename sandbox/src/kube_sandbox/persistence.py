@@ -13,7 +13,7 @@ already keeps each one's JSON serialization, so a snapshot is a concatenation of
 anyway: taking it costs a list of references on the event loop, writing it happens in a worker
 thread. An append-only journal would lose less on a crash but has to be compacted, replayed and
 kept in step with CRD registration; SQLite is the broker store's business (an import-linter
-contract keeps ``sqlite3`` out of ``broker.sandbox``). What clients of a Kubernetes API actually
+contract keeps ``sqlite3`` out of ``kube_sandbox``). What clients of a Kubernetes API actually
 depend on across a restart is that objects keep their identity and that resourceVersions never
 repeat, and a snapshot with a version ceiling (below) gives both.
 
@@ -45,7 +45,7 @@ instead of two sandboxes overwriting each other's state.
   the restored version itself resumes normally.
 * Not kept: injected faults, open watches, and the simulator's timers (a pod that was starting
   starts again; running pods are taken over from their status, see
-  :meth:`broker.sandbox.controllers.Kubelet.adopt`).
+  :meth:`kube_sandbox.controllers.Kubelet.adopt`).
 
 **Format** (``version`` 1; a file of another version is refused, not guessed at)::
 
@@ -66,7 +66,7 @@ import os
 import pathlib
 import threading
 
-from broker.sandbox import store
+from kube_sandbox import store
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,15 @@
-"""Helpers shared by the sandbox tests (the fixtures come from broker.sandbox.pytest_plugin)."""
+"""Helpers shared by the sandbox tests (the fixtures come from kube_sandbox.pytest_plugin)."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
+from kube_sandbox import profiles
 from kubernetes_asyncio import client
 
 T = TypeVar("T")
@@ -78,40 +80,8 @@ def statefulset(
     }
 
 
-KAFKA_TOPIC_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "kafkatopics.kafka.strimzi.io"},
-    "spec": {
-        "group": "kafka.strimzi.io",
-        "scope": "Namespaced",
-        "names": {
-            "plural": "kafkatopics",
-            "singular": "kafkatopic",
-            "kind": "KafkaTopic",
-            "shortNames": ["kt"],
-        },
-        "versions": [
-            {
-                "name": "v1beta2",
-                "served": True,
-                "storage": True,
-                "schema": {
-                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-                },
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    {"name": "Partitions", "type": "integer", "jsonPath": ".spec.partitions"},
-                    {
-                        "name": "Ready",
-                        "type": "string",
-                        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
-                    },
-                ],
-            }
-        ],
-    },
-}
+# The profile's own copy: one definition of Strimzi's CRD in the sandbox distribution.
+KAFKA_TOPIC_CRD: dict[str, Any] = copy.deepcopy(profiles.STRIMZI_KAFKA_TOPIC_CRD)
 
 DATABASE_CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1",

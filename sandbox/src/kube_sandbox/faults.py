@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.sandbox import errors
+from kube_sandbox import errors
 
 JsonDict = dict[str, Any]
 PodKey = tuple[str, str]
@@ -46,8 +46,10 @@ DEFAULT_IMAGE_RESOLUTION: dict[str, str] = {
 }
 """Floating tags and the concrete version a registry would serve for them today.
 
-The sandbox reports this as the running image (``status.containerStatuses[].image``), as if the
-tag had been resolved at pull time, so drift between a desired ``15`` and an actual ``15.2`` shows.
+A fault, not the default: passed as ``image_resolution`` (or set with ``set_image_resolution``),
+the sandbox reports these as the running image (``status.containerStatuses[].image``), as a
+runtime that spells what it pulled its own way would; clients that read versions from the status
+rather than the pod's spec see the difference.
 """
 
 

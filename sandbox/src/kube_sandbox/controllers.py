@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from broker.sandbox import errors, faults, kinds, resources, store
+from kube_sandbox import errors, faults, kinds, resources, store
 
 JsonDict = dict[str, Any]
 PodKey = tuple[str, str]

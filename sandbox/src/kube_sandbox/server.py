@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from broker.sandbox import apply, errors, openapi, patch, protobuf, resources, selectors, store, tables
+from kube_sandbox import apply, errors, openapi, patch, protobuf, resources, selectors, store, tables
 
 # libyaml's loader when PyYAML was built with it (the pure-Python one is ten times slower).
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

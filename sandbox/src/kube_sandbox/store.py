@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from broker.sandbox import apply, errors, kinds, resources, selectors
+from kube_sandbox import apply, errors, kinds, resources, selectors
 
 JsonDict = dict[str, Any]
 StorageKey = resources.StorageKey
@@ -479,7 +479,7 @@ class Store:
     ) -> Watcher:
         """Start a watch: from ``since`` (exclusive), or with the current state as ADDED if None.
 
-        Raises :class:`broker.sandbox.errors.Gone` when ``since`` is older than the window.
+        Raises :class:`kube_sandbox.errors.Gone` when ``since`` is older than the window.
         """
         key = rt.storage_key
         watcher = Watcher(

@@ -9,9 +9,8 @@ import pathlib
 import aiohttp
 import pytest
 import yaml
+from kube_sandbox import Sandbox, run_standalone
 from kubernetes_asyncio import client, config
-
-from broker.sandbox import Sandbox, run_standalone
 
 
 async def test_context_manager_serves_on_an_ephemeral_loopback_port(tmp_path: pathlib.Path) -> None:

@@ -18,9 +18,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from kube_sandbox import Sandbox, apply
 from sandbox_support import eventually, statefulset
-
-from broker.sandbox import Sandbox, apply
 
 KUBECTL = {"User-Agent": "kubectl/v1.32.4 (linux/amd64) kubernetes/0000000"}
 MERGE = {**KUBECTL, "Content-Type": "application/merge-patch+json"}

@@ -16,10 +16,10 @@ import datetime
 import re
 from typing import TYPE_CHECKING, Any
 
-from broker.sandbox import errors, resources, selectors
+from kube_sandbox import errors, resources, selectors
 
 if TYPE_CHECKING:
-    from broker.sandbox import store as store_module
+    from kube_sandbox import store as store_module
 
 JsonDict = dict[str, Any]
 
