@@ -487,6 +487,7 @@ async def _main(args: argparse.Namespace) -> None:
     sandbox = Sandbox(
         ready_delay=0.05,
         watch_window=200_000,
+        watch_window_bytes=1 << 31,  # the bulk load must stay resumable for the broker's informers
         watch_queue_size=200_000,
         profile=profiles.platform(tuple(namespaces)),
     )

@@ -261,7 +261,10 @@ class Detector:
         remediator: Remediator | None,
         resync_interval: float = 60.0,
         startup_grace: float = 10.0,
+        on_started: Callable[[], None] = lambda: None,
     ) -> None:
+        # Called once the first sweep is done: everything known at start-up has been evaluated.
+        self._on_started = on_started
         self._store = store
         self._cluster = cluster
         self._startup_grace = startup_grace
@@ -313,6 +316,8 @@ class Detector:
                     )
             return next_resync - time.monotonic()
 
+        await sweep()
+        self._on_started()
         await workers.run_forever(sweep, interval=self._resync_interval, wake=self._wake)
 
     def _verdict(self, deployment: model.Deployment) -> drift.Evaluation:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import pathlib
@@ -189,8 +190,9 @@ def authenticator_for(settings: Settings) -> auth.Authenticator:
 class Broker:
     """One running broker; ``start`` binds its ports (0 picks free ones), ``stop`` drains it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, freeze_heap: bool = False) -> None:
         self.settings = settings
+        self._freeze_heap = freeze_heap
         self.authenticator = authenticator_for(settings)
         self.tls = Tls.from_settings(settings)
         self.grpc_port = 0
@@ -230,6 +232,20 @@ class Broker:
     def remediator(self) -> detection.Remediator | None:
         """The remediator, when a cluster is connected."""
         return self._cluster.remediator if self._cluster else None
+
+    def _started_up(self) -> None:
+        """Start-up is done (the first evaluation of everything): freeze the heap, if asked to.
+
+        What survives start-up (caches, verdicts) lives as long as the process; frozen, a full
+        garbage collection never walks it again (at 10k resources one walk stopped the broker for
+        seconds). Only a process that is the broker freezes: tests run many brokers in one.
+        """
+        if self._freeze_heap:
+            gc.collect()
+            gc.freeze()
+            log.info(
+                "start-up done; the heap that survived it is frozen", extra={"objects": gc.get_freeze_count()}
+            )
 
     def _worker_failed(self, name: str, exc: BaseException) -> None:
         """A supervised worker failed: not ready from now on, and ``run`` stops the process."""
@@ -410,6 +426,7 @@ class Broker:
                 policies=lambda: self.policies.current,
                 remediator=remediator if settings.remediate else None,
                 resync_interval=settings.resync_interval,
+                on_started=self._started_up,
             ),
         )
         state.add_listener(parts.provisioner.notify)
@@ -511,7 +528,7 @@ def _bracket(host: str) -> str:
 
 async def run(settings: Settings) -> None:
     """Run a broker until SIGTERM or SIGINT, then shut it down gracefully."""
-    broker = Broker(settings)
+    broker = Broker(settings, freeze_heap=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

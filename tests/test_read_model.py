@@ -8,6 +8,7 @@ not flap health through Unknown; and a message never contradicts the health next
 from __future__ import annotations
 
 import datetime
+import json
 import pathlib
 import shutil
 
@@ -177,3 +178,26 @@ async def test_the_message_never_contradicts_the_health(
         )
         assert state is not None
         assert "healthy" not in state.message.lower().replace("unhealthy", ""), state.message
+
+
+async def test_the_caches_keep_only_what_the_broker_reads(
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
+) -> None:
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-small")
+        await manager.wait_ready(deployment_id)
+        cluster = broker.cluster
+        assert cluster is not None
+        sts = cluster.informers["StatefulSet"].get(PLATFORM, "db-small")
+        pod = cluster.informers["Pod"].get(PLATFORM, "db-small-0")
+        assert sts is not None
+        assert pod is not None
+        full = json.loads((await kubectl.run("get", "pod", "db-small-0", "-o", "json"))[1])
+        assert "volumes" in full["spec"]
+        assert set(pod["spec"]) == {"containers"}  # not the whole pod spec
+        assert "status" not in sts  # the controller's reports are never read
+        assert all(e["manager"] != "resource-broker" for e in sts["metadata"].get("managedFields", []))
+        assert len(json.dumps(pod)) < len(json.dumps(full)) / 2

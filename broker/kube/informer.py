@@ -64,8 +64,11 @@ class Informer:
         backoff: Backoff | None = None,
         index_label: str = "",
         on_sync: Callable[[str, bool], None] = lambda kind, synced: None,
+        project: Callable[[kube_client.JsonDict], kube_client.JsonDict] = lambda obj: obj,
     ) -> None:
         self.kind = kind
+        # What of each object is kept: the cache holds only the fields its readers read.
+        self._project = project
         # Told when the cache becomes trustworthy (listed) or stops being so (the watch failed).
         self._on_sync = on_sync
         self._client = client
@@ -101,6 +104,7 @@ class Informer:
 
     def _put(self, key: Key, obj: kube_client.JsonDict) -> None:
         self._drop(key)
+        obj = self._project(obj)
         self._objects[key] = obj
         if self._index_label:
             self._index.setdefault(self._label_value(obj), set()).add(key)

@@ -247,6 +247,101 @@ def _keep_topic_fields(manifest: JsonDict, live: JsonDict, keep: frozenset[str])
         spec.setdefault("config", {})["retention.ms"] = live_retention
 
 
+# Projections: what the caches keep of each object. With tens of thousands of managed objects the
+# caches are most of the broker's memory, and whole objects (managedFields bodies, full pod specs)
+# are mostly what the broker never reads. Each keeps what ``observe`` and the writes read.
+
+
+def _meta(obj: JsonDict, *, managed_fields: bool = False) -> JsonDict:
+    meta = obj.get("metadata") or {}
+    kept = {
+        k: meta[k] for k in ("name", "namespace", "labels", "annotations", "resourceVersion") if k in meta
+    }
+    if meta.get("deletionTimestamp"):
+        kept["deletionTimestamp"] = meta["deletionTimestamp"]
+    if managed_fields:
+        # Who else changed a field: the broker's own entries and status reports are never read.
+        kept["managedFields"] = [
+            e
+            for e in meta.get("managedFields") or []
+            if e.get("manager") != kube_client.FIELD_MANAGER and e.get("subresource") != "status"
+        ]
+    return kept
+
+
+def _project_metadata(obj: JsonDict) -> JsonDict:
+    return {"kind": obj.get("kind"), "metadata": _meta(obj)}
+
+
+def _project_statefulset(obj: JsonDict) -> JsonDict:
+    spec = obj.get("spec") or {}
+    container = _first_container(obj)
+    claims = spec.get("volumeClaimTemplates") or [{}]
+    storage = (((claims[0].get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
+    kept_container = {k: container[k] for k in ("name", "image", "resources", "env") if k in container}
+    kept_spec: JsonDict = {"template": {"spec": {"containers": [kept_container]}}}
+    if "replicas" in spec:
+        kept_spec["replicas"] = spec["replicas"]
+    if storage is not None:
+        kept_spec["volumeClaimTemplates"] = [{"spec": {"resources": {"requests": {"storage": storage}}}}]
+    return {"kind": obj.get("kind"), "metadata": _meta(obj, managed_fields=True), "spec": kept_spec}
+
+
+def _project_pod(obj: JsonDict) -> JsonDict:
+    spec_containers = (obj.get("spec") or {}).get("containers") or [{}]
+    status = obj.get("status") or {}
+    statuses = [
+        {k: c[k] for k in ("image", "imageID", "restartCount", "state", "lastState") if k in c}
+        for c in status.get("containerStatuses") or []
+    ]
+    return {
+        "kind": obj.get("kind"),
+        "metadata": _meta(obj),
+        "spec": {"containers": [{"image": spec_containers[0].get("image", "")}]},
+        "status": {
+            "phase": status.get("phase", ""),
+            "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"],
+            "containerStatuses": statuses,
+        },
+    }
+
+
+def _project_secret(obj: JsonDict) -> JsonDict:
+    # The data is kept (a few short keys) to tell a changed Secret; it never leaves the process.
+    return {
+        "kind": obj.get("kind"),
+        "metadata": _meta(obj, managed_fields=True),
+        "data": obj.get("data") or {},
+    }
+
+
+def _project_claim(obj: JsonDict) -> JsonDict:
+    capacity = ((obj.get("status") or {}).get("capacity") or {}).get("storage")
+    kept: JsonDict = {"kind": obj.get("kind"), "metadata": _meta(obj)}
+    if capacity is not None:
+        kept["status"] = {"capacity": {"storage": capacity}}
+    return kept
+
+
+def _project_topic(obj: JsonDict) -> JsonDict:
+    status = obj.get("status") or {}
+    return {
+        "kind": obj.get("kind"),
+        "metadata": _meta(obj, managed_fields=True),
+        "spec": obj.get("spec") or {},
+        "status": {"conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]},
+    }
+
+
+PROJECTIONS: dict[str, Callable[[JsonDict], JsonDict]] = {
+    "StatefulSet": _project_statefulset,
+    "Pod": _project_pod,
+    "Secret": _project_secret,
+    "PersistentVolumeClaim": _project_claim,
+    "KafkaTopic": _project_topic,
+}
+
+
 class ClusterState:
     """Caches of the managed objects, observations built from them, and the broker's writes."""
 
@@ -273,6 +368,7 @@ class ClusterState:
                 on_change=self._changed,
                 index_label=naming.LABEL_DEPLOYMENT,
                 on_sync=self._sync_changed,
+                project=PROJECTIONS.get(kind, _project_metadata),
             )
             for kind in (*WORKLOAD_KINDS, *TOPIC_KINDS)
         }
