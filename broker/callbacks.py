@@ -42,7 +42,7 @@ import yarl
 
 from broker import errors, workers
 from broker.domain import addresses
-from broker.store import sqlite
+from broker.store import port
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        store: sqlite.Store,
+        store: port.Outbox,
         key: bytes,
         policy: CallbackPolicy,
         max_attempts: int = 25,

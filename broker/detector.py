@@ -32,7 +32,7 @@ from broker import errors, workers
 from broker.domain import catalog as catalog_mod
 from broker.domain import drift, model, policy
 from broker.kube import observer
-from broker.store import sqlite
+from broker.store import port
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Remediator:
     def __init__(
         self,
         *,
-        store: sqlite.Store,
+        store: port.EventLog,
         cluster: observer.ClusterState,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
@@ -254,7 +254,7 @@ class Detector:
     def __init__(
         self,
         *,
-        store: sqlite.Store,
+        store: port.DetectorStore,
         cluster: observer.ClusterState,
         catalog: catalog_mod.Catalog,
         policies: Callable[[], policy.Policy],

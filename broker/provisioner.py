@@ -19,7 +19,7 @@ from broker import errors, workers
 from broker.domain import catalog as catalog_mod
 from broker.domain import drift, model, naming
 from broker.kube import manifests, observer
-from broker.store import sqlite
+from broker.store import port
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Provisioner:
     def __init__(
         self,
         *,
-        store: sqlite.Store,
+        store: port.ProvisionerStore,
         cluster: observer.ClusterState,
         catalog: catalog_mod.Catalog,
         ready_timeout: float = 300.0,

@@ -15,7 +15,7 @@ from typing import Protocol
 from broker import auth, errors, events
 from broker.domain import catalog as catalog_mod
 from broker.domain import drift, model, naming, policy, validation
-from broker.store import sqlite
+from broker.store import port
 
 audit_log = logging.getLogger("broker.audit")
 
@@ -214,7 +214,7 @@ class BrokerService:
     def __init__(
         self,
         *,
-        store: sqlite.Store,
+        store: port.Store,
         catalog: catalog_mod.Catalog,
         cluster: ClusterView | None = None,
         verdicts: Verdicts | None = None,

@@ -32,7 +32,7 @@ import aiosqlite
 
 from broker import errors
 from broker.domain import model, policy
-from broker.store import migrations
+from broker.store import migrations, port
 
 log = logging.getLogger(__name__)
 
@@ -1144,3 +1144,8 @@ async def _connect(path: pathlib.Path) -> aiosqlite.Connection:
     for pragma in pragmas:
         await conn.execute(pragma)
     return conn
+
+
+def _conforms(store: Store) -> port.Store:
+    """mypy proves here that the SQLite adapter is a whole ``port.Store``."""
+    return store

@@ -1,0 +1,192 @@
+"""The store port: what the service, the workers and the fan-out need of durable state, per concern.
+
+Each concern is a Protocol; components are typed against the ones they use, so a second adapter
+(PostgreSQL, past one replica) is a new class that satisfies them, tested by the same contract
+suite (``tests/test_store_contract.py``, parametrized over the adapters). ``broker.store.sqlite``
+is the adapter of one replica.
+
+The event log's visibility contract, which every adapter keeps:
+
+* sequences are strictly increasing, and an event is visible (to ``events_after``, ``list_events``
+  and the ``listeners``) only together with the state change it was appended with;
+* a reader that tails ``events_after(s)`` never skips an event, whatever the commit order of
+  concurrent writers: an event that becomes visible later never has a lower sequence than one a
+  reader was already given (SQLite: one writer at a time, sequences assigned under its lock; an
+  adapter with concurrent writers must assign sequences at commit, or hold back the tail);
+* ``listeners`` are called after each commit with its events, in sequence order; they must not
+  block (the fan-out buffers, or wakes a tailer).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from broker.domain import model, policy
+
+Listener = Callable[[list[model.DriftEvent]], None]
+
+
+class Deployments(Protocol):
+    """Desired states and their lifecycle."""
+
+    async def provision(self, command: model.ProvisionCommand) -> model.MutationResult:
+        """Create or update a desired state (idempotent on request id and on an unchanged spec)."""
+        ...
+
+    async def deprovision(self, command: model.DeprovisionCommand) -> model.MutationResult:
+        """Mark a deployment for deletion."""
+        ...
+
+    async def accept(self, deployment: model.Deployment, spec: model.ResourceSpec, message: str) -> bool:
+        """Record observed values as desired, nothing to apply; False when the deployment moved on."""
+        ...
+
+    async def get_deployment(
+        self, namespace: model.Namespace, deployment_id: model.DeploymentId
+    ) -> model.Deployment:
+        """One deployment of a namespace; NotFound otherwise."""
+        ...
+
+    async def deployment_by_id(self, deployment_id: str) -> model.Deployment | None:
+        """A deployment by id alone (for the workers)."""
+        ...
+
+    async def list_deployments(
+        self, query: model.ResourceQuery, page: model.PageRequest
+    ) -> model.Page[model.Deployment]:
+        """Live deployments of a namespace matching a query, one page."""
+        ...
+
+    async def live_deployments(
+        self, phases: tuple[model.Phase, ...], namespaces: list[str] | None = None
+    ) -> list[model.Deployment]:
+        """Deployments in the given phases (of some namespaces, or all)."""
+        ...
+
+
+class Operations(Protocol):
+    """The work a provisioning worker carries out."""
+
+    async def unfinished(self) -> list[model.Deployment]:
+        """Deployments whose last operation is accepted or in progress."""
+        ...
+
+    async def deployment_by_id(self, deployment_id: str) -> model.Deployment | None:
+        """A deployment by id alone."""
+        ...
+
+    async def start_operation(self, deployment: model.Deployment) -> model.Deployment | None:
+        """Mark the last operation in progress; None when a newer one superseded it."""
+        ...
+
+    async def note_progress(self, deployment: model.Deployment, message: str) -> None:
+        """Say why an operation in progress is waiting."""
+        ...
+
+    async def finish_operation(
+        self,
+        deployment: model.Deployment,
+        *,
+        succeeded: bool,
+        message: str,
+        event: model.DriftEvent | None,
+        callback: tuple[str, dict[str, Any]] | None,
+    ) -> bool:
+        """Finish the last operation with its event and callback, atomically."""
+        ...
+
+
+class EventLog(Protocol):
+    """The drift event log (see the module docstring for its visibility contract)."""
+
+    listeners: list[Listener]
+
+    async def append_events(self, events: list[model.DriftEvent]) -> None:
+        """Append events that describe no stored state."""
+        ...
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """The oldest and newest retained sequences (0 when empty)."""
+        ...
+
+    async def events_after(self, sequence: int, limit: int) -> list[model.DriftEvent]:
+        """Up to ``limit`` events after ``sequence``, in order."""
+        ...
+
+    async def list_events(
+        self, query: model.EventQuery, page: model.PageRequest
+    ) -> model.Page[model.DriftEvent]:
+        """Events of a namespace matching a query, oldest first, one page."""
+        ...
+
+    async def prune_events(self, *, keep: int) -> int:
+        """Drop all but the newest ``keep`` events; how many were dropped."""
+        ...
+
+
+class Verdicts(Protocol):
+    """What the detector last reported, with the phase it implies."""
+
+    async def record_evaluation(
+        self,
+        deployment: model.Deployment,
+        *,
+        items: tuple[model.DriftItem, ...],
+        health: model.Health,
+        phase: model.Phase,
+        events: list[model.DriftEvent],
+    ) -> bool:
+        """Store a verdict, its phase and its events atomically; False when the deployment moved on."""
+        ...
+
+    async def drift_states(self) -> dict[str, tuple[tuple[model.DriftItem, ...], model.Health]]:
+        """The last recorded verdict of every deployment."""
+        ...
+
+
+class Outbox(Protocol):
+    """Callbacks to deliver, at least once."""
+
+    async def due_callbacks(self, limit: int = 50) -> list[tuple[str, str, str, int]]:
+        """Deliveries due now: (delivery id, url, payload, attempts so far)."""
+        ...
+
+    async def callback_attempted(
+        self, delivery_id: str, *, delivered: bool, error: str = "", retry_at: datetime.datetime | None = None
+    ) -> None:
+        """Record an attempt: delivered, or failed and due again at ``retry_at``."""
+        ...
+
+
+class Policies(Protocol):
+    """Remediation policies set through the API."""
+
+    async def set_policy(self, rule: policy.Rule) -> None:
+        """Store a rule (replacing the one for its namespace and type)."""
+        ...
+
+    async def policies(self) -> list[policy.Rule]:
+        """Every stored rule."""
+        ...
+
+
+class Store(Deployments, Operations, EventLog, Verdicts, Outbox, Policies, Protocol):
+    """Every concern, and the adapter's lifecycle."""
+
+    async def ping(self) -> None:
+        """Raise Unavailable unless the store answers."""
+        ...
+
+    async def close(self) -> None:
+        """Release the store's resources."""
+        ...
+
+
+class DetectorStore(Deployments, EventLog, Verdicts, Protocol):
+    """What the detector and the remediator use."""
+
+
+class ProvisionerStore(Operations, Protocol):
+    """What the provisioning worker uses."""

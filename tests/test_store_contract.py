@@ -1,0 +1,230 @@
+"""The store contract: what every adapter of ``broker.store.port`` must do, one suite for all.
+
+``ADAPTERS`` lists the adapters; a new one (PostgreSQL, past one replica) is a new row, and must
+pass every test here unchanged. The event log's visibility contract (``port``'s docstring) is
+tested with concurrent writers and a tailer that counts gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import pathlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from broker import errors
+from broker.domain import catalog, model, policy
+from broker.store import port, sqlite
+
+
+async def open_sqlite(tmp_path: pathlib.Path) -> port.Store:
+    return await sqlite.Store.open(tmp_path / "data")
+
+
+ADAPTERS: dict[str, Callable[[pathlib.Path], Awaitable[port.Store]]] = {"sqlite": open_sqlite}
+
+
+@pytest.fixture(params=sorted(ADAPTERS))
+async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[port.Store]:
+    opened = await ADAPTERS[request.param](tmp_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+NS = model.Namespace("team-platform")
+SMALL = catalog.DEFAULT_CATALOG.sizes["small"]
+
+
+def command(name: str = "db", *, replicas: int = 1, request_id: str = "") -> model.ProvisionCommand:
+    return model.ProvisionCommand(
+        namespace=NS,
+        resource_type=model.ResourceType.DATABASE,
+        resource_name=model.ResourceName(name),
+        spec=model.ResourceSpec(
+            engine="postgresql", version="15", size="small", replicas=replicas, resources=SMALL
+        ),
+        callback_url="",
+        request_id=request_id,
+    )
+
+
+def event_about(deployment: model.Deployment, index: int) -> model.DriftEvent:
+    return model.DriftEvent.about(
+        deployment, model.EventKind.REMEDIATION_FAILED, f"event {index}", health=None
+    )
+
+
+async def ready(store: port.Store, name: str = "db") -> model.Deployment:
+    """A deployment provisioned to Ready, through the operations a worker uses."""
+    result = await store.provision(command(name))
+    deployment = await store.deployment_by_id(result.deployment_id)
+    assert deployment is not None
+    started = await store.start_operation(deployment)
+    assert started is not None
+    assert await store.finish_operation(started, succeeded=True, message="ready", event=None, callback=None)
+    done = await store.deployment_by_id(result.deployment_id)
+    assert done is not None
+    return done
+
+
+async def test_provision_is_idempotent_and_a_changed_spec_is_a_new_generation(store: port.Store) -> None:
+    first = await store.provision(command(request_id="r-1"))
+    assert first.changed
+    replay = await store.provision(command(request_id="r-1"))  # the first answer, again
+    assert (replay.deployment_id, replay.generation, replay.operation) == (
+        first.deployment_id,
+        first.generation,
+        first.operation,
+    )
+    assert not (await store.provision(command())).changed  # same spec: a no-op
+    with pytest.raises(errors.AlreadyExists):
+        await store.provision(command(replicas=2, request_id="r-1"))  # a request id reused
+    second = await store.provision(command(replicas=2))
+    assert second.generation == first.generation + 1
+    got = await store.get_deployment(NS, first.deployment_id)
+    assert got.desired_spec.replicas == 2
+
+
+async def test_operations_move_a_deployment_to_ready_with_its_callback_in_the_outbox(
+    store: port.Store,
+) -> None:
+    result = await store.provision(command())
+    deployment = await store.deployment_by_id(result.deployment_id)
+    assert deployment is not None
+    assert [d.deployment_id for d in await store.unfinished()] == [result.deployment_id]
+    started = await store.start_operation(deployment)
+    assert started is not None
+    assert started.phase is model.Phase.PROVISIONING
+    await store.note_progress(started, "retrying: namespace missing")
+    assert (
+        await store.get_deployment(NS, result.deployment_id)
+    ).last_operation.message == "retrying: namespace missing"
+    finished = await store.finish_operation(
+        started,
+        succeeded=True,
+        message="ready",
+        event=model.DriftEvent.about(started, model.EventKind.PROVISIONING_SUCCEEDED, "ready", health=None),
+        callback=("http://manager.example/cb", {"status": "Ready"}),
+    )
+    assert finished
+    assert await store.unfinished() == []
+    due = await store.due_callbacks()
+    assert [(url, attempts) for _, url, _, attempts in due] == [("http://manager.example/cb", 0)]
+    delivery_id = due[0][0]
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    await store.callback_attempted(delivery_id, delivered=False, error="HTTP 503", retry_at=later)
+    assert await store.due_callbacks() == []  # not due before its retry time
+    await store.callback_attempted(delivery_id, delivered=True)
+    assert await store.due_callbacks() == []
+
+
+async def test_accepting_makes_a_new_generation_and_refuses_a_deployment_that_moved_on(
+    store: port.Store,
+) -> None:
+    deployment = await ready(store)
+    spec = dataclasses.replace(deployment.desired_spec, replicas=3)
+    assert await store.accept(deployment, spec, "accepted replicas")
+    accepted = await store.deployment_by_id(deployment.deployment_id)
+    assert accepted is not None
+    assert accepted.generation == deployment.generation + 1
+    assert accepted.desired_spec.replicas == 3
+    assert accepted.phase is model.Phase.READY  # nothing to apply
+    assert accepted.last_operation.state is model.OperationState.SUCCEEDED
+    assert not await store.accept(deployment, spec, "stale")  # read before the first accept
+
+
+async def test_a_tailer_never_skips_an_event_whatever_the_writers_do(store: port.Store) -> None:
+    """Many concurrent writers, verdicts and plain appends mixed; a tailer reads ``events_after``
+    as fast as it can: every sequence it sees is new, increasing, and at the end nothing is missing."""
+    deployment = await ready(store)
+    published: list[int] = []
+    store.listeners.append(lambda events: published.extend(e.sequence for e in events))
+    _, start = await store.event_bounds()
+    writers, per_writer = 8, 25
+    done = asyncio.Event()
+    seen: list[int] = []
+
+    async def tail() -> None:
+        position = start
+        while True:
+            batch = await store.events_after(position, 7)
+            for event in batch:
+                assert event.sequence > position, "went backwards or repeated"
+                position = event.sequence
+                seen.append(position)
+            if not batch:
+                if done.is_set() and not await store.events_after(position, 1):
+                    return
+                await asyncio.sleep(0)
+
+    async def write(w: int) -> None:
+        for i in range(per_writer):
+            if i % 5 == 0:
+                with contextlib.suppress(errors.BrokerError):
+                    await store.record_evaluation(
+                        deployment,
+                        items=(),
+                        health=model.Health.HEALTHY,
+                        phase=model.Phase.READY,
+                        events=[event_about(deployment, w * 1000 + i)],
+                    )
+            else:
+                await store.append_events([event_about(deployment, w * 1000 + i)])
+            await asyncio.sleep(0)
+
+    tailer = asyncio.create_task(tail())
+    await asyncio.gather(*(write(w) for w in range(writers)))
+    done.set()
+    await asyncio.wait_for(tailer, 30)
+    _, newest = await store.event_bounds()
+    assert seen == list(range(start + 1, newest + 1))  # no gap, no duplicate, in order
+    assert published == seen  # listeners hear commits in sequence order
+    assert len(seen) == writers * per_writer
+
+
+async def test_pruning_keeps_the_newest_and_says_how_many_went(store: port.Store) -> None:
+    deployment = await ready(store)
+    await store.append_events([event_about(deployment, i) for i in range(10)])
+    _, newest = await store.event_bounds()
+    assert await store.prune_events(keep=4) >= 6
+    oldest, still_newest = await store.event_bounds()
+    assert still_newest == newest
+    assert oldest == newest - 3
+    listed = await store.list_events(model.EventQuery(namespace=NS), model.PageRequest(size=100, token=""))
+    assert [e.sequence for e in listed.items] == list(range(oldest, newest + 1))
+
+
+async def test_policies_and_verdicts_survive_in_the_store(store: port.Store) -> None:
+    rule = policy.Rule(
+        namespace=NS,
+        resource_type=model.ResourceType.DATABASE,
+        mode=policy.Mode.ALERT,
+        ignore_fields=frozenset({"replicas"}),
+    )
+    await store.set_policy(rule)
+    assert await store.policies() == [rule]
+    deployment = await ready(store)
+    item = model.DriftItem(
+        rule_id="replicas.changed",
+        field="replicas",
+        desired="1",
+        actual="3",
+        drift_class=model.DriftClass.UNEXPECTED,
+        severity=model.Severity.WARNING,
+        action=model.Action.ALERT_ONLY,
+        message="Replica count mismatch: desired=1, actual=3",
+        changed_by="kubectl",
+        monthly_cost_delta=None,
+        detect_time=datetime.datetime(2026, 12, 1, 9, 0, tzinfo=datetime.UTC),
+    )
+    assert await store.record_evaluation(
+        deployment, items=(item,), health=model.Health.DEGRADED, phase=model.Phase.DRIFT_DETECTED, events=[]
+    )
+    assert (await store.drift_states())[deployment.deployment_id] == ((item,), model.Health.DEGRADED)
+    assert (await store.deployment_by_id(deployment.deployment_id)).phase is model.Phase.DRIFT_DETECTED  # type: ignore[union-attr]
