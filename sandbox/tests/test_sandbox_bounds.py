@@ -42,7 +42,7 @@ def _sizes(sandbox: Sandbox) -> dict[str, int]:
         "events": st.count(("", "events")),
         "managed_fields_entries": managed,
         "client_watchers": len(st.watchers()),
-        "undelivered_to_controllers": sum(w.pending for w in st._subscribers),
+        "undelivered_to_controllers": sum(w.pending for w in st._fanout.subscribers),
         "uid_index": len(st._uids),
         "owner_index": sum(len(d) for d in st._dependents.values()),
         "kubelet_state": sum(
