@@ -27,10 +27,23 @@ class Subscription:
     event the subscriber has not been given yet.
     """
 
-    __slots__ = ("_buffer", "_high_water", "_hub", "_limit", "_ready", "closed", "overflowed", "predicate")
+    __slots__ = (
+        "_buffer",
+        "_high_water",
+        "_hub",
+        "_limit",
+        "_ready",
+        "closed",
+        "ended",
+        "overflowed",
+        "predicate",
+    )
 
     def __init__(self, hub: EventHub, predicate: Predicate, limit: int) -> None:
         self._hub = hub
+        # Set when the subscription ends (cut off, shutdown): a transport blocked on a write that
+        # will never complete learns from it that the stream is over.
+        self.ended = asyncio.Event()
         self.predicate = predicate
         self._limit = limit
         self._buffer: collections.deque[model.DriftEvent] = collections.deque()
@@ -58,6 +71,7 @@ class Subscription:
         self.closed = True
         self._buffer.clear()
         self._ready.set()
+        self.ended.set()
         self._hub.unsubscribe(self)
 
     def idle_position(self) -> int | None:

@@ -29,7 +29,7 @@ from grpc_health.v1._async import HealthServicer
 from broker import auth, callbacks, errors, events, metrics, service, workers
 from broker import detector as detection
 from broker import provisioner as provisioning
-from broker.api import connections, decoding, gateway, grpc_api, grpc_metrics, reflection
+from broker.api import connections, decoding, draining, gateway, grpc_api, grpc_metrics, reflection
 from broker.domain import catalog as catalog_mod
 from broker.domain import policy
 from broker.kube import client as kube_client
@@ -68,6 +68,7 @@ class Settings:
     tokens_file: pathlib.Path | None = None
     reflection: bool = True
     shutdown_grace: float = 10.0
+    drain_accept: float = 1.0
     catalog: catalog_mod.Catalog = catalog_mod.DEFAULT_CATALOG
     rules: policy.Policy = dataclasses.field(default_factory=policy.Policy)
     kubeconfig: pathlib.Path | None = None
@@ -211,6 +212,7 @@ class Broker:
         self.http_connections = connections.Counters()
         self.policies = service.PolicyBook(settings.rules)
         self.supervisor = workers.Supervisor(self._worker_failed)
+        self._drain = draining.Drain(grpc_api.abort)
         self.failed = asyncio.Event()
 
     @property
@@ -312,7 +314,11 @@ class Broker:
 
         server = grpc.aio.server(
             options=GRPC_OPTIONS,
-            interceptors=[grpc_metrics.RpcInterceptor(self.metrics), decoding.DecodeGuard(grpc_api.abort)],
+            interceptors=[
+                grpc_metrics.RpcInterceptor(self.metrics),
+                self._drain,
+                decoding.DecodeGuard(grpc_api.abort),
+            ],
         )
         server.add_generic_rpc_handlers(
             (grpc_api.BrokerServicer(service=svc, authenticator=self.authenticator).handler(),)
@@ -481,14 +487,26 @@ class Broker:
             return self.cluster.not_synced_reason()
         return None
 
-    async def stop(self) -> None:
-        """Drain and stop; safe to call twice."""
+    async def stop(self, *, accept_for: float = 0.0) -> None:
+        """Drain and stop; safe to call twice.
+
+        ``accept_for`` seconds of serving new calls come first (health already NOT_SERVING): load
+        balancers take a moment to stop sending, and calls sent just before SIGTERM still arrive.
+        """
         self._draining = True
+        await self._health.enter_graceful_shutdown()
         # Streams end first, each with a resumable status naming its last sequence.
         self.hub.close_all()
-        await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
-            await self._grpc.stop(self.settings.shutdown_grace)
+            # New calls are refused (UNAVAILABLE) and accepted ones finish before the server stops:
+            # stopping it at once would cancel calls it had received but not yet started.
+            if accept_for > 0:
+                await asyncio.sleep(accept_for)
+            self._drain.start()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.shutdown_grace
+            await self._drain.wait_idle(self.settings.shutdown_grace)
+            await self._grpc.stop(max(0.0, deadline - loop.time()))
             self._grpc = None
         if self._http is not None:
             await self._http.cleanup()
@@ -540,7 +558,7 @@ async def run(settings: Settings) -> None:
         await workers.cancel_and_wait((stopped, failed))
         log.info("shutdown requested; draining" if stop.is_set() else "a background worker failed; stopping")
     finally:
-        await broker.stop()
+        await broker.stop(accept_for=0.0 if broker.failed.is_set() else settings.drain_accept)
     if broker.supervisor.failure is not None:
         name, exc = broker.supervisor.failure
         # Non-zero exit: Kubernetes restarts the pod (see broker.workers on why not in place).

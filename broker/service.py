@@ -7,6 +7,7 @@ mutating call. It knows nothing of gRPC, protobuf or HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -238,6 +239,11 @@ class BrokerService:
         # The desired state changed without anything to apply (accepted drift): re-evaluate it now.
         self._on_desired_changed = on_desired_changed
 
+    @property
+    def shutting_down(self) -> bool:
+        """Whether the broker is draining: streams end, resumably, instead of waiting on."""
+        return self._hub.shutting_down
+
     async def provision(self, principal: auth.Principal, request: ProvisionInput) -> model.MutationResult:
         """Validate and persist a desired state; answer at once (the workload comes later)."""
         command = validation.provision_command(
@@ -450,7 +456,9 @@ class BrokerService:
             found, namespace=namespace, resource_type=found.resource_type or resource_type
         )
 
-    async def watch(self, principal: auth.Principal, request: WatchInput) -> AsyncIterator[WatchItem]:
+    async def watch(
+        self, principal: auth.Principal, request: WatchInput, *, ended: asyncio.Event | None = None
+    ) -> AsyncIterator[WatchItem]:
         """Drift events as they happen, optionally after a snapshot or resumed after a sequence.
 
         Ends with Unavailable on shutdown and ResourceExhausted when the subscriber fell behind,
@@ -492,6 +500,9 @@ class BrokerService:
         self._streams[principal.name] = open_streams + 1
         # Subscribe before reading anything, so nothing committed meanwhile can be missed.
         subscription = self._hub.subscribe(wanted, limit=self.watch_limits.buffer)
+        if ended is not None:
+            # The transport waits on it beside its writes: a cut-off must not wait for a write.
+            subscription.ended = ended
         try:
             oldest, newest = await self._store.event_bounds()
             last = newest

@@ -202,6 +202,12 @@ TABLE: tuple[Setting, ...] = (
         "how long in-flight calls may take to finish on SIGTERM",
     ),
     Setting(
+        "drain_accept",
+        "--drain-accept",
+        SECONDS,
+        "after SIGTERM, new calls are still served this long (load balancers take time to notice)",
+    ),
+    Setting(
         "watch.streams_per_principal",
         "--max-streams-per-principal",
         COUNT,

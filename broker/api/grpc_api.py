@@ -30,8 +30,20 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRetu
     # google.rpc protos (the client library reads them to tell a slow reader from a limit).
     trailers = [("grpc-status-details-bin", rich.SerializeToString()), ("broker-error-reason", public.reason)]
     trailers += [(f"broker-{key.replace('_', '-')}", value) for key, value in sorted(public.metadata.items())]
-    await context.abort(status.mapping_of(public).grpc_code, rich.message, trailing_metadata=tuple(trailers))
-    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+    code = status.mapping_of(public).grpc_code
+    sending = asyncio.ensure_future(context.abort(code, rich.message, trailing_metadata=tuple(trailers)))
+    # On a stream whose client stopped reading, the status waits behind the messages flow control
+    # holds back: the call must end on the server all the same (its status still reaches the
+    # client, after those messages, whenever it reads again).
+    await asyncio.wait((sending,), timeout=ABORT_WAIT)
+    if sending.done():
+        sending.result()  # raises AbortError, as context.abort does
+    sending.add_done_callback(_forget)
+    raise grpc.aio.AbortError(f"{code.name}: {rich.message}")
+
+
+# How long an abort waits for its status to be sent before the call ends without waiting for it.
+ABORT_WAIT = 1.0
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -98,35 +110,53 @@ class BrokerServicer:
         written stays queued ahead of the status, so the resume sequence includes it.
         """
         position: int | None = None
+        ended = asyncio.Event()
+        ending = asyncio.ensure_future(ended.wait())
+        lag = self._service.watch_limits.max_lag_seconds
         try:
             principal = self._auth.authenticate(_authorization(context))
-            async for item in self._service.watch(principal, convert.watch_input(request)):
+            async for item in self._service.watch(principal, convert.watch_input(request), ended=ended):
                 write = asyncio.ensure_future(context.write(self._encode(item)))
                 if not isinstance(item, service.ResourceView):
                     position = item.sequence
                 try:
-                    await asyncio.wait((write,), timeout=self._service.watch_limits.max_lag_seconds)
+                    # The write, or the end of the subscription (cut off for lagging, shutdown),
+                    # whichever comes first; a write the transport has not taken in time is lag too.
+                    await asyncio.wait((write, ending), timeout=lag, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    if not write.done():  # cut off below, or the call was cancelled meanwhile
+                    if write.done():
+                        _forget(write)  # its outcome is read below (or the call is over)
+                    else:  # cut off below, or the call was cancelled meanwhile
                         write.add_done_callback(_forget)
                 if not write.done():
-                    raise _too_slow(self._service.watch_limits.max_lag_seconds, position)
+                    if ended.is_set() and self._service.shutting_down:
+                        raise _shutting_down(position)
+                    raise _too_slow(lag, position)
                 write.result()
         except Exception as e:
             await abort(context, e)
+        finally:
+            ending.cancel()
+
+
+def _shutting_down(position: int | None) -> errors.Unavailable:
+    resume = {"resume_after_sequence": str(position)} if position is not None else {}
+    where = f"; resume with after_sequence={position}" if position is not None else ""
+    return errors.Unavailable(f"the broker is shutting down{where}", reason="SHUTTING_DOWN", metadata=resume)
 
 
 def _serialize(response: message.Message) -> bytes:
     return response.SerializeToString()
 
 
-def _forget(write: asyncio.Future[None]) -> None:
-    """The write of a stream already ended: its outcome no longer matters to anyone."""
-    if not write.cancelled():
-        write.exception()
+def _forget(sending: asyncio.Future[Any]) -> None:
+    """A write (or status) of a call already ended: its outcome no longer matters to anyone."""
+    if not sending.cancelled():
+        sending.exception()
 
 
 def _too_slow(lag: float, position: int | None) -> errors.ResourceExhausted:
+    """The subscriber lags: it was cut off, or its transport took nothing for ``lag`` seconds."""
     if position is None:
         # Cut off inside the snapshot: there is no resume point, only a fresh snapshot.
         return errors.ResourceExhausted(
