@@ -5,6 +5,7 @@
 #   ./dev.sh gen     regenerate the Python stubs from proto/ and the README's settings table
 #   ./dev.sh lint    the static checks only
 #   ./dev.sh bench   run the benchmarks (prints figures; not part of test)
+#   ./dev.sh chaos [NAME...]  run the fault scenarios at full size (minutes), one PASS/FAIL line each
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -83,6 +84,7 @@ case "$cmd" in
     ;;
   lint) ensure_venv; lint ;;
   gen) ensure_venv; "$PY" scripts/gen_proto.py; "$PY" scripts/gen_settings.py ;;
-  bench) ensure_venv; for b in benchmarks/bench_*.py benchmarks/*/bench_*.py; do [ -f "$b" ] && "$PY" "$b"; done ;;
+  bench) ensure_venv; for b in benchmarks/bench_*.py sandbox/benchmarks/bench_*.py; do [ -f "$b" ] && "$PY" "$b"; done ;;
+  chaos) ensure_venv; exec "$PY" -m chaos "$@" ;;
   *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 64 ;;
 esac
