@@ -255,7 +255,7 @@ async def _broker_child(options: BrokerOptions) -> None:
             heartbeat_interval=options.heartbeat_interval,
         ),
     )
-    broker = server.Broker(settings)
+    broker = server.Broker(settings, freeze_heap=True)  # as ``broker serve`` runs
     await broker.start()
     try:
         if broker.cluster is not None:
