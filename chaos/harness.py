@@ -49,34 +49,6 @@ NAMESPACE = "chaos"
 T = TypeVar("T")
 Figure = int | float | str
 
-# Strimzi's KafkaTopic CRD, reduced to what the API server needs, as a platform cluster has it.
-KAFKA_TOPIC_CRD: dict[str, object] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "kafkatopics.kafka.strimzi.io"},
-    "spec": {
-        "group": "kafka.strimzi.io",
-        "scope": "Namespaced",
-        "names": {
-            "kind": "KafkaTopic",
-            "listKind": "KafkaTopicList",
-            "plural": "kafkatopics",
-            "singular": "kafkatopic",
-        },
-        "versions": [
-            {
-                "name": "v1beta2",
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "schema": {
-                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-                },
-            }
-        ],
-    },
-}
-
 
 class ChaosError(Exception):
     """A scenario could not run (a process did not start, a wait ran out): the scenario fails."""
