@@ -34,16 +34,18 @@ class Subscription:
         "_limit",
         "_ready",
         "closed",
-        "ended",
+        "on_end",
         "overflowed",
         "predicate",
     )
 
-    def __init__(self, hub: EventHub, predicate: Predicate, limit: int) -> None:
+    def __init__(
+        self, hub: EventHub, predicate: Predicate, limit: int, on_end: Callable[[], None] | None = None
+    ) -> None:
         self._hub = hub
-        # Set when the subscription ends (cut off, shutdown): a transport blocked on a write that
+        # Called when the subscription ends (cut off, shutdown): a transport blocked on a write that
         # will never complete learns from it that the stream is over.
-        self.ended = asyncio.Event()
+        self.on_end = on_end
         self.predicate = predicate
         self._limit = limit
         self._buffer: collections.deque[model.DriftEvent] = collections.deque()
@@ -71,7 +73,8 @@ class Subscription:
         self.closed = True
         self._buffer.clear()
         self._ready.set()
-        self.ended.set()
+        if self.on_end is not None:
+            self.on_end()
         self._hub.unsubscribe(self)
 
     def idle_position(self) -> int | None:
@@ -109,9 +112,11 @@ class EventHub:
     def __len__(self) -> int:
         return len(self._subscriptions)
 
-    def subscribe(self, predicate: Predicate, *, limit: int) -> Subscription:
-        """A new subscription that receives every later matching event."""
-        subscription = Subscription(self, predicate, limit)
+    def subscribe(
+        self, predicate: Predicate, *, limit: int, on_end: Callable[[], None] | None = None
+    ) -> Subscription:
+        """A new subscription that receives every later matching event; ``on_end`` when it ends."""
+        subscription = Subscription(self, predicate, limit, on_end)
         self._subscriptions.add(subscription)
         return subscription
 

@@ -7,10 +7,9 @@ mutating call. It knows nothing of gRPC, protobuf or HTTP.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
 from broker import auth, errors, events
@@ -457,8 +456,8 @@ class BrokerService:
         )
 
     async def watch(
-        self, principal: auth.Principal, request: WatchInput, *, ended: asyncio.Event | None = None
-    ) -> AsyncIterator[WatchItem]:
+        self, principal: auth.Principal, request: WatchInput, *, on_end: Callable[[], None] | None = None
+    ) -> AsyncGenerator[WatchItem, None]:
         """Drift events as they happen, optionally after a snapshot or resumed after a sequence.
 
         Ends with Unavailable on shutdown and ResourceExhausted when the subscriber fell behind,
@@ -499,10 +498,8 @@ class BrokerService:
             )
         self._streams[principal.name] = open_streams + 1
         # Subscribe before reading anything, so nothing committed meanwhile can be missed.
-        subscription = self._hub.subscribe(wanted, limit=self.watch_limits.buffer)
-        if ended is not None:
-            # The transport waits on it beside its writes: a cut-off must not wait for a write.
-            subscription.ended = ended
+        # ``on_end``: the transport stops a write in progress, so a cut-off never waits for a write.
+        subscription = self._hub.subscribe(wanted, limit=self.watch_limits.buffer, on_end=on_end)
         try:
             oldest, newest = await self._store.event_bounds()
             last = newest

@@ -89,11 +89,6 @@ class Setting:
         """The config-file key."""
         return self.flag.removeprefix("--").replace("-", "_")
 
-    @property
-    def dest(self) -> str:
-        """The argparse destination."""
-        return self.key
-
     def parse(self, text: str, where: str) -> Any:
         """The value of ``text`` from ``where`` (a flag, a variable, a file key), or ValueError."""
         if self.kind.switch:
@@ -277,10 +272,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: type[Any]) -> None:
         help_text = f"{setting.help} ({shown}env {setting.env})"
         if setting.kind.switch:
             parser.add_argument(
-                setting.flag, dest=setting.dest, action="store_const", const="true", help=help_text
+                setting.flag, dest=setting.key, action="store_const", const="true", help=help_text
             )
         else:
-            parser.add_argument(setting.flag, dest=setting.dest, metavar=setting.kind.metavar, help=help_text)
+            parser.add_argument(setting.flag, dest=setting.key, metavar=setting.kind.metavar, help=help_text)
 
 
 def resolve(
@@ -296,7 +291,7 @@ def resolve(
         raise ValueError(f"{where}: unknown keys {', '.join(unknown)}")
     values: dict[str, Any] = {}
     for setting in TABLE:
-        given = getattr(args, setting.dest, None)
+        given = getattr(args, setting.key, None)
         if given is not None:
             values[setting.field] = setting.parse(given, setting.flag)
         elif environ.get(setting.env):

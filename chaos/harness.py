@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import grpc
@@ -564,38 +564,31 @@ def topic_request(name: str, *, namespace: str = NAMESPACE) -> pb.ProvisionReque
     )
 
 
+async def _all_pages(call: Any, request: Any, field: str, deadline: float) -> list[Any]:
+    """Every item of a paginated list RPC, following ``next_page_token``."""
+    items: list[Any] = []
+    while True:
+        reply = await call(request, timeout=deadline)
+        items.extend(getattr(reply, field))
+        if not reply.next_page_token:
+            return items
+        request.page_token = reply.next_page_token
+
+
 async def resource_states(
     stub: broker_pb2_grpc.BrokerServiceStub, namespace: str = NAMESPACE, *, deadline: float = 30.0
 ) -> list[pb.ResourceState]:
     """Every resource of a namespace, all pages of GetResourceState."""
-    states: list[pb.ResourceState] = []
-    token = ""
-    while True:
-        reply = await stub.GetResourceState(
-            pb.GetResourceStateRequest(namespace=namespace, page_size=1000, page_token=token),
-            timeout=deadline,
-        )
-        states.extend(reply.resources)
-        token = reply.next_page_token
-        if not token:
-            return states
+    request = pb.GetResourceStateRequest(namespace=namespace, page_size=1000)
+    return await _all_pages(stub.GetResourceState, request, "resources", deadline)
 
 
 async def drift_events(
     stub: broker_pb2_grpc.BrokerServiceStub, namespace: str = NAMESPACE, *, deadline: float = 30.0
 ) -> list[pb.DriftEvent]:
     """The whole recorded event log of a namespace, all pages of ListDriftEvents, oldest first."""
-    events: list[pb.DriftEvent] = []
-    token = ""
-    while True:
-        reply = await stub.ListDriftEvents(
-            pb.ListDriftEventsRequest(namespace=namespace, page_size=1000, page_token=token),
-            timeout=deadline,
-        )
-        events.extend(reply.events)
-        token = reply.next_page_token
-        if not token:
-            return events
+    request = pb.ListDriftEventsRequest(namespace=namespace, page_size=1000)
+    return await _all_pages(stub.ListDriftEvents, request, "events", deadline)
 
 
 async def newest_sequence(stub: broker_pb2_grpc.BrokerServiceStub, *, within: float = 10.0) -> int:

@@ -10,6 +10,7 @@ Principals in the token file (tokens are the fixture constants below):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -206,16 +207,23 @@ def tokens_file(tmp_path: pathlib.Path) -> pathlib.Path:
 @pytest.fixture
 async def running_broker(tmp_path: pathlib.Path, tokens_file: pathlib.Path) -> AsyncIterator[RunningBroker]:
     """A broker with token authentication, its store in a temporary directory."""
-    data_dir = tmp_path / "data"
-    broker = server.Broker(
-        server.Settings(
-            grpc_addr="127.0.0.1:0",
-            http_addr="127.0.0.1:0",
-            data_dir=data_dir,
-            tokens_file=tokens_file,
-            shutdown_grace=1.0,
-        )
+    async with broker_running(tmp_path / "data", tokens_file) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def broker_running(
+    data_dir: pathlib.Path, tokens_file: pathlib.Path, **overrides: Any
+) -> AsyncIterator[RunningBroker]:
+    """A started broker without a cluster on ephemeral loopback ports; ``overrides`` change settings."""
+    settings = server.Settings(
+        grpc_addr="127.0.0.1:0",
+        http_addr="127.0.0.1:0",
+        data_dir=data_dir,
+        tokens_file=tokens_file,
+        shutdown_grace=1.0,
     )
+    broker = server.Broker(dataclasses.replace(settings, **overrides))
     await broker.start()
     try:
         yield RunningBroker(broker=broker, data_dir=data_dir)

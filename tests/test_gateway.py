@@ -15,7 +15,7 @@ import aiohttp
 import grpc
 import pytest
 from broker_client.v1 import broker_pb2 as pb
-from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, RunningBroker, bearer
+from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, RunningBroker, bearer, broker_running
 from google.protobuf import json_format
 from test_watch_support import filler_event
 
@@ -33,22 +33,8 @@ async def running_broker(tmp_path: pathlib.Path, tokens_file: pathlib.Path) -> A
     unless configured (DESIGN section 8, SSRF), and a test on loopback is exactly where one configures
     it. ``stub``, ``channel`` and ``http`` of conftest use this broker in this module.
     """
-    data_dir = tmp_path / "data"
-    broker = server.Broker(
-        server.Settings(
-            grpc_addr="127.0.0.1:0",
-            http_addr="127.0.0.1:0",
-            data_dir=data_dir,
-            tokens_file=tokens_file,
-            shutdown_grace=1.0,
-            callback_allow_loopback=True,
-        )
-    )
-    await broker.start()
-    try:
-        yield RunningBroker(broker=broker, data_dir=data_dir)
-    finally:
-        await broker.stop()
+    async with broker_running(tmp_path / "data", tokens_file, callback_allow_loopback=True) as running:
+        yield running
 
 
 def issue_body(request_id: str | None = None) -> dict[str, Any]:

@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from broker_client.v1 import broker_pb2
-from conftest import PLATFORM_TOKEN, RunningBroker
+from conftest import PLATFORM_TOKEN, RunningBroker, broker_running
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2
 
-from broker import server
 from broker.api import reflection
 
 GRPCURL = pathlib.Path(sys.executable).parent / "grpcurl"
@@ -87,22 +86,8 @@ async def broker_without_reflection(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path
 ) -> AsyncIterator[RunningBroker]:
     """Like ``running_broker``, started as ``broker serve --no-reflection`` would be."""
-    data_dir = tmp_path / "data"
-    broker = server.Broker(
-        server.Settings(
-            grpc_addr="127.0.0.1:0",
-            http_addr="127.0.0.1:0",
-            data_dir=data_dir,
-            tokens_file=tokens_file,
-            shutdown_grace=1.0,
-            reflection=False,
-        )
-    )
-    await broker.start()
-    try:
-        yield RunningBroker(broker=broker, data_dir=data_dir)
-    finally:
-        await broker.stop()
+    async with broker_running(tmp_path / "data", tokens_file, reflection=False) as running:
+        yield running
 
 
 # grpcurl, as an operator runs it

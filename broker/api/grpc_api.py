@@ -110,33 +110,47 @@ class BrokerServicer:
         written stays queued ahead of the status, so the resume sequence includes it.
         """
         position: int | None = None
-        ended = asyncio.Event()
-        ending = asyncio.ensure_future(ended.wait())
         lag = self._service.watch_limits.max_lag_seconds
+        loop = asyncio.get_running_loop()
+        handler = asyncio.current_task()
+        writing = False
+        cut: errors.BrokerError | None = None
+
+        def cut_off(why: str) -> None:
+            # A write that the transport does not take (flow control: the client stopped reading),
+            # or the subscription ended meanwhile: stop waiting for it. Its message stays queued
+            # ahead of the status, so the resume position includes it.
+            nonlocal cut
+            if writing and cut is None and handler is not None:
+                shutting_down = why == "ended" and self._service.shutting_down
+                cut = _shutting_down(position) if shutting_down else _too_slow(lag, position)
+                handler.cancel()
+
+        watch = None
         try:
             principal = self._auth.authenticate(_authorization(context))
-            async for item in self._service.watch(principal, convert.watch_input(request), ended=ended):
-                write = asyncio.ensure_future(context.write(self._encode(item)))
+            watch = self._service.watch(
+                principal, convert.watch_input(request), on_end=lambda: cut_off("ended")
+            )
+            async for item in watch:
                 if not isinstance(item, service.ResourceView):
                     position = item.sequence
+                timer = loop.call_later(lag, cut_off, "lag")
+                writing = True
                 try:
-                    # The write, or the end of the subscription (cut off for lagging, shutdown),
-                    # whichever comes first; a write the transport has not taken in time is lag too.
-                    await asyncio.wait((write, ending), timeout=lag, return_when=asyncio.FIRST_COMPLETED)
+                    await context.write(self._encode(item))
+                except asyncio.CancelledError:
+                    if cut is None:
+                        raise  # the call itself was cancelled
+                    handler.uncancel()  # type: ignore[union-attr]
+                    raise cut from None
                 finally:
-                    if write.done():
-                        _forget(write)  # its outcome is read below (or the call is over)
-                    else:  # cut off below, or the call was cancelled meanwhile
-                        write.add_done_callback(_forget)
-                if not write.done():
-                    if ended.is_set() and self._service.shutting_down:
-                        raise _shutting_down(position)
-                    raise _too_slow(lag, position)
-                write.result()
+                    writing = False
+                    timer.cancel()
         except Exception as e:
+            if watch is not None:
+                await watch.aclose()  # the subscription ends now, not when the generator is collected
             await abort(context, e)
-        finally:
-            ending.cancel()
 
 
 def _shutting_down(position: int | None) -> errors.Unavailable:

@@ -934,13 +934,16 @@ class Store:
 
     async def event_bounds(self) -> tuple[int, int]:
         """The oldest retained and the newest sequence (0, 0 for an empty log)."""
+        # One statement, one snapshot: read apart, a commit in between made a fresh log look pruned.
         async with self._read() as db:
             row = await _one(
-                db, "SELECT COALESCE(MIN(sequence), 0), COALESCE(MAX(sequence), 0) FROM drift_events"
+                db,
+                "SELECT COALESCE(MIN(sequence), 0), COALESCE(MAX(sequence), 0), "
+                "(SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'drift_events') "
+                "FROM drift_events",
             )
-            issued = await _one(db, "SELECT seq FROM sqlite_sequence WHERE name = 'drift_events'")
-        newest = max(int(row[1]) if row else 0, int(issued[0]) if issued else 0)
-        return (int(row[0]) if row else 0), newest
+        oldest, highest, issued = (int(v) for v in row) if row else (0, 0, 0)
+        return oldest, max(highest, issued)
 
     async def events_after(self, sequence: int, limit: int) -> list[model.DriftEvent]:
         """Events with a greater sequence, oldest first, across namespaces (callers filter)."""
