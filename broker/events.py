@@ -1,9 +1,15 @@
 """Fan-out of committed drift events to live subscribers (the WatchDrift streams).
 
-The store calls ``EventHub.publish`` right after each commit, under its write lock, so every
-subscription sees events in sequence order. Publishing never waits: each subscription has a bounded
-buffer, and one that is full is cut off (``overflowed``) instead of growing memory or slowing the
-others; its stream then ends with a resumable error and the client resumes from its last sequence.
+The event log is the source of truth: one tailer per process (``EventHub.tail``) reads
+``events_after(position)`` and offers what it read to every subscription, in sequence order. A
+commit only *wakes* the tailer (``EventHub.notify``, called by the store after it committed, outside
+its write transaction); the tailer also looks on its own every ``poll_interval`` seconds, so a
+wake-up that never comes (another replica's commit, a lost notification) costs latency, never an
+event. Subscribers' filters never run inside a store transaction.
+
+Offering never waits: each subscription has a bounded buffer, and one that is full is cut off
+(``overflowed``) instead of growing memory or slowing the others; its stream then ends with a
+resumable error and the client resumes from its last sequence.
 """
 
 from __future__ import annotations
@@ -11,11 +17,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 
+from broker import workers
 from broker.domain import model
 
+log = logging.getLogger(__name__)
+
 Predicate = Callable[[model.DriftEvent], bool]
+# Reads the log: up to ``limit`` events after a sequence, in order (``EventLog.events_after``).
+Source = Callable[[int, int], Awaitable[list[model.DriftEvent]]]
 
 
 class Subscription:
@@ -103,11 +115,43 @@ class Subscription:
 
 
 class EventHub:
-    """The set of live subscriptions; ``publish`` delivers to each without blocking."""
+    """The set of live subscriptions; ``publish`` delivers to each without blocking.
 
-    def __init__(self) -> None:
+    ``tail`` is the worker that feeds it from the log; without it (unit tests) events are
+    published directly.
+    """
+
+    def __init__(self, *, poll_interval: float = 1.0, page: int = 500) -> None:
         self._subscriptions: set[Subscription] = set()
         self.shutting_down = False
+        self.poll_interval = poll_interval
+        self._page = page
+        self._wake = workers.Wakeup()
+        # The newest sequence offered to the subscriptions.
+        self.position = 0
+
+    def notify(self, events: list[model.DriftEvent] | None = None) -> None:
+        """New events were committed: the tailer reads the log at once (a store listener)."""
+        self._wake.set()
+
+    async def tail(self, source: Source, *, start: int, _iterations: int | None = None) -> None:
+        """Read the log after ``start`` for ever, offering each page to the subscriptions.
+
+        A subscription taken before a stream reads the log's bounds gets every event the tailer
+        reads later, so a stream that replays up to those bounds and then takes live events
+        above them misses nothing.
+        """
+        self.position = max(self.position, start)
+
+        async def step() -> float | None:
+            page = await source(self.position, self._page)
+            if page:
+                self.position = page[-1].sequence
+                self.publish(page)
+            # A full page: more is waiting, read on at once.
+            return 0.0 if len(page) >= self._page else None
+
+        await workers.run_forever(step, interval=self.poll_interval, wake=self._wake, _iterations=_iterations)
 
     def __len__(self) -> int:
         return len(self._subscriptions)

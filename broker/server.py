@@ -283,7 +283,9 @@ class Broker:
                 "Use --tokens FILE for anything but local development."
             )
         self._store = await sqlite.Store.open(settings.data_dir)
-        self._store.listeners += [self.hub.publish, self.metrics.on_events]
+        self._store.listeners += [self.hub.notify, self.metrics.on_events]
+        _, newest = await self._store.event_bounds()
+        self.supervisor.start("event-fanout", self.hub.tail(self._store.events_after, start=newest))
         self.policies = service.PolicyBook(settings.rules, await self._store.policies())
         callback_policy = callbacks.CallbackPolicy(
             allow_loopback=settings.callback_allow_loopback,

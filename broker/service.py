@@ -237,6 +237,10 @@ class BrokerService:
         self._on_accepted = on_accepted
         # The desired state changed without anything to apply (accepted drift): re-evaluate it now.
         self._on_desired_changed = on_desired_changed
+        # The last view of each deployment, handed out again while its deployment (the store gives
+        # the same object for an unchanged row) and its verdict are the same objects: an unchanged
+        # resource costs a lookup, and the transports keep its encoding by the view's identity.
+        self._views: dict[str, ResourceView] = {}
 
     @property
     def shutting_down(self) -> bool:
@@ -575,6 +579,11 @@ class BrokerService:
         if self._verdicts is not None and readable:
             evaluation = self._verdicts.verdict(deployment)
         live = phase not in (model.Phase.PENDING, model.Phase.DELETED)
+        kept = self._views.get(deployment.deployment_id)
+        # A view evaluated here (no verdict yet) is never reused: its observation is live.
+        reusable = evaluation is not None or not live or self._cluster is None
+        if kept is not None and reusable and kept.deployment is deployment and kept.evaluation is evaluation:
+            return kept
         if evaluation is None and self._cluster is not None and live:
             evaluation = drift.evaluate(
                 deployment,
@@ -584,7 +593,7 @@ class BrokerService:
             )
         if phase is model.Phase.READY and evaluation is not None and evaluation.unexpected:
             phase = model.Phase.DRIFT_DETECTED
-        return ResourceView(
+        view = ResourceView(
             deployment=deployment,
             phase=phase,
             endpoint=naming.endpoint(
@@ -595,6 +604,11 @@ class BrokerService:
             message=_message(deployment, phase, evaluation),
             evaluation=evaluation,
         )
+        if deployment.phase is model.Phase.DELETED:
+            self._views.pop(deployment.deployment_id, None)
+        else:
+            self._views[deployment.deployment_id] = view
+        return view
 
 
 _SNAPSHOT_PHASES = tuple(p for p in model.Phase if p is not model.Phase.DELETED)

@@ -30,7 +30,7 @@ import prometheus_client
 from aiohttp import web
 
 from broker import auth, errors, metrics, service
-from broker.api import rpcs, seed_json, status
+from broker.api import encoded, rpcs, seed_json, status
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,9 @@ class Gateway:
                         data.pop(_camel(name), None)
                         data[name] = value
                 reply = await rpc.handler(svc, principal, seed_json.parse(data, rpc.request()))
+                if isinstance(reply, encoded.Encoded):
+                    body = reply.json()
+                    return web.Response(body=body, status=route.status, content_type="application/json")
                 return web.json_response(seed_json.render(reply), status=route.status)
             except Exception as e:
                 code = (

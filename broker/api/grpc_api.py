@@ -18,7 +18,7 @@ from broker_client.v1 import broker_pb2 as pb
 from google.protobuf import message
 
 from broker import auth, errors, service
-from broker.api import convert, rpcs, status
+from broker.api import convert, encoded, rpcs, status
 from broker.domain import model
 
 
@@ -159,7 +159,9 @@ def _shutting_down(position: int | None) -> errors.Unavailable:
     return errors.Unavailable(f"the broker is shutting down{where}", reason="SHUTTING_DOWN", metadata=resume)
 
 
-def _serialize(response: message.Message) -> bytes:
+def _serialize(response: message.Message | encoded.Encoded) -> bytes:
+    if isinstance(response, encoded.Encoded):
+        return response.proto
     return response.SerializeToString()
 
 

@@ -17,9 +17,10 @@ from broker_client.v1 import broker_pb2 as pb
 from google.protobuf import message
 
 from broker import auth, service
-from broker.api import convert
+from broker.api import convert, encoded
 
-Handler = Callable[[service.BrokerService, auth.Principal, Any], Awaitable[message.Message]]
+# A handler answers a message, or a response it keeps encoded (``encoded.Encoded``).
+Handler = Callable[[service.BrokerService, auth.Principal, Any], Awaitable[message.Message | encoded.Encoded]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +55,9 @@ async def _provision(svc: service.BrokerService, principal: auth.Principal, req:
     return convert.provision_response(await svc.provision(principal, convert.provision_input(req)))
 
 
-async def _resource_state(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+async def _resource_state(svc: service.BrokerService, principal: auth.Principal, req: Any) -> encoded.Encoded:
     page = await svc.get_resource_state(principal, convert.resource_state_input(req))
-    return convert.resource_page_to_proto(req.namespace, page)
+    return encoded.of(svc).page(req.namespace, page)
 
 
 async def _deprovision(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:

@@ -167,6 +167,35 @@ def _deployment_from_row(row: sqlite3.Row) -> model.Deployment:
     )
 
 
+class _Parsed:
+    """Deployments already parsed from rows, reused while their row is unchanged.
+
+    Reads are mostly of rows that did not change since the last read (every manager polls); parsing
+    a row (its spec's JSON, timestamps, enums) costs far more than comparing it with the row it was
+    parsed from. The same row gives the same object, so readers further up (the views, their
+    encodings) can tell "unchanged" by identity. Deleted deployments are not kept.
+    """
+
+    __slots__ = ("_rows",)
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[tuple[Any, ...], model.Deployment]] = {}
+
+    def deployment(self, row: sqlite3.Row) -> model.Deployment:
+        """The deployment of a row of ``_DEPLOYMENT_COLUMNS``."""
+        values = tuple(row)
+        deployment_id = values[0]
+        kept = self._rows.get(deployment_id)
+        if kept is not None and kept[0] == values:
+            return kept[1]
+        deployment = _deployment_from_row(row)
+        if deployment.phase is model.Phase.DELETED:
+            self._rows.pop(deployment_id, None)
+        else:
+            self._rows[deployment_id] = (values, deployment)
+        return deployment
+
+
 def _item_to_dict(item: model.DriftItem) -> dict[str, Any]:
     return {
         **dataclasses.asdict(item),
@@ -260,6 +289,7 @@ class Store:
         # Events appended by the transaction holding the write lock, published after its commit.
         self._appended: list[model.DriftEvent] = []
         self.listeners: list[Callable[[list[model.DriftEvent]], None]] = []
+        self._parsed = _Parsed()
 
     @classmethod
     async def open(cls, data_dir: pathlib.Path) -> Store:
@@ -451,7 +481,7 @@ class Store:
             "WHERE d.namespace = ? AND d.resource_type = ? AND d.resource_name = ? AND d.phase != 'Deleted'",
             (command.namespace, command.resource_type.value, command.resource_name),
         )
-        return _deployment_from_row(row) if row else None
+        return self._parsed.deployment(row) if row else None
 
     async def _insert_operation(
         self,
@@ -652,7 +682,7 @@ class Store:
                     "WHERE o.state IN ('accepted', 'in_progress') ORDER BY o.create_time"
                 )
             )
-        return [_deployment_from_row(r) for r in rows]
+        return [self._parsed.deployment(r) for r in rows]
 
     async def live_deployments(
         self, phases: tuple[model.Phase, ...], namespaces: list[str] | None = None
@@ -672,7 +702,7 @@ class Store:
                     params,
                 )
             )
-        return [_deployment_from_row(r) for r in rows]
+        return [self._parsed.deployment(r) for r in rows]
 
     async def deployment_by_id(self, deployment_id: str) -> model.Deployment | None:
         """A deployment by id alone (for the broker's own workers, which are not namespace-scoped)."""
@@ -683,7 +713,7 @@ class Store:
                 "JOIN operations o ON o.operation_id = d.last_operation_id WHERE d.deployment_id = ?",
                 (deployment_id,),
             )
-        return _deployment_from_row(row) if row else None
+        return self._parsed.deployment(row) if row else None
 
     async def start_operation(self, deployment: model.Deployment) -> model.Deployment | None:
         """Mark the deployment's last operation in progress (and the phase Provisioning).
@@ -1015,7 +1045,7 @@ class Store:
         )
         if row is None:
             raise errors.NotFound(f"deployment {deployment_id!r} not found in namespace {namespace!r}")
-        return _deployment_from_row(row)
+        return self._parsed.deployment(row)
 
     async def get_deployment(
         self, namespace: model.Namespace, deployment_id: model.DeploymentId
@@ -1060,7 +1090,7 @@ class Store:
                     [*page_params, page.size + 1],
                 )
             )
-        items = tuple(_deployment_from_row(r) for r in rows[: page.size])
+        items = tuple(self._parsed.deployment(r) for r in rows[: page.size])
         next_token = ""
         if len(rows) > page.size:
             last = items[-1]
