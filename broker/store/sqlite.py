@@ -3,9 +3,9 @@
 Durability: WAL journal with ``synchronous=FULL``, so an acknowledged Provision survives a crash or
 power loss; foreign keys on; migrations at start-up.
 
-Concurrency: one writer connection guarded by an asyncio lock (every write is one ``BEGIN
-IMMEDIATE`` transaction) and one reader connection, which under WAL never sees a half-written
-transaction of another coroutine. Every read runs and finishes its statement in one call
+Concurrency: writes run whole on one writer thread with its own connection, several to a
+transaction (``group_commit``: each in a savepoint, one commit for the group), and one reader
+connection, which under WAL never sees a half-written transaction. Every read runs and finishes its statement in one call
 (``execute_fetchall``): a statement left open between two awaits would keep the reader's read
 transaction open, and another coroutine's query would then run in that older snapshot and miss
 what was committed since. SQLite errors are translated into ``errors.Unavailable`` with the
@@ -32,7 +32,7 @@ import aiosqlite
 
 from broker import errors
 from broker.domain import model, policy
-from broker.store import migrations, port
+from broker.store import group_commit, migrations, port
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,13 @@ _DEPLOYMENT_COLUMNS = """
     d.update_time AS d_update_time, o.operation_id, o.type, o.state, o.generation AS o_generation,
     o.message, o.create_time, o.update_time
 """
+
+
+_BY_NAMESPACE_AND_ID = (
+    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+    "JOIN operations o ON o.operation_id = d.last_operation_id "
+    "WHERE d.namespace = ? AND d.deployment_id = ?"
+)
 
 
 def _deployment_from_row(row: sqlite3.Row) -> model.Deployment:
@@ -283,12 +290,9 @@ class Store:
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
-        self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
-        # Events appended by the transaction holding the write lock, published after its commit.
-        self._appended: list[model.DriftEvent] = []
         self.listeners: list[Callable[[list[model.DriftEvent]], None]] = []
+        self._writer = group_commit.Writer(path, connect=_connect_writer, on_commit=self._committed)
         self._parsed = _Parsed()
 
     @classmethod
@@ -297,8 +301,12 @@ class Store:
         await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
         store = cls(data_dir / DB_FILENAME)
         try:
-            store._writer = await _connect(store.path)
-            await store._migrate()
+            migrator = await _connect(store.path)
+            try:
+                await store._migrate(migrator)
+            finally:
+                await migrator.close()
+            await store._writer.start()
             store._reader = await _connect(store.path)
         except (sqlite3.Error, OSError) as e:
             await store.close()
@@ -306,11 +314,16 @@ class Store:
         return store
 
     async def close(self) -> None:
-        """Close both connections; safe to call twice."""
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        """Commit what is queued, then close both connections; safe to call twice."""
+        await self._writer.stop()
+        if self._reader is not None:
+            await self._reader.close()
+        self._reader = None
+
+    def _committed(self, events: list[model.DriftEvent]) -> None:
+        """After each commit, on the event loop: the listeners hear its events, in sequence order."""
+        for listener in self.listeners:
+            listener(events)
 
     async def schema_version(self) -> int:
         """The newest applied migration."""
@@ -323,8 +336,7 @@ class Store:
         async with self._read() as db:
             await db.execute("SELECT 1")
 
-    async def _migrate(self) -> None:
-        db = self._conn(self._writer)
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
         await db.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations "
             "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_time TEXT NOT NULL)"
@@ -363,37 +375,6 @@ class Store:
         except sqlite3.Error as e:
             raise errors.Unavailable(f"the store failed to read: {type(e).__name__}") from e
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._write_lock:
-            db = self._conn(self._writer)
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
-                raise errors.Unavailable(
-                    f"the store failed to start a transaction: {type(e).__name__}"
-                ) from e
-            self._appended = []
-            try:
-                yield db
-            except BaseException:
-                self._appended = []
-                with contextlib.suppress(sqlite3.Error):  # a broken connection must not mask the cause
-                    await db.rollback()
-                raise
-            try:
-                await db.commit()
-            except sqlite3.Error as e:
-                self._appended = []
-                with contextlib.suppress(sqlite3.Error):
-                    await db.rollback()
-                raise errors.Unavailable(f"the store failed to commit: {type(e).__name__}") from e
-            # Still under the lock: listeners see events in commit order, which is sequence order.
-            appended, self._appended = self._appended, []
-            if appended:
-                for listener in self.listeners:
-                    listener(appended)
-
     # Provision / deprovision -------------------------------------------------------------------
 
     async def provision(self, command: model.ProvisionCommand) -> model.MutationResult:
@@ -410,28 +391,32 @@ class Store:
             "callback_url": command.callback_url,
         }
         request_hash = _request_hash("provision", payload)
-        async with self._transaction() as db:
-            replay = await self._replay(db, command.namespace, command.request_id, request_hash)
+
+        def body(tx: group_commit.Tx) -> model.MutationResult:
+            db = tx.db
+            replay = self._replay(db, command.namespace, command.request_id, request_hash)
             if replay is not None:
                 return replay
-            existing = await self._live_deployment(db, command)
+            existing = self._live_deployment(db, command)
             now = _now()
             if existing is None:
-                result = await self._create(db, command, now)
+                result = self._create(db, command, now)
             else:
-                result = await self._update(db, existing, command, now)
+                result = self._update(db, existing, command, now)
             if command.request_id:
-                await self._remember(
+                self._remember(
                     db, command.namespace, command.request_id, "provision", request_hash, result, now
                 )
             return result
 
-    async def _replay(
-        self, db: aiosqlite.Connection, namespace: str, request_id: str, request_hash: str
+        return await self._writer.write(body)
+
+    def _replay(
+        self, db: sqlite3.Connection, namespace: str, request_id: str, request_hash: str
     ) -> model.MutationResult | None:
         if not request_id:
             return None
-        row = await _one(
+        row = _one_sync(
             db,
             "SELECT request_hash, response FROM idempotency_keys WHERE namespace = ? AND request_id = ?",
             (namespace, request_id),
@@ -446,9 +431,9 @@ class Store:
             )
         return _result_from_json(row["response"])
 
-    async def _remember(
+    def _remember(
         self,
-        db: aiosqlite.Connection,
+        db: sqlite3.Connection,
         namespace: str,
         request_id: str,
         method: str,
@@ -456,7 +441,7 @@ class Store:
         result: model.MutationResult,
         now: datetime.datetime,
     ) -> None:
-        await db.execute(
+        db.execute(
             "INSERT INTO idempotency_keys "
             "(namespace, request_id, method, request_hash, deployment_id, response, create_time) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -471,10 +456,10 @@ class Store:
             ),
         )
 
-    async def _live_deployment(
-        self, db: aiosqlite.Connection, command: model.ProvisionCommand
+    def _live_deployment(
+        self, db: sqlite3.Connection, command: model.ProvisionCommand
     ) -> model.Deployment | None:
-        row = await _one(
+        row = _one_sync(
             db,
             f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
@@ -483,9 +468,9 @@ class Store:
         )
         return self._parsed.deployment(row) if row else None
 
-    async def _insert_operation(
+    def _insert_operation(
         self,
-        db: aiosqlite.Connection,
+        db: sqlite3.Connection,
         *,
         deployment_id: model.DeploymentId,
         op_type: model.OperationType,
@@ -502,7 +487,7 @@ class Store:
             create_time=now,
             update_time=now,
         )
-        await db.execute(
+        db.execute(
             "INSERT INTO operations (operation_id, deployment_id, type, state, generation, message, "
             "create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -518,14 +503,14 @@ class Store:
         )
         return op
 
-    async def _create(
-        self, db: aiosqlite.Connection, command: model.ProvisionCommand, now: datetime.datetime
+    def _create(
+        self, db: sqlite3.Connection, command: model.ProvisionCommand, now: datetime.datetime
     ) -> model.MutationResult:
         deployment_id = new_deployment_id()
         # The operation references its deployment, so the deployment goes first, already naming the
         # operation id chosen up front.
         op_id = _new_operation_id()
-        await db.execute(
+        db.execute(
             "INSERT INTO deployments (deployment_id, namespace, resource_type, resource_name, desired_spec, "
             "generation, phase, callback_url, last_operation_id, create_time, update_time) "
             "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
@@ -542,7 +527,7 @@ class Store:
                 _ts(now),
             ),
         )
-        op = await self._insert_operation(
+        op = self._insert_operation(
             db,
             deployment_id=deployment_id,
             op_type=model.OperationType.PROVISION,
@@ -554,9 +539,9 @@ class Store:
             deployment_id=deployment_id, phase=model.Phase.PENDING, generation=1, operation=op, changed=True
         )
 
-    async def _update(
+    def _update(
         self,
-        db: aiosqlite.Connection,
+        db: sqlite3.Connection,
         existing: model.Deployment,
         command: model.ProvisionCommand,
         now: datetime.datetime,
@@ -579,7 +564,7 @@ class Store:
         retry = same_spec and existing.phase is model.Phase.FAILED
         if same_spec and not retry:
             if existing.callback_url != command.callback_url:
-                await db.execute(
+                db.execute(
                     "UPDATE deployments SET callback_url = ?, update_time = ? WHERE deployment_id = ?",
                     (command.callback_url, _ts(now), existing.deployment_id),
                 )
@@ -591,14 +576,14 @@ class Store:
                 changed=False,
             )
         generation = existing.generation if retry else existing.generation + 1
-        op = await self._insert_operation(
+        op = self._insert_operation(
             db,
             deployment_id=existing.deployment_id,
             op_type=model.OperationType.UPDATE,
             generation=generation,
             now=now,
         )
-        await db.execute(
+        db.execute(
             "UPDATE deployments SET desired_spec = ?, generation = ?, phase = ?, callback_url = ?, "
             "last_operation_id = ?, update_time = ? WHERE deployment_id = ?",
             (
@@ -624,11 +609,13 @@ class Store:
         request_hash = _request_hash(
             "deprovision", {"deployment_id": command.deployment_id, "data_policy": command.data_policy.value}
         )
-        async with self._transaction() as db:
-            replay = await self._replay(db, command.namespace, command.request_id, request_hash)
+
+        def body(tx: group_commit.Tx) -> model.MutationResult:
+            db = tx.db
+            replay = self._replay(db, command.namespace, command.request_id, request_hash)
             if replay is not None:
                 return replay
-            existing = await self._deployment(db, command.namespace, command.deployment_id)
+            existing = self._deployment_sync(db, command.namespace, command.deployment_id)
             now = _now()
             if existing.phase in (model.Phase.DELETING, model.Phase.DELETED):
                 result = model.MutationResult(
@@ -639,14 +626,14 @@ class Store:
                     changed=False,
                 )
             else:
-                op = await self._insert_operation(
+                op = self._insert_operation(
                     db,
                     deployment_id=existing.deployment_id,
                     op_type=model.OperationType.DEPROVISION,
                     generation=existing.generation,
                     now=now,
                 )
-                await db.execute(
+                db.execute(
                     "UPDATE deployments SET phase = ?, data_policy = ?, last_operation_id = ?, "
                     "update_time = ? WHERE deployment_id = ?",
                     (
@@ -665,10 +652,12 @@ class Store:
                     changed=True,
                 )
             if command.request_id:
-                await self._remember(
+                self._remember(
                     db, command.namespace, command.request_id, "deprovision", request_hash, result, now
                 )
             return result
+
+        return await self._writer.write(body)
 
     # Operations, the event log and the callback outbox ---------------------------------------------
 
@@ -722,8 +711,10 @@ class Store:
         """
         op = deployment.last_operation
         now = _now()
-        async with self._transaction() as db:
-            cur = await db.execute(
+
+        def body(tx: group_commit.Tx) -> model.Deployment | None:
+            db = tx.db
+            cur = db.execute(
                 "UPDATE operations SET state = 'in_progress', message = ?, update_time = ? "
                 "WHERE operation_id = ? AND state IN ('accepted', 'in_progress') AND operation_id = "
                 "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
@@ -732,20 +723,26 @@ class Store:
             if cur.rowcount == 0:
                 return None
             if op.type is not model.OperationType.DEPROVISION:
-                await db.execute(
+                db.execute(
                     "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
                     (model.Phase.PROVISIONING.value, _ts(now), deployment.deployment_id),
                 )
-            return await self._deployment(db, deployment.namespace, deployment.deployment_id)
+            return self._deployment_sync(db, deployment.namespace, deployment.deployment_id)
+
+        return await self._writer.write(body)
 
     async def note_progress(self, deployment: model.Deployment, message: str) -> None:
         """Say why an operation in progress is waiting (shown by GetDeployment and the state)."""
-        async with self._transaction() as db:
-            await db.execute(
+
+        def body(tx: group_commit.Tx) -> None:
+            db = tx.db
+            db.execute(
                 "UPDATE operations SET message = ?, update_time = ? "
                 "WHERE operation_id = ? AND state = 'in_progress'",
                 (message, _ts(_now()), deployment.last_operation.operation_id),
             )
+
+        return await self._writer.write(body)
 
     async def finish_operation(
         self,
@@ -767,8 +764,10 @@ class Store:
             phase = model.Phase.DELETED if succeeded else model.Phase.DELETING
         else:
             phase = model.Phase.READY if succeeded else model.Phase.FAILED
-        async with self._transaction() as db:
-            cur = await db.execute(
+
+        def body(tx: group_commit.Tx) -> bool:
+            db = tx.db
+            cur = db.execute(
                 "UPDATE operations SET state = ?, message = ?, update_time = ? WHERE operation_id = ? "
                 "AND state IN ('accepted', 'in_progress') AND operation_id = "
                 "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
@@ -782,15 +781,15 @@ class Store:
             )
             if cur.rowcount == 0:
                 return False
-            await db.execute(
+            db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
                 (phase.value, _ts(now), deployment.deployment_id),
             )
             if event is not None:
-                await self._append_event(db, dataclasses.replace(event, phase=phase), now)
+                self._append_event(tx, dataclasses.replace(event, phase=phase))
             if callback is not None:
                 url, payload = callback
-                await db.execute(
+                db.execute(
                     "INSERT INTO callback_outbox "
                     "(delivery_id, deployment_id, url, payload, next_attempt_time, create_time) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -805,9 +804,11 @@ class Store:
                 )
             return True
 
-    async def _append_event(
-        self, db: aiosqlite.Connection, event: model.DriftEvent, now: datetime.datetime
-    ) -> int:
+        return await self._writer.write(body)
+
+    @staticmethod
+    def _append_event(tx: group_commit.Tx, event: model.DriftEvent) -> int:
+        now = tx.now
         payload = {
             "message": event.message,
             "phase": event.phase.value,
@@ -815,7 +816,7 @@ class Store:
             "generation": event.generation,
             "items": [_item_to_dict(i) for i in event.items],
         }
-        cur = await db.execute(
+        cur = tx.db.execute(
             "INSERT INTO drift_events "
             "(deployment_id, namespace, resource_type, resource_name, kind, payload, event_time) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -830,7 +831,7 @@ class Store:
             ),
         )
         sequence = int(cur.lastrowid or 0)
-        self._appended.append(dataclasses.replace(event, sequence=sequence, event_time=now))
+        tx.appended.append(dataclasses.replace(event, sequence=sequence, event_time=now))
         return sequence
 
     async def due_callbacks(self, limit: int = 50) -> list[tuple[str, str, str, int]]:
@@ -851,19 +852,23 @@ class Store:
     ) -> None:
         """Record one delivery attempt: delivered, or failed with the time of the next attempt."""
         now = _now()
-        async with self._transaction() as db:
+
+        def body(tx: group_commit.Tx) -> None:
+            db = tx.db
             if delivered:
-                await db.execute(
+                db.execute(
                     "UPDATE callback_outbox SET attempts = attempts + 1, delivered_time = ?, last_error = '' "
                     "WHERE delivery_id = ?",
                     (_ts(now), delivery_id),
                 )
             else:
-                await db.execute(
+                db.execute(
                     "UPDATE callback_outbox SET attempts = attempts + 1, last_error = ?, "
                     "next_attempt_time = ? WHERE delivery_id = ?",
                     (error[:500], _ts(retry_at or now), delivery_id),
                 )
+
+        return await self._writer.write(body)
 
     async def accept(self, deployment: model.Deployment, spec: model.ResourceSpec, message: str) -> bool:
         """Make ``spec`` the desired state as already in place: a new generation, nothing to apply.
@@ -874,20 +879,22 @@ class Store:
         whether it was.
         """
         now = _now()
-        async with self._transaction() as db:
+
+        def body(tx: group_commit.Tx) -> bool:
+            db = tx.db
             generation = deployment.generation + 1
-            op = await self._insert_operation(
+            op = self._insert_operation(
                 db,
                 deployment_id=deployment.deployment_id,
                 op_type=model.OperationType.UPDATE,
                 generation=generation,
                 now=now,
             )
-            await db.execute(
+            db.execute(
                 "UPDATE operations SET state = ?, message = ? WHERE operation_id = ?",
                 (model.OperationState.SUCCEEDED.value, message, op.operation_id),
             )
-            cur = await db.execute(
+            cur = db.execute(
                 "UPDATE deployments SET desired_spec = ?, generation = ?, last_operation_id = ?, "
                 "update_time = ? WHERE deployment_id = ? AND last_operation_id = ? "
                 "AND phase IN ('Ready', 'DriftDetected')",
@@ -901,9 +908,11 @@ class Store:
                 ),
             )
             if cur.rowcount == 0:
-                await db.execute("DELETE FROM operations WHERE operation_id = ?", (op.operation_id,))
+                db.execute("DELETE FROM operations WHERE operation_id = ?", (op.operation_id,))
                 return False
             return True
+
+        return await self._writer.write(body)
 
     async def record_evaluation(
         self,
@@ -920,15 +929,17 @@ class Store:
         was evaluated; returns whether anything was written.
         """
         now = _now()
-        async with self._transaction() as db:
-            cur = await db.execute(
+
+        def body(tx: group_commit.Tx) -> bool:
+            db = tx.db
+            cur = db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
                 "AND last_operation_id = ? AND phase IN ('Ready', 'DriftDetected')",
                 (phase.value, _ts(now), deployment.deployment_id, deployment.last_operation.operation_id),
             )
             if cur.rowcount == 0:
                 return False
-            await db.execute(
+            db.execute(
                 "INSERT INTO drift_state (deployment_id, items, health, update_time) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (deployment_id) DO UPDATE SET items = excluded.items, health = excluded.health, "
                 "update_time = excluded.update_time",
@@ -940,15 +951,18 @@ class Store:
                 ),
             )
             for event in events:
-                await self._append_event(db, dataclasses.replace(event, phase=phase), now)
+                self._append_event(tx, dataclasses.replace(event, phase=phase))
             return True
+
+        return await self._writer.write(body)
 
     async def append_events(self, events: list[model.DriftEvent]) -> None:
         """Append events that describe no stored state (remediation attempts)."""
-        now = _now()
-        async with self._transaction() as db:
+        def body(tx: group_commit.Tx) -> None:
             for event in events:
-                await self._append_event(db, event, now)
+                self._append_event(tx, event)
+
+        return await self._writer.write(body)
 
     async def drift_states(self) -> dict[str, tuple[tuple[model.DriftItem, ...], model.Health]]:
         """What the detector last reported, per deployment (to resume without re-announcing)."""
@@ -989,17 +1003,23 @@ class Store:
 
     async def prune_events(self, *, keep: int) -> int:
         """Delete all but the newest ``keep`` events; returns how many were deleted."""
-        async with self._transaction() as db:
-            cur = await db.execute(
+
+        def body(tx: group_commit.Tx) -> int:
+            db = tx.db
+            cur = db.execute(
                 "DELETE FROM drift_events WHERE sequence <= (SELECT MAX(sequence) FROM drift_events) - ?",
                 (keep,),
             )
             return int(cur.rowcount)
 
+        return await self._writer.write(body)
+
     async def set_policy(self, rule: policy.Rule) -> None:
         """Store a remediation policy, replacing the one for the same namespace and type."""
-        async with self._transaction() as db:
-            await db.execute(
+
+        def body(tx: group_commit.Tx) -> None:
+            db = tx.db
+            db.execute(
                 "INSERT INTO policies (namespace, resource_type, mode, ignore_fields, update_time) "
                 "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (namespace, resource_type) DO UPDATE SET mode = excluded.mode, "
@@ -1012,6 +1032,8 @@ class Store:
                     _ts(_now()),
                 ),
             )
+
+        return await self._writer.write(body)
 
     async def policies(self) -> list[policy.Rule]:
         """Every stored remediation policy."""
@@ -1036,13 +1058,17 @@ class Store:
     async def _deployment(
         self, db: aiosqlite.Connection, namespace: str, deployment_id: str
     ) -> model.Deployment:
-        row = await _one(
-            db,
-            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
-            "JOIN operations o ON o.operation_id = d.last_operation_id "
-            "WHERE d.namespace = ? AND d.deployment_id = ?",
-            (namespace, deployment_id),
+        row = await _one(db, _BY_NAMESPACE_AND_ID, (namespace, deployment_id))
+        return self._found(row, namespace, deployment_id)
+
+    def _deployment_sync(
+        self, db: sqlite3.Connection, namespace: str, deployment_id: str
+    ) -> model.Deployment:
+        return self._found(
+            _one_sync(db, _BY_NAMESPACE_AND_ID, (namespace, deployment_id)), namespace, deployment_id
         )
+
+    def _found(self, row: sqlite3.Row | None, namespace: str, deployment_id: str) -> model.Deployment:
         if row is None:
             raise errors.NotFound(f"deployment {deployment_id!r} not found in namespace {namespace!r}")
         return self._parsed.deployment(row)
@@ -1146,6 +1172,12 @@ class Store:
         return int(row[0]) if row else 0
 
 
+def _one_sync(db: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Row | None:
+    """The first row of a query, on the writer's connection (inside a write)."""
+    row: sqlite3.Row | None = db.execute(sql, params).fetchone()
+    return row
+
+
 async def _one(db: aiosqlite.Connection, sql: str, params: Any = ()) -> sqlite3.Row | None:
     """The first row of a query, run and finished in one call (see ``Store``: reads never interleave)."""
     rows = await db.execute_fetchall(sql, params)
@@ -1165,17 +1197,28 @@ def _statements(sql: str) -> Iterable[str]:
         raise ValueError(f"incomplete statement at the end of a migration: {buffer.strip()[:60]}")
 
 
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=5000",
+)
+
+
 async def _connect(path: pathlib.Path) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
-    pragmas: Iterable[str] = (
-        "PRAGMA journal_mode=WAL",
-        "PRAGMA synchronous=FULL",
-        "PRAGMA foreign_keys=ON",
-        "PRAGMA busy_timeout=5000",
-    )
-    for pragma in pragmas:
+    for pragma in _PRAGMAS:
         await conn.execute(pragma)
+    return conn
+
+
+def _connect_writer(path: pathlib.Path) -> sqlite3.Connection:
+    """The writer thread's connection (created on that thread, used by it alone)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    for pragma in _PRAGMAS:
+        conn.execute(pragma)
     return conn
 
 
