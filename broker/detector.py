@@ -30,17 +30,16 @@ from collections.abc import Callable
 
 from broker import errors, workers
 from broker.domain import catalog as catalog_mod
-from broker.domain import drift, model, policy
+from broker.domain import drift, lifecycle, model, policy, rules
 from broker.kube import observer
 from broker.store import port
 
 log = logging.getLogger(__name__)
 
-EVALUATED_PHASES = (model.Phase.READY, model.Phase.DRIFT_DETECTED)
+EVALUATED_PHASES = lifecycle.EVALUATED
 # Which of some drift items an observation still shows: of the caches, or with the objects a
 # remediation just wrote in place of their cached copies.
 Remaining = Callable[[tuple[model.DriftItem, ...], observer.Written | None], tuple[model.DriftItem, ...]]
-MISSING_RULES = ("object.missing", "secret.missing")
 
 
 def _key(item: model.DriftItem) -> tuple[str, str, str]:
@@ -81,7 +80,7 @@ def changes(
     old_keys, new_keys = {_key(i) for i in unexpected_before}, {_key(i) for i in unexpected_after}
     if old_keys != new_keys:
         appeared = [i for i in unexpected_after if _key(i) not in old_keys]
-        newly_missing = [i for i in appeared if i.rule_id in MISSING_RULES]
+        newly_missing = [i for i in appeared if i.rule_id in rules.MISSING]
         if not unexpected_after:
             message = "Drift resolved: " + "; ".join(i.message for i in unexpected_before)
             events.append(event(model.EventKind.DRIFT_RESOLVED, message, unexpected_after))
@@ -361,7 +360,7 @@ class Detector:
         readable = verdict.health is not model.Health.UNKNOWN
         after = _keep_detect_times(before, verdict.items) if readable else before
         events = changes(deployment, before, after, health_before, verdict.health)
-        phase = model.Phase.DRIFT_DETECTED if _unexpected(after) else model.Phase.READY
+        phase = lifecycle.phase_of_verdict(after)
         if events or phase is not deployment.phase or health_before is None:
             written = await self._store.record_evaluation(
                 deployment, items=after, health=verdict.health, phase=phase, events=events

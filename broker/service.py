@@ -14,7 +14,7 @@ from typing import Protocol
 
 from broker import auth, errors, events
 from broker.domain import catalog as catalog_mod
-from broker.domain import drift, model, naming, policy, validation
+from broker.domain import drift, lifecycle, model, naming, policy, rules, validation
 from broker.store import port
 
 audit_log = logging.getLogger("broker.audit")
@@ -155,9 +155,6 @@ class PolicyBook:
     def set(self, rule: policy.Rule) -> None:
         """Put a rule in effect."""
         self.current = self.current.with_rule(rule)
-
-
-ACCEPTABLE_FIELDS = ("replicas", "version", "size", "partitions", "retention_ms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,11 +366,11 @@ class BrokerService:
         violations: list[errors.FieldViolation] = []
         validation.check_namespace(namespace, violations)
         validation.check_deployment_id(deployment_id, violations, required=True)
-        unknown = sorted(set(fields) - set(ACCEPTABLE_FIELDS))
+        unknown = sorted(set(fields) - set(rules.ACCEPTABLE))
         if unknown:
             violations.append(
                 errors.FieldViolation(
-                    "fields", f"{', '.join(unknown)} cannot be accepted; use {', '.join(ACCEPTABLE_FIELDS)}"
+                    "fields", f"{', '.join(unknown)} cannot be accepted; use {', '.join(rules.ACCEPTABLE)}"
                 )
             )
         validation.raise_if(violations)
@@ -388,7 +385,7 @@ class BrokerService:
                     f"deployment {deployment_id} has no observed state to accept (phase {view.phase.value})",
                     reason="NOTHING_OBSERVED",
                 )
-            wanted = set(fields or ACCEPTABLE_FIELDS)
+            wanted = set(fields or rules.ACCEPTABLE)
             drifted = {i.field for i in view.evaluation.items} & wanted
             spec, accepted = _accepted_spec(
                 deployment.desired_spec, view.evaluation.actual_spec, drifted, self._catalog
@@ -591,8 +588,7 @@ class BrokerService:
                 catalog=self._catalog,
                 rules=self.policies.current,
             )
-        if phase is model.Phase.READY and evaluation is not None and evaluation.unexpected:
-            phase = model.Phase.DRIFT_DETECTED
+        phase = lifecycle.shown_phase(phase, evaluation.items if evaluation is not None else None)
         view = ResourceView(
             deployment=deployment,
             phase=phase,

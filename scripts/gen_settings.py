@@ -1,4 +1,5 @@
-"""Rewrite the README's table of settings from ``broker/settings.py``.
+"""Rewrite the README's generated tables: the settings (``broker/settings.py``) and the drift rules
+(``broker/domain/rules.py``).
 
 Usage: ``python scripts/gen_settings.py`` (write) or ``--check`` (exit 1 when the README differs).
 """
@@ -11,17 +12,26 @@ import re
 import sys
 
 from broker import server, settings
+from broker.domain import rules
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-BLOCK = re.compile(r"(<!-- settings:begin[^>]*-->\n).*?(\n<!-- settings:end -->)", re.DOTALL)
+
+
+def _block(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- {name}:begin[^>]*-->\n).*?(<!-- {name}:end -->)", re.DOTALL)
 
 
 def rendered(text: str) -> str:
-    """``text`` with its settings block replaced by the table the code defines."""
-    if not BLOCK.search(text):
-        raise SystemExit("README.md has no <!-- settings:begin --> ... <!-- settings:end --> block")
-    table = settings.markdown_table(server.Settings)
-    return BLOCK.sub(lambda m: m.group(1) + table + m.group(2), text)
+    """``text`` with each generated block replaced by the table the code defines."""
+    for name, table in (
+        ("settings", settings.markdown_table(server.Settings)),
+        ("rules", rules.markdown_table()),
+    ):
+        block = _block(name)
+        if not block.search(text):
+            raise SystemExit(f"README.md has no <!-- {name}:begin --> ... <!-- {name}:end --> block")
+        text = block.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), text)
+    return text
 
 
 def main() -> int:
@@ -32,7 +42,7 @@ def main() -> int:
     wanted = rendered(current)
     if args.check:
         if current != wanted:
-            print("README.md's settings table is stale: run ./dev.sh gen", file=sys.stderr)
+            print("README.md's generated tables are stale: run ./dev.sh gen", file=sys.stderr)
             return 1
         return 0
     README.write_text(wanted)

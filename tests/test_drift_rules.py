@@ -8,7 +8,7 @@ import decimal
 
 import pytest
 
-from broker.domain import catalog, drift, model, naming, policy
+from broker.domain import catalog, drift, model, naming, policy, rules
 
 NOW = datetime.datetime(2025, 10, 3, 9, 30, tzinfo=datetime.UTC)
 CATALOG = catalog.DEFAULT_CATALOG
@@ -380,3 +380,20 @@ def test_a_missing_secret_makes_a_database_unhealthy() -> None:
     result = _evaluate(_observation(secret_present=False))
     assert result.health is model.Health.UNHEALTHY
     assert "secret.missing" in {i.rule_id for i in result.items}
+
+
+def test_the_rule_table_is_the_one_source_of_rule_names_and_fields() -> None:
+    """Policies, AcceptDrift and the missing-object events read the table, not copies of it."""
+    ids = [r.rule_id for r in rules.RULES]
+    assert len(ids) == len(set(ids))
+    # Every row of the seed's table above is a rule of the table, classified as its row says.
+    for _, obs, rule_id, action, _, _ in ROWS:
+        (item,) = [i for i in _evaluate(obs).items if i.rule_id == rule_id]
+        row = rules.BY_ID[rule_id]
+        assert (item.drift_class, item.severity, item.action) == (row.drift_class, row.severity, action)
+        assert item.field in row.fields
+    assert {f for r in rules.RULES for f in r.fields} == drift.FIELDS
+    assert {"object.missing", "secret.missing"} == rules.MISSING
+    assert set(rules.ACCEPTABLE) == {"replicas", "version", "size", "partitions", "retention_ms"}
+    with pytest.raises(ValueError, match="does not produce items for field"):
+        rules.item("replicas.changed", "labels", 1, 2, message="")

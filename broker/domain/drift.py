@@ -3,31 +3,8 @@
 Pure code. The Kubernetes adapter turns cluster objects into an ``Observation``; ``evaluate`` turns
 a deployment and an observation into the actual spec, classified drift items, health, usage and cost.
 
-Default classification (DESIGN section 5, the seed's drift rules):
-
-==========================  =====================================  ===========  ==============
-rule id                     difference                             class        action
-==========================  =====================================  ===========  ==============
-version.patch               newer patch within the desired float   expected     none
-version.unknown             the image tag names no version         expected     none
-version.minor               other minor version                    unexpected   alert-only
-version.downgrade           older patch than desired               unexpected   alert-only
-version.major               other major version (data-affecting)   unexpected   alert-only
-engine.changed              another engine's image is running      unexpected   alert-only
-replicas.changed            replicas changed by hand               unexpected   auto-remediate
-size.changed                cpu/memory/storage (cost-impacting)    unexpected   alert-only
-object.missing              StatefulSet/Service/KafkaTopic gone    unexpected   auto-remediate
-secret.missing              credentials Secret gone                unexpected   alert-only
-secret.changed              credentials Secret edited              unexpected   alert-only
-labels.changed              labels the broker owns changed         unexpected   auto-remediate
-config.changed              container env changed by hand          unexpected   auto-remediate
-topic.partitions.decreased  fewer partitions (data-affecting)      unexpected   alert-only
-topic.partitions.increased  more partitions (cannot be undone)     unexpected   alert-only
-topic.retention.shortened   shorter retention (data-affecting)     unexpected   alert-only
-topic.retention.changed     longer retention                       unexpected   auto-remediate
-topic.replicas.changed      other replication factor               unexpected   auto-remediate
-field.unreadable            a compared value that cannot be read   unexpected   auto-remediate
-==========================  =====================================  ===========  ==============
+The rules, their classes, severities and default actions are the table in ``rules`` (DESIGN
+section 5, the seed's drift rules); every item is made from its rule's row.
 
 Usage varying and Kubernetes-managed metadata are expected and not reported at all.
 """
@@ -41,7 +18,7 @@ import re
 from collections.abc import Mapping
 
 from broker.domain import catalog as catalog_mod
-from broker.domain import model, naming, policy, quantity
+from broker.domain import model, naming, policy, quantity, rules
 
 CRASH_REASONS = frozenset({"CrashLoopBackOff", "Error", "ImagePullBackOff", "ErrImagePull"})
 RESTARTS_DEGRADED = 3
@@ -52,22 +29,7 @@ RECENT_RESTART = datetime.timedelta(minutes=10)
 EXPLANATIONS = {"version.patch": "This is expected patch version drift"}
 
 # Every ``DriftItem.field`` the rules produce: what policies may ignore.
-FIELDS = frozenset(
-    {
-        "version",
-        "engine",
-        "replicas",
-        "size",
-        "config",
-        "labels",
-        "secret",
-        "statefulset",
-        "service",
-        "kafkatopic",
-        "partitions",
-        "retention_ms",
-    }
-)
+FIELDS = rules.FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,33 +214,6 @@ def _describe(resources: model.ComputeResources) -> str:
 # Rules --------------------------------------------------------------------------------------------
 
 
-def _item(
-    rule_id: str,
-    field: str,
-    desired: object,
-    actual: object,
-    *,
-    expected: bool = False,
-    severity: model.Severity,
-    action: model.Action,
-    message: str,
-    changed_by: str = "",
-    cost_delta: float | None = None,
-) -> model.DriftItem:
-    return model.DriftItem(
-        rule_id=rule_id,
-        field=field,
-        desired=str(desired),
-        actual=str(actual),
-        drift_class=model.DriftClass.EXPECTED if expected else model.DriftClass.UNEXPECTED,
-        severity=severity,
-        action=action,
-        message=message,
-        changed_by=changed_by,
-        monthly_cost_delta=cost_delta,
-    )
-
-
 def _version_parts(version: str) -> tuple[int, ...]:
     try:
         return catalog_mod.version_key(version)
@@ -296,59 +231,46 @@ def version_item(desired: str, actual: str, changed_by: str) -> model.DriftItem 
         return None
     want, have = _version_parts(desired), _version_parts(actual)
     if not have:
-        return _item(
+        return rules.item(
             "version.unknown",
             "version",
             desired,
             actual or "unknown",
-            expected=True,
-            severity=model.Severity.INFO,
-            action=model.Action.NONE,
             message=f"Version unknown: the image tag {actual or '(none)'!r} names no version; "
             f"desired={desired}",
         )
     message = f"Version mismatch: desired={desired}, actual={actual}"
-    alert, warn = model.Action.ALERT_ONLY, model.Severity.WARNING
     if not want or have[0] != want[0]:
-        return _item(
+        return rules.item(
             "version.major",
             "version",
             desired,
             actual,
-            severity=model.Severity.CRITICAL,
-            action=alert,
             message=message,
             changed_by=changed_by,
         )
     if have[: len(want)] == want or (len(have) >= 2 and have[:2] == want[:2] and have > want):
-        return _item(
+        return rules.item(
             "version.patch",
             "version",
             desired,
             actual,
-            expected=True,
-            severity=model.Severity.INFO,
-            action=model.Action.NONE,
             message=message,
         )
     if len(want) >= 2 and len(have) >= 2 and have[1] != want[1]:
-        return _item(
+        return rules.item(
             "version.minor",
             "version",
             desired,
             actual,
-            severity=warn,
-            action=alert,
             message=message,
             changed_by=changed_by,
         )
-    return _item(
+    return rules.item(
         "version.downgrade",
         "version",
         desired,
         actual,
-        severity=warn,
-        action=alert,
         message=message,
         changed_by=changed_by,
     )
@@ -356,26 +278,22 @@ def version_item(desired: str, actual: str, changed_by: str) -> model.DriftItem 
 
 def _unreadable(field: str, desired: object, raw: str, changed_by: str) -> model.DriftItem:
     """A compared field whose value is not one the broker can read: drift, never a crash."""
-    return _item(
+    return rules.item(
         "field.unreadable",
         field,
         desired,
         raw,
-        severity=model.Severity.WARNING,
-        action=model.Action.AUTO_REMEDIATE,
         message=f"Unreadable {field}: {raw} is not a valid value (desired={desired})",
         changed_by=changed_by,
     )
 
 
-def _missing(kind: str, name: str, action: model.Action, rule: str = "object.missing") -> model.DriftItem:
-    return _item(
+def _missing(kind: str, name: str, rule: str = "object.missing") -> model.DriftItem:
+    return rules.item(
         rule,
         kind.lower(),
         "present",
         "missing",
-        severity=model.Severity.CRITICAL,
-        action=action,
         message=f"{kind} {name} is missing",
     )
 
@@ -386,24 +304,21 @@ def _workload_items(
     desired = deployment.desired_spec
     name = deployment.resource_name
     items: list[model.DriftItem] = []
-    auto, alert = model.Action.AUTO_REMEDIATE, model.Action.ALERT_ONLY
     workload = obs.workload
     if workload is None:
-        items.append(_missing("StatefulSet", name, auto))
+        items.append(_missing("StatefulSet", name))
     if not obs.service_present:
-        items.append(_missing("Service", name, auto))
+        items.append(_missing("Service", name))
     secret = naming.secret_name(deployment.resource_type, name)
     if not obs.secret_present:
-        items.append(_missing("Secret", secret, alert, rule="secret.missing"))
+        items.append(_missing("Secret", secret, rule="secret.missing"))
     elif obs.secret_changed:
         items.append(
-            _item(
+            rules.item(
                 "secret.changed",
                 "secret",
                 "as generated",
                 "changed",
-                severity=model.Severity.CRITICAL,
-                action=alert,
                 message=f"Secret {secret} was changed outside the broker",
                 changed_by=obs.secret_changed_by,
             )
@@ -415,13 +330,11 @@ def _workload_items(
     engine = engine_of(running, catalog)
     if engine != desired.engine:
         items.append(
-            _item(
+            rules.item(
                 "engine.changed",
                 "engine",
                 desired.engine,
                 engine,
-                severity=model.Severity.CRITICAL,
-                action=alert,
                 message=f"Engine mismatch: desired={desired.engine}, actual={engine}",
                 changed_by=managers.get("image", ""),
             )
@@ -445,13 +358,11 @@ def _workload_items(
         if desired.resources and base_cost is not None:
             delta = round(monthly_cost(desired.resources, workload.replicas, catalog.prices) - base_cost, 2)
         items.append(
-            _item(
+            rules.item(
                 "replicas.changed",
                 "replicas",
                 desired_replicas,
                 workload.replicas,
-                severity=model.Severity.WARNING,
-                action=auto,
                 message=f"Replica count mismatch: desired={desired_replicas}, actual={workload.replicas}",
                 changed_by=managers.get("replicas", ""),
                 cost_delta=delta,
@@ -464,13 +375,11 @@ def _workload_items(
         if base_cost is not None:
             delta = round(monthly_cost(workload.resources, desired_replicas, catalog.prices) - base_cost, 2)
         items.append(
-            _item(
+            rules.item(
                 "size.changed",
                 "size",
                 desired.size,
                 shown,
-                severity=model.Severity.CRITICAL,
-                action=alert,
                 message=f"Size mismatch: desired={desired.size}, actual={shown}",
                 changed_by=managers.get("resources") or managers.get("storage", ""),
                 cost_delta=delta,
@@ -480,13 +389,11 @@ def _workload_items(
     if workload.config_changes:
         changes = "; ".join(workload.config_changes)
         items.append(
-            _item(
+            rules.item(
                 "config.changed",
                 "config",
                 "as provisioned",
                 changes,
-                severity=model.Severity.WARNING,
-                action=auto,
                 message=f"Configuration changed: {changes}",
                 changed_by=managers.get("env", ""),
             )
@@ -502,13 +409,11 @@ def _label_items(
     if not changed:
         return []
     return [
-        _item(
+        rules.item(
             "labels.changed",
             "labels",
             ", ".join(f"{k}={wanted[k]}" for k in changed),
             ", ".join(f"{k}={labels.get(k, '<none>')}" for k in changed),
-            severity=model.Severity.WARNING,
-            action=model.Action.AUTO_REMEDIATE,
             message=f"Labels changed: {', '.join(changed)}",
             changed_by=managers.get("labels", ""),
         )
@@ -518,9 +423,8 @@ def _label_items(
 def _topic_items(deployment: model.Deployment, obs: Observation) -> list[model.DriftItem]:
     topic = obs.topic
     name = deployment.resource_name
-    auto, alert = model.Action.AUTO_REMEDIATE, model.Action.ALERT_ONLY
     if topic is None:
-        return [_missing("KafkaTopic", name, auto)]
+        return [_missing("KafkaTopic", name)]
     desired = deployment.desired_spec
     want = desired.topic or model.TopicSpec(partitions=1, retention_ms=0)
     managers = topic.field_managers
@@ -532,13 +436,11 @@ def _topic_items(deployment: model.Deployment, obs: Observation) -> list[model.D
     if "partitions" not in topic.unreadable and topic.partitions != want.partitions:
         fewer = topic.partitions < want.partitions
         items.append(
-            _item(
+            rules.item(
                 "topic.partitions.decreased" if fewer else "topic.partitions.increased",
                 "partitions",
                 want.partitions,
                 topic.partitions,
-                severity=model.Severity.CRITICAL if fewer else model.Severity.WARNING,
-                action=alert,
                 message=f"Partition count mismatch: desired={want.partitions}, actual={topic.partitions}",
                 changed_by=managers.get("partitions", ""),
             )
@@ -546,26 +448,22 @@ def _topic_items(deployment: model.Deployment, obs: Observation) -> list[model.D
     if "retention_ms" not in topic.unreadable and topic.retention_ms != want.retention_ms:
         shorter = topic.retention_ms < want.retention_ms
         items.append(
-            _item(
+            rules.item(
                 "topic.retention.shortened" if shorter else "topic.retention.changed",
                 "retention_ms",
                 want.retention_ms,
                 topic.retention_ms,
-                severity=model.Severity.CRITICAL if shorter else model.Severity.WARNING,
-                action=alert if shorter else auto,
                 message=f"Retention mismatch: desired={want.retention_ms}ms, actual={topic.retention_ms}ms",
                 changed_by=managers.get("retention_ms", ""),
             )
         )
     if "replicas" not in topic.unreadable and topic.replicas != desired_replicas:
         items.append(
-            _item(
+            rules.item(
                 "topic.replicas.changed",
                 "replicas",
                 desired_replicas,
                 topic.replicas,
-                severity=model.Severity.WARNING,
-                action=auto,
                 message=f"Replica count mismatch: desired={desired_replicas}, actual={topic.replicas}",
                 changed_by=managers.get("replicas", ""),
             )

@@ -5,11 +5,12 @@ power loss; foreign keys on; migrations at start-up.
 
 Concurrency: writes run whole on one writer thread with its own connection, several to a
 transaction (``group_commit``: each in a savepoint, one commit for the group), and one reader
-connection, which under WAL never sees a half-written transaction. Every read runs and finishes its statement in one call
-(``execute_fetchall``): a statement left open between two awaits would keep the reader's read
-transaction open, and another coroutine's query would then run in that older snapshot and miss
-what was committed since. SQLite errors are translated into ``errors.Unavailable`` with the
-cause chained; nothing of a request's content is put in that message.
+connection, which under WAL never sees a half-written transaction. Every read runs and finishes
+its statement in one call (``execute_fetchall``): a statement left open between two awaits would
+keep the reader's read transaction open, and another coroutine's query would then run in that
+older snapshot and miss what was committed since. SQLite errors are translated into
+``errors.Unavailable`` with the cause chained; nothing of a request's content is put in that
+message.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import aiosqlite
 
 from broker import errors
-from broker.domain import model, policy
+from broker.domain import lifecycle, model, policy
 from broker.store import group_commit, migrations, port
 
 log = logging.getLogger(__name__)
@@ -399,10 +400,11 @@ class Store:
                 return replay
             existing = self._live_deployment(db, command)
             now = _now()
+            decision = lifecycle.on_provision(existing, command)
             if existing is None:
                 result = self._create(db, command, now)
             else:
-                result = self._update(db, existing, command, now)
+                result = self._update(db, existing, command, decision, now)
             if command.request_id:
                 self._remember(
                     db, command.namespace, command.request_id, "provision", request_hash, result, now
@@ -544,25 +546,10 @@ class Store:
         db: sqlite3.Connection,
         existing: model.Deployment,
         command: model.ProvisionCommand,
+        decision: lifecycle.ProvisionDecision,
         now: datetime.datetime,
     ) -> model.MutationResult:
-        if existing.phase is model.Phase.DELETING:
-            raise errors.FailedPrecondition(
-                f"{command.resource_type.value} {command.resource_name!r} in namespace {command.namespace!r} "
-                f"is being deleted (deployment {existing.deployment_id}); provision it again once it is gone",
-                reason="DEPLOYMENT_DELETING",
-            )
-        if existing.desired_spec.engine != command.spec.engine:
-            raise errors.FailedPrecondition(
-                f"{command.resource_type.value} {command.resource_name!r} runs "
-                f"{existing.desired_spec.engine}; the engine of a deployment cannot change to "
-                f"{command.spec.engine}: deprovision it and "
-                "provision a new one",
-                reason="ENGINE_IMMUTABLE",
-            )
-        same_spec = spec_to_json(existing.desired_spec) == spec_to_json(command.spec)
-        retry = same_spec and existing.phase is model.Phase.FAILED
-        if same_spec and not retry:
+        if not decision.changed:
             if existing.callback_url != command.callback_url:
                 db.execute(
                     "UPDATE deployments SET callback_url = ?, update_time = ? WHERE deployment_id = ?",
@@ -575,11 +562,11 @@ class Store:
                 operation=existing.last_operation,
                 changed=False,
             )
-        generation = existing.generation if retry else existing.generation + 1
+        generation = decision.generation
         op = self._insert_operation(
             db,
             deployment_id=existing.deployment_id,
-            op_type=model.OperationType.UPDATE,
+            op_type=lifecycle.operation_type(decision.change),
             generation=generation,
             now=now,
         )
@@ -617,7 +604,7 @@ class Store:
                 return replay
             existing = self._deployment_sync(db, command.namespace, command.deployment_id)
             now = _now()
-            if existing.phase in (model.Phase.DELETING, model.Phase.DELETED):
+            if not lifecycle.on_deprovision(existing):
                 result = model.MutationResult(
                     deployment_id=existing.deployment_id,
                     phase=existing.phase,
@@ -722,10 +709,11 @@ class Store:
             )
             if cur.rowcount == 0:
                 return None
-            if op.type is not model.OperationType.DEPROVISION:
+            running = lifecycle.phase_when_started(op.type)
+            if running is not None:
                 db.execute(
                     "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
-                    (model.Phase.PROVISIONING.value, _ts(now), deployment.deployment_id),
+                    (running.value, _ts(now), deployment.deployment_id),
                 )
             return self._deployment_sync(db, deployment.namespace, deployment.deployment_id)
 
@@ -760,10 +748,7 @@ class Store:
         """
         op = deployment.last_operation
         now = _now()
-        if op.type is model.OperationType.DEPROVISION:
-            phase = model.Phase.DELETED if succeeded else model.Phase.DELETING
-        else:
-            phase = model.Phase.READY if succeeded else model.Phase.FAILED
+        phase = lifecycle.phase_when_finished(op.type, succeeded=succeeded)
 
         def body(tx: group_commit.Tx) -> bool:
             db = tx.db
@@ -958,6 +943,7 @@ class Store:
 
     async def append_events(self, events: list[model.DriftEvent]) -> None:
         """Append events that describe no stored state (remediation attempts)."""
+
         def body(tx: group_commit.Tx) -> None:
             for event in events:
                 self._append_event(tx, event)
