@@ -15,15 +15,12 @@ cause chained; nothing of a request's content is put in that message.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import pathlib
-import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -32,221 +29,11 @@ import aiosqlite
 
 from broker import errors
 from broker.domain import model, policy
-from broker.store import migrations, port
+from broker.store import codec, migrations, port
 
 log = logging.getLogger(__name__)
 
 DB_FILENAME = "broker.db"
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def _ts(value: datetime.datetime) -> str:
-    return value.isoformat(timespec="microseconds")
-
-
-def _parse_ts(value: str) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(value)
-
-
-def spec_to_json(spec: model.ResourceSpec) -> str:
-    """Canonical JSON of a spec: equal specs give equal text, so comparison is a string compare."""
-    return json.dumps(dataclasses.asdict(spec), sort_keys=True, separators=(",", ":"))
-
-
-def spec_from_json(text: str) -> model.ResourceSpec:
-    """The inverse of ``spec_to_json``."""
-    raw = json.loads(text)
-    topic = raw.get("topic")
-    resources = raw.get("resources")
-    return model.ResourceSpec(
-        engine=raw["engine"],
-        version=raw["version"],
-        size=raw["size"],
-        replicas=raw.get("replicas"),
-        topic=model.TopicSpec(**topic) if topic else None,
-        resources=model.ComputeResources(**resources) if resources else None,
-    )
-
-
-def _operation_to_dict(op: model.Operation) -> dict[str, Any]:
-    return {
-        "operation_id": op.operation_id,
-        "type": op.type.value,
-        "state": op.state.value,
-        "generation": op.generation,
-        "message": op.message,
-        "create_time": _ts(op.create_time),
-        "update_time": _ts(op.update_time),
-    }
-
-
-def _operation_from_row(row: sqlite3.Row | dict[str, Any]) -> model.Operation:
-    return model.Operation(
-        operation_id=model.OperationId(row["operation_id"]),
-        type=model.OperationType(row["type"]),
-        state=model.OperationState(row["state"]),
-        generation=row["generation"],
-        message=row["message"],
-        create_time=_parse_ts(row["create_time"]),
-        update_time=_parse_ts(row["update_time"]),
-    )
-
-
-def _result_to_json(result: model.MutationResult) -> str:
-    return json.dumps(
-        {
-            "deployment_id": result.deployment_id,
-            "phase": result.phase.value,
-            "generation": result.generation,
-            "operation": _operation_to_dict(result.operation),
-        },
-        sort_keys=True,
-    )
-
-
-def _result_from_json(text: str) -> model.MutationResult:
-    raw = json.loads(text)
-    return model.MutationResult(
-        deployment_id=model.DeploymentId(raw["deployment_id"]),
-        phase=model.Phase(raw["phase"]),
-        generation=raw["generation"],
-        operation=_operation_from_row(raw["operation"]),
-        changed=False,
-    )
-
-
-def _request_hash(method: str, payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps([method, payload], sort_keys=True).encode()).hexdigest()
-
-
-def new_deployment_id() -> model.DeploymentId:
-    """A fresh deployment id: ``deploy-`` and 12 random hex digits."""
-    return model.DeploymentId("deploy-" + secrets.token_hex(6))
-
-
-def _new_operation_id() -> model.OperationId:
-    return model.OperationId("op-" + secrets.token_hex(8))
-
-
-_DEPLOYMENT_COLUMNS = """
-    d.deployment_id, d.namespace, d.resource_type, d.resource_name, d.desired_spec, d.generation,
-    d.phase, d.callback_url, d.data_policy, d.create_time AS d_create_time,
-    d.update_time AS d_update_time, o.operation_id, o.type, o.state, o.generation AS o_generation,
-    o.message, o.create_time, o.update_time
-"""
-
-
-def _deployment_from_row(row: sqlite3.Row) -> model.Deployment:
-    op = _operation_from_row(
-        {
-            "operation_id": row["operation_id"],
-            "type": row["type"],
-            "state": row["state"],
-            "generation": row["o_generation"],
-            "message": row["message"],
-            "create_time": row["create_time"],
-            "update_time": row["update_time"],
-        }
-    )
-    return model.Deployment(
-        deployment_id=model.DeploymentId(row["deployment_id"]),
-        namespace=model.Namespace(row["namespace"]),
-        resource_type=model.ResourceType(row["resource_type"]),
-        resource_name=model.ResourceName(row["resource_name"]),
-        desired_spec=spec_from_json(row["desired_spec"]),
-        generation=row["generation"],
-        phase=model.Phase(row["phase"]),
-        callback_url=row["callback_url"],
-        data_policy=model.DataPolicy(row["data_policy"]),
-        last_operation=op,
-        create_time=_parse_ts(row["d_create_time"]),
-        update_time=_parse_ts(row["d_update_time"]),
-    )
-
-
-def _item_to_dict(item: model.DriftItem) -> dict[str, Any]:
-    return {
-        **dataclasses.asdict(item),
-        "drift_class": item.drift_class.value,
-        "severity": item.severity.value,
-        "action": item.action.value,
-        "detect_time": _ts(item.detect_time) if item.detect_time else None,
-    }
-
-
-def _item_from_dict(raw: dict[str, Any]) -> model.DriftItem:
-    detect = raw.get("detect_time")
-    return model.DriftItem(
-        rule_id=raw["rule_id"],
-        field=raw["field"],
-        desired=raw["desired"],
-        actual=raw["actual"],
-        drift_class=model.DriftClass(raw["drift_class"]),
-        severity=model.Severity(raw["severity"]),
-        action=model.Action(raw["action"]),
-        message=raw["message"],
-        changed_by=raw.get("changed_by", ""),
-        monthly_cost_delta=raw.get("monthly_cost_delta"),
-        detect_time=_parse_ts(detect) if detect else None,
-    )
-
-
-def _event_from_row(row: sqlite3.Row) -> model.DriftEvent:
-    payload = json.loads(row["payload"])
-    health = payload.get("health")
-    return model.DriftEvent(
-        sequence=row["sequence"],
-        kind=model.EventKind(row["kind"]),
-        deployment_id=model.DeploymentId(row["deployment_id"]),
-        namespace=model.Namespace(row["namespace"]),
-        resource_type=model.ResourceType(row["resource_type"]),
-        resource_name=model.ResourceName(row["resource_name"]),
-        event_time=_parse_ts(row["event_time"]),
-        message=payload["message"],
-        phase=model.Phase(payload["phase"]),
-        health=model.Health(health) if health else None,
-        generation=payload["generation"],
-        items=tuple(_item_from_dict(i) for i in payload.get("items", ())),
-    )
-
-
-def _query_key(query: model.ResourceQuery | model.EventQuery) -> str:
-    """A digest of a query's filters by name, so a page token only fits the query that made it."""
-    fields = {
-        k: sorted(x.value for x in v) if isinstance(v, frozenset) else getattr(v, "value", v)
-        for k, v in dataclasses.asdict(query).items()
-    }
-    return hashlib.sha256(json.dumps([type(query).__name__, fields], sort_keys=True).encode()).hexdigest()[
-        :16
-    ]
-
-
-def _encode_page_token(query_key: str, last: tuple[str, str]) -> str:
-    raw = json.dumps({"q": query_key, "after": list(last)}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, query_key: str) -> tuple[str, str] | None:
-    if not token:
-        return None
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = raw["after"]
-        if raw["q"] != query_key or len(after) != 2:
-            raise ValueError("token of another query")
-        return str(after[0]), str(after[1])
-    except (ValueError, KeyError, TypeError) as e:
-        raise errors.InvalidArgument(
-            [
-                errors.FieldViolation(
-                    "page_token",
-                    "is not a token this query returned; repeat the query without it, with the same filters",
-                )
-            ]
-        ) from e
 
 
 class Store:
@@ -312,7 +99,7 @@ class Store:
                     await db.execute(statement)
                 await db.execute(
                     "INSERT INTO schema_migrations (version, description, applied_time) VALUES (?, ?, ?)",
-                    (version, description, _ts(_now())),
+                    (version, description, codec.ts(codec.now())),
                 )
                 await db.commit()
             except BaseException:
@@ -372,20 +159,13 @@ class Store:
         Same request_id: the first answer. Same identity and spec: a no-op (``changed`` False),
         except that a failed deployment is retried. Different spec: an update with a new generation.
         """
-        payload = {
-            "namespace": command.namespace,
-            "resource_type": command.resource_type.value,
-            "resource_name": command.resource_name,
-            "spec": spec_to_json(command.spec),
-            "callback_url": command.callback_url,
-        }
-        request_hash = _request_hash("provision", payload)
+        request_hash = codec.provision_hash(command)
         async with self._transaction() as db:
             replay = await self._replay(db, command.namespace, command.request_id, request_hash)
             if replay is not None:
                 return replay
             existing = await self._live_deployment(db, command)
-            now = _now()
+            now = codec.now()
             if existing is None:
                 result = await self._create(db, command, now)
             else:
@@ -409,12 +189,8 @@ class Store:
         if row is None:
             return None
         if row["request_hash"] != request_hash:
-            raise errors.AlreadyExists(
-                f"request_id {request_id!r} was already used for a different request in namespace "
-                f"{namespace!r}; use a new request_id for a new request",
-                reason="REQUEST_ID_REUSED",
-            )
-        return _result_from_json(row["response"])
+            raise codec.reused_request_id(namespace, request_id)
+        return codec.result_from_json(row["response"])
 
     async def _remember(
         self,
@@ -436,8 +212,8 @@ class Store:
                 method,
                 request_hash,
                 result.deployment_id,
-                _result_to_json(result),
-                _ts(now),
+                codec.result_to_json(result),
+                codec.ts(now),
             ),
         )
 
@@ -446,12 +222,12 @@ class Store:
     ) -> model.Deployment | None:
         row = await _one(
             db,
-            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+            f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
             "WHERE d.namespace = ? AND d.resource_type = ? AND d.resource_name = ? AND d.phase != 'Deleted'",
             (command.namespace, command.resource_type.value, command.resource_name),
         )
-        return _deployment_from_row(row) if row else None
+        return codec.deployment_from_row(row) if row else None
 
     async def _insert_operation(
         self,
@@ -463,15 +239,7 @@ class Store:
         now: datetime.datetime,
         operation_id: model.OperationId | None = None,
     ) -> model.Operation:
-        op = model.Operation(
-            operation_id=operation_id or _new_operation_id(),
-            type=op_type,
-            state=model.OperationState.ACCEPTED,
-            generation=generation,
-            message="accepted; waiting for a worker",
-            create_time=now,
-            update_time=now,
-        )
+        op = codec.new_operation(op_type=op_type, generation=generation, now=now, operation_id=operation_id)
         await db.execute(
             "INSERT INTO operations (operation_id, deployment_id, type, state, generation, message, "
             "create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -482,8 +250,8 @@ class Store:
                 op.state.value,
                 op.generation,
                 op.message,
-                _ts(now),
-                _ts(now),
+                codec.ts(now),
+                codec.ts(now),
             ),
         )
         return op
@@ -491,10 +259,10 @@ class Store:
     async def _create(
         self, db: aiosqlite.Connection, command: model.ProvisionCommand, now: datetime.datetime
     ) -> model.MutationResult:
-        deployment_id = new_deployment_id()
+        deployment_id = codec.new_deployment_id()
         # The operation references its deployment, so the deployment goes first, already naming the
         # operation id chosen up front.
-        op_id = _new_operation_id()
+        op_id = codec.new_operation_id()
         await db.execute(
             "INSERT INTO deployments (deployment_id, namespace, resource_type, resource_name, desired_spec, "
             "generation, phase, callback_url, last_operation_id, create_time, update_time) "
@@ -504,12 +272,12 @@ class Store:
                 command.namespace,
                 command.resource_type.value,
                 command.resource_name,
-                spec_to_json(command.spec),
+                codec.spec_to_json(command.spec),
                 model.Phase.PENDING.value,
                 command.callback_url,
                 op_id,
-                _ts(now),
-                _ts(now),
+                codec.ts(now),
+                codec.ts(now),
             ),
         )
         op = await self._insert_operation(
@@ -531,36 +299,14 @@ class Store:
         command: model.ProvisionCommand,
         now: datetime.datetime,
     ) -> model.MutationResult:
-        if existing.phase is model.Phase.DELETING:
-            raise errors.FailedPrecondition(
-                f"{command.resource_type.value} {command.resource_name!r} in namespace {command.namespace!r} "
-                f"is being deleted (deployment {existing.deployment_id}); provision it again once it is gone",
-                reason="DEPLOYMENT_DELETING",
-            )
-        if existing.desired_spec.engine != command.spec.engine:
-            raise errors.FailedPrecondition(
-                f"{command.resource_type.value} {command.resource_name!r} runs "
-                f"{existing.desired_spec.engine}; the engine of a deployment cannot change to "
-                f"{command.spec.engine}: deprovision it and "
-                "provision a new one",
-                reason="ENGINE_IMMUTABLE",
-            )
-        same_spec = spec_to_json(existing.desired_spec) == spec_to_json(command.spec)
-        retry = same_spec and existing.phase is model.Phase.FAILED
-        if same_spec and not retry:
+        generation = codec.update_generation(existing, command)
+        if generation is None:
             if existing.callback_url != command.callback_url:
                 await db.execute(
                     "UPDATE deployments SET callback_url = ?, update_time = ? WHERE deployment_id = ?",
-                    (command.callback_url, _ts(now), existing.deployment_id),
+                    (command.callback_url, codec.ts(now), existing.deployment_id),
                 )
-            return model.MutationResult(
-                deployment_id=existing.deployment_id,
-                phase=existing.phase,
-                generation=existing.generation,
-                operation=existing.last_operation,
-                changed=False,
-            )
-        generation = existing.generation if retry else existing.generation + 1
+            return codec.unchanged(existing)
         op = await self._insert_operation(
             db,
             deployment_id=existing.deployment_id,
@@ -572,12 +318,12 @@ class Store:
             "UPDATE deployments SET desired_spec = ?, generation = ?, phase = ?, callback_url = ?, "
             "last_operation_id = ?, update_time = ? WHERE deployment_id = ?",
             (
-                spec_to_json(command.spec),
+                codec.spec_to_json(command.spec),
                 generation,
                 model.Phase.PENDING.value,
                 command.callback_url,
                 op.operation_id,
-                _ts(now),
+                codec.ts(now),
                 existing.deployment_id,
             ),
         )
@@ -591,23 +337,15 @@ class Store:
 
     async def deprovision(self, command: model.DeprovisionCommand) -> model.MutationResult:
         """Mark a deployment for deletion in one transaction; repeating it is a no-op."""
-        request_hash = _request_hash(
-            "deprovision", {"deployment_id": command.deployment_id, "data_policy": command.data_policy.value}
-        )
+        request_hash = codec.deprovision_hash(command)
         async with self._transaction() as db:
             replay = await self._replay(db, command.namespace, command.request_id, request_hash)
             if replay is not None:
                 return replay
             existing = await self._deployment(db, command.namespace, command.deployment_id)
-            now = _now()
-            if existing.phase in (model.Phase.DELETING, model.Phase.DELETED):
-                result = model.MutationResult(
-                    deployment_id=existing.deployment_id,
-                    phase=existing.phase,
-                    generation=existing.generation,
-                    operation=existing.last_operation,
-                    changed=False,
-                )
+            now = codec.now()
+            if existing.phase in codec.GOING_PHASES:
+                result = codec.unchanged(existing)
             else:
                 op = await self._insert_operation(
                     db,
@@ -623,7 +361,7 @@ class Store:
                         model.Phase.DELETING.value,
                         command.data_policy.value,
                         op.operation_id,
-                        _ts(now),
+                        codec.ts(now),
                         existing.deployment_id,
                     ),
                 )
@@ -647,12 +385,12 @@ class Store:
         async with self._read() as db:
             rows = list(
                 await db.execute_fetchall(
-                    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                    f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
                     "JOIN operations o ON o.operation_id = d.last_operation_id "
                     "WHERE o.state IN ('accepted', 'in_progress') ORDER BY o.create_time"
                 )
             )
-        return [_deployment_from_row(r) for r in rows]
+        return [codec.deployment_from_row(r) for r in rows]
 
     async def live_deployments(
         self, phases: tuple[model.Phase, ...], namespaces: list[str] | None = None
@@ -666,24 +404,24 @@ class Store:
         async with self._read() as db:
             rows = list(
                 await db.execute_fetchall(
-                    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                    f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
                     "JOIN operations o ON o.operation_id = d.last_operation_id "
                     f"WHERE {' AND '.join(where)} ORDER BY d.namespace, d.resource_type, d.resource_name",
                     params,
                 )
             )
-        return [_deployment_from_row(r) for r in rows]
+        return [codec.deployment_from_row(r) for r in rows]
 
     async def deployment_by_id(self, deployment_id: str) -> model.Deployment | None:
         """A deployment by id alone (for the broker's own workers, which are not namespace-scoped)."""
         async with self._read() as db:
             row = await _one(
                 db,
-                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
                 "JOIN operations o ON o.operation_id = d.last_operation_id WHERE d.deployment_id = ?",
                 (deployment_id,),
             )
-        return _deployment_from_row(row) if row else None
+        return codec.deployment_from_row(row) if row else None
 
     async def start_operation(self, deployment: model.Deployment) -> model.Deployment | None:
         """Mark the deployment's last operation in progress (and the phase Provisioning).
@@ -691,20 +429,20 @@ class Store:
         Returns the updated deployment, or None when a newer operation superseded this one.
         """
         op = deployment.last_operation
-        now = _now()
+        now = codec.now()
         async with self._transaction() as db:
             cur = await db.execute(
                 "UPDATE operations SET state = 'in_progress', message = ?, update_time = ? "
                 "WHERE operation_id = ? AND state IN ('accepted', 'in_progress') AND operation_id = "
                 "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
-                ("in progress", _ts(now), op.operation_id, deployment.deployment_id),
+                ("in progress", codec.ts(now), op.operation_id, deployment.deployment_id),
             )
             if cur.rowcount == 0:
                 return None
             if op.type is not model.OperationType.DEPROVISION:
                 await db.execute(
                     "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
-                    (model.Phase.PROVISIONING.value, _ts(now), deployment.deployment_id),
+                    (model.Phase.PROVISIONING.value, codec.ts(now), deployment.deployment_id),
                 )
             return await self._deployment(db, deployment.namespace, deployment.deployment_id)
 
@@ -714,7 +452,7 @@ class Store:
             await db.execute(
                 "UPDATE operations SET message = ?, update_time = ? "
                 "WHERE operation_id = ? AND state = 'in_progress'",
-                (message, _ts(_now()), deployment.last_operation.operation_id),
+                (message, codec.ts(codec.now()), deployment.last_operation.operation_id),
             )
 
     async def finish_operation(
@@ -732,11 +470,8 @@ class Store:
         Returns False (and changes nothing) when a newer operation superseded this one.
         """
         op = deployment.last_operation
-        now = _now()
-        if op.type is model.OperationType.DEPROVISION:
-            phase = model.Phase.DELETED if succeeded else model.Phase.DELETING
-        else:
-            phase = model.Phase.READY if succeeded else model.Phase.FAILED
+        now = codec.now()
+        phase = codec.finished_phase(op.type, succeeded=succeeded)
         async with self._transaction() as db:
             cur = await db.execute(
                 "UPDATE operations SET state = ?, message = ?, update_time = ? WHERE operation_id = ? "
@@ -745,7 +480,7 @@ class Store:
                 (
                     (model.OperationState.SUCCEEDED if succeeded else model.OperationState.FAILED).value,
                     message,
-                    _ts(now),
+                    codec.ts(now),
                     op.operation_id,
                     deployment.deployment_id,
                 ),
@@ -754,7 +489,7 @@ class Store:
                 return False
             await db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
-                (phase.value, _ts(now), deployment.deployment_id),
+                (phase.value, codec.ts(now), deployment.deployment_id),
             )
             if event is not None:
                 await self._append_event(db, dataclasses.replace(event, phase=phase), now)
@@ -765,12 +500,12 @@ class Store:
                     "(delivery_id, deployment_id, url, payload, next_attempt_time, create_time) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (
-                        "dlv-" + secrets.token_hex(8),
+                        codec.new_delivery_id(),
                         deployment.deployment_id,
                         url,
                         json.dumps(payload),
-                        _ts(now),
-                        _ts(now),
+                        codec.ts(now),
+                        codec.ts(now),
                     ),
                 )
             return True
@@ -778,13 +513,6 @@ class Store:
     async def _append_event(
         self, db: aiosqlite.Connection, event: model.DriftEvent, now: datetime.datetime
     ) -> int:
-        payload = {
-            "message": event.message,
-            "phase": event.phase.value,
-            "health": event.health.value if event.health else None,
-            "generation": event.generation,
-            "items": [_item_to_dict(i) for i in event.items],
-        }
         cur = await db.execute(
             "INSERT INTO drift_events "
             "(deployment_id, namespace, resource_type, resource_name, kind, payload, event_time) "
@@ -795,8 +523,8 @@ class Store:
                 event.resource_type.value,
                 event.resource_name,
                 event.kind.value,
-                json.dumps(payload),
-                _ts(now),
+                codec.event_payload(event),
+                codec.ts(now),
             ),
         )
         sequence = int(cur.lastrowid or 0)
@@ -811,7 +539,7 @@ class Store:
                     "SELECT delivery_id, url, payload, attempts FROM callback_outbox "
                     "WHERE delivered_time IS NULL AND next_attempt_time <= ? "
                     "ORDER BY next_attempt_time LIMIT ?",
-                    (_ts(_now()), limit),
+                    (codec.ts(codec.now()), limit),
                 )
             )
         return [(r["delivery_id"], r["url"], r["payload"], r["attempts"]) for r in rows]
@@ -820,19 +548,19 @@ class Store:
         self, delivery_id: str, *, delivered: bool, error: str = "", retry_at: datetime.datetime | None = None
     ) -> None:
         """Record one delivery attempt: delivered, or failed with the time of the next attempt."""
-        now = _now()
+        now = codec.now()
         async with self._transaction() as db:
             if delivered:
                 await db.execute(
                     "UPDATE callback_outbox SET attempts = attempts + 1, delivered_time = ?, last_error = '' "
                     "WHERE delivery_id = ?",
-                    (_ts(now), delivery_id),
+                    (codec.ts(now), delivery_id),
                 )
             else:
                 await db.execute(
                     "UPDATE callback_outbox SET attempts = attempts + 1, last_error = ?, "
                     "next_attempt_time = ? WHERE delivery_id = ?",
-                    (error[:500], _ts(retry_at or now), delivery_id),
+                    (error[:500], codec.ts(retry_at or now), delivery_id),
                 )
 
     async def accept(self, deployment: model.Deployment, spec: model.ResourceSpec, message: str) -> bool:
@@ -843,7 +571,7 @@ class Store:
         re-evaluates). Nothing is written when the deployment moved on since it was read; returns
         whether it was.
         """
-        now = _now()
+        now = codec.now()
         async with self._transaction() as db:
             generation = deployment.generation + 1
             op = await self._insert_operation(
@@ -862,10 +590,10 @@ class Store:
                 "update_time = ? WHERE deployment_id = ? AND last_operation_id = ? "
                 "AND phase IN ('Ready', 'DriftDetected')",
                 (
-                    spec_to_json(spec),
+                    codec.spec_to_json(spec),
                     generation,
                     op.operation_id,
-                    _ts(now),
+                    codec.ts(now),
                     deployment.deployment_id,
                     deployment.last_operation.operation_id,
                 ),
@@ -889,12 +617,17 @@ class Store:
         Nothing is written when the deployment has moved on (another operation, or deleted) since it
         was evaluated; returns whether anything was written.
         """
-        now = _now()
+        now = codec.now()
         async with self._transaction() as db:
             cur = await db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
                 "AND last_operation_id = ? AND phase IN ('Ready', 'DriftDetected')",
-                (phase.value, _ts(now), deployment.deployment_id, deployment.last_operation.operation_id),
+                (
+                    phase.value,
+                    codec.ts(now),
+                    deployment.deployment_id,
+                    deployment.last_operation.operation_id,
+                ),
             )
             if cur.rowcount == 0:
                 return False
@@ -904,9 +637,9 @@ class Store:
                 "update_time = excluded.update_time",
                 (
                     deployment.deployment_id,
-                    json.dumps([_item_to_dict(i) for i in items]),
+                    codec.items_to_json(items),
                     health.value,
-                    _ts(now),
+                    codec.ts(now),
                 ),
             )
             for event in events:
@@ -915,7 +648,7 @@ class Store:
 
     async def append_events(self, events: list[model.DriftEvent]) -> None:
         """Append events that describe no stored state (remediation attempts)."""
-        now = _now()
+        now = codec.now()
         async with self._transaction() as db:
             for event in events:
                 await self._append_event(db, event, now)
@@ -926,7 +659,7 @@ class Store:
             rows = list(await db.execute_fetchall("SELECT deployment_id, items, health FROM drift_state"))
         return {
             r["deployment_id"]: (
-                tuple(_item_from_dict(i) for i in json.loads(r["items"])),
+                codec.items_from_json(r["items"]),
                 model.Health(r["health"]),
             )
             for r in rows
@@ -955,7 +688,7 @@ class Store:
                     (sequence, limit),
                 )
             )
-        return [_event_from_row(r) for r in rows]
+        return [codec.event_from_row(r) for r in rows]
 
     async def prune_events(self, *, keep: int) -> int:
         """Delete all but the newest ``keep`` events; returns how many were deleted."""
@@ -979,7 +712,7 @@ class Store:
                     rule.resource_type.value if rule.resource_type else "",
                     rule.mode.value,
                     json.dumps(sorted(rule.ignore_fields)),
-                    _ts(_now()),
+                    codec.ts(codec.now()),
                 ),
             )
 
@@ -1008,14 +741,14 @@ class Store:
     ) -> model.Deployment:
         row = await _one(
             db,
-            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+            f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
             "WHERE d.namespace = ? AND d.deployment_id = ?",
             (namespace, deployment_id),
         )
         if row is None:
             raise errors.NotFound(f"deployment {deployment_id!r} not found in namespace {namespace!r}")
-        return _deployment_from_row(row)
+        return codec.deployment_from_row(row)
 
     async def get_deployment(
         self, namespace: model.Namespace, deployment_id: model.DeploymentId
@@ -1039,8 +772,8 @@ class Store:
         if query.deployment_id is not None:
             where.append("d.deployment_id = ?")
             params.append(query.deployment_id)
-        query_key = _query_key(query)
-        after = _decode_page_token(page.token, query_key)
+        query_key = codec.query_key(query)
+        after = codec.decode_page_token(page.token, query_key)
         async with self._read() as db:
             total_row = await _one(
                 db,
@@ -1054,17 +787,17 @@ class Store:
                 page_params.extend(after)
             rows = list(
                 await db.execute_fetchall(
-                    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                    f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
                     "JOIN operations o ON o.operation_id = d.last_operation_id "
                     f"WHERE {' AND '.join(page_where)} ORDER BY d.resource_type, d.resource_name LIMIT ?",
                     [*page_params, page.size + 1],
                 )
             )
-        items = tuple(_deployment_from_row(r) for r in rows[: page.size])
+        items = tuple(codec.deployment_from_row(r) for r in rows[: page.size])
         next_token = ""
         if len(rows) > page.size:
             last = items[-1]
-            next_token = _encode_page_token(query_key, (last.resource_type.value, last.resource_name))
+            next_token = codec.encode_page_token(query_key, (last.resource_type.value, last.resource_name))
         return model.Page(items=items, total=int(total_row[0]) if total_row else 0, next_token=next_token)
 
     async def list_events(
@@ -1086,8 +819,8 @@ class Store:
         if query.resource_name is not None:
             where.append("resource_name = ?")
             params.append(query.resource_name)
-        query_key = _query_key(query)
-        after = _decode_page_token(page.token, query_key)
+        query_key = codec.query_key(query)
+        after = codec.decode_page_token(page.token, query_key)
         position = query.after_sequence
         if after is not None:
             position = max(position, int(after[1]) if after[1].isdigit() else 0)
@@ -1102,10 +835,10 @@ class Store:
                     [*params, page.size + 1],
                 )
             )
-        items = tuple(_event_from_row(r) for r in rows[: page.size])
+        items = tuple(codec.event_from_row(r) for r in rows[: page.size])
         next_token = ""
         if len(rows) > page.size:
-            next_token = _encode_page_token(query_key, ("seq", str(items[-1].sequence)))
+            next_token = codec.encode_page_token(query_key, ("seq", str(items[-1].sequence)))
         # The log is not counted (a scan nobody asked for: ListDriftEvents reports no total).
         return model.Page(items=items, total=len(items), next_token=next_token)
 
