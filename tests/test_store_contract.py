@@ -1,7 +1,7 @@
 """The store contract: what every adapter of ``broker.store.port`` must do, one suite for all.
 
-``ADAPTERS`` lists the adapters; a new one (PostgreSQL, past one replica) is a new row, and must
-pass every test here unchanged. The event log's visibility contract (``port``'s docstring) is
+``ADAPTERS`` lists the adapters, SQLite on a temporary file and PostgreSQL in a fresh database of
+the session's throwaway cluster (``throwaway_postgres``); every test here runs against both. The event log's visibility contract (``port``'s docstring) is
 tested with concurrent writers and a tailer that counts gaps.
 """
 
@@ -18,19 +18,27 @@ import pytest
 
 from broker import errors
 from broker.domain import catalog, model, policy
-from broker.store import port, sqlite
+from broker.store import port, postgres, sqlite
 
 
-async def open_sqlite(tmp_path: pathlib.Path) -> port.Store:
+async def open_sqlite(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> port.Store:
     return await sqlite.Store.open(tmp_path / "data")
 
 
-ADAPTERS: dict[str, Callable[[pathlib.Path], Awaitable[port.Store]]] = {"sqlite": open_sqlite}
+async def open_postgres(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> port.Store:
+    # Asked for only here, so a run of SQLite's rows alone starts no PostgreSQL.
+    return await postgres.Store.open(request.getfixturevalue("postgres_url"))
+
+
+ADAPTERS: dict[str, Callable[[pytest.FixtureRequest, pathlib.Path], Awaitable[port.Store]]] = {
+    "sqlite": open_sqlite,
+    "postgres": open_postgres,
+}
 
 
 @pytest.fixture(params=sorted(ADAPTERS))
 async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[port.Store]:
-    opened = await ADAPTERS[request.param](tmp_path)
+    opened = await ADAPTERS[request.param](request, tmp_path)
     try:
         yield opened
     finally:

@@ -10,6 +10,11 @@ transaction of another coroutine. Every read runs and finishes its statement in 
 transaction open, and another coroutine's query would then run in that older snapshot and miss
 what was committed since. SQLite errors are translated into ``errors.Unavailable`` with the
 cause chained; nothing of a request's content is put in that message.
+
+One replica: a broker holds an exclusive ``flock`` on ``<database>.lock`` for as long as its store
+is open, so a second broker (or ``broker migrate``) on the same file refuses to start instead of
+reporting and remediating every drift a second time. The kernel releases the lock when the process
+ends, however it ends. Several replicas share a PostgreSQL store (``broker.store.postgres``).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import logging
+import os
 import pathlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -34,6 +41,44 @@ from broker.store import codec, migrations, port
 log = logging.getLogger(__name__)
 
 DB_FILENAME = "broker.db"
+# ``--store-url sqlite:///PATH``: the file path is what follows the third slash, so
+# ``sqlite:///data/broker.db`` is relative and ``sqlite:////var/lib/broker/broker.db`` absolute.
+URL_PREFIX = "sqlite:///"
+
+
+def url_of(path: pathlib.Path) -> str:
+    """The store URL of a database file."""
+    return URL_PREFIX + str(path)
+
+
+def path_of(url: str) -> pathlib.Path:
+    """The database file of a ``sqlite:///PATH`` URL; ValueError for any other."""
+    if not url.startswith(URL_PREFIX) or not url.removeprefix(URL_PREFIX):
+        raise ValueError("a SQLite store URL is sqlite:///PATH (sqlite:////PATH for an absolute path)")
+    return pathlib.Path(url.removeprefix(URL_PREFIX))
+
+
+def _lock(path: pathlib.Path) -> int:
+    """Take the single-replica lock of the database at ``path``: an open file descriptor."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise errors.Unavailable(
+            f"the store {path} is in use by another broker (process {holder} holds {lock_path}): "
+            "SQLite is single-replica; stop the other broker, or run several replicas on one "
+            "PostgreSQL store with --store-url postgresql://..."
+        ) from e
+    except BaseException:
+        os.close(fd)
+        raise
+    # Who holds it, for the message above (the lock, not this text, is what excludes).
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Store:
@@ -41,6 +86,7 @@ class Store:
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
+        self._lock_fd: int | None = None
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -51,8 +97,20 @@ class Store:
     @classmethod
     async def open(cls, data_dir: pathlib.Path) -> Store:
         """Open (creating if needed) ``<data_dir>/broker.db`` and apply pending migrations."""
-        await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-        store = cls(data_dir / DB_FILENAME)
+        return await cls.open_file(data_dir / DB_FILENAME)
+
+    @classmethod
+    async def open_file(cls, path: pathlib.Path) -> Store:
+        """Open (creating if needed) the database at ``path``, lock it, and apply pending migrations.
+
+        Unavailable when another broker has it open (see the module docstring).
+        """
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        store = cls(path)
+        try:
+            store._lock_fd = _lock(path)
+        except OSError as e:
+            raise errors.Unavailable(f"cannot open the store at {path}: {e}") from e
         try:
             store._writer = await _connect(store.path)
             await store._migrate()
@@ -63,11 +121,16 @@ class Store:
         return store
 
     async def close(self) -> None:
-        """Close both connections; safe to call twice."""
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        """Close both connections and release the lock; safe to call twice."""
+        try:
+            for conn in (self._reader, self._writer):
+                if conn is not None:
+                    await conn.close()
+        finally:
+            self._reader = self._writer = None
+            fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                os.close(fd)  # closing the last descriptor releases the flock
 
     async def schema_version(self) -> int:
         """The newest applied migration."""
