@@ -100,6 +100,10 @@ class Cluster:
                 "--auth-local=scram-sha-256",
                 "--encoding=UTF8",
                 "--locale=C.UTF-8",
+                # A linguistic default collation, as databases made with en_US.UTF-8 have: the
+                # store must sort names in byte order (as SQLite does) whatever the database's.
+                "--locale-provider=icu",
+                "--icu-locale=en-US",
                 "--no-sync",
             )
             password_file.unlink()
