@@ -883,10 +883,7 @@ class Store:
             where.append("resource_name = ?")
             params.append(query.resource_name)
         query_key = codec.query_key(query)
-        after = codec.decode_page_token(page.token, query_key)
-        position = query.after_sequence
-        if after is not None:
-            position = max(position, int(after[1]) if after[1].isdigit() else 0)
+        position = codec.event_position(query, codec.decode_page_token(page.token, query_key))
         if position:
             where.append("sequence > ?")
             params.append(position)
