@@ -264,5 +264,5 @@ def postgres_cluster() -> Iterator[throwaway_postgres.Cluster]:
 
 @pytest.fixture
 def postgres_url(postgres_cluster: throwaway_postgres.Cluster) -> str:
-    """The URL of a fresh, empty database of the session's cluster, for one test."""
-    return postgres_cluster.create_database()
+    """The URL of a fresh, empty schema in the session's cluster, for one test."""
+    return postgres_cluster.new_store_url()

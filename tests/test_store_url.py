@@ -164,7 +164,7 @@ async def serving(data_dir: pathlib.Path) -> AsyncIterator[asyncio.subprocess.Pr
                 assert line, "the first broker exited before serving"
         yield proc
     finally:
-        proc.terminate()
+        proc.kill()  # its shutdown is tested elsewhere; the lock goes with the process either way
         await proc.wait()
 
 
