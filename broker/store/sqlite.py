@@ -287,8 +287,13 @@ class Store:
             db,
             f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
-            "WHERE d.namespace = ? AND d.resource_type = ? AND d.resource_name = ? AND d.phase != 'Deleted'",
-            (command.namespace, command.resource_type.value, command.resource_name),
+            "WHERE d.namespace = ? AND d.resource_type = ? AND d.resource_name = ? AND d.phase != ?",
+            (
+                command.namespace,
+                command.resource_type.value,
+                command.resource_name,
+                model.Phase.DELETED.value,
+            ),
         )
         return codec.deployment_from_row(row) if row else None
 
@@ -450,7 +455,8 @@ class Store:
                 await db.execute_fetchall(
                     f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
                     "JOIN operations o ON o.operation_id = d.last_operation_id "
-                    "WHERE o.state IN ('accepted', 'in_progress') ORDER BY o.create_time"
+                    f"WHERE o.state IN ({_marks(codec.UNFINISHED_STATES)}) ORDER BY o.create_time",
+                    _values(codec.UNFINISHED_STATES),
                 )
             )
         return [codec.deployment_from_row(r) for r in rows]
@@ -495,10 +501,17 @@ class Store:
         now = codec.now()
         async with self._transaction() as db:
             cur = await db.execute(
-                "UPDATE operations SET state = 'in_progress', message = ?, update_time = ? "
-                "WHERE operation_id = ? AND state IN ('accepted', 'in_progress') AND operation_id = "
+                "UPDATE operations SET state = ?, message = ?, update_time = ? "
+                f"WHERE operation_id = ? AND state IN ({_marks(codec.UNFINISHED_STATES)}) AND operation_id = "
                 "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
-                ("in progress", codec.ts(now), op.operation_id, deployment.deployment_id),
+                (
+                    model.OperationState.IN_PROGRESS.value,
+                    "in progress",
+                    codec.ts(now),
+                    op.operation_id,
+                    *_values(codec.UNFINISHED_STATES),
+                    deployment.deployment_id,
+                ),
             )
             if cur.rowcount == 0:
                 return None
@@ -513,9 +526,13 @@ class Store:
         """Say why an operation in progress is waiting (shown by GetDeployment and the state)."""
         async with self._transaction() as db:
             await db.execute(
-                "UPDATE operations SET message = ?, update_time = ? "
-                "WHERE operation_id = ? AND state = 'in_progress'",
-                (message, codec.ts(codec.now()), deployment.last_operation.operation_id),
+                "UPDATE operations SET message = ?, update_time = ? WHERE operation_id = ? AND state = ?",
+                (
+                    message,
+                    codec.ts(codec.now()),
+                    deployment.last_operation.operation_id,
+                    model.OperationState.IN_PROGRESS.value,
+                ),
             )
 
     async def finish_operation(
@@ -538,13 +555,14 @@ class Store:
         async with self._transaction() as db:
             cur = await db.execute(
                 "UPDATE operations SET state = ?, message = ?, update_time = ? WHERE operation_id = ? "
-                "AND state IN ('accepted', 'in_progress') AND operation_id = "
+                f"AND state IN ({_marks(codec.UNFINISHED_STATES)}) AND operation_id = "
                 "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
                 (
                     (model.OperationState.SUCCEEDED if succeeded else model.OperationState.FAILED).value,
                     message,
                     codec.ts(now),
                     op.operation_id,
+                    *_values(codec.UNFINISHED_STATES),
                     deployment.deployment_id,
                 ),
             )
@@ -651,7 +669,7 @@ class Store:
             cur = await db.execute(
                 "UPDATE deployments SET desired_spec = ?, generation = ?, last_operation_id = ?, "
                 "update_time = ? WHERE deployment_id = ? AND last_operation_id = ? "
-                "AND phase IN ('Ready', 'DriftDetected')",
+                f"AND phase IN ({_marks(codec.EVALUATED_PHASES)})",
                 (
                     codec.spec_to_json(spec),
                     generation,
@@ -659,6 +677,7 @@ class Store:
                     codec.ts(now),
                     deployment.deployment_id,
                     deployment.last_operation.operation_id,
+                    *_values(codec.EVALUATED_PHASES),
                 ),
             )
             if cur.rowcount == 0:
@@ -684,12 +703,13 @@ class Store:
         async with self._transaction() as db:
             cur = await db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
-                "AND last_operation_id = ? AND phase IN ('Ready', 'DriftDetected')",
+                f"AND last_operation_id = ? AND phase IN ({_marks(codec.EVALUATED_PHASES)})",
                 (
                     phase.value,
                     codec.ts(now),
                     deployment.deployment_id,
                     deployment.last_operation.operation_id,
+                    *_values(codec.EVALUATED_PHASES),
                 ),
             )
             if cur.rowcount == 0:
@@ -824,8 +844,8 @@ class Store:
         self, query: model.ResourceQuery, page: model.PageRequest
     ) -> model.Page[model.Deployment]:
         """The live (not deleted) deployments matching a query, ordered by type and name."""
-        where = ["d.namespace = ?", "d.phase != 'Deleted'"]
-        params: list[Any] = [query.namespace]
+        where = ["d.namespace = ?", "d.phase != ?"]
+        params: list[Any] = [query.namespace, model.Phase.DELETED.value]
         if query.resource_type is not None:
             where.append("d.resource_type = ?")
             params.append(query.resource_type.value)
@@ -907,6 +927,15 @@ class Store:
         async with self._read() as db:
             row = await _one(db, "SELECT COUNT(*) FROM deployments")
         return int(row[0]) if row else 0
+
+
+def _marks(values: tuple[Any, ...]) -> str:
+    """One placeholder per value, for ``IN (...)``."""
+    return ", ".join("?" * len(values))
+
+
+def _values(values: tuple[model.Phase, ...] | tuple[model.OperationState, ...]) -> list[str]:
+    return [v.value for v in values]
 
 
 async def _one(db: aiosqlite.Connection, sql: str, params: Any = ()) -> sqlite3.Row | None:
