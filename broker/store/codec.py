@@ -4,7 +4,8 @@ The SQLite and the PostgreSQL adapters keep the same rows in their own SQL diale
 an operation, a drift item, an event's payload or an idempotent answer becomes text, and how a page
 token is made and checked, is decided once, here, so the two cannot drift apart. So are the guards
 of the lifecycle that the adapters check inside their transactions (which phases a verdict may
-change, which operation states are unfinished, what phase a finished operation leaves): the SQL
+change, which operation states are unfinished, what phase a finished operation leaves, what a
+Provision of a live deployment makes of it): the SQL
 of an adapter takes them as parameters and decides nothing of its own.
 
 A row is anything indexable by column name (``sqlite3.Row``, ``asyncpg.Record``); a time column is

@@ -45,11 +45,12 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import enum
 import hashlib
 import json
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -98,8 +99,8 @@ def _count(status: str) -> int:
     return int(status.rpartition(" ")[2] or 0)
 
 
-def _values(values: tuple[Any, ...] | list[Any]) -> list[str]:
-    return [getattr(v, "value", v) for v in values]
+def _values(values: Iterable[enum.Enum]) -> list[str]:
+    return [str(v.value) for v in values]
 
 
 class _Params:
@@ -124,9 +125,8 @@ class _Tx:
 class Store:
     """Desired state, operations, idempotency keys, the drift event log and the callback outbox."""
 
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], *, url: str) -> None:
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
         self._pool: asyncpg.Pool[asyncpg.Record] | None = pool
-        self.url = redacted(url)
         # Held from taking sequences to calling the listeners (see the module docstring).
         self._append_lock = asyncio.Lock()
         self.listeners: list[port.Listener] = []
@@ -145,7 +145,7 @@ class Store:
             )
         except _OPEN_FAILURES as e:
             raise errors.Unavailable(f"cannot open the store at {shown}: {type(e).__name__}: {e}") from e
-        store = cls(pool, url=url)
+        store = cls(pool)
         try:
             await store._migrate(pool)
         except _FAILURES as e:
