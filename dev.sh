@@ -29,6 +29,18 @@ ensure_system() {
   fi
 }
 
+ensure_postgres() {
+  # The PostgreSQL store's tests start a throwaway server of their own on loopback
+  # (tests/throwaway_postgres.py); they need Debian's server package, nothing running.
+  if compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then return; fi
+  if [ "$(id -u)" -ne 0 ]; then
+    log "postgresql is not installed and we are not root: install it (apt-get install postgresql)"
+    return
+  fi
+  log "installing postgresql (the tests start a throwaway server on loopback)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+}
+
 ensure_venv() {
   ensure_system
   [ -x "$PY" ] || { log "creating virtual environment $VENV"; python3 -m venv "$VENV"; }
@@ -77,6 +89,7 @@ case "$cmd" in
     ;;
   test)
     ensure_venv
+    ensure_postgres
     lint
     log "pytest"
     # pytest exits 5 when it collected nothing; set -e makes that a failure too.

@@ -14,7 +14,6 @@ import pathlib
 import sys
 
 from broker import client_cli, config, errors, logs, server, settings
-from broker.store import sqlite
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="create or upgrade the store's schema, then exit")
     _data_dir(migrate)
+    store_url = settings.BY_KEY["store_url"]
+    migrate.add_argument(
+        store_url.flag,
+        metavar=store_url.kind.metavar,
+        default=os.environ.get(store_url.env) or None,
+        help=f"{store_url.help} (env {store_url.env})",
+    )
 
     demo = commands.add_parser("demo", help="the whole story on the sandbox: provision, drift, remediation")
     demo.add_argument(
@@ -78,13 +84,19 @@ def _data_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _migrate(data_dir: pathlib.Path) -> int:
-    store = await sqlite.Store.open(data_dir)
+async def _migrate(data_dir: pathlib.Path, store_url: str | None) -> int:
+    given = settings.BY_KEY["store_url"]
+    url = server.store_url_of(
+        server.Settings(
+            data_dir=data_dir, store_url=given.parse(store_url, given.flag) if store_url else None
+        )
+    )
+    store = await server.open_store(url)
     try:
         version = await store.schema_version()
     finally:
         await store.close()
-    print(f"store {data_dir / sqlite.DB_FILENAME} is at schema version {version}")
+    print(f"store {server.shown_store_url(url)} is at schema version {version}")
     return 0
 
 
@@ -94,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(level=args.log_level, fmt=args.log_format)
     try:
         if args.command == "migrate":
-            return asyncio.run(_migrate(args.data_dir))
+            return asyncio.run(_migrate(args.data_dir, args.store_url))
         if args.command == "demo":
             from broker import demo  # pulls in the example manager and its Kubernetes client
 

@@ -34,7 +34,7 @@ from broker.domain import catalog as catalog_mod
 from broker.domain import policy
 from broker.kube import client as kube_client
 from broker.kube import observer
-from broker.store import sqlite
+from broker.store import port, postgres, sqlite
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class Settings:
     grpc_addr: str = "0.0.0.0:50051"
     http_addr: str = "0.0.0.0:8082"
     data_dir: pathlib.Path = pathlib.Path(".broker")
+    # None: the SQLite file in ``data_dir`` (``store_url_of``).
+    store_url: str | None = None
     insecure: bool = False
     tokens_file: pathlib.Path | None = None
     reflection: bool = True
@@ -101,6 +103,25 @@ class ClusterParts:
     provisioner: provisioning.Provisioner
     remediator: detection.Remediator
     detector: detection.Detector
+
+
+def store_url_of(settings: Settings) -> str:
+    """The store the settings name: ``--store-url``, else ``sqlite:///<data-dir>/broker.db``."""
+    return settings.store_url or sqlite.url_of(settings.data_dir / sqlite.DB_FILENAME)
+
+
+def shown_store_url(url: str) -> str:
+    """A store URL fit for logs and messages (no password)."""
+    return url if url.startswith(sqlite.URL_PREFIX) else postgres.redacted(url)
+
+
+async def open_store(url: str) -> port.Store:
+    """Open the store of a URL: ``sqlite:///PATH`` (one replica) or ``postgresql://...`` (several)."""
+    if url.startswith(sqlite.URL_PREFIX):
+        return await sqlite.Store.open_file(sqlite.path_of(url))
+    if url.startswith(("postgresql://", "postgres://")):
+        return await postgres.Store.open(url)
+    raise ValueError("a store URL is sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
 
 
 def callback_key(settings: Settings) -> bytes:
@@ -199,7 +220,7 @@ class Broker:
         self.grpc_port = 0
         self.http_port = 0
         self._draining = False
-        self._store: sqlite.Store | None = None
+        self._store: port.Store | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self._http: web.AppRunner | None = None
@@ -256,7 +277,7 @@ class Broker:
         asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
 
     @property
-    def store(self) -> sqlite.Store:
+    def store(self) -> port.Store:
         """The open store (after start)."""
         if self._store is None:
             raise errors.Unavailable("the broker is not running")
@@ -282,7 +303,7 @@ class Broker:
                 "INSECURE MODE: authentication is OFF; every caller may use every namespace. "
                 "Use --tokens FILE for anything but local development."
             )
-        self._store = await sqlite.Store.open(settings.data_dir)
+        self._store = await open_store(store_url_of(settings))
         self._store.listeners += [self.hub.notify, self.metrics.on_events]
         _, newest = await self._store.event_bounds()
         self.supervisor.start("event-fanout", self.hub.tail(self._store.events_after, start=newest))
@@ -378,6 +399,7 @@ class Broker:
                 "grpc": f"{grpc_host}:{self.grpc_port}",
                 "http": f"{http_host}:{self.http_port}",
                 "data_dir": str(settings.data_dir),
+                "store": shown_store_url(store_url_of(settings)),
                 "reflection": settings.reflection,
             },
         )

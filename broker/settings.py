@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,6 +50,36 @@ def _addr(text: str) -> str:
     return text
 
 
+_STORE_URL_FORMS = (
+    "sqlite:///PATH (one replica; sqlite:////PATH for an absolute path) or "
+    "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (several replicas)"
+)
+
+
+def _store_url(text: str) -> str:
+    """A store URL, checked here so a typo fails at start-up with the setting's name.
+
+    No message repeats the URL: it may carry a password.
+    """
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        raise ValueError(f"is not a store URL: use {_STORE_URL_FORMS}")
+    if scheme == "sqlite":
+        if not rest.startswith("/") or not rest.removeprefix("/"):
+            raise ValueError(f"a sqlite:// URL names a file after its third slash: use {_STORE_URL_FORMS}")
+        return text
+    if scheme in ("postgresql", "postgres"):
+        parts = urllib.parse.urlsplit(text)
+        try:
+            parts.port  # noqa: B018 - urllib checks the port only when it is read
+        except ValueError as e:
+            raise ValueError("the port of the postgresql:// URL is not a number from 1 to 65535") from e
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError(f"the postgresql:// URL names no server: use {_STORE_URL_FORMS}")
+        return text
+    raise ValueError(f"{scheme!r} is not a store this broker knows: use {_STORE_URL_FORMS}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """How a setting's text becomes a value, and how it is shown."""
@@ -65,6 +96,7 @@ SECONDS = Kind(_positive_float, "SECONDS")
 COUNT = Kind(_positive_int, "N")
 EVENTS = Kind(_positive_int, "EVENTS")
 NAME = Kind(str, "NAME")
+STORE_URL = Kind(_store_url, "URL")
 SWITCH = Kind(bool, None, switch=True)
 
 
@@ -106,7 +138,20 @@ class Setting:
 TABLE: tuple[Setting, ...] = (
     Setting("grpc_addr", "--grpc-addr", ADDR, "gRPC listen address"),
     Setting("http_addr", "--http-addr", ADDR, "HTTP listen address: the /v1 gateway, probes, /metrics"),
-    Setting("data_dir", "--data-dir", DIR, "directory holding broker.db (and the sandbox's state)"),
+    Setting(
+        "data_dir",
+        "--data-dir",
+        DIR,
+        "directory holding broker.db (unless --store-url names another store), the callback key "
+        "and the sandbox's state",
+    ),
+    Setting(
+        "store_url",
+        "--store-url",
+        STORE_URL,
+        "where the store lives: sqlite:///PATH, one replica (default: broker.db in --data-dir), "
+        "or postgresql://USER:PASSWORD@HOST:PORT/DATABASE, shared by several replicas",
+    ),
     Setting("tokens_file", "--tokens", FILE, "YAML file mapping bearer tokens to principals and namespaces"),
     Setting(
         "insecure",

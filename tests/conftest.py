@@ -15,12 +15,13 @@ import dataclasses
 import json
 import pathlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import aiohttp
 import grpc
 import pytest
+import throwaway_postgres
 from aiohttp import web
 from broker_client.v1 import broker_pb2_grpc
 from kube_sandbox import cluster as sandbox_cluster
@@ -246,3 +247,22 @@ def stub(channel: grpc.aio.Channel) -> broker_pb2_grpc.BrokerServiceStub:
 async def http(running_broker: RunningBroker) -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(base_url=running_broker.http_url) as session:
         yield session
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[throwaway_postgres.Cluster]:
+    """A throwaway PostgreSQL cluster on loopback for the whole session (see ``throwaway_postgres``)."""
+    try:
+        cluster = throwaway_postgres.Cluster.start()
+    except throwaway_postgres.Unusable as e:
+        pytest.fail(f"cannot start PostgreSQL for the tests: {e}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: throwaway_postgres.Cluster) -> str:
+    """The URL of a fresh, empty schema in the session's cluster, for one test."""
+    return postgres_cluster.new_store_url()

@@ -1,7 +1,7 @@
 """The store contract: what every adapter of ``broker.store.port`` must do, one suite for all.
 
-``ADAPTERS`` lists the adapters; a new one (PostgreSQL, past one replica) is a new row, and must
-pass every test here unchanged. The event log's visibility contract (``port``'s docstring) is
+``ADAPTERS`` lists the adapters, SQLite on a temporary file and PostgreSQL in a fresh database of
+the session's throwaway cluster (``throwaway_postgres``); every test here runs against both. The event log's visibility contract (``port``'s docstring) is
 tested with concurrent writers and a tailer that counts gaps.
 """
 
@@ -18,19 +18,27 @@ import pytest
 
 from broker import errors
 from broker.domain import catalog, model, policy
-from broker.store import port, sqlite
+from broker.store import port, postgres, sqlite
 
 
-async def open_sqlite(tmp_path: pathlib.Path) -> port.Store:
+async def open_sqlite(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> port.Store:
     return await sqlite.Store.open(tmp_path / "data")
 
 
-ADAPTERS: dict[str, Callable[[pathlib.Path], Awaitable[port.Store]]] = {"sqlite": open_sqlite}
+async def open_postgres(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> port.Store:
+    # Asked for only here, so a run of SQLite's rows alone starts no PostgreSQL.
+    return await postgres.Store.open(request.getfixturevalue("postgres_url"))
+
+
+ADAPTERS: dict[str, Callable[[pytest.FixtureRequest, pathlib.Path], Awaitable[port.Store]]] = {
+    "sqlite": open_sqlite,
+    "postgres": open_postgres,
+}
 
 
 @pytest.fixture(params=sorted(ADAPTERS))
 async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[port.Store]:
-    opened = await ADAPTERS[request.param](tmp_path)
+    opened = await ADAPTERS[request.param](request, tmp_path)
     try:
         yield opened
     finally:
@@ -228,3 +236,87 @@ async def test_policies_and_verdicts_survive_in_the_store(store: port.Store) -> 
     )
     assert (await store.drift_states())[deployment.deployment_id] == ((item,), model.Health.DEGRADED)
     assert (await store.deployment_by_id(deployment.deployment_id)).phase is model.Phase.DRIFT_DETECTED  # type: ignore[union-attr]
+
+
+async def test_pages_list_by_type_and_name_in_byte_order_whatever_the_database_collation(
+    store: port.Store,
+) -> None:
+    """Byte order, as SQLite compares text; a linguistic collation (the test cluster's default is
+    ICU en-US) would put ``a-b`` before ``B``. Page tokens continue exactly where a page ended."""
+    for name in ("b", "B", "a-b", "a1", "A"):
+        await store.provision(command(name))
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        page = await store.list_deployments(
+            model.ResourceQuery(namespace=NS), model.PageRequest(size=2, token=token)
+        )
+        assert page.total == 5
+        pages.append([d.resource_name for d in page.items])
+        token = page.next_token
+        if not token:
+            break
+    assert pages == [["A", "B"], ["a-b", "a1"], ["b"]]
+
+
+async def test_events_list_by_namespace_and_kind_in_pages(store: port.Store) -> None:
+    deployment = await ready(store)
+    await store.append_events([event_about(deployment, i) for i in range(5)])
+    await store.record_evaluation(
+        deployment,
+        items=(),
+        health=model.Health.HEALTHY,
+        phase=model.Phase.READY,
+        events=[model.DriftEvent.about(deployment, model.EventKind.DRIFT_RESOLVED, "resolved", health=None)],
+    )
+    query = model.EventQuery(namespace=NS, kinds=frozenset({model.EventKind.REMEDIATION_FAILED}))
+    first = await store.list_events(query, model.PageRequest(size=3, token=""))
+    second = await store.list_events(query, model.PageRequest(size=3, token=first.next_token))
+    assert [e.message for e in first.items + second.items] == [f"event {i}" for i in range(5)]
+    assert second.next_token == ""
+    with pytest.raises(errors.InvalidArgument):  # a token of another query
+        await store.list_events(
+            model.EventQuery(namespace=NS), model.PageRequest(size=3, token=first.next_token)
+        )
+    other = await store.list_events(
+        model.EventQuery(namespace=model.Namespace("team-other")), model.PageRequest(size=10, token="")
+    )
+    assert other.items == ()
+
+
+async def test_deprovision_is_idempotent_and_a_deleted_name_can_be_provisioned_again(
+    store: port.Store,
+) -> None:
+    deployment = await ready(store)
+    gone = model.DeprovisionCommand(
+        namespace=NS,
+        deployment_id=deployment.deployment_id,
+        data_policy=model.DataPolicy.DELETE,
+        request_id="d-1",
+    )
+    first = await store.deprovision(gone)
+    assert (first.changed, first.phase) == (True, model.Phase.DELETING)
+    assert (await store.deprovision(gone)).operation == first.operation  # replayed
+    with pytest.raises(errors.FailedPrecondition):
+        await store.provision(command())  # still being deleted
+    deleting = await store.deployment_by_id(deployment.deployment_id)
+    assert deleting is not None
+    started = await store.start_operation(deleting)
+    assert started is not None
+    assert started.phase is model.Phase.DELETING  # a deprovision does not look like provisioning
+    assert await store.finish_operation(started, succeeded=True, message="gone", event=None, callback=None)
+    again = await store.provision(command())
+    assert again.changed
+    assert again.deployment_id != deployment.deployment_id
+    with pytest.raises(errors.NotFound):
+        await store.get_deployment(model.Namespace("team-other"), again.deployment_id)
+    assert await store.count_deployments() == 2
+
+
+async def test_a_closed_store_is_unavailable(store: port.Store) -> None:
+    await store.close()
+    await store.close()  # safe twice
+    with pytest.raises(errors.Unavailable):
+        await store.count_deployments()
+    with pytest.raises(errors.Unavailable):
+        await store.provision(command())

@@ -1,1 +1,1 @@
-"""Persistence adapters: the desired-state store (``broker.store.sqlite`` owns aiosqlite)."""
+"""Persistence: the store port and its adapters (``sqlite`` owns aiosqlite, ``postgres`` owns asyncpg)."""

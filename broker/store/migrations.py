@@ -2,6 +2,13 @@
 
 Append new migrations; never edit one that has shipped. Each runs in its own transaction together
 with the bump of ``schema_migrations``, so a crash leaves the schema at a whole version.
+
+Every adapter has its list in its own dialect: ``MIGRATIONS`` (SQLite) and ``POSTGRESQL``. A version
+means the same tables and columns in both (a test compares versions and descriptions), so a new
+migration is appended to both lists at once. The PostgreSQL dialect differs where it must or where
+it can do better: times are ``TIMESTAMPTZ``, the identity and ordering columns use the ``"C"``
+collation (byte order, as SQLite compares text, so pages sort alike on both), and event sequences
+come from a one-row counter instead of ``AUTOINCREMENT`` (see ``broker.store.postgres``).
 """
 
 from __future__ import annotations
@@ -100,6 +107,114 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             mode          TEXT NOT NULL,
             ignore_fields TEXT NOT NULL,
             update_time   TEXT NOT NULL,
+            PRIMARY KEY (namespace, resource_type)
+        );
+        """,
+    ),
+)
+
+
+POSTGRESQL: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "deployments, operations, idempotency keys, drift event log, callback outbox",
+        """
+        CREATE TABLE deployments (
+            deployment_id     TEXT COLLATE "C" PRIMARY KEY,
+            namespace         TEXT COLLATE "C" NOT NULL,
+            resource_type     TEXT COLLATE "C" NOT NULL,
+            resource_name     TEXT COLLATE "C" NOT NULL,
+            desired_spec      TEXT NOT NULL,
+            generation        INTEGER NOT NULL CHECK (generation >= 1),
+            phase             TEXT NOT NULL,
+            callback_url      TEXT NOT NULL,
+            data_policy       TEXT NOT NULL DEFAULT 'keep',
+            last_operation_id TEXT COLLATE "C" NOT NULL,
+            create_time       TIMESTAMPTZ NOT NULL,
+            update_time       TIMESTAMPTZ NOT NULL
+        );
+        -- One live deployment per (namespace, type, name); deleted ones are kept for history.
+        CREATE UNIQUE INDEX deployments_live_identity
+            ON deployments (namespace, resource_type, resource_name) WHERE phase <> 'Deleted';
+        CREATE INDEX deployments_by_namespace ON deployments (namespace, resource_type, resource_name);
+
+        CREATE TABLE operations (
+            operation_id  TEXT COLLATE "C" PRIMARY KEY,
+            deployment_id TEXT COLLATE "C" NOT NULL REFERENCES deployments (deployment_id),
+            type          TEXT NOT NULL,
+            state         TEXT NOT NULL,
+            generation    INTEGER NOT NULL,
+            message       TEXT NOT NULL DEFAULT '',
+            create_time   TIMESTAMPTZ NOT NULL,
+            update_time   TIMESTAMPTZ NOT NULL
+        );
+        CREATE INDEX operations_by_deployment ON operations (deployment_id, create_time);
+        CREATE INDEX operations_unfinished ON operations (state) WHERE state IN ('accepted', 'in_progress');
+
+        CREATE TABLE idempotency_keys (
+            namespace     TEXT COLLATE "C" NOT NULL,
+            request_id    TEXT COLLATE "C" NOT NULL,
+            method        TEXT NOT NULL,
+            request_hash  TEXT NOT NULL,
+            deployment_id TEXT COLLATE "C" NOT NULL REFERENCES deployments (deployment_id),
+            response      TEXT NOT NULL,
+            create_time   TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (namespace, request_id)
+        );
+
+        -- Sequences are assigned by the adapter from drift_event_counter, in commit order.
+        CREATE TABLE drift_events (
+            sequence      BIGINT PRIMARY KEY CHECK (sequence >= 1),
+            deployment_id TEXT COLLATE "C" NOT NULL REFERENCES deployments (deployment_id),
+            namespace     TEXT COLLATE "C" NOT NULL,
+            resource_type TEXT COLLATE "C" NOT NULL,
+            resource_name TEXT COLLATE "C" NOT NULL,
+            kind          TEXT COLLATE "C" NOT NULL,
+            payload       TEXT NOT NULL,
+            event_time    TIMESTAMPTZ NOT NULL
+        );
+        CREATE INDEX drift_events_by_namespace ON drift_events (namespace, sequence);
+        CREATE INDEX drift_events_by_deployment ON drift_events (deployment_id, sequence);
+
+        -- The newest sequence ever issued (one row): never reused, even after the newest are pruned.
+        CREATE TABLE drift_event_counter (
+            one     BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+            issued  BIGINT NOT NULL CHECK (issued >= 0)
+        );
+        INSERT INTO drift_event_counter (issued) VALUES (0);
+
+        CREATE TABLE callback_outbox (
+            delivery_id       TEXT COLLATE "C" PRIMARY KEY,
+            deployment_id     TEXT COLLATE "C" NOT NULL REFERENCES deployments (deployment_id),
+            url               TEXT NOT NULL,
+            payload           TEXT NOT NULL,
+            attempts          INTEGER NOT NULL DEFAULT 0,
+            next_attempt_time TIMESTAMPTZ NOT NULL,
+            delivered_time    TIMESTAMPTZ,
+            last_error        TEXT NOT NULL DEFAULT '',
+            create_time       TIMESTAMPTZ NOT NULL
+        );
+        CREATE INDEX callback_outbox_due ON callback_outbox (next_attempt_time) WHERE delivered_time IS NULL;
+        """,
+    ),
+    (
+        2,
+        "drift state per deployment, remediation policies",
+        """
+        -- What the detector last reported per deployment, so a restart does not re-announce old drift.
+        CREATE TABLE drift_state (
+            deployment_id TEXT COLLATE "C" PRIMARY KEY REFERENCES deployments (deployment_id),
+            items         TEXT NOT NULL,
+            health        TEXT NOT NULL,
+            update_time   TIMESTAMPTZ NOT NULL
+        );
+
+        CREATE TABLE policies (
+            namespace     TEXT COLLATE "C" NOT NULL,
+            resource_type TEXT COLLATE "C" NOT NULL,
+            mode          TEXT NOT NULL,
+            ignore_fields TEXT NOT NULL,
+            update_time   TIMESTAMPTZ NOT NULL,
             PRIMARY KEY (namespace, resource_type)
         );
         """,

@@ -3,7 +3,8 @@
 Each concern is a Protocol; components are typed against the ones they use, so a second adapter
 (PostgreSQL, past one replica) is a new class that satisfies them, tested by the same contract
 suite (``tests/test_store_contract.py``, parametrized over the adapters). ``broker.store.sqlite``
-is the adapter of one replica.
+is the adapter of one replica, ``broker.store.postgres`` the adapter of several; what both write
+the same way is ``broker.store.codec``.
 
 The event log's visibility contract, which every adapter keeps:
 
@@ -11,10 +12,11 @@ The event log's visibility contract, which every adapter keeps:
   and the ``listeners``) only together with the state change it was appended with;
 * a reader that tails ``events_after(s)`` never skips an event, whatever the commit order of
   concurrent writers: an event that becomes visible later never has a lower sequence than one a
-  reader was already given (SQLite: one writer at a time, sequences assigned under its lock; an
-  adapter with concurrent writers must assign sequences at commit, or hold back the tail);
-* ``listeners`` are called after each commit with its events, in sequence order; they must not
-  block (the fan-out buffers, or wakes a tailer).
+  reader was already given (SQLite: one writer at a time, sequences assigned under its lock;
+  PostgreSQL, with concurrent writers: sequences assigned under a row lock held until the commit,
+  so in commit order);
+* ``listeners`` are called after each commit of this process with its events, in sequence order;
+  they must not block (the fan-out buffers, or wakes a tailer).
 """
 
 from __future__ import annotations
@@ -177,6 +179,14 @@ class Store(Deployments, Operations, EventLog, Verdicts, Outbox, Policies, Proto
 
     async def ping(self) -> None:
         """Raise Unavailable unless the store answers."""
+        ...
+
+    async def schema_version(self) -> int:
+        """The newest applied migration."""
+        ...
+
+    async def count_deployments(self) -> int:
+        """How many deployments exist, deleted ones included (for tests and metrics)."""
         ...
 
     async def close(self) -> None:

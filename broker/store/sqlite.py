@@ -11,20 +11,24 @@ keep the reader's read transaction open, and another coroutine's query would the
 older snapshot and miss what was committed since. SQLite errors are translated into
 ``errors.Unavailable`` with the cause chained; nothing of a request's content is put in that
 message.
+
+One replica: a broker holds an exclusive ``flock`` on ``<database>.lock`` for as long as its store
+is open, so a second broker (or ``broker migrate``) on the same file refuses to start instead of
+reporting and remediating every drift a second time. The kernel releases the lock when the process
+ends, however it ends. Several replicas share a PostgreSQL store (``broker.store.postgres``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import datetime
-import hashlib
+import fcntl
 import json
 import logging
+import os
 import pathlib
-import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -33,146 +37,56 @@ import aiosqlite
 
 from broker import errors
 from broker.domain import lifecycle, model, policy
-from broker.store import group_commit, migrations, port
+from broker.store import codec, group_commit, migrations, port
 
 log = logging.getLogger(__name__)
 
 DB_FILENAME = "broker.db"
+# ``--store-url sqlite:///PATH``: the file path is what follows the third slash, so
+# ``sqlite:///data/broker.db`` is relative and ``sqlite:////var/lib/broker/broker.db`` absolute.
+URL_PREFIX = "sqlite:///"
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
+def url_of(path: pathlib.Path) -> str:
+    """The store URL of a database file."""
+    return URL_PREFIX + str(path)
 
 
-def _ts(value: datetime.datetime) -> str:
-    return value.isoformat(timespec="microseconds")
+def path_of(url: str) -> pathlib.Path:
+    """The database file of a ``sqlite:///PATH`` URL; ValueError for any other."""
+    if not url.startswith(URL_PREFIX) or not url.removeprefix(URL_PREFIX):
+        raise ValueError("a SQLite store URL is sqlite:///PATH (sqlite:////PATH for an absolute path)")
+    return pathlib.Path(url.removeprefix(URL_PREFIX))
 
 
-def _parse_ts(value: str) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(value)
-
-
-def spec_to_json(spec: model.ResourceSpec) -> str:
-    """Canonical JSON of a spec: equal specs give equal text, so comparison is a string compare."""
-    return json.dumps(dataclasses.asdict(spec), sort_keys=True, separators=(",", ":"))
-
-
-def spec_from_json(text: str) -> model.ResourceSpec:
-    """The inverse of ``spec_to_json``."""
-    raw = json.loads(text)
-    topic = raw.get("topic")
-    resources = raw.get("resources")
-    return model.ResourceSpec(
-        engine=raw["engine"],
-        version=raw["version"],
-        size=raw["size"],
-        replicas=raw.get("replicas"),
-        topic=model.TopicSpec(**topic) if topic else None,
-        resources=model.ComputeResources(**resources) if resources else None,
-    )
-
-
-def _operation_to_dict(op: model.Operation) -> dict[str, Any]:
-    return {
-        "operation_id": op.operation_id,
-        "type": op.type.value,
-        "state": op.state.value,
-        "generation": op.generation,
-        "message": op.message,
-        "create_time": _ts(op.create_time),
-        "update_time": _ts(op.update_time),
-    }
-
-
-def _operation_from_row(row: sqlite3.Row | dict[str, Any]) -> model.Operation:
-    return model.Operation(
-        operation_id=model.OperationId(row["operation_id"]),
-        type=model.OperationType(row["type"]),
-        state=model.OperationState(row["state"]),
-        generation=row["generation"],
-        message=row["message"],
-        create_time=_parse_ts(row["create_time"]),
-        update_time=_parse_ts(row["update_time"]),
-    )
-
-
-def _result_to_json(result: model.MutationResult) -> str:
-    return json.dumps(
-        {
-            "deployment_id": result.deployment_id,
-            "phase": result.phase.value,
-            "generation": result.generation,
-            "operation": _operation_to_dict(result.operation),
-        },
-        sort_keys=True,
-    )
-
-
-def _result_from_json(text: str) -> model.MutationResult:
-    raw = json.loads(text)
-    return model.MutationResult(
-        deployment_id=model.DeploymentId(raw["deployment_id"]),
-        phase=model.Phase(raw["phase"]),
-        generation=raw["generation"],
-        operation=_operation_from_row(raw["operation"]),
-        changed=False,
-    )
-
-
-def _request_hash(method: str, payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps([method, payload], sort_keys=True).encode()).hexdigest()
-
-
-def new_deployment_id() -> model.DeploymentId:
-    """A fresh deployment id: ``deploy-`` and 12 random hex digits."""
-    return model.DeploymentId("deploy-" + secrets.token_hex(6))
-
-
-def _new_operation_id() -> model.OperationId:
-    return model.OperationId("op-" + secrets.token_hex(8))
-
-
-_DEPLOYMENT_COLUMNS = """
-    d.deployment_id, d.namespace, d.resource_type, d.resource_name, d.desired_spec, d.generation,
-    d.phase, d.callback_url, d.data_policy, d.create_time AS d_create_time,
-    d.update_time AS d_update_time, o.operation_id, o.type, o.state, o.generation AS o_generation,
-    o.message, o.create_time, o.update_time
-"""
+def _lock(path: pathlib.Path) -> int:
+    """Take the single-replica lock of the database at ``path``: an open file descriptor."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise errors.Unavailable(
+            f"the store {path} is in use by another broker (process {holder} holds {lock_path}): "
+            "SQLite is single-replica; stop the other broker, or run several replicas on one "
+            "PostgreSQL store with --store-url postgresql://..."
+        ) from e
+    except BaseException:
+        os.close(fd)
+        raise
+    # Who holds it, for the message above (the lock, not this text, is what excludes).
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 _BY_NAMESPACE_AND_ID = (
-    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+    f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
     "JOIN operations o ON o.operation_id = d.last_operation_id "
     "WHERE d.namespace = ? AND d.deployment_id = ?"
 )
-
-
-def _deployment_from_row(row: sqlite3.Row) -> model.Deployment:
-    op = _operation_from_row(
-        {
-            "operation_id": row["operation_id"],
-            "type": row["type"],
-            "state": row["state"],
-            "generation": row["o_generation"],
-            "message": row["message"],
-            "create_time": row["create_time"],
-            "update_time": row["update_time"],
-        }
-    )
-    return model.Deployment(
-        deployment_id=model.DeploymentId(row["deployment_id"]),
-        namespace=model.Namespace(row["namespace"]),
-        resource_type=model.ResourceType(row["resource_type"]),
-        resource_name=model.ResourceName(row["resource_name"]),
-        desired_spec=spec_from_json(row["desired_spec"]),
-        generation=row["generation"],
-        phase=model.Phase(row["phase"]),
-        callback_url=row["callback_url"],
-        data_policy=model.DataPolicy(row["data_policy"]),
-        last_operation=op,
-        create_time=_parse_ts(row["d_create_time"]),
-        update_time=_parse_ts(row["d_update_time"]),
-    )
 
 
 class _Parsed:
@@ -190,13 +104,13 @@ class _Parsed:
         self._rows: dict[str, tuple[tuple[Any, ...], model.Deployment]] = {}
 
     def deployment(self, row: sqlite3.Row) -> model.Deployment:
-        """The deployment of a row of ``_DEPLOYMENT_COLUMNS``."""
+        """The deployment of a row of ``codec.DEPLOYMENT_COLUMNS``."""
         values = tuple(row)
         deployment_id = values[0]
         kept = self._rows.get(deployment_id)
         if kept is not None and kept[0] == values:
             return kept[1]
-        deployment = _deployment_from_row(row)
+        deployment = codec.deployment_from_row(row)
         if deployment.phase is model.Phase.DELETED:
             self._rows.pop(deployment_id, None)
         else:
@@ -204,93 +118,12 @@ class _Parsed:
         return deployment
 
 
-def _item_to_dict(item: model.DriftItem) -> dict[str, Any]:
-    return {
-        **dataclasses.asdict(item),
-        "drift_class": item.drift_class.value,
-        "severity": item.severity.value,
-        "action": item.action.value,
-        "detect_time": _ts(item.detect_time) if item.detect_time else None,
-    }
-
-
-def _item_from_dict(raw: dict[str, Any]) -> model.DriftItem:
-    detect = raw.get("detect_time")
-    return model.DriftItem(
-        rule_id=raw["rule_id"],
-        field=raw["field"],
-        desired=raw["desired"],
-        actual=raw["actual"],
-        drift_class=model.DriftClass(raw["drift_class"]),
-        severity=model.Severity(raw["severity"]),
-        action=model.Action(raw["action"]),
-        message=raw["message"],
-        changed_by=raw.get("changed_by", ""),
-        monthly_cost_delta=raw.get("monthly_cost_delta"),
-        detect_time=_parse_ts(detect) if detect else None,
-    )
-
-
-def _event_from_row(row: sqlite3.Row) -> model.DriftEvent:
-    payload = json.loads(row["payload"])
-    health = payload.get("health")
-    return model.DriftEvent(
-        sequence=row["sequence"],
-        kind=model.EventKind(row["kind"]),
-        deployment_id=model.DeploymentId(row["deployment_id"]),
-        namespace=model.Namespace(row["namespace"]),
-        resource_type=model.ResourceType(row["resource_type"]),
-        resource_name=model.ResourceName(row["resource_name"]),
-        event_time=_parse_ts(row["event_time"]),
-        message=payload["message"],
-        phase=model.Phase(payload["phase"]),
-        health=model.Health(health) if health else None,
-        generation=payload["generation"],
-        items=tuple(_item_from_dict(i) for i in payload.get("items", ())),
-    )
-
-
-def _query_key(query: model.ResourceQuery | model.EventQuery) -> str:
-    """A digest of a query's filters by name, so a page token only fits the query that made it."""
-    fields = {
-        k: sorted(x.value for x in v) if isinstance(v, frozenset) else getattr(v, "value", v)
-        for k, v in dataclasses.asdict(query).items()
-    }
-    return hashlib.sha256(json.dumps([type(query).__name__, fields], sort_keys=True).encode()).hexdigest()[
-        :16
-    ]
-
-
-def _encode_page_token(query_key: str, last: tuple[str, str]) -> str:
-    raw = json.dumps({"q": query_key, "after": list(last)}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, query_key: str) -> tuple[str, str] | None:
-    if not token:
-        return None
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = raw["after"]
-        if raw["q"] != query_key or len(after) != 2:
-            raise ValueError("token of another query")
-        return str(after[0]), str(after[1])
-    except (ValueError, KeyError, TypeError) as e:
-        raise errors.InvalidArgument(
-            [
-                errors.FieldViolation(
-                    "page_token",
-                    "is not a token this query returned; repeat the query without it, with the same filters",
-                )
-            ]
-        ) from e
-
-
 class Store:
     """Desired state, operations, idempotency keys, the drift event log and the callback outbox."""
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
+        self._lock_fd: int | None = None
         self._reader: aiosqlite.Connection | None = None
         self.listeners: list[Callable[[list[model.DriftEvent]], None]] = []
         self._writer = group_commit.Writer(path, connect=_connect_writer, on_commit=self._committed)
@@ -299,8 +132,20 @@ class Store:
     @classmethod
     async def open(cls, data_dir: pathlib.Path) -> Store:
         """Open (creating if needed) ``<data_dir>/broker.db`` and apply pending migrations."""
-        await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-        store = cls(data_dir / DB_FILENAME)
+        return await cls.open_file(data_dir / DB_FILENAME)
+
+    @classmethod
+    async def open_file(cls, path: pathlib.Path) -> Store:
+        """Open (creating if needed) the database at ``path``, lock it, and apply pending migrations.
+
+        Unavailable when another broker has it open (see the module docstring).
+        """
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        store = cls(path)
+        try:
+            store._lock_fd = _lock(path)
+        except OSError as e:
+            raise errors.Unavailable(f"cannot open the store at {path}: {e}") from e
         try:
             migrator = await _connect(store.path)
             try:
@@ -315,11 +160,16 @@ class Store:
         return store
 
     async def close(self) -> None:
-        """Commit what is queued, then close both connections; safe to call twice."""
-        await self._writer.stop()
-        if self._reader is not None:
-            await self._reader.close()
-        self._reader = None
+        """Commit what is queued, close both connections and release the lock; safe to call twice."""
+        try:
+            await self._writer.stop()
+            if self._reader is not None:
+                await self._reader.close()
+        finally:
+            self._reader = None
+            fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                os.close(fd)  # closing the last descriptor releases the flock
 
     def _committed(self, events: list[model.DriftEvent]) -> None:
         """After each commit, on the event loop: the listeners hear its events, in sequence order."""
@@ -355,7 +205,7 @@ class Store:
                     await db.execute(statement)
                 await db.execute(
                     "INSERT INTO schema_migrations (version, description, applied_time) VALUES (?, ?, ?)",
-                    (version, description, _ts(_now())),
+                    (version, description, codec.ts(codec.now())),
                 )
                 await db.commit()
             except BaseException:
@@ -384,14 +234,7 @@ class Store:
         Same request_id: the first answer. Same identity and spec: a no-op (``changed`` False),
         except that a failed deployment is retried. Different spec: an update with a new generation.
         """
-        payload = {
-            "namespace": command.namespace,
-            "resource_type": command.resource_type.value,
-            "resource_name": command.resource_name,
-            "spec": spec_to_json(command.spec),
-            "callback_url": command.callback_url,
-        }
-        request_hash = _request_hash("provision", payload)
+        request_hash = codec.provision_hash(command)
 
         def body(tx: group_commit.Tx) -> model.MutationResult:
             db = tx.db
@@ -399,12 +242,11 @@ class Store:
             if replay is not None:
                 return replay
             existing = self._live_deployment(db, command)
-            now = _now()
-            decision = lifecycle.on_provision(existing, command)
+            now = codec.now()
             if existing is None:
                 result = self._create(db, command, now)
             else:
-                result = self._update(db, existing, command, decision, now)
+                result = self._update(db, existing, command, now)
             if command.request_id:
                 self._remember(
                     db, command.namespace, command.request_id, "provision", request_hash, result, now
@@ -426,12 +268,8 @@ class Store:
         if row is None:
             return None
         if row["request_hash"] != request_hash:
-            raise errors.AlreadyExists(
-                f"request_id {request_id!r} was already used for a different request in namespace "
-                f"{namespace!r}; use a new request_id for a new request",
-                reason="REQUEST_ID_REUSED",
-            )
-        return _result_from_json(row["response"])
+            raise codec.reused_request_id(namespace, request_id)
+        return codec.result_from_json(row["response"])
 
     def _remember(
         self,
@@ -453,8 +291,8 @@ class Store:
                 method,
                 request_hash,
                 result.deployment_id,
-                _result_to_json(result),
-                _ts(now),
+                codec.result_to_json(result),
+                codec.ts(now),
             ),
         )
 
@@ -463,10 +301,15 @@ class Store:
     ) -> model.Deployment | None:
         row = _one_sync(
             db,
-            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+            f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
-            "WHERE d.namespace = ? AND d.resource_type = ? AND d.resource_name = ? AND d.phase != 'Deleted'",
-            (command.namespace, command.resource_type.value, command.resource_name),
+            "WHERE d.namespace = ? AND d.resource_type = ? AND d.resource_name = ? AND d.phase != ?",
+            (
+                command.namespace,
+                command.resource_type.value,
+                command.resource_name,
+                model.Phase.DELETED.value,
+            ),
         )
         return self._parsed.deployment(row) if row else None
 
@@ -480,15 +323,7 @@ class Store:
         now: datetime.datetime,
         operation_id: model.OperationId | None = None,
     ) -> model.Operation:
-        op = model.Operation(
-            operation_id=operation_id or _new_operation_id(),
-            type=op_type,
-            state=model.OperationState.ACCEPTED,
-            generation=generation,
-            message="accepted; waiting for a worker",
-            create_time=now,
-            update_time=now,
-        )
+        op = codec.new_operation(op_type=op_type, generation=generation, now=now, operation_id=operation_id)
         db.execute(
             "INSERT INTO operations (operation_id, deployment_id, type, state, generation, message, "
             "create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -499,8 +334,8 @@ class Store:
                 op.state.value,
                 op.generation,
                 op.message,
-                _ts(now),
-                _ts(now),
+                codec.ts(now),
+                codec.ts(now),
             ),
         )
         return op
@@ -508,10 +343,10 @@ class Store:
     def _create(
         self, db: sqlite3.Connection, command: model.ProvisionCommand, now: datetime.datetime
     ) -> model.MutationResult:
-        deployment_id = new_deployment_id()
+        deployment_id = codec.new_deployment_id()
         # The operation references its deployment, so the deployment goes first, already naming the
         # operation id chosen up front.
-        op_id = _new_operation_id()
+        op_id = codec.new_operation_id()
         db.execute(
             "INSERT INTO deployments (deployment_id, namespace, resource_type, resource_name, desired_spec, "
             "generation, phase, callback_url, last_operation_id, create_time, update_time) "
@@ -521,12 +356,12 @@ class Store:
                 command.namespace,
                 command.resource_type.value,
                 command.resource_name,
-                spec_to_json(command.spec),
+                codec.spec_to_json(command.spec),
                 model.Phase.PENDING.value,
                 command.callback_url,
                 op_id,
-                _ts(now),
-                _ts(now),
+                codec.ts(now),
+                codec.ts(now),
             ),
         )
         op = self._insert_operation(
@@ -546,27 +381,20 @@ class Store:
         db: sqlite3.Connection,
         existing: model.Deployment,
         command: model.ProvisionCommand,
-        decision: lifecycle.ProvisionDecision,
         now: datetime.datetime,
     ) -> model.MutationResult:
-        if not decision.changed:
+        generation = codec.update_generation(existing, command)
+        if generation is None:
             if existing.callback_url != command.callback_url:
                 db.execute(
                     "UPDATE deployments SET callback_url = ?, update_time = ? WHERE deployment_id = ?",
-                    (command.callback_url, _ts(now), existing.deployment_id),
+                    (command.callback_url, codec.ts(now), existing.deployment_id),
                 )
-            return model.MutationResult(
-                deployment_id=existing.deployment_id,
-                phase=existing.phase,
-                generation=existing.generation,
-                operation=existing.last_operation,
-                changed=False,
-            )
-        generation = decision.generation
+            return codec.unchanged(existing)
         op = self._insert_operation(
             db,
             deployment_id=existing.deployment_id,
-            op_type=lifecycle.operation_type(decision.change),
+            op_type=model.OperationType.UPDATE,
             generation=generation,
             now=now,
         )
@@ -574,12 +402,12 @@ class Store:
             "UPDATE deployments SET desired_spec = ?, generation = ?, phase = ?, callback_url = ?, "
             "last_operation_id = ?, update_time = ? WHERE deployment_id = ?",
             (
-                spec_to_json(command.spec),
+                codec.spec_to_json(command.spec),
                 generation,
                 model.Phase.PENDING.value,
                 command.callback_url,
                 op.operation_id,
-                _ts(now),
+                codec.ts(now),
                 existing.deployment_id,
             ),
         )
@@ -593,9 +421,7 @@ class Store:
 
     async def deprovision(self, command: model.DeprovisionCommand) -> model.MutationResult:
         """Mark a deployment for deletion in one transaction; repeating it is a no-op."""
-        request_hash = _request_hash(
-            "deprovision", {"deployment_id": command.deployment_id, "data_policy": command.data_policy.value}
-        )
+        request_hash = codec.deprovision_hash(command)
 
         def body(tx: group_commit.Tx) -> model.MutationResult:
             db = tx.db
@@ -603,15 +429,9 @@ class Store:
             if replay is not None:
                 return replay
             existing = self._deployment_sync(db, command.namespace, command.deployment_id)
-            now = _now()
+            now = codec.now()
             if not lifecycle.on_deprovision(existing):
-                result = model.MutationResult(
-                    deployment_id=existing.deployment_id,
-                    phase=existing.phase,
-                    generation=existing.generation,
-                    operation=existing.last_operation,
-                    changed=False,
-                )
+                result = codec.unchanged(existing)
             else:
                 op = self._insert_operation(
                     db,
@@ -627,7 +447,7 @@ class Store:
                         model.Phase.DELETING.value,
                         command.data_policy.value,
                         op.operation_id,
-                        _ts(now),
+                        codec.ts(now),
                         existing.deployment_id,
                     ),
                 )
@@ -653,9 +473,10 @@ class Store:
         async with self._read() as db:
             rows = list(
                 await db.execute_fetchall(
-                    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                    f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
                     "JOIN operations o ON o.operation_id = d.last_operation_id "
-                    "WHERE o.state IN ('accepted', 'in_progress') ORDER BY o.create_time"
+                    f"WHERE o.state IN ({_marks(codec.UNFINISHED_STATES)}) ORDER BY o.create_time",
+                    _values(codec.UNFINISHED_STATES),
                 )
             )
         return [self._parsed.deployment(r) for r in rows]
@@ -672,7 +493,7 @@ class Store:
         async with self._read() as db:
             rows = list(
                 await db.execute_fetchall(
-                    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                    f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
                     "JOIN operations o ON o.operation_id = d.last_operation_id "
                     f"WHERE {' AND '.join(where)} ORDER BY d.namespace, d.resource_type, d.resource_name",
                     params,
@@ -685,7 +506,7 @@ class Store:
         async with self._read() as db:
             row = await _one(
                 db,
-                f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
                 "JOIN operations o ON o.operation_id = d.last_operation_id WHERE d.deployment_id = ?",
                 (deployment_id,),
             )
@@ -697,15 +518,22 @@ class Store:
         Returns the updated deployment, or None when a newer operation superseded this one.
         """
         op = deployment.last_operation
-        now = _now()
+        now = codec.now()
 
         def body(tx: group_commit.Tx) -> model.Deployment | None:
             db = tx.db
             cur = db.execute(
-                "UPDATE operations SET state = 'in_progress', message = ?, update_time = ? "
-                "WHERE operation_id = ? AND state IN ('accepted', 'in_progress') AND operation_id = "
+                "UPDATE operations SET state = ?, message = ?, update_time = ? "
+                f"WHERE operation_id = ? AND state IN ({_marks(codec.UNFINISHED_STATES)}) AND operation_id = "
                 "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
-                ("in progress", _ts(now), op.operation_id, deployment.deployment_id),
+                (
+                    model.OperationState.IN_PROGRESS.value,
+                    "in progress",
+                    codec.ts(now),
+                    op.operation_id,
+                    *_values(codec.UNFINISHED_STATES),
+                    deployment.deployment_id,
+                ),
             )
             if cur.rowcount == 0:
                 return None
@@ -713,7 +541,7 @@ class Store:
             if running is not None:
                 db.execute(
                     "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
-                    (running.value, _ts(now), deployment.deployment_id),
+                    (running.value, codec.ts(now), deployment.deployment_id),
                 )
             return self._deployment_sync(db, deployment.namespace, deployment.deployment_id)
 
@@ -725,9 +553,13 @@ class Store:
         def body(tx: group_commit.Tx) -> None:
             db = tx.db
             db.execute(
-                "UPDATE operations SET message = ?, update_time = ? "
-                "WHERE operation_id = ? AND state = 'in_progress'",
-                (message, _ts(_now()), deployment.last_operation.operation_id),
+                "UPDATE operations SET message = ?, update_time = ? WHERE operation_id = ? AND state = ?",
+                (
+                    message,
+                    codec.ts(codec.now()),
+                    deployment.last_operation.operation_id,
+                    model.OperationState.IN_PROGRESS.value,
+                ),
             )
 
         return await self._writer.write(body)
@@ -747,20 +579,21 @@ class Store:
         Returns False (and changes nothing) when a newer operation superseded this one.
         """
         op = deployment.last_operation
-        now = _now()
-        phase = lifecycle.phase_when_finished(op.type, succeeded=succeeded)
+        now = codec.now()
+        phase = codec.finished_phase(op.type, succeeded=succeeded)
 
         def body(tx: group_commit.Tx) -> bool:
             db = tx.db
             cur = db.execute(
                 "UPDATE operations SET state = ?, message = ?, update_time = ? WHERE operation_id = ? "
-                "AND state IN ('accepted', 'in_progress') AND operation_id = "
+                f"AND state IN ({_marks(codec.UNFINISHED_STATES)}) AND operation_id = "
                 "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
                 (
                     (model.OperationState.SUCCEEDED if succeeded else model.OperationState.FAILED).value,
                     message,
-                    _ts(now),
+                    codec.ts(now),
                     op.operation_id,
+                    *_values(codec.UNFINISHED_STATES),
                     deployment.deployment_id,
                 ),
             )
@@ -768,7 +601,7 @@ class Store:
                 return False
             db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
-                (phase.value, _ts(now), deployment.deployment_id),
+                (phase.value, codec.ts(now), deployment.deployment_id),
             )
             if event is not None:
                 self._append_event(tx, dataclasses.replace(event, phase=phase))
@@ -779,12 +612,12 @@ class Store:
                     "(delivery_id, deployment_id, url, payload, next_attempt_time, create_time) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (
-                        "dlv-" + secrets.token_hex(8),
+                        codec.new_delivery_id(),
                         deployment.deployment_id,
                         url,
                         json.dumps(payload),
-                        _ts(now),
-                        _ts(now),
+                        codec.ts(now),
+                        codec.ts(now),
                     ),
                 )
             return True
@@ -794,13 +627,6 @@ class Store:
     @staticmethod
     def _append_event(tx: group_commit.Tx, event: model.DriftEvent) -> int:
         now = tx.now
-        payload = {
-            "message": event.message,
-            "phase": event.phase.value,
-            "health": event.health.value if event.health else None,
-            "generation": event.generation,
-            "items": [_item_to_dict(i) for i in event.items],
-        }
         cur = tx.db.execute(
             "INSERT INTO drift_events "
             "(deployment_id, namespace, resource_type, resource_name, kind, payload, event_time) "
@@ -811,8 +637,8 @@ class Store:
                 event.resource_type.value,
                 event.resource_name,
                 event.kind.value,
-                json.dumps(payload),
-                _ts(now),
+                codec.event_payload(event),
+                codec.ts(now),
             ),
         )
         sequence = int(cur.lastrowid or 0)
@@ -827,7 +653,7 @@ class Store:
                     "SELECT delivery_id, url, payload, attempts FROM callback_outbox "
                     "WHERE delivered_time IS NULL AND next_attempt_time <= ? "
                     "ORDER BY next_attempt_time LIMIT ?",
-                    (_ts(_now()), limit),
+                    (codec.ts(codec.now()), limit),
                 )
             )
         return [(r["delivery_id"], r["url"], r["payload"], r["attempts"]) for r in rows]
@@ -836,7 +662,7 @@ class Store:
         self, delivery_id: str, *, delivered: bool, error: str = "", retry_at: datetime.datetime | None = None
     ) -> None:
         """Record one delivery attempt: delivered, or failed with the time of the next attempt."""
-        now = _now()
+        now = codec.now()
 
         def body(tx: group_commit.Tx) -> None:
             db = tx.db
@@ -844,13 +670,13 @@ class Store:
                 db.execute(
                     "UPDATE callback_outbox SET attempts = attempts + 1, delivered_time = ?, last_error = '' "
                     "WHERE delivery_id = ?",
-                    (_ts(now), delivery_id),
+                    (codec.ts(now), delivery_id),
                 )
             else:
                 db.execute(
                     "UPDATE callback_outbox SET attempts = attempts + 1, last_error = ?, "
                     "next_attempt_time = ? WHERE delivery_id = ?",
-                    (error[:500], _ts(retry_at or now), delivery_id),
+                    (error[:500], codec.ts(retry_at or now), delivery_id),
                 )
 
         return await self._writer.write(body)
@@ -863,7 +689,7 @@ class Store:
         re-evaluates). Nothing is written when the deployment moved on since it was read; returns
         whether it was.
         """
-        now = _now()
+        now = codec.now()
 
         def body(tx: group_commit.Tx) -> bool:
             db = tx.db
@@ -882,14 +708,15 @@ class Store:
             cur = db.execute(
                 "UPDATE deployments SET desired_spec = ?, generation = ?, last_operation_id = ?, "
                 "update_time = ? WHERE deployment_id = ? AND last_operation_id = ? "
-                "AND phase IN ('Ready', 'DriftDetected')",
+                f"AND phase IN ({_marks(codec.EVALUATED_PHASES)})",
                 (
-                    spec_to_json(spec),
+                    codec.spec_to_json(spec),
                     generation,
                     op.operation_id,
-                    _ts(now),
+                    codec.ts(now),
                     deployment.deployment_id,
                     deployment.last_operation.operation_id,
+                    *_values(codec.EVALUATED_PHASES),
                 ),
             )
             if cur.rowcount == 0:
@@ -913,14 +740,20 @@ class Store:
         Nothing is written when the deployment has moved on (another operation, or deleted) since it
         was evaluated; returns whether anything was written.
         """
-        now = _now()
+        now = codec.now()
 
         def body(tx: group_commit.Tx) -> bool:
             db = tx.db
             cur = db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
-                "AND last_operation_id = ? AND phase IN ('Ready', 'DriftDetected')",
-                (phase.value, _ts(now), deployment.deployment_id, deployment.last_operation.operation_id),
+                f"AND last_operation_id = ? AND phase IN ({_marks(codec.EVALUATED_PHASES)})",
+                (
+                    phase.value,
+                    codec.ts(now),
+                    deployment.deployment_id,
+                    deployment.last_operation.operation_id,
+                    *_values(codec.EVALUATED_PHASES),
+                ),
             )
             if cur.rowcount == 0:
                 return False
@@ -930,9 +763,9 @@ class Store:
                 "update_time = excluded.update_time",
                 (
                     deployment.deployment_id,
-                    json.dumps([_item_to_dict(i) for i in items]),
+                    codec.items_to_json(items),
                     health.value,
-                    _ts(now),
+                    codec.ts(now),
                 ),
             )
             for event in events:
@@ -956,7 +789,7 @@ class Store:
             rows = list(await db.execute_fetchall("SELECT deployment_id, items, health FROM drift_state"))
         return {
             r["deployment_id"]: (
-                tuple(_item_from_dict(i) for i in json.loads(r["items"])),
+                codec.items_from_json(r["items"]),
                 model.Health(r["health"]),
             )
             for r in rows
@@ -985,7 +818,7 @@ class Store:
                     (sequence, limit),
                 )
             )
-        return [_event_from_row(r) for r in rows]
+        return [codec.event_from_row(r) for r in rows]
 
     async def prune_events(self, *, keep: int) -> int:
         """Delete all but the newest ``keep`` events; returns how many were deleted."""
@@ -1015,7 +848,7 @@ class Store:
                     rule.resource_type.value if rule.resource_type else "",
                     rule.mode.value,
                     json.dumps(sorted(rule.ignore_fields)),
-                    _ts(_now()),
+                    codec.ts(codec.now()),
                 ),
             )
 
@@ -1050,9 +883,8 @@ class Store:
     def _deployment_sync(
         self, db: sqlite3.Connection, namespace: str, deployment_id: str
     ) -> model.Deployment:
-        return self._found(
-            _one_sync(db, _BY_NAMESPACE_AND_ID, (namespace, deployment_id)), namespace, deployment_id
-        )
+        row = _one_sync(db, _BY_NAMESPACE_AND_ID, (namespace, deployment_id))
+        return self._found(row, namespace, deployment_id)
 
     def _found(self, row: sqlite3.Row | None, namespace: str, deployment_id: str) -> model.Deployment:
         if row is None:
@@ -1070,8 +902,8 @@ class Store:
         self, query: model.ResourceQuery, page: model.PageRequest
     ) -> model.Page[model.Deployment]:
         """The live (not deleted) deployments matching a query, ordered by type and name."""
-        where = ["d.namespace = ?", "d.phase != 'Deleted'"]
-        params: list[Any] = [query.namespace]
+        where = ["d.namespace = ?", "d.phase != ?"]
+        params: list[Any] = [query.namespace, model.Phase.DELETED.value]
         if query.resource_type is not None:
             where.append("d.resource_type = ?")
             params.append(query.resource_type.value)
@@ -1081,8 +913,8 @@ class Store:
         if query.deployment_id is not None:
             where.append("d.deployment_id = ?")
             params.append(query.deployment_id)
-        query_key = _query_key(query)
-        after = _decode_page_token(page.token, query_key)
+        query_key = codec.query_key(query)
+        after = codec.decode_page_token(page.token, query_key)
         async with self._read() as db:
             total_row = await _one(
                 db,
@@ -1096,7 +928,7 @@ class Store:
                 page_params.extend(after)
             rows = list(
                 await db.execute_fetchall(
-                    f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+                    f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
                     "JOIN operations o ON o.operation_id = d.last_operation_id "
                     f"WHERE {' AND '.join(page_where)} ORDER BY d.resource_type, d.resource_name LIMIT ?",
                     [*page_params, page.size + 1],
@@ -1106,7 +938,7 @@ class Store:
         next_token = ""
         if len(rows) > page.size:
             last = items[-1]
-            next_token = _encode_page_token(query_key, (last.resource_type.value, last.resource_name))
+            next_token = codec.encode_page_token(query_key, (last.resource_type.value, last.resource_name))
         return model.Page(items=items, total=int(total_row[0]) if total_row else 0, next_token=next_token)
 
     async def list_events(
@@ -1128,11 +960,8 @@ class Store:
         if query.resource_name is not None:
             where.append("resource_name = ?")
             params.append(query.resource_name)
-        query_key = _query_key(query)
-        after = _decode_page_token(page.token, query_key)
-        position = query.after_sequence
-        if after is not None:
-            position = max(position, int(after[1]) if after[1].isdigit() else 0)
+        query_key = codec.query_key(query)
+        position = codec.event_position(query, codec.decode_page_token(page.token, query_key))
         if position:
             where.append("sequence > ?")
             params.append(position)
@@ -1144,10 +973,10 @@ class Store:
                     [*params, page.size + 1],
                 )
             )
-        items = tuple(_event_from_row(r) for r in rows[: page.size])
+        items = tuple(codec.event_from_row(r) for r in rows[: page.size])
         next_token = ""
         if len(rows) > page.size:
-            next_token = _encode_page_token(query_key, ("seq", str(items[-1].sequence)))
+            next_token = codec.encode_page_token(query_key, ("seq", str(items[-1].sequence)))
         # The log is not counted (a scan nobody asked for: ListDriftEvents reports no total).
         return model.Page(items=items, total=len(items), next_token=next_token)
 
@@ -1156,6 +985,15 @@ class Store:
         async with self._read() as db:
             row = await _one(db, "SELECT COUNT(*) FROM deployments")
         return int(row[0]) if row else 0
+
+
+def _marks(values: tuple[Any, ...]) -> str:
+    """One placeholder per value, for ``IN (...)``."""
+    return ", ".join("?" * len(values))
+
+
+def _values(values: tuple[model.Phase, ...] | tuple[model.OperationState, ...]) -> list[str]:
+    return [v.value for v in values]
 
 
 def _one_sync(db: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Row | None:

@@ -1,0 +1,384 @@
+"""What every store adapter writes and reads the same way: encodings, ids, page tokens, guards.
+
+The SQLite and the PostgreSQL adapters keep the same rows in their own SQL dialects; how a spec,
+an operation, a drift item, an event's payload or an idempotent answer becomes text, and how a page
+token is made and checked, is decided once, here, so the two cannot drift apart. So are the guards
+of the lifecycle that the adapters check inside their transactions (which phases a verdict may
+change, which operation states are unfinished, what phase a finished operation leaves, what a
+Provision of a live deployment makes of it): the SQL
+of an adapter takes them as parameters and decides nothing of its own.
+
+A row is anything indexable by column name (``sqlite3.Row``, ``asyncpg.Record``); a time column is
+ISO text on SQLite and a ``datetime`` on PostgreSQL, and ``as_time`` reads both.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import hashlib
+import json
+import secrets
+from typing import Any, Protocol
+
+from broker import errors
+from broker.domain import lifecycle, model
+
+
+class Row(Protocol):
+    """A result row, by column name."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+# Verdicts and accepted drift apply only to a deployment at rest; any other phase means a worker
+# owns it (or it is going away), and the writer has moved on.
+EVALUATED_PHASES: tuple[model.Phase, ...] = (model.Phase.READY, model.Phase.DRIFT_DETECTED)
+# An operation in one of these states is work to do (or to resume after a restart).
+UNFINISHED_STATES: tuple[model.OperationState, ...] = (
+    model.OperationState.ACCEPTED,
+    model.OperationState.IN_PROGRESS,
+)
+
+
+def finished_phase(op_type: model.OperationType, *, succeeded: bool) -> model.Phase:
+    """The phase a deployment is left in when its last operation finishes (the lifecycle's rule)."""
+    return lifecycle.phase_when_finished(op_type, succeeded=succeeded)
+
+
+def now() -> datetime.datetime:
+    """The current time, in UTC."""
+    return datetime.datetime.now(datetime.UTC)
+
+
+def ts(value: datetime.datetime) -> str:
+    """A time as ISO text with microseconds (sortable as text when all are UTC)."""
+    return value.isoformat(timespec="microseconds")
+
+
+def as_time(value: str | datetime.datetime) -> datetime.datetime:
+    """A time column's value: ISO text (SQLite) or a ``datetime`` already (PostgreSQL)."""
+    return value if isinstance(value, datetime.datetime) else datetime.datetime.fromisoformat(value)
+
+
+def spec_to_json(spec: model.ResourceSpec) -> str:
+    """Canonical JSON of a spec: equal specs give equal text, so comparison is a string compare."""
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True, separators=(",", ":"))
+
+
+def spec_from_json(text: str) -> model.ResourceSpec:
+    """The inverse of ``spec_to_json``."""
+    raw = json.loads(text)
+    topic = raw.get("topic")
+    resources = raw.get("resources")
+    return model.ResourceSpec(
+        engine=raw["engine"],
+        version=raw["version"],
+        size=raw["size"],
+        replicas=raw.get("replicas"),
+        topic=model.TopicSpec(**topic) if topic else None,
+        resources=model.ComputeResources(**resources) if resources else None,
+    )
+
+
+def operation_to_dict(op: model.Operation) -> dict[str, Any]:
+    """An operation as JSON-ready values (inside a remembered answer)."""
+    return {
+        "operation_id": op.operation_id,
+        "type": op.type.value,
+        "state": op.state.value,
+        "generation": op.generation,
+        "message": op.message,
+        "create_time": ts(op.create_time),
+        "update_time": ts(op.update_time),
+    }
+
+
+def operation_from_row(row: Row | dict[str, Any]) -> model.Operation:
+    """An operation from a row (or from ``operation_to_dict``'s output)."""
+    return model.Operation(
+        operation_id=model.OperationId(row["operation_id"]),
+        type=model.OperationType(row["type"]),
+        state=model.OperationState(row["state"]),
+        generation=row["generation"],
+        message=row["message"],
+        create_time=as_time(row["create_time"]),
+        update_time=as_time(row["update_time"]),
+    )
+
+
+def result_to_json(result: model.MutationResult) -> str:
+    """The answer to an idempotent request, as remembered under its request id."""
+    return json.dumps(
+        {
+            "deployment_id": result.deployment_id,
+            "phase": result.phase.value,
+            "generation": result.generation,
+            "operation": operation_to_dict(result.operation),
+        },
+        sort_keys=True,
+    )
+
+
+def result_from_json(text: str) -> model.MutationResult:
+    """A remembered answer, given again (``changed`` is False: the repeat changed nothing)."""
+    raw = json.loads(text)
+    return model.MutationResult(
+        deployment_id=model.DeploymentId(raw["deployment_id"]),
+        phase=model.Phase(raw["phase"]),
+        generation=raw["generation"],
+        operation=operation_from_row(raw["operation"]),
+        changed=False,
+    )
+
+
+def request_hash(method: str, payload: dict[str, Any]) -> str:
+    """A digest of a request, so a request id reused for another request is recognised."""
+    return hashlib.sha256(json.dumps([method, payload], sort_keys=True).encode()).hexdigest()
+
+
+def provision_hash(command: model.ProvisionCommand) -> str:
+    """The digest of a Provision request."""
+    return request_hash(
+        "provision",
+        {
+            "namespace": command.namespace,
+            "resource_type": command.resource_type.value,
+            "resource_name": command.resource_name,
+            "spec": spec_to_json(command.spec),
+            "callback_url": command.callback_url,
+        },
+    )
+
+
+def deprovision_hash(command: model.DeprovisionCommand) -> str:
+    """The digest of a Deprovision request."""
+    return request_hash(
+        "deprovision", {"deployment_id": command.deployment_id, "data_policy": command.data_policy.value}
+    )
+
+
+def reused_request_id(namespace: str, request_id: str) -> errors.AlreadyExists:
+    """The error for a request id used before for a different request."""
+    return errors.AlreadyExists(
+        f"request_id {request_id!r} was already used for a different request in namespace "
+        f"{namespace!r}; use a new request_id for a new request",
+        reason="REQUEST_ID_REUSED",
+    )
+
+
+def new_deployment_id() -> model.DeploymentId:
+    """A fresh deployment id: ``deploy-`` and 12 random hex digits."""
+    return model.DeploymentId("deploy-" + secrets.token_hex(6))
+
+
+def new_operation_id() -> model.OperationId:
+    """A fresh operation id."""
+    return model.OperationId("op-" + secrets.token_hex(8))
+
+
+def new_delivery_id() -> str:
+    """A fresh callback delivery id."""
+    return "dlv-" + secrets.token_hex(8)
+
+
+def new_operation(
+    *,
+    op_type: model.OperationType,
+    generation: int,
+    now: datetime.datetime,
+    operation_id: model.OperationId | None = None,
+) -> model.Operation:
+    """An operation just accepted, waiting for a worker."""
+    return model.Operation(
+        operation_id=operation_id or new_operation_id(),
+        type=op_type,
+        state=model.OperationState.ACCEPTED,
+        generation=generation,
+        message="accepted; waiting for a worker",
+        create_time=now,
+        update_time=now,
+    )
+
+
+def update_generation(existing: model.Deployment, command: model.ProvisionCommand) -> int | None:
+    """The generation a Provision of a live deployment makes, or None when it changes nothing.
+
+    The lifecycle decides (``lifecycle.on_provision``): the same spec is a no-op, except that a
+    failed deployment is retried at its generation; a changed spec is the next generation; a
+    deployment being deleted, or a change of engine, is refused.
+    """
+    decision = lifecycle.on_provision(existing, command)
+    return decision.generation if decision.changed else None
+
+
+def unchanged(deployment: model.Deployment) -> model.MutationResult:
+    """The answer to a mutation that changed nothing."""
+    return model.MutationResult(
+        deployment_id=deployment.deployment_id,
+        phase=deployment.phase,
+        generation=deployment.generation,
+        operation=deployment.last_operation,
+        changed=False,
+    )
+
+
+# The columns ``deployment_from_row`` reads: a deployment joined with its last operation.
+DEPLOYMENT_COLUMNS = """
+    d.deployment_id, d.namespace, d.resource_type, d.resource_name, d.desired_spec, d.generation,
+    d.phase, d.callback_url, d.data_policy, d.create_time AS d_create_time,
+    d.update_time AS d_update_time, o.operation_id, o.type, o.state, o.generation AS o_generation,
+    o.message, o.create_time, o.update_time
+"""
+
+
+def deployment_from_row(row: Row) -> model.Deployment:
+    """A deployment from a row of ``DEPLOYMENT_COLUMNS``."""
+    op = operation_from_row(
+        {
+            "operation_id": row["operation_id"],
+            "type": row["type"],
+            "state": row["state"],
+            "generation": row["o_generation"],
+            "message": row["message"],
+            "create_time": row["create_time"],
+            "update_time": row["update_time"],
+        }
+    )
+    return model.Deployment(
+        deployment_id=model.DeploymentId(row["deployment_id"]),
+        namespace=model.Namespace(row["namespace"]),
+        resource_type=model.ResourceType(row["resource_type"]),
+        resource_name=model.ResourceName(row["resource_name"]),
+        desired_spec=spec_from_json(row["desired_spec"]),
+        generation=row["generation"],
+        phase=model.Phase(row["phase"]),
+        callback_url=row["callback_url"],
+        data_policy=model.DataPolicy(row["data_policy"]),
+        last_operation=op,
+        create_time=as_time(row["d_create_time"]),
+        update_time=as_time(row["d_update_time"]),
+    )
+
+
+def item_to_dict(item: model.DriftItem) -> dict[str, Any]:
+    """A drift item as JSON-ready values."""
+    return {
+        **dataclasses.asdict(item),
+        "drift_class": item.drift_class.value,
+        "severity": item.severity.value,
+        "action": item.action.value,
+        "detect_time": ts(item.detect_time) if item.detect_time else None,
+    }
+
+
+def item_from_dict(raw: dict[str, Any]) -> model.DriftItem:
+    """The inverse of ``item_to_dict``."""
+    detect = raw.get("detect_time")
+    return model.DriftItem(
+        rule_id=raw["rule_id"],
+        field=raw["field"],
+        desired=raw["desired"],
+        actual=raw["actual"],
+        drift_class=model.DriftClass(raw["drift_class"]),
+        severity=model.Severity(raw["severity"]),
+        action=model.Action(raw["action"]),
+        message=raw["message"],
+        changed_by=raw.get("changed_by", ""),
+        monthly_cost_delta=raw.get("monthly_cost_delta"),
+        detect_time=as_time(detect) if detect else None,
+    )
+
+
+def items_to_json(items: tuple[model.DriftItem, ...]) -> str:
+    """A verdict's items as JSON."""
+    return json.dumps([item_to_dict(i) for i in items])
+
+
+def items_from_json(text: str) -> tuple[model.DriftItem, ...]:
+    """The inverse of ``items_to_json``."""
+    return tuple(item_from_dict(i) for i in json.loads(text))
+
+
+def event_payload(event: model.DriftEvent) -> str:
+    """What an event says beyond its columns, as JSON."""
+    return json.dumps(
+        {
+            "message": event.message,
+            "phase": event.phase.value,
+            "health": event.health.value if event.health else None,
+            "generation": event.generation,
+            "items": [item_to_dict(i) for i in event.items],
+        }
+    )
+
+
+# The columns ``event_from_row`` reads.
+EVENT_COLUMNS = "sequence, deployment_id, namespace, resource_type, resource_name, kind, payload, event_time"
+
+
+def event_from_row(row: Row) -> model.DriftEvent:
+    """An event from a row of ``EVENT_COLUMNS``."""
+    payload = json.loads(row["payload"])
+    health = payload.get("health")
+    return model.DriftEvent(
+        sequence=row["sequence"],
+        kind=model.EventKind(row["kind"]),
+        deployment_id=model.DeploymentId(row["deployment_id"]),
+        namespace=model.Namespace(row["namespace"]),
+        resource_type=model.ResourceType(row["resource_type"]),
+        resource_name=model.ResourceName(row["resource_name"]),
+        event_time=as_time(row["event_time"]),
+        message=payload["message"],
+        phase=model.Phase(payload["phase"]),
+        health=model.Health(health) if health else None,
+        generation=payload["generation"],
+        items=tuple(item_from_dict(i) for i in payload.get("items", ())),
+    )
+
+
+def query_key(query: model.ResourceQuery | model.EventQuery) -> str:
+    """A digest of a query's filters by name, so a page token only fits the query that made it."""
+    fields = {
+        k: sorted(x.value for x in v) if isinstance(v, frozenset) else getattr(v, "value", v)
+        for k, v in dataclasses.asdict(query).items()
+    }
+    return hashlib.sha256(json.dumps([type(query).__name__, fields], sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
+
+
+def encode_page_token(key: str, last: tuple[str, str]) -> str:
+    """An opaque token: the query's digest and the position after which the next page starts."""
+    raw = json.dumps({"q": key, "after": list(last)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, key: str) -> tuple[str, str] | None:
+    """The position of a token made for the query of digest ``key``; InvalidArgument otherwise."""
+    if not token:
+        return None
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after = raw["after"]
+        if raw["q"] != key or len(after) != 2:
+            raise ValueError("token of another query")
+        return str(after[0]), str(after[1])
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.InvalidArgument(
+            [
+                errors.FieldViolation(
+                    "page_token",
+                    "is not a token this query returned; repeat the query without it, with the same filters",
+                )
+            ]
+        ) from e
+
+
+def event_position(query: model.EventQuery, after: tuple[str, str] | None) -> int:
+    """The sequence an event listing starts after: the query's, or further on by its page token."""
+    position = query.after_sequence
+    if after is not None:
+        position = max(position, int(after[1]) if after[1].isdigit() else 0)
+    return position
