@@ -305,6 +305,7 @@ class Broker:
             )
         self._store = await open_store(store_url_of(settings))
         self._store.listeners += [self.hub.notify, self.metrics.on_events]
+        self._store.wakers.append(self.hub.notify)  # other replicas' commits (PostgreSQL)
         _, newest = await self._store.event_bounds()
         self.supervisor.start("event-fanout", self.hub.tail(self._store.events_after, start=newest))
         self.policies = service.PolicyBook(settings.rules, await self._store.policies())

@@ -9,15 +9,16 @@ two replicas provision it at once, and a server that cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import pathlib
 import sys
 
 import asyncpg
 import pytest
-from test_store_contract import NS, command, ready
+from test_store_contract import NS, command, event_about, ready
 
-from broker import errors
+from broker import errors, events
 from broker.domain import model
 from broker.store import migrations, postgres
 
@@ -182,3 +183,31 @@ def test_a_password_is_redacted_and_the_rest_of_the_url_kept() -> None:
         == "postgresql://broker:***@db.example:5432/broker?sslmode=require"
     )
     assert postgres.redacted("postgresql://db.example/broker") == "postgresql://db.example/broker"
+
+
+async def test_a_commit_on_one_replica_wakes_the_fan_out_of_another(postgres_url: str) -> None:
+    """LISTEN/NOTIFY: replica B's stream gets replica A's event without waiting for B's poll.
+
+    B's tailer polls only once a minute here, so the event can reach B's subscriber within the
+    wait below only through the notification; the log is still what it reads.
+    """
+    a, b = await postgres.Store.open(postgres_url), await postgres.Store.open(postgres_url)
+    hub = events.EventHub(poll_interval=60.0)
+    b.wakers.append(hub.notify)
+    try:
+        deployment = await ready(a, "db-notified")
+        _, newest = await b.event_bounds()
+        subscription = hub.subscribe(lambda e: True, limit=100)
+        tail = asyncio.create_task(hub.tail(b.events_after, start=newest))
+        await asyncio.sleep(0.2)  # the tailer has read once and waits for a wake-up now
+        await a.append_events([event_about(deployment, 1)])
+        got = await subscription.next(10.0)
+        assert got is not None, "replica B was not woken by replica A's commit"
+        assert got.sequence == newest + 1
+        assert got.deployment_id == deployment.deployment_id
+        tail.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tail
+    finally:
+        await a.close()
+        await b.close()

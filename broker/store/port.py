@@ -104,6 +104,7 @@ class EventLog(Protocol):
     """The drift event log (see the module docstring for its visibility contract)."""
 
     listeners: list[Listener]
+    wakers: list[Callable[[], None]]
 
     async def append_events(self, events: list[model.DriftEvent]) -> None:
         """Append events that describe no stored state."""

@@ -50,7 +50,7 @@ import hashlib
 import json
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -122,6 +122,10 @@ class _Tx:
     events: list[tuple[model.DriftEvent, datetime.datetime]] = dataclasses.field(default_factory=list)
 
 
+# Replicas LISTEN on this channel; a commit that appended events NOTIFYs it with its last sequence.
+NOTIFY_CHANNEL = "broker_events"
+
+
 class Store:
     """Desired state, operations, idempotency keys, the drift event log and the callback outbox."""
 
@@ -130,6 +134,8 @@ class Store:
         # Held from taking sequences to calling the listeners (see the module docstring).
         self._append_lock = asyncio.Lock()
         self.listeners: list[port.Listener] = []
+        self.wakers: list[Callable[[], None]] = []
+        self._notified: asyncpg.Connection[asyncpg.Record] | None = None
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 10) -> Store:
@@ -148,6 +154,7 @@ class Store:
         store = cls(pool)
         try:
             await store._migrate(pool)
+            await store._listen(url)
         except _FAILURES as e:
             await store.close()
             raise errors.Unavailable(f"cannot migrate the store at {shown}: {type(e).__name__}: {e}") from e
@@ -156,8 +163,27 @@ class Store:
             raise
         return store
 
+    async def _listen(self, url: str) -> None:
+        """LISTEN for other replicas' commits on a connection of its own (not the pool's).
+
+        A notification only wakes the tailers (``wakers``); the log stays the source of truth,
+        so a notification lost with its connection costs latency (the tailers poll), never an event.
+        """
+        self._notified = await asyncpg.connect(
+            url, server_settings={"application_name": "resource-broker-listen"}
+        )
+        await self._notified.add_listener(NOTIFY_CHANNEL, self._woken)
+
+    def _woken(self, *_: object) -> None:
+        for wake in self.wakers:
+            wake()
+
     async def close(self) -> None:
-        """Close the pool; safe to call twice."""
+        """Close the listening connection and the pool; safe to call twice."""
+        notified, self._notified = self._notified, None
+        if notified is not None:
+            with contextlib.suppress(*_FAILURES):
+                await notified.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -261,6 +287,8 @@ class Store:
             [codec.event_payload(e) for e in events],
             [e.event_time for e in events],
         )
+        # Delivered at commit, to every replica's listening connection: their tailers read at once.
+        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(issued))
         return events
 
     async def schema_version(self) -> int:

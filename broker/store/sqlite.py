@@ -126,6 +126,8 @@ class Store:
         self._lock_fd: int | None = None
         self._reader: aiosqlite.Connection | None = None
         self.listeners: list[Callable[[list[model.DriftEvent]], None]] = []
+        # One replica: no other process commits events, so nothing ever wakes these.
+        self.wakers: list[Callable[[], None]] = []
         self._writer = group_commit.Writer(path, connect=_connect_writer, on_commit=self._committed)
         self._parsed = _Parsed()
 
