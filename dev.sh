@@ -29,6 +29,15 @@ ensure_system() {
   fi
 }
 
+ensure_browser() {
+  # The web view's tests drive Debian's chromium through Playwright, which is never allowed to
+  # download a browser of its own (no `playwright install`).
+  if ! [ -x /usr/bin/chromium ]; then
+    log "installing chromium (the web view's tests run in headless Chromium)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+}
+
 ensure_venv() {
   ensure_system
   [ -x "$PY" ] || { log "creating virtual environment $VENV"; python3 -m venv "$VENV"; }
@@ -77,6 +86,7 @@ case "$cmd" in
     ;;
   test)
     ensure_venv
+    ensure_browser
     lint
     log "pytest"
     # pytest exits 5 when it collected nothing; set -e makes that a failure too.
