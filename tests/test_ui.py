@@ -218,7 +218,7 @@ def test_the_pages_have_no_inline_code_the_policy_would_block():
         assert not re.search(r"\son[a-z]+=", page)  # no inline event handlers either
 
 
-async def test_insecure_mode_serves_the_view_without_credentials(tmp_path: pathlib.Path):
+async def test_insecure_mode_serves_the_view_without_credentials(tmp_path: pathlib.Path, browser: Any):
     async with (
         broker_running(tmp_path / "data", None, insecure=True) as running,
         aiohttp.ClientSession(base_url=running.http_url) as http,
@@ -230,6 +230,19 @@ async def test_insecure_mode_serves_the_view_without_credentials(tmp_path: pathl
             assert r.headers["Location"] == "/ui/"
         async with http.get("/ui/api/session") as r:
             assert (await r.json())["insecure"] is True
+
+        # Every namespace is open: the page asks which one, and says that nobody signed in.
+        page = await browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        await page.goto(f"{running.http_url}/ui/")
+        await page.fill("#namespace-input", "team-other")
+        await page.press("#namespace-input", "Enter")
+        await page.wait_for_selector("#resources td:text-is('No resources in this namespace.')", timeout=5000)
+        assert page.url.endswith("/ui/#/ns/team-other")
+        assert await page.text_content("#who") == "insecure mode: authentication is off"
+        assert await page.is_hidden("#logout")
+        assert problems == []
 
 
 # The event stream --------------------------------------------------------------------------------

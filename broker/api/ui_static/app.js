@@ -307,7 +307,7 @@
       "form",
       { class: "inline", id: "namespace-form" },
       h("label", { for: "namespace-input" }, "Namespace"),
-      h("input", { id: "namespace-input", name: "namespace", required: true, maxlength: 63, pattern: "[a-z0-9]([-a-z0-9]*[a-z0-9])?", placeholder: "team-platform" }),
+      h("input", { id: "namespace-input", name: "namespace", required: true, maxlength: 63, pattern: "[a-z0-9]([a-z0-9\\-]*[a-z0-9])?", placeholder: "team-platform" }),
       h("button", { type: "submit" }, "Open"),
     );
     form.addEventListener("submit", (e) => {
