@@ -41,6 +41,15 @@ ensure_postgres() {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 }
 
+ensure_browser() {
+  # The web view's tests drive Debian's chromium through Playwright, which is never allowed to
+  # download a browser of its own (no `playwright install`).
+  if ! [ -x /usr/bin/chromium ]; then
+    log "installing chromium (the web view's tests run in headless Chromium)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+}
+
 ensure_venv() {
   ensure_system
   [ -x "$PY" ] || { log "creating virtual environment $VENV"; python3 -m venv "$VENV"; }
@@ -90,6 +99,7 @@ case "$cmd" in
   test)
     ensure_venv
     ensure_postgres
+    ensure_browser
     lint
     log "pytest"
     # pytest exits 5 when it collected nothing; set -e makes that a failure too.

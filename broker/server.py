@@ -370,6 +370,7 @@ class Broker:
             readiness=self._not_ready_reason,
             metrics_registry=self.metrics.registry,
             rpc_metrics=self.metrics,
+            catalog=settings.catalog,
         )
         runner = web.AppRunner(
             app.app, access_log=None, handle_signals=False, keepalive_timeout=settings.http.keepalive_timeout

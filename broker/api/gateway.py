@@ -16,6 +16,7 @@ Paths (all but the probes need ``Authorization: Bearer <token>`` unless the brok
 - ``POST /v1/deployments/{id}:acceptDrift``    AcceptDrift
 - ``GET|PUT /v1/policies``                     Get/SetRemediationPolicy
 - ``GET /healthz``, ``GET /readyz``            liveness and readiness; ``GET /metrics``
+- ``/ui/...``                                  the operator's web view (``ui``), same authentication
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import prometheus_client
 from aiohttp import web
 
 from broker import auth, errors, metrics, service
-from broker.api import encoded, rpcs, seed_json, status
+from broker.api import encoded, rpcs, seed_json, status, ui
+from broker.domain import catalog as catalog_mod
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class Gateway:
         readiness: Callable[[], Awaitable[str | None]],
         metrics_registry: prometheus_client.CollectorRegistry | None = None,
         rpc_metrics: metrics.Metrics | None = None,
+        catalog: catalog_mod.Catalog = catalog_mod.DEFAULT_CATALOG,
     ) -> None:
         self._service = service
         self._auth = authenticator
@@ -78,7 +81,11 @@ class Gateway:
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.metrics),
+                web.get("/ui", self.to_ui),
             ]
+        )
+        self.app.add_subapp(
+            "/ui", ui.OperatorView(service=service, authenticator=authenticator, catalog=catalog).app
         )
 
     @web.middleware
@@ -153,6 +160,10 @@ class Gateway:
         principal.require(auth.ALL_NAMESPACES)
         body = prometheus_client.generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    async def to_ui(self, request: web.Request) -> web.Response:
+        """``/ui`` is the web view's folder: its page is ``/ui/``."""
+        raise web.HTTPPermanentRedirect("/ui/")
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the process serves HTTP."""
