@@ -279,15 +279,14 @@ class Dispatcher:
                     return None
                 if not due:
                     return None
-                await asyncio.gather(*(self._deliver(http, *entry) for entry in due))
+                await asyncio.gather(*(self._deliver(http, entry) for entry in due))
                 return 0.0  # more may be due already
 
             await workers.run_forever(deliver_due, interval=self._poll_interval, wake=self._wake)
 
-    async def _deliver(
-        self, http: aiohttp.ClientSession, delivery_id: str, url: str, payload: str, attempts: int
-    ) -> None:
-        body = payload.encode()
+    async def _deliver(self, http: aiohttp.ClientSession, delivery: port.Delivery) -> None:
+        delivery_id, url, attempts = delivery.delivery_id, delivery.url, delivery.attempts
+        body = delivery.payload.encode()
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",

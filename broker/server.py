@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import gc
 import logging
 import os
@@ -92,6 +93,8 @@ class Settings:
     callback_max_backoff: float = 60.0
     event_retention: int = 100_000
     event_prune_interval: float = 600.0
+    request_id_retention: float = 7 * 24 * 3600.0
+    delivered_callback_retention: float = 24 * 3600.0
     http: connections.Limits = dataclasses.field(default_factory=connections.Limits)
 
 
@@ -490,13 +493,24 @@ class Broker:
         }
 
     async def _prune_events(self) -> None:
-        """Keep the event log to ``event_retention`` entries (resumes older than that get OUT_OF_RANGE)."""
+        """Keep the event log to ``event_retention`` entries (resumes older than that get OUT_OF_RANGE),
+        idempotency keys for ``request_id_retention`` and delivered callbacks for
+        ``delivered_callback_retention``: nothing the broker keeps grows without bound."""
 
         async def prune() -> None:
             with contextlib.suppress(errors.BrokerError):
                 pruned = await self.store.prune_events(keep=self.settings.event_retention)
-                if pruned:
-                    log.info("pruned the event log", extra={"events": pruned})
+                now = datetime.datetime.now(datetime.UTC)
+                keys, deliveries = await self.store.prune_history(
+                    keys_before=now - datetime.timedelta(seconds=self.settings.request_id_retention),
+                    deliveries_before=now
+                    - datetime.timedelta(seconds=self.settings.delivered_callback_retention),
+                )
+                if pruned or keys or deliveries:
+                    log.info(
+                        "pruned the event log, request ids and delivered callbacks",
+                        extra={"events": pruned, "request_ids": keys, "deliveries": deliveries},
+                    )
 
         await workers.run_forever(prune, interval=self.settings.event_prune_interval)
 

@@ -281,7 +281,19 @@ TABLE: tuple[Setting, ...] = (
         "event_prune_interval",
         "--event-prune-interval",
         SECONDS,
-        "how often the event log is pruned to --event-retention",
+        "how often the event log is pruned to --event-retention (and old keys and deliveries dropped)",
+    ),
+    Setting(
+        "request_id_retention",
+        "--request-id-retention",
+        SECONDS,
+        "how long a request_id is remembered; a retry after that is a new request",
+    ),
+    Setting(
+        "delivered_callback_retention",
+        "--delivered-callback-retention",
+        SECONDS,
+        "how long a delivered callback stays in the outbox (undelivered ones are never dropped)",
     ),
     Setting(
         "http.max_connections",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import json
 import pathlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -123,8 +124,9 @@ async def test_operations_move_a_deployment_to_ready_with_its_callback_in_the_ou
     assert finished
     assert await store.unfinished() == []
     due = await store.due_callbacks()
-    assert [(url, attempts) for _, url, _, attempts in due] == [("http://manager.example/cb", 0)]
-    delivery_id = due[0][0]
+    assert [(d.url, d.attempts) for d in due] == [("http://manager.example/cb", 0)]
+    assert json.loads(due[0].payload) == {"status": "Ready"}
+    delivery_id = due[0].delivery_id
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
     await store.callback_attempted(delivery_id, delivered=False, error="HTTP 503", retry_at=later)
     assert await store.due_callbacks() == []  # not due before its retry time
@@ -320,3 +322,35 @@ async def test_a_closed_store_is_unavailable(store: port.Store) -> None:
         await store.count_deployments()
     with pytest.raises(errors.Unavailable):
         await store.provision(command())
+
+
+async def test_old_request_ids_and_delivered_callbacks_are_forgotten_undelivered_ones_kept(
+    store: port.Store,
+) -> None:
+    """Retention: a request_id past its time is a new request; a pending callback is never dropped."""
+    first = await store.provision(command("db-kept", request_id="req-old"))
+    for name, url in (("db-kept", "http://manager.example/a"), ("db-other", "http://manager.example/b")):
+        if name != "db-kept":
+            await store.provision(command(name))
+        (deployment,) = [d for d in await store.unfinished() if d.resource_name == name]
+        started = await store.start_operation(deployment)
+        assert started is not None
+        assert await store.finish_operation(
+            started, succeeded=True, message="ready", event=None, callback=(url, {})
+        )
+    assert first.changed
+    delivered, pending = sorted(await store.due_callbacks(), key=lambda d: d.url)
+    await store.callback_attempted(delivered.delivery_id, delivered=True)
+    now = datetime.datetime.now(datetime.UTC)
+    # Nothing is old enough yet.
+    assert await store.prune_history(
+        keys_before=now - datetime.timedelta(hours=1), deliveries_before=now - datetime.timedelta(hours=1)
+    ) == (0, 0)
+    later = now + datetime.timedelta(seconds=5)
+    keys, deliveries = await store.prune_history(keys_before=later, deliveries_before=later)
+    assert (keys, deliveries) == (1, 1)
+    assert [d.delivery_id for d in await store.due_callbacks()] == [pending.delivery_id]
+    # The same request_id with another spec is now simply a new request, not REQUEST_ID_REUSED.
+    again = await store.provision(command("db-kept", replicas=3, request_id="req-old"))
+    assert again.changed
+    assert again.generation == 2

@@ -21,6 +21,7 @@ The event log's visibility contract, which every adapter keeps:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -149,17 +150,41 @@ class Verdicts(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One callback of the outbox: where it goes, its body, and how often it was tried so far."""
+
+    delivery_id: str
+    url: str
+    payload: str
+    attempts: int
+
+
 class Outbox(Protocol):
     """Callbacks to deliver, at least once."""
 
-    async def due_callbacks(self, limit: int = 50) -> list[tuple[str, str, str, int]]:
-        """Deliveries due now: (delivery id, url, payload, attempts so far)."""
+    async def due_callbacks(self, limit: int = 50) -> list[Delivery]:
+        """Deliveries due now, the longest due first."""
         ...
 
     async def callback_attempted(
         self, delivery_id: str, *, delivered: bool, error: str = "", retry_at: datetime.datetime | None = None
     ) -> None:
         """Record an attempt: delivered, or failed and due again at ``retry_at``."""
+        ...
+
+
+class Retention(Protocol):
+    """What only needs keeping for a while: idempotency keys and delivered callbacks."""
+
+    async def prune_history(
+        self, *, keys_before: datetime.datetime, deliveries_before: datetime.datetime
+    ) -> tuple[int, int]:
+        """Forget idempotency keys made, and callbacks delivered, before these times; how many of each.
+
+        A request retried with a forgotten request_id is a new request (AIP-155 allows a bounded
+        retention); an undelivered callback is never dropped.
+        """
         ...
 
 
@@ -175,7 +200,7 @@ class Policies(Protocol):
         ...
 
 
-class Store(Deployments, Operations, EventLog, Verdicts, Outbox, Policies, Protocol):
+class Store(Deployments, Operations, EventLog, Verdicts, Outbox, Retention, Policies, Protocol):
     """Every concern, and the adapter's lifecycle."""
 
     async def ping(self) -> None:

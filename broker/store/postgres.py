@@ -637,8 +637,8 @@ class Store:
                 )
             return True
 
-    async def due_callbacks(self, limit: int = 50) -> list[tuple[str, str, str, int]]:
-        """Undelivered callbacks whose next attempt is due: (delivery id, url, payload, attempts)."""
+    async def due_callbacks(self, limit: int = 50) -> list[port.Delivery]:
+        """Undelivered callbacks whose next attempt is due, the longest due first."""
         rows = await self._fetch(
             "SELECT delivery_id, url, payload, attempts FROM callback_outbox "
             "WHERE delivered_time IS NULL AND next_attempt_time <= $1 "
@@ -646,7 +646,7 @@ class Store:
             codec.now(),
             limit,
         )
-        return [(r["delivery_id"], r["url"], r["payload"], r["attempts"]) for r in rows]
+        return [port.Delivery(r["delivery_id"], r["url"], r["payload"], r["attempts"]) for r in rows]
 
     async def callback_attempted(
         self, delivery_id: str, *, delivered: bool, error: str = "", retry_at: datetime.datetime | None = None
@@ -784,6 +784,18 @@ class Store:
                 keep,
             )
             return _count(status)
+
+    async def prune_history(
+        self, *, keys_before: datetime.datetime, deliveries_before: datetime.datetime
+    ) -> tuple[int, int]:
+        """Delete idempotency keys and delivered callbacks older than the given times."""
+        async with self._transaction() as tx:
+            keys = await tx.conn.execute("DELETE FROM idempotency_keys WHERE create_time < $1", keys_before)
+            deliveries = await tx.conn.execute(
+                "DELETE FROM callback_outbox WHERE delivered_time IS NOT NULL AND delivered_time < $1",
+                deliveries_before,
+            )
+            return _count(keys), _count(deliveries)
 
     async def set_policy(self, rule: policy.Rule) -> None:
         """Store a remediation policy, replacing the one for the same namespace and type."""

@@ -647,8 +647,8 @@ class Store:
         tx.appended.append(dataclasses.replace(event, sequence=sequence, event_time=now))
         return sequence
 
-    async def due_callbacks(self, limit: int = 50) -> list[tuple[str, str, str, int]]:
-        """Undelivered callbacks whose next attempt is due: (delivery id, url, payload, attempts)."""
+    async def due_callbacks(self, limit: int = 50) -> list[port.Delivery]:
+        """Undelivered callbacks whose next attempt is due, the longest due first."""
         async with self._read() as db:
             rows = list(
                 await db.execute_fetchall(
@@ -658,7 +658,7 @@ class Store:
                     (codec.ts(codec.now()), limit),
                 )
             )
-        return [(r["delivery_id"], r["url"], r["payload"], r["attempts"]) for r in rows]
+        return [port.Delivery(r["delivery_id"], r["url"], r["payload"], r["attempts"]) for r in rows]
 
     async def callback_attempted(
         self, delivery_id: str, *, delivered: bool, error: str = "", retry_at: datetime.datetime | None = None
@@ -832,6 +832,23 @@ class Store:
                 (keep,),
             )
             return int(cur.rowcount)
+
+        return await self._writer.write(body)
+
+    async def prune_history(
+        self, *, keys_before: datetime.datetime, deliveries_before: datetime.datetime
+    ) -> tuple[int, int]:
+        """Delete idempotency keys and delivered callbacks older than the given times."""
+
+        def body(tx: group_commit.Tx) -> tuple[int, int]:
+            keys = tx.db.execute(
+                "DELETE FROM idempotency_keys WHERE create_time < ?", (codec.ts(keys_before),)
+            ).rowcount
+            deliveries = tx.db.execute(
+                "DELETE FROM callback_outbox WHERE delivered_time IS NOT NULL AND delivered_time < ?",
+                (codec.ts(deliveries_before),),
+            ).rowcount
+            return int(keys), int(deliveries)
 
         return await self._writer.write(body)
 
