@@ -89,7 +89,9 @@ class Gateway:
             if e.status < 400:
                 raise
             code, body = status.http_body(_http_error(e, request))
-            return web.json_response(body, status=code)
+            # A 405 says which methods the path takes (RFC 9110 requires the Allow header).
+            allow = {"Allow": e.headers["Allow"]} if code == 405 and "Allow" in e.headers else None
+            return web.json_response(body, status=code, headers=allow)
         except Exception as e:  # every other failure leaves as a mapped JSON error
             code, body = status.http_body(status.public_error(e))
             return web.json_response(body, status=code)
@@ -130,6 +132,10 @@ class Gateway:
             return json.loads(await request.read())
         except (ValueError, UnicodeDecodeError) as e:
             raise errors.InvalidArgument([errors.FieldViolation("body", f"is not valid JSON: {e}")]) from e
+        except RecursionError as e:  # arrays or objects nested deeper than the decoder goes
+            raise errors.InvalidArgument(
+                [errors.FieldViolation("body", "is not valid JSON: nested too deeply")]
+            ) from e
 
     @staticmethod
     def _query(request: web.Request, repeated: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -33,7 +33,9 @@ _INTEGERS = {
     FD.TYPE_UINT64: (0, 2**64 - 1),
     FD.TYPE_FIXED64: (0, 2**64 - 1),
 }
-_INTEGER_TEXT = re.compile(r"^-?\d+$")
+# ASCII digits only, as proto3 JSON writes them: ``\d`` would take other scripts' digits and ``$`` a
+# trailing newline, both of which int() then reads.
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
 
 
 def _enum_prefix(enum_desc: Any) -> str:
@@ -167,7 +169,7 @@ def _check_value(field: Any, value: Any, where: str, violations: list[errors.Fie
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
         elif (isinstance(value, float) and value.is_integer()) or (
-            isinstance(value, str) and _INTEGER_TEXT.match(value)
+            isinstance(value, str) and _INTEGER_TEXT.fullmatch(value)
         ):
             number = int(value)
         if number is None:
