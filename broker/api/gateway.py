@@ -15,6 +15,7 @@ Paths (all but the probes need ``Authorization: Bearer <token>`` unless the brok
 - ``GET /v1/events``                           ListDriftEvents (``?namespace=&afterSequence=&kinds=``...)
 - ``POST /v1/deployments/{id}:acceptDrift``    AcceptDrift
 - ``GET|PUT /v1/policies``                     Get/SetRemediationPolicy
+- ``GET /v1/openapi.json``                     the OpenAPI document of these paths (``openapi``), public
 - ``GET /healthz``, ``GET /readyz``            liveness and readiness; ``GET /metrics``
 """
 
@@ -30,7 +31,7 @@ import prometheus_client
 from aiohttp import web
 
 from broker import auth, errors, metrics, service
-from broker.api import rpcs, seed_json, status
+from broker.api import openapi, rpcs, seed_json, status
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Gateway:
         self._readiness = readiness
         self._registry = metrics_registry or prometheus_client.CollectorRegistry()
         self._metrics = rpc_metrics
+        self._openapi = json.dumps(openapi.document(authentication=not authenticator.insecure)).encode()
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
         self.app.add_routes(
             [
@@ -75,6 +77,7 @@ class Gateway:
                 for route in rpc.routes
             ]
             + [
+                web.route("GET", openapi.PATH, self.openapi),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.metrics),
@@ -149,6 +152,10 @@ class Gateway:
             else:
                 data[key] = values[0]
         return data
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of /v1, derived from the RPC table; public, as it names no namespace."""
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus metrics; they name namespaces, so only a principal granted every namespace may read."""
