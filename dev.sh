@@ -2,7 +2,7 @@
 # One entry point for people and CI. Each command bootstraps what it needs first:
 #   ./dev.sh run     set up, then run the broker on the embedded sandbox cluster (insecure, data in ./.broker)
 #   ./dev.sh test    set up, then run every check CI runs: generated code, buf, ruff, mypy, layering, pytest
-#   ./dev.sh gen     regenerate the Python stubs from proto/ and the README's settings table
+#   ./dev.sh gen     regenerate the Python stubs from proto/, the README's settings table and the PrometheusRule
 #   ./dev.sh lint    the static checks only
 #   ./dev.sh bench   run the benchmarks (prints figures; not part of test)
 #   ./dev.sh chaos [NAME...]  run the fault scenarios at full size (minutes), one PASS/FAIL line each
@@ -26,6 +26,11 @@ ensure_system() {
   fi
   if ! command -v git >/dev/null; then
     apt-get update -qq && apt-get install -y -qq git >/dev/null
+  fi
+  # promtool checks and unit-tests the alert rules in deploy/monitoring (only the tool is used).
+  if ! command -v promtool >/dev/null; then
+    log "installing promtool (Debian's prometheus package)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   fi
 }
 
@@ -69,6 +74,7 @@ lint() {
   log "generated stubs are fresh"
   "$PY" scripts/gen_proto.py --check
   "$PY" scripts/gen_settings.py --check
+  "$PY" scripts/gen_monitoring.py --check
   log "buf lint / format"
   "$VENV/bin/buf" lint
   "$VENV/bin/buf" format --diff --exit-code
@@ -106,7 +112,7 @@ case "$cmd" in
     "$VENV/bin/pytest" "$@"
     ;;
   lint) ensure_venv; lint ;;
-  gen) ensure_venv; "$PY" scripts/gen_proto.py; "$PY" scripts/gen_settings.py ;;
+  gen) ensure_venv; "$PY" scripts/gen_proto.py; "$PY" scripts/gen_settings.py; "$PY" scripts/gen_monitoring.py ;;
   bench) ensure_venv; for b in benchmarks/bench_*.py sandbox/benchmarks/bench_*.py; do [ -f "$b" ] && "$PY" "$b"; done ;;
   chaos) ensure_venv; exec "$PY" -m chaos "$@" ;;
   *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 64 ;;

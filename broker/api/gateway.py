@@ -15,6 +15,7 @@ Paths (all but the probes need ``Authorization: Bearer <token>`` unless the brok
 - ``GET /v1/events``                           ListDriftEvents (``?namespace=&afterSequence=&kinds=``...)
 - ``POST /v1/deployments/{id}:acceptDrift``    AcceptDrift
 - ``GET|PUT /v1/policies``                     Get/SetRemediationPolicy
+- ``GET /v1/openapi.json``                     the OpenAPI document of these paths (``openapi``), public
 - ``GET /healthz``, ``GET /readyz``            liveness and readiness; ``GET /metrics``
 - ``/ui/...``                                  the operator's web view (``ui``), same authentication
 """
@@ -31,7 +32,7 @@ import prometheus_client
 from aiohttp import web
 
 from broker import auth, errors, metrics, service
-from broker.api import encoded, rpcs, seed_json, status, ui
+from broker.api import encoded, openapi, rpcs, seed_json, status, ui
 from broker.domain import catalog as catalog_mod
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Gateway:
         self._readiness = readiness
         self._registry = metrics_registry or prometheus_client.CollectorRegistry()
         self._metrics = rpc_metrics
+        self._openapi = json.dumps(openapi.document(authentication=not authenticator.insecure)).encode()
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
         self.app.add_routes(
             [
@@ -78,6 +80,7 @@ class Gateway:
                 for route in rpc.routes
             ]
             + [
+                web.route("GET", openapi.PATH, self.openapi),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.metrics),
@@ -96,7 +99,9 @@ class Gateway:
             if e.status < 400:
                 raise
             code, body = status.http_body(_http_error(e, request))
-            return web.json_response(body, status=code)
+            # A 405 says which methods the path takes (RFC 9110 requires the Allow header).
+            allow = {"Allow": e.headers["Allow"]} if code == 405 and "Allow" in e.headers else None
+            return web.json_response(body, status=code, headers=allow)
         except Exception as e:  # every other failure leaves as a mapped JSON error
             code, body = status.http_body(status.public_error(e))
             return web.json_response(body, status=code)
@@ -140,6 +145,10 @@ class Gateway:
             return json.loads(await request.read())
         except (ValueError, UnicodeDecodeError) as e:
             raise errors.InvalidArgument([errors.FieldViolation("body", f"is not valid JSON: {e}")]) from e
+        except RecursionError as e:  # arrays or objects nested deeper than the decoder goes
+            raise errors.InvalidArgument(
+                [errors.FieldViolation("body", "is not valid JSON: nested too deeply")]
+            ) from e
 
     @staticmethod
     def _query(request: web.Request, repeated: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -153,6 +162,10 @@ class Gateway:
             else:
                 data[key] = values[0]
         return data
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of /v1, derived from the RPC table; public, as it names no namespace."""
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus metrics; they name namespaces, so only a principal granted every namespace may read."""

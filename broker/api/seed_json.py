@@ -21,7 +21,8 @@ from broker import errors
 M = TypeVar("M", bound=message.Message)
 
 FD = descriptor.FieldDescriptor
-_INTEGERS = {
+# The range of each integer type, as the body check enforces it (the OpenAPI document says the same).
+INTEGER_RANGES = {
     FD.TYPE_INT32: (-(2**31), 2**31 - 1),
     FD.TYPE_SINT32: (-(2**31), 2**31 - 1),
     FD.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
@@ -33,7 +34,9 @@ _INTEGERS = {
     FD.TYPE_UINT64: (0, 2**64 - 1),
     FD.TYPE_FIXED64: (0, 2**64 - 1),
 }
-_INTEGER_TEXT = re.compile(r"^-?\d+$")
+# ASCII digits only, as proto3 JSON writes them: ``\d`` would take other scripts' digits and ``$`` a
+# trailing newline, both of which int() then reads.
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
 
 
 def _enum_prefix(enum_desc: Any) -> str:
@@ -46,6 +49,11 @@ def _spelling(enum_desc: Any, name: str) -> str:
     if enum_desc.full_name == "broker.v1.ResourceType":
         return rest.lower()
     return "".join(part.capitalize() for part in rest.split("_"))
+
+
+def enum_spellings(enum_desc: Any) -> dict[str, str]:
+    """Proto name -> the original design's spelling, for every value of an enum (zero included)."""
+    return dict(_spellings(enum_desc)[0])
 
 
 @functools.cache
@@ -161,13 +169,13 @@ def _check_value(field: Any, value: Any, where: str, violations: list[errors.Fie
         problem = "" if isinstance(value, str) else "must be a JSON string"
     elif kind == FD.TYPE_BOOL:
         problem = "" if isinstance(value, bool) else "must be true or false"
-    elif kind in _INTEGERS:
-        low, high = _INTEGERS[kind]
+    elif kind in INTEGER_RANGES:
+        low, high = INTEGER_RANGES[kind]
         number = None
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
         elif (isinstance(value, float) and value.is_integer()) or (
-            isinstance(value, str) and _INTEGER_TEXT.match(value)
+            isinstance(value, str) and _INTEGER_TEXT.fullmatch(value)
         ):
             number = int(value)
         if number is None:
