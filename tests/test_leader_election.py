@@ -4,8 +4,8 @@ Electors talk to the sandbox over real HTTP, some of them through a loopback TCP
 stop forwarding: a network partition of one replica, while the other still reaches the API. Times
 are the test's event loop clock (the electors run on it); the assertions are about the order of
 events (a leader's work stops, then the lease could expire, then another replica acquires it) and
-about the Lease record, never about how fast anything is. Durations are short (lease 2 s, renew
-deadline 1 s, retry period 0.25 s) to keep the suite quick; the semantics are client-go's at any
+about the Lease record, never about how fast anything is. Durations are short (lease 3 s, renew
+deadline 2 s, retry period 0.25 s) to keep the suite quick; the semantics are client-go's at any
 scale.
 """
 
@@ -18,17 +18,21 @@ import json
 import os
 import pathlib
 import re
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from conftest import ADMIN_TOKEN, cluster_settings
 from kube_sandbox import kubeconfig as sandbox_kubeconfig_mod
 
+from broker import callbacks, server
 from broker.kube import client as kube_client
 from broker.kube import lease
 
-FAST = lease.Timing(lease_duration=2, renew_deadline=1, retry_period=0.25)
+FAST = lease.Timing(lease_duration=3, renew_deadline=2, retry_period=0.25)
 NAMESPACE = "default"
 LEASE = "broker-test-leader"
 MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -287,7 +291,7 @@ async def test_of_two_candidates_one_leads_and_renews_while_the_other_waits(
     renewals = history.records[:5]
     assert len({r["renewTime"] for r in renewals}) == 5  # every renewal moved renewTime on
     assert {r["acquireTime"] for r in renewals} == {renewals[0]["acquireTime"]}
-    assert {(r["leaseDurationSeconds"], r["leaseTransitions"]) for r in renewals} == {(2, 0)}
+    assert {(r["leaseDurationSeconds"], r["leaseTransitions"]) for r in renewals} == {(3, 0)}
     assert all(MICRO_TIME.match(r["renewTime"]) and MICRO_TIME.match(r["acquireTime"]) for r in renewals)
     live = await read_lease(sandbox_kubeconfig)
     assert live["spec"]["holderIdentity"] == "replica-a"
@@ -365,7 +369,7 @@ async def test_a_partitioned_leader_stops_its_work_at_the_renew_deadline_before_
         "started leading",
         "work started",
         "work stopped",
-        "stopped leading: the lease could not be renewed within the renew deadline (1s)",
+        "stopped leading: the lease could not be renewed within the renew deadline (2s)",
     ]
     await history.seen("replica-a", "replica-b")
     assert history.first_of("replica-b")["leaseTransitions"] == 1
@@ -439,3 +443,236 @@ def test_the_identity_is_the_pod_name_unless_set() -> None:
     assert settings.resolved_identity({"HOSTNAME": "broker-7c9-y"}) == "broker-7c9-y"
     assert settings.resolved_identity({}).endswith(f"_{os.getpid()}")
     assert lease.ElectionSettings(identity="me").resolved_identity({"POD_NAME": "p"}) == "me"
+
+
+# ----- the broker ---------------------------------------------------------------------------------
+
+
+def elected(**overrides: Any) -> lease.ElectionSettings:
+    return lease.ElectionSettings(
+        enabled=True,
+        namespace=NAMESPACE,
+        lease_name=LEASE,
+        lease_duration=FAST.lease_duration,
+        renew_deadline=FAST.renew_deadline,
+        retry_period=FAST.retry_period,
+        **overrides,
+    )
+
+
+async def metric_values(http_url: str, token: str | None = ADMIN_TOKEN) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.get(f"{http_url}/metrics", headers=headers) as r:
+        assert r.status == 200
+        text = await r.text()
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(broker_leader\S*) (\S+)$", text, re.M)}
+
+
+async def test_without_leader_election_the_workers_run_at_once_and_broker_leader_is_1(cluster_broker) -> None:
+    broker = cluster_broker.broker
+    assert {"callback-dispatcher", "detector", "provisioner"} <= set(broker.supervisor.names)
+    assert "leader-election" not in broker.supervisor.names
+    values = await metric_values(cluster_broker.http_url)
+    assert values["broker_leader"] == 1
+    assert values['broker_leader_transitions_total{transition="acquired"}'] == 0
+
+
+async def test_a_broker_that_loses_the_lease_keeps_serving_and_leads_again_when_it_can(
+    tmp_path, tokens_file, partition, sandbox_kubeconfig
+) -> None:
+    proxy, through_proxy = partition
+    settings = cluster_settings(
+        tmp_path / "data", tokens_file, through_proxy, leader_election=elected(identity="broker-a")
+    )
+    broker = server.Broker(settings)
+    await broker.start()
+    try:
+        url = f"http://127.0.0.1:{broker.http_port}"
+        await eventually(lambda: broker.leader_only.running, what="the broker to lead")
+        names = set(broker.supervisor.names)
+        assert "leader-election" in names
+        assert not names & {"callback-dispatcher", "detector", "provisioner"}  # they run in the term
+        assert (await metric_values(url))["broker_leader"] == 1
+        lease_now = await read_lease(sandbox_kubeconfig)
+        assert lease_now["spec"]["holderIdentity"] == "broker-a"
+        proxy.cut()
+        await eventually(lambda: not broker.leader_only.running, what="the broker to stop leading")
+        values = await metric_values(url)
+        assert values["broker_leader"] == 0
+        assert values['broker_leader_transitions_total{transition="lost"}'] == 1
+        assert not broker.failed.is_set()
+        assert broker.supervisor.failure is None
+        proxy.heal()
+        # Nobody else campaigns: the lease is still the broker's, and it leads again, workers restarted.
+        await eventually(lambda: broker.leader_only.running, what="the broker to lead again")
+        values = await metric_values(url)
+        assert values["broker_leader"] == 1
+        assert values['broker_leader_transitions_total{transition="acquired"}'] == 2
+        assert broker.supervisor.failure is None
+    finally:
+        await broker.stop()
+    released = await read_lease(sandbox_kubeconfig)
+    assert released["spec"]["holderIdentity"] == ""
+
+
+async def test_a_failing_leader_only_worker_stops_the_broker_and_releases_the_lease(
+    tmp_path, tokens_file, sandbox_kubeconfig, monkeypatch
+) -> None:
+    async def bug(self: callbacks.Dispatcher) -> None:
+        await asyncio.sleep(0.1)
+        raise RuntimeError("a bug in the dispatcher")
+
+    monkeypatch.setattr(callbacks.Dispatcher, "run", bug)
+    settings = cluster_settings(
+        tmp_path / "data", tokens_file, sandbox_kubeconfig, leader_election=elected(identity="broker-a")
+    )
+    broker = server.Broker(settings)
+    await broker.start()
+    try:
+        await asyncio.wait_for(broker.failed.wait(), 10)
+        assert broker.supervisor.failure is not None
+        name, exc = broker.supervisor.failure
+        assert name == "leader-election"
+        assert "leader-only worker callback-dispatcher failed: RuntimeError: a bug in the dispatcher" in str(
+            exc
+        )
+        await eventually(lambda: not broker.leader_only.running, what="the term to end")
+        await eventually(lambda: broker.leader_only.elector.transitions["released"] == 1, what="the release")
+    finally:
+        await broker.stop()
+    assert (await read_lease(sandbox_kubeconfig))["spec"]["holderIdentity"] == ""
+
+
+async def test_broker_serve_requires_a_cluster_for_leader_election(tmp_path, tokens_file) -> None:
+    settings = server.Settings(
+        grpc_addr="127.0.0.1:0",
+        http_addr="127.0.0.1:0",
+        data_dir=tmp_path / "data",
+        tokens_file=tokens_file,
+        leader_election=elected(),
+    )
+    with pytest.raises(ValueError, match="--leader-election needs a cluster"):
+        await server.Broker(settings).start()
+
+
+class ServeProcess:
+    """A real ``broker serve`` process with JSON logs read as they come."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.proc = proc
+        self.lines: list[dict[str, Any]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            with contextlib.suppress(ValueError):
+                self.lines.append(json.loads(raw))
+
+    def messages(self) -> list[str]:
+        return [line["message"] for line in self.lines]
+
+    def first(self, message: str) -> dict[str, Any] | None:
+        return next((line for line in self.lines if line["message"] == message), None)
+
+    @property
+    def http_url(self) -> str:
+        serving = self.first("broker serving")
+        assert serving is not None
+        return f"http://{serving['http']}"
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), 20)
+        await asyncio.wait_for(self._reader, 5)
+        return code
+
+
+@pytest.mark.slow
+async def test_two_broker_serve_processes_run_the_leader_only_workers_on_one_only(
+    tmp_path, sandbox_kubeconfig
+) -> None:
+    async def serve(name: str) -> ServeProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "broker",
+            "--log-format",
+            "json",
+            "serve",
+            "--insecure",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / name),
+            "--kubeconfig",
+            str(sandbox_kubeconfig),
+            "--drain-accept",
+            "0.1",
+            "--leader-election",
+            "--leader-election-namespace",
+            NAMESPACE,
+            "--leader-election-lease-name",
+            LEASE,
+            "--leader-election-identity",
+            name,
+            "--leader-election-lease-duration",
+            str(FAST.lease_duration),
+            "--leader-election-renew-deadline",
+            str(FAST.renew_deadline),
+            "--leader-election-retry-period",
+            str(FAST.retry_period),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return ServeProcess(name, proc)
+
+    a = await serve("broker-a")
+    b: ServeProcess | None = None
+    try:
+        await eventually(lambda: a.first("leader-only workers started"), within=30, what="a to lead")
+        b = await serve("broker-b")
+        await eventually(lambda: b.first("broker serving"), within=30, what="b to serve")
+        await eventually(
+            lambda: any(line.get("leader") == "broker-a" for line in b.lines),
+            within=10,
+            what="b to see a lead",
+        )
+        assert (await metric_values(a.http_url, None))["broker_leader"] == 1
+        assert (await metric_values(b.http_url, None))["broker_leader"] == 0
+        # b serves while it follows: a provision is accepted, and its provisioner does not run.
+        async with aiohttp.ClientSession() as http:
+            body = {
+                "namespace": "team-platform",
+                "resourceType": "database",
+                "resourceName": "orders-db",
+                "spec": {"engine": "postgresql", "version": "15", "size": "small", "replicas": 1},
+            }
+            async with http.post(f"{b.http_url}/v1/provision", json=body) as r:
+                assert r.status == 202, await r.text()
+        assert await a.stop() == 0
+        assert a.messages().index("released the leader lease") > a.messages().index(
+            "leader-only workers stopped"
+        )
+        await eventually(lambda: b.first("operation started"), within=15, what="b to provision as the leader")
+        messages = b.messages()
+        assert messages.index("became the leader") < messages.index("leader-only workers started")
+        assert messages.index("leader-only workers started") < messages.index("operation started")
+        assert [line["identity"] for line in b.lines if line["message"] == "became the leader"] == [
+            "broker-b"
+        ]
+        values = await metric_values(b.http_url, None)
+        assert values["broker_leader"] == 1
+        assert values['broker_leader_transitions_total{transition="acquired"}'] == 1
+        assert "operation started" not in a.messages()
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.proc.returncode is None:
+                proc.proc.kill()
+                await proc.proc.wait()
+    assert b is not None
