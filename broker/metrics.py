@@ -11,11 +11,13 @@ collector instead of being duplicated; the rest are updated where they happen.
 - ``broker_kube_watch_reconnects_total{kind}``, ``broker_kube_relists_total{kind}``
 - ``broker_callback_deliveries_total{result}``
 - ``broker_watch_subscribers``
+- ``broker_leader`` (1 while this replica runs the leader-only workers),
+  ``broker_leader_transitions_total{transition}``
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -129,3 +131,33 @@ class ScrapeCollector(Collector):
         for reason in ("max_connections", "header_timeout"):
             refusals.add_metric([reason], refused.get(reason, 0))
         yield from (reconnects, relists, callbacks, subscribers, open_drifts, connections, refusals)
+
+
+LEADER_TRANSITIONS = ("acquired", "lost", "released")
+
+
+class LeaderCollector(Collector):
+    """Leadership, read at scrape time: ``read()`` gives whether the leader-only workers run here
+    and the elector's transition counts (empty without leader election)."""
+
+    def __init__(self, read: Callable[[], tuple[bool, Mapping[str, int]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        """The current figures."""
+        leading, transitions = self._read()
+        leader = GaugeMetricFamily(
+            "broker_leader",
+            "1 while this replica runs the leader-only workers (detector, remediator, provisioner, "
+            "callback dispatcher): it holds the leader Lease, or leader election is off. 0 otherwise.",
+        )
+        leader.add_metric([], 1 if leading else 0)
+        changes = CounterMetricFamily(
+            "broker_leader_transitions",
+            "Leadership changes of this replica: acquired the Lease, lost it (renew deadline passed "
+            "or another holder seen), released it on shutdown.",
+            labels=["transition"],
+        )
+        for transition in LEADER_TRANSITIONS:
+            changes.add_metric([transition], transitions.get(transition, 0))
+        yield from (leader, changes)

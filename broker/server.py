@@ -27,14 +27,14 @@ from broker_client.v1 import broker_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from broker import auth, callbacks, errors, events, metrics, service, workers
+from broker import auth, callbacks, errors, events, leadership, metrics, service, workers
 from broker import detector as detection
 from broker import provisioner as provisioning
 from broker.api import connections, decoding, draining, gateway, grpc_api, grpc_metrics, reflection
 from broker.domain import catalog as catalog_mod
 from broker.domain import policy
 from broker.kube import client as kube_client
-from broker.kube import observer
+from broker.kube import lease, observer
 from broker.store import port, postgres, sqlite
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class Settings:
     request_id_retention: float = 7 * 24 * 3600.0
     delivered_callback_retention: float = 24 * 3600.0
     http: connections.Limits = dataclasses.field(default_factory=connections.Limits)
+    leader_election: lease.ElectionSettings = dataclasses.field(default_factory=lease.ElectionSettings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +237,7 @@ class Broker:
         self.http_connections = connections.Counters()
         self.policies = service.PolicyBook(settings.rules)
         self.supervisor = workers.Supervisor(self._worker_failed)
+        self.leader_only = leadership.LeaderOnly(self.supervisor, elected=settings.leader_election.enabled)
         self._drain = draining.Drain(grpc_api.abort)
         self.failed = asyncio.Event()
 
@@ -322,8 +324,9 @@ class Broker:
             policy=callback_policy,
             max_delay=settings.callback_max_backoff,
         )
-        self.supervisor.start("callback-dispatcher", self.dispatcher.run())
+        self.leader_only.add("callback-dispatcher", self.dispatcher.run)
         await self._start_cluster()
+        self._start_leader_election()
         svc = service.BrokerService(
             store=self._store,
             catalog=settings.catalog,
@@ -469,9 +472,36 @@ class Broker:
         state.add_sync_listener(parts.detector.resync_now)
         for name, worker in state.workers().items():
             self.supervisor.start(name, worker)
-        self.supervisor.start("provisioner", parts.provisioner.run())
-        self.supervisor.start("detector", parts.detector.run())
+        self.leader_only.add("provisioner", parts.provisioner.run)
+        self.leader_only.add("detector", parts.detector.run)
+        self.leader_only.on_term_end(remediator.stop)
         log.info("watching the cluster", extra={"api": client.host})
+
+    def _start_leader_election(self) -> None:
+        """With ``--leader-election``, the leader-only workers run only in the terms this replica
+        holds the Lease (see ``broker.leadership``); ``broker_leader`` says whether they run here."""
+        self.metrics.add_collector(metrics.LeaderCollector(self._leadership))
+        election = self.settings.leader_election
+        if not election.enabled:
+            return
+        if self.cluster is None:
+            raise ValueError(
+                "--leader-election needs a cluster to hold its Lease in "
+                "(--kubeconfig, --sandbox or in-cluster)"
+            )
+        self.leader_only.elect(
+            lease.LeaderElector(
+                client=self.cluster.client,
+                namespace=election.resolved_namespace(),
+                name=election.lease_name,
+                identity=election.resolved_identity(),
+                timing=election.timing(),
+            )
+        )
+
+    def _leadership(self) -> tuple[bool, dict[str, int]]:
+        elector = self.leader_only.elector
+        return self.leader_only.running, dict(elector.transitions) if elector else {}
 
     def _operation_finished(self, deployment_id: str) -> None:
         if self.dispatcher is not None:

@@ -313,6 +313,45 @@ TABLE: tuple[Setting, ...] = (
         SECONDS,
         "an idle keep-alive HTTP connection is closed after this time",
     ),
+    Setting(
+        "leader_election.enabled",
+        "--leader-election",
+        SWITCH,
+        "several replicas: run the detector, remediator, provisioner and callback dispatcher only while "
+        "this replica holds the leader Lease",
+    ),
+    Setting(
+        "leader_election.namespace",
+        "--leader-election-namespace",
+        NAME,
+        "namespace of the leader Lease (default $POD_NAMESPACE, else the pod's own, else default)",
+    ),
+    Setting("leader_election.lease_name", "--leader-election-lease-name", NAME, "name of the leader Lease"),
+    Setting(
+        "leader_election.identity",
+        "--leader-election-identity",
+        NAME,
+        "this replica's holder identity, unique per replica (default $POD_NAME, else $HOSTNAME, else "
+        "host name and process id)",
+    ),
+    Setting(
+        "leader_election.lease_duration",
+        "--leader-election-lease-duration",
+        SECONDS,
+        "whole seconds the Lease must stay unrenewed before another replica takes it over",
+    ),
+    Setting(
+        "leader_election.renew_deadline",
+        "--leader-election-renew-deadline",
+        SECONDS,
+        "a leader that cannot renew for this long stops its leader-only work (less than the lease duration)",
+    ),
+    Setting(
+        "leader_election.retry_period",
+        "--leader-election-retry-period",
+        SECONDS,
+        "how often the leader renews and the other replicas try to acquire",
+    ),
 )
 
 BY_KEY = {s.key: s for s in TABLE}

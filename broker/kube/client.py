@@ -52,6 +52,7 @@ KINDS: dict[str, Kind] = {
         Kind("PodMetrics", "apis/metrics.k8s.io/v1beta1", "pods"),
         Kind("Event", "api/v1", "events"),
         Kind("Namespace", "api/v1", "namespaces", namespaced=False),
+        Kind("Lease", "apis/coordination.k8s.io/v1", "leases"),
         Kind(
             "CustomResourceDefinition",
             "apis/apiextensions.k8s.io/v1",
@@ -66,6 +67,16 @@ class Expired(errors.Unavailable):
     """A watch's resourceVersion is older than the API server keeps (410 Gone): relist."""
 
     default_reason = "WATCH_EXPIRED"
+
+
+class Conflict(errors.FailedPrecondition):
+    """409 Conflict: a write from a stale resourceVersion, or a create of an object that exists.
+
+    Its own class so that optimistic-concurrency loops (leader election) can tell "someone else
+    wrote first: read again" from other refusals; callers that do not care see FailedPrecondition.
+    """
+
+    default_reason = "KUBERNETES_CONFLICT"
 
 
 class NamespaceMissing(errors.Unavailable):
@@ -105,7 +116,7 @@ def translate(exc: BaseException, what: str, *, body: bytes | None = None) -> er
                 )
             return errors.NotFound(f"{what}: not found ({message})")
         if status == 409:
-            return errors.FailedPrecondition(f"{what}: conflict ({message})", reason="KUBERNETES_CONFLICT")
+            return Conflict(f"{what}: conflict ({message})")
         if status == 410:
             return Expired(f"{what}: {message}")
         if status == 422:
@@ -240,7 +251,7 @@ class Client:
         )
 
     async def create(self, obj: JsonDict) -> JsonDict:
-        """Create ``obj`` (POST); FailedPrecondition (conflict) when it already exists."""
+        """Create ``obj`` (POST); Conflict when it already exists."""
         meta = obj["metadata"]
         return await self._json(
             "POST",
@@ -254,6 +265,21 @@ class Client:
         """One object; NotFound when it does not exist."""
         return await self._json(
             "GET", self.path(kind, namespace, name), what=f"get {kind} {namespace}/{name}"
+        )
+
+    async def replace(self, obj: JsonDict) -> JsonDict:
+        """Replace ``obj`` (PUT) as of its ``metadata.resourceVersion``; returns the live object.
+
+        Conflict when the object changed since that version (optimistic concurrency), NotFound
+        when it is gone.
+        """
+        meta = obj["metadata"]
+        return await self._json(
+            "PUT",
+            self.path(obj["kind"], meta.get("namespace"), meta["name"]),
+            what=f"replace {obj['kind']} {meta.get('namespace', '')}/{meta['name']}",
+            query=[("fieldManager", FIELD_MANAGER)],
+            body=obj,
         )
 
     async def delete(

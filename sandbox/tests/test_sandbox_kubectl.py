@@ -80,6 +80,30 @@ async def test_api_resources_lists_builtin_and_crd_kinds(kubectl, kube_api) -> N
     assert rows["leases"][1:] == ["coordination.k8s.io/v1", "true", "Lease"]
 
 
+async def test_get_leases_shows_who_holds_each(kubectl, kube_api) -> None:
+    coordination = client.CoordinationV1Api(kube_api)
+    for name, holder in (("resource-broker", "broker-7f9c-0"), ("released", "")):
+        await coordination.create_namespaced_lease(
+            "default",
+            {"metadata": {"name": name}, "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15}},
+        )
+    _, out, _ = await kubectl("get", "leases")
+    rows = _rows(out)
+    assert rows[0] == ["NAME", "HOLDER", "AGE"]
+    released, held = rows[1:]
+    assert held[:2] == ["resource-broker", "broker-7f9c-0"]
+    assert released[0] == "released"
+    assert len(released) == len(held) - 1  # an empty holder is an empty column
+    _, out, _ = await kubectl(
+        "get",
+        "lease",
+        "resource-broker",
+        "-o",
+        "jsonpath={.spec.holderIdentity} {.spec.leaseDurationSeconds}",
+    )
+    assert out == "broker-7f9c-0 15"
+
+
 async def test_apply_server_side_then_get_shows_ready_pods(kubectl, tmp_path) -> None:
     service = {
         "apiVersion": "v1",

@@ -2,9 +2,11 @@
 
 Clients see the defaults Kubernetes fills in (a Service's ``type``, ``clusterIP`` and port
 ``protocol``, a StatefulSet's ``replicas``, ``podManagementPolicy`` and ``updateStrategy``, a
-namespace's ``kubernetes.io/metadata.name`` label, ...) and are refused with 422 ``Invalid`` where a
-real cluster would refuse them (bad names, a StatefulSet whose selector does not match its template,
-negative replicas, forbidden StatefulSet spec changes, ...). This is deliberately not a schema
+namespace's ``kubernetes.io/metadata.name`` label, a Lease's times re-encoded in UTC, ...) and are
+refused with 422 ``Invalid`` where a real cluster would refuse them (bad names, a StatefulSet whose
+selector does not match its template, negative replicas, forbidden StatefulSet spec changes, a Lease
+duration that is not positive, ...), or 400 where kube-apiserver cannot decode a typed field (a
+Lease's ``renewTime`` without its six fraction digits). This is deliberately not a schema
 validator: unknown fields are kept and custom objects are not checked against their CRD's schema.
 """
 
@@ -380,6 +382,87 @@ def _prepare_namespace(obj: JsonDict, *, create: bool) -> None:
         obj["status"] = {"phase": "Active"}
 
 
+_MICRO_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6})(Z|[+-]\d{2}:\d{2})$")
+
+
+def micro_time(value: Any, *, kind: str, field: str) -> str:
+    """A ``metav1.MicroTime`` as kube-apiserver decodes and re-encodes it, or 400.
+
+    Go parses it with the layout ``2006-01-02T15:04:05.000000Z07:00``: exactly six fraction
+    digits and a zone (``Z`` or an offset); it is written back in UTC with a ``Z``. Second
+    precision (``...:05Z``) and zone-less times, which a careless client produces, are refused.
+    """
+    text = value if isinstance(value, str) else None
+    match = _MICRO_TIME.match(text or "")
+    parsed = None
+    if match is not None:
+        zone = "+00:00" if match[2] == "Z" else match[2]
+        try:
+            parsed = datetime.datetime.fromisoformat(match[1] + zone)
+        except ValueError:
+            parsed = None
+    if parsed is None:
+        shown = f'"{text}"' if text is not None else type(value).__name__
+        raise errors.BadRequest(
+            f'{kind} in version "v1" cannot be handled as a {kind}: {field}: parsing time {shown} as '
+            '"2006-01-02T15:04:05.000000Z07:00": cannot parse it'
+        )
+    return parsed.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _prepare_lease(rt: resources.ResourceType, obj: JsonDict) -> None:
+    """coordination.k8s.io/v1 Lease: typed fields decoded as Go would, then ValidateLeaseSpec."""
+    name = obj["metadata"].get("name", "")
+    spec = obj.setdefault("spec", {})
+    if not isinstance(spec, dict):
+        raise errors.BadRequest('Lease in version "v1" cannot be handled as a Lease: spec must be an object')
+    for field in ("holderIdentity", "preferredHolder", "strategy"):
+        if field in spec and not isinstance(spec[field], str):
+            raise errors.BadRequest(
+                f'Lease in version "v1" cannot be handled as a Lease: json: cannot unmarshal '
+                f"{type(spec[field]).__name__} into Go struct field LeaseSpec.spec.{field} of type string"
+            )
+    for field in ("leaseDurationSeconds", "leaseTransitions"):
+        value = spec.get(field)
+        if field in spec and (not isinstance(value, int) or isinstance(value, bool) or abs(value) >= 2**31):
+            raise errors.BadRequest(
+                f'Lease in version "v1" cannot be handled as a Lease: json: cannot unmarshal '
+                f"{type(value).__name__} into Go struct field LeaseSpec.spec.{field} of type int32"
+            )
+    for field in ("acquireTime", "renewTime"):
+        if field in spec:
+            spec[field] = micro_time(spec[field], kind="Lease", field=f"spec.{field}")
+    causes: list[tuple[str, str, str]] = []
+    duration = spec.get("leaseDurationSeconds")
+    if duration is not None and duration <= 0:
+        causes.append(
+            (
+                "FieldValueInvalid",
+                "spec.leaseDurationSeconds",
+                f"Invalid value: {duration}: must be greater than 0",
+            )
+        )
+    transitions = spec.get("leaseTransitions")
+    if transitions is not None and transitions < 0:
+        causes.append(
+            (
+                "FieldValueInvalid",
+                "spec.leaseTransitions",
+                f"Invalid value: {transitions}: must be greater than or equal to 0",
+            )
+        )
+    if spec.get("preferredHolder") and not spec.get("strategy"):
+        causes.append(
+            (
+                "FieldValueForbidden",
+                "spec.preferredHolder",
+                "Forbidden: may only be specified if `strategy` is defined",
+            )
+        )
+    if causes:
+        raise _invalid(rt, name, causes)
+
+
 def _prepare_custom(rt: resources.ResourceType, obj: JsonDict) -> None:
     obj["apiVersion"] = rt.api_version
     obj["kind"] = rt.kind
@@ -430,5 +513,7 @@ def _prepare(rt: resources.ResourceType, obj: JsonDict, old: JsonDict | None, st
             _prepare_crd(rt, obj)
     elif key == ("", "namespaces"):
         _prepare_namespace(obj, create=create)
+    elif key == ("coordination.k8s.io", "leases"):
+        _prepare_lease(rt, obj)
     elif rt.custom:
         _prepare_custom(rt, obj)
