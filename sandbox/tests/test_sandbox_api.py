@@ -13,7 +13,13 @@ async def test_discovery_describes_groups_resources_and_subresources(sandbox, ku
     assert versions.versions == ["v1"]
     groups = await client.ApisApi(kube_api).get_api_versions()
     names = [g.name for g in groups.groups]
-    assert names[:4] == ["apps", "coordination.k8s.io", "apiextensions.k8s.io", "metrics.k8s.io"]
+    assert names[:5] == [
+        "apps",
+        "coordination.k8s.io",
+        "admissionregistration.k8s.io",
+        "apiextensions.k8s.io",
+        "metrics.k8s.io",
+    ]
     apps = await client.AppsV1Api(kube_api).get_api_resources()
     by_name = {r.name: r for r in apps.resources}
     assert by_name["statefulsets"].short_names == ["sts"]
