@@ -15,6 +15,7 @@ Paths (all but the probes need ``Authorization: Bearer <token>`` unless the brok
 - ``GET /v1/events``                           ListDriftEvents (``?namespace=&afterSequence=&kinds=``...)
 - ``POST /v1/deployments/{id}:acceptDrift``    AcceptDrift
 - ``GET|PUT /v1/policies``                     Get/SetRemediationPolicy
+- ``GET /v1/admission-policy``                 GetAdmissionPolicy (``?mode=``)
 - ``GET /healthz``, ``GET /readyz``            liveness and readiness; ``GET /metrics``
 """
 

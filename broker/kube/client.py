@@ -53,6 +53,18 @@ KINDS: dict[str, Kind] = {
         Kind("Event", "api/v1", "events"),
         Kind("Namespace", "api/v1", "namespaces", namespaced=False),
         Kind(
+            "ValidatingAdmissionPolicy",
+            "apis/admissionregistration.k8s.io/v1",
+            "validatingadmissionpolicies",
+            namespaced=False,
+        ),
+        Kind(
+            "ValidatingAdmissionPolicyBinding",
+            "apis/admissionregistration.k8s.io/v1",
+            "validatingadmissionpolicybindings",
+            namespaced=False,
+        ),
+        Kind(
             "CustomResourceDefinition",
             "apis/apiextensions.k8s.io/v1",
             "customresourcedefinitions",
