@@ -290,10 +290,8 @@ _VARIABLES = [
         "name": "oldLabels",
         "expression": "has(oldObject.metadata.labels) ? oldObject.metadata.labels : {}",
     },
-    {
-        "name": "newLabels",
-        "expression": "object != null && has(object.metadata.labels) ? object.metadata.labels : {}",
-    },
+    # Read only by UPDATE checks: on a DELETE (no object) it fails, and variables are lazy.
+    {"name": "newLabels", "expression": "has(object.metadata.labels) ? object.metadata.labels : {}"},
 ]
 
 
