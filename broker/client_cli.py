@@ -52,9 +52,10 @@ async def admission_policy(args: argparse.Namespace) -> int:
     if not objects:
         print("# drift prevention is off for every category: no admission objects", file=sys.stderr)
     if args.output == "json":
-        print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
+        print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2, sort_keys=True))
     else:
-        print(yaml.safe_dump_all(objects, sort_keys=False, width=1000), end="")
+        # Sorted keys: the objects come through a protobuf Struct (no order), and Git wants stable diffs.
+        print(yaml.safe_dump_all(objects, sort_keys=True, width=1000), end="")
     return 0
 
 
