@@ -13,6 +13,7 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,7 +38,7 @@ from kube_sandbox import users
 from kube_sandbox.admission import policies as sandbox_policies
 from test_e2e_drift import NS, Kubectl, Manager, item_of
 
-from broker import cli, server
+from broker import server
 from broker.domain import admission, drift, model, policy
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
@@ -214,12 +215,23 @@ async def test_warn_lets_the_change_through_with_a_warning_and_the_broker_report
         assert failures[0]["validationActions"] == ["Audit"]
 
 
+async def broker_cli(*args: str) -> tuple[int, str, str]:
+    """``broker ARGS`` as a person runs it: its own process (its logging set-up stays there)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
 async def test_admission_policy_command_prints_what_the_broker_applies(
-    tmp_path: pathlib.Path,
-    tokens_file: pathlib.Path,
-    sandbox_kubeconfig: pathlib.Path,
-    kubectl: Kubectl,
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path, kubectl: Kubectl
 ) -> None:
     async with broker_with(tmp_path, tokens_file, sandbox_kubeconfig, drift_prevention="deny") as (
         running,
@@ -227,8 +239,9 @@ async def test_admission_policy_command_prints_what_the_broker_applies(
     ):
         await prevention_applied(kubectl, running)
         args = ["admission-policy", "--target", running.grpc_target, "--token", ADMIN_TOKEN]
-        assert await _in_thread(cli.main, args) == 0
-        printed = list(yaml.safe_load_all(capsys.readouterr().out))
+        code, out, err = await broker_cli(*args)
+        assert code == 0, err
+        printed = list(yaml.safe_load_all(out))
         live = await kubectl.get("validatingadmissionpolicy", SPEC)
         assert live is not None
         mine = next(
@@ -240,15 +253,14 @@ async def test_admission_policy_command_prints_what_the_broker_applies(
             "ValidatingAdmissionPolicyBinding",
         }
         # Another mode on request, for a Git repository; a principal without every namespace may not read it.
-        assert await _in_thread(cli.main, [*args, "--mode", "off", "-o", "json"]) == 0
-        assert json.loads(capsys.readouterr().out)["items"] == []
-        narrow = ["admission-policy", "--target", running.grpc_target, "--token", PLATFORM_TOKEN]
-        assert await _in_thread(cli.main, narrow) == 1
-        assert "PERMISSION_DENIED" in capsys.readouterr().err
-
-
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args)
+        code, out, err = await broker_cli(*args, "--mode", "off", "-o", "json")
+        assert code == 0, err
+        assert json.loads(out)["items"] == []
+        code, _, err = await broker_cli(
+            "admission-policy", "--target", running.grpc_target, "--token", PLATFORM_TOKEN
+        )
+        assert code == 1
+        assert "PERMISSION_DENIED" in err
 
 
 # The generator, without a cluster ----------------------------------------------------------------
