@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     client_cli.add_arguments(get, watch=False)
     watch = commands.add_parser("watch", help="a live feed of drift events")
     client_cli.add_arguments(watch, watch=True)
+    prevention = commands.add_parser(
+        "admission-policy",
+        help="print the drift-prevention ValidatingAdmissionPolicies and bindings (for GitOps)",
+    )
+    client_cli.add_admission_arguments(prevention)
 
     sandbox = commands.add_parser(
         "sandbox", help="run only the embedded sandbox Kubernetes API (for kubectl)"
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             from broker import demo  # pulls in the example manager and its Kubernetes client
 
             return demo.main(args.data_dir)
-        if args.command in ("get", "watch"):
+        if args.command in ("get", "watch", "admission-policy"):
             return client_cli.run(args.command, args)
         if args.command == "sandbox":
             kube_sandbox = server.load_sandbox()  # the other commands do not need the sandbox

@@ -27,12 +27,12 @@ from broker_client.v1 import broker_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from broker import auth, callbacks, errors, events, leadership, metrics, service, workers
+from broker import auth, callbacks, errors, events, leadership, metrics, prevention, service, workers
 from broker import detector as detection
 from broker import provisioner as provisioning
 from broker.api import connections, decoding, draining, gateway, grpc_api, grpc_metrics, reflection
+from broker.domain import admission, policy
 from broker.domain import catalog as catalog_mod
-from broker.domain import policy
 from broker.kube import client as kube_client
 from broker.kube import lease, observer
 from broker.store import port, postgres, sqlite
@@ -75,6 +75,9 @@ class Settings:
     catalog: catalog_mod.Catalog = catalog_mod.DEFAULT_CATALOG
     rules: policy.Policy = dataclasses.field(default_factory=policy.Policy)
     kubeconfig: pathlib.Path | None = None
+    kube_context: str | None = None
+    drift_prevention: str = "off"
+    broker_identity: str = admission.DEFAULT_IDENTITY
     sandbox: bool = False
     sandbox_namespaces: tuple[str, ...] = ("team-platform",)
     ready_timeout: float = 300.0
@@ -107,6 +110,7 @@ class ClusterParts:
     provisioner: provisioning.Provisioner
     remediator: detection.Remediator
     detector: detection.Detector
+    prevention: prevention.Prevention | None = None
 
 
 def store_url_of(settings: Settings) -> str:
@@ -146,6 +150,24 @@ def callback_key(settings: Settings) -> bytes:
             f.write(secrets.token_hex(32))
         log.warning("generated a callback signing key", extra={"path": str(path)})
     return path.read_bytes().strip()
+
+
+SANDBOX_BROKER_CONTEXT = "resource-broker"
+
+
+def prevention_of(settings: Settings) -> admission.Prevention:
+    """What drift prevention the settings ask for."""
+    return admission.Prevention(
+        modes=admission.parse_modes(settings.drift_prevention), identity=settings.broker_identity
+    )
+
+
+def sandbox_identity(kube_sandbox: Any, username: str) -> Any:
+    """The sandbox user the broker connects as (a service account's groups when it is one)."""
+    parts = username.split(":")
+    if len(parts) == 4 and parts[:2] == ["system", "serviceaccount"]:
+        return kube_sandbox.users.service_account(parts[2], parts[3], context=SANDBOX_BROKER_CONTEXT)
+    return kube_sandbox.users.User(name=SANDBOX_BROKER_CONTEXT, username=username)
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -257,6 +279,11 @@ class Broker:
         return self._cluster.detector if self._cluster else None
 
     @property
+    def prevention(self) -> prevention.Prevention | None:
+        """The drift-prevention worker, when prevention is on and a cluster is connected."""
+        return self._cluster.prevention if self._cluster else None
+
+    @property
     def remediator(self) -> detection.Remediator | None:
         """The remediator, when a cluster is connected."""
         return self._cluster.remediator if self._cluster else None
@@ -338,6 +365,7 @@ class Broker:
             on_desired_changed=self.detector.notify if self.detector else lambda deployment_id: None,
             hub=self.hub,
             watch_limits=settings.watch,
+            prevention=prevention_of(settings),
         )
         self.metrics.add_collector(metrics.ScrapeCollector(self._scrape))
         self.supervisor.start("event-retention", self._prune_events())
@@ -416,13 +444,19 @@ class Broker:
         """Connect to the cluster the settings name (the sandbox, a kubeconfig, in-cluster), if any."""
         settings = self.settings
         kubeconfig = settings.kubeconfig
+        context = settings.kube_context
         if settings.sandbox:
             kube_sandbox = load_sandbox()
             # Its objects live in the data dir too: a restart finds the workloads (and Secrets) it left.
+            # HTTPS, and a context of its own for the broker: kubectl sends a context's token only
+            # over TLS, and admission policies tell the broker from a person by it.
             self._sandbox = kube_sandbox.Sandbox(
                 state_dir=kube_sandbox.state_dir_of(settings.data_dir),
                 profile=kube_sandbox.profiles.platform(settings.sandbox_namespaces),
+                extra_users=(sandbox_identity(kube_sandbox, settings.broker_identity),),
+                tls=True,
             )
+            context = context or SANDBOX_BROKER_CONTEXT
             await self._sandbox.start("127.0.0.1", 0)
             kubeconfig = self._sandbox.write_kubeconfig(settings.data_dir / "sandbox.kubeconfig")
             log.warning(
@@ -439,8 +473,17 @@ class Broker:
                 "no cluster configured (--kubeconfig, --sandbox or in-cluster): deployments stay Pending"
             )
             return
-        client = await kube_client.Client.connect(kubeconfig)
+        client = await kube_client.Client.connect(kubeconfig, context=context)
         state = observer.ClusterState(client, catalog=settings.catalog, kafka_cluster=settings.kafka_cluster)
+        guard = None
+        if prevention_of(settings).enabled:
+            guard = prevention.Prevention(
+                client=client,
+                prevention=prevention_of(settings),
+                rules=lambda: self.policies.current,
+                interval=settings.resync_interval,
+            )
+            self.policies.listeners.append(guard.kick)
         remediator = detection.Remediator(
             store=self.store,
             cluster=state,
@@ -466,6 +509,7 @@ class Broker:
                 resync_interval=settings.resync_interval,
                 on_started=self._started_up,
             ),
+            prevention=guard,
         )
         state.add_listener(parts.provisioner.notify)
         state.add_listener(parts.detector.notify)
@@ -475,6 +519,8 @@ class Broker:
         self.leader_only.add("provisioner", parts.provisioner.run)
         self.leader_only.add("detector", parts.detector.run)
         self.leader_only.on_term_end(remediator.stop)
+        if parts.prevention is not None:
+            self.leader_only.add("drift-prevention", parts.prevention.run)
         log.info("watching the cluster", extra={"api": client.host})
 
     def _start_leader_election(self) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from broker import auth, errors, events
+from broker.domain import admission, drift, lifecycle, model, naming, policy, rules, validation
 from broker.domain import catalog as catalog_mod
-from broker.domain import drift, lifecycle, model, naming, policy, rules, validation
 from broker.store import port
 
 audit_log = logging.getLogger("broker.audit")
@@ -151,10 +151,14 @@ class PolicyBook:
         self.current = configured
         for rule in stored or ():
             self.current = self.current.with_rule(rule)
+        self.listeners: list[Callable[[], None]] = []
+        """Called after every change (drift prevention re-applies its admission policies)."""
 
     def set(self, rule: policy.Rule) -> None:
         """Put a rule in effect."""
         self.current = self.current.with_rule(rule)
+        for listener in self.listeners:
+            listener()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +225,9 @@ class BrokerService:
         on_desired_changed: Callable[[str], None] = lambda deployment_id: None,
         hub: events.EventHub | None = None,
         watch_limits: WatchLimits | None = None,
+        prevention: admission.Prevention | None = None,
     ) -> None:
+        self.prevention = prevention or admission.Prevention()
         self._hub = hub if hub is not None else events.EventHub()
         self.watch_limits = watch_limits or WatchLimits()
         self._streams: dict[str, int] = {}
@@ -437,6 +443,25 @@ class BrokerService:
                 self._verdicts.reevaluate(rule.namespace, rule.resource_type)
             record(mode=rule.mode.value, ignore=",".join(sorted(rule.ignore_fields)))
         return rule
+
+    def admission_policy(
+        self, principal: auth.Principal, mode: str = ""
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The drift-prevention admission objects for the policies in effect, and whether they are applied.
+
+        ``mode`` overrides the configured modes (``deny``, ``warn,labels=audit``). The objects name
+        the namespaces whose policies waive a field, so only a principal granted ``*`` may read them.
+        """
+        if mode:
+            try:
+                modes = admission.parse_modes(mode)
+            except ValueError as e:
+                raise errors.InvalidArgument([errors.FieldViolation("mode", str(e))]) from e
+            prevention = dataclasses.replace(self.prevention, modes=modes)
+        else:
+            prevention = self.prevention
+        principal.require("*")
+        return admission.objects(prevention, self.policies.current), self.prevention.enabled
 
     def get_policy(self, principal: auth.Principal, request: PolicyInput) -> policy.Rule:
         """The policy in effect for a namespace and type (the default when none was set)."""

@@ -25,6 +25,8 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from broker.domain import admission
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
@@ -89,6 +91,11 @@ class Kind:
     switch: bool = False
 
 
+def _prevention_modes(text: str) -> str:
+    admission.parse_modes(text)  # refuses what it cannot read; the text is kept, as the README shows it
+    return text.strip()
+
+
 ADDR = Kind(_addr, "HOST:PORT")
 FILE = Kind(pathlib.Path, "FILE")
 DIR = Kind(pathlib.Path, "DIR")
@@ -98,6 +105,8 @@ EVENTS = Kind(_positive_int, "EVENTS")
 NAME = Kind(str, "NAME")
 STORE_URL = Kind(_store_url, "URL")
 SWITCH = Kind(bool, None, switch=True)
+MODES = Kind(_prevention_modes, "MODES")
+USER = Kind(str, "USERNAME")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +179,25 @@ TABLE: tuple[Setting, ...] = (
         "--kubeconfig",
         FILE,
         "manage the cluster of this kubeconfig (default: in-cluster in a pod, else none)",
+    ),
+    Setting(
+        "kube_context",
+        "--kube-context",
+        NAME,
+        "the kubeconfig context to use (default: its current context; the sandbox's broker context)",
+    ),
+    Setting(
+        "drift_prevention",
+        "--drift-prevention",
+        MODES,
+        "admission policies against hand edits: off, warn, deny or audit for all categories, "
+        "or per category (spec, labels, secret, deletion), e.g. deny,labels=warn",
+    ),
+    Setting(
+        "broker_identity",
+        "--broker-identity",
+        USER,
+        "the Kubernetes username the broker acts as; drift prevention never stops it",
     ),
     Setting(
         "ready_timeout",

@@ -52,6 +52,9 @@ VALID: dict[str, bytes] = {
     "/broker.v1.BrokerService/SetRemediationPolicy": pb.SetRemediationPolicyRequest(
         policy=pb.RemediationPolicy(namespace="team-platform", mode=pb.REMEDIATION_MODE_ALERT)
     ).SerializeToString(),
+    "/broker.v1.BrokerService/GetAdmissionPolicy": pb.GetAdmissionPolicyRequest(
+        mode="deny"
+    ).SerializeToString(),
     "/grpc.health.v1.Health/Check": health_pb2.HealthCheckRequest(service="").SerializeToString(),
 }
 STREAMING = {"/broker.v1.BrokerService/WatchDrift": pb.WatchDriftRequest().SerializeToString()}

@@ -239,7 +239,11 @@ async def test_both_versions_answer_with_the_files_and_their_comments(channel: g
     ]
     # The file asked for comes first, its imports after it.
     files = files_of(by_method)
-    assert [f.name for f in files] == ["broker/v1/broker.proto", "google/protobuf/timestamp.proto"]
+    assert [f.name for f in files] == [
+        "broker/v1/broker.proto",
+        "google/protobuf/struct.proto",
+        "google/protobuf/timestamp.proto",
+    ]
     assert comment_of_method(files[0], "BrokerService", "Provision").startswith(
         " Provision creates or updates the desired state of one resource"
     )

@@ -16,6 +16,7 @@ Paths (all but the probes need ``Authorization: Bearer <token>`` unless the brok
 - ``POST /v1/deployments/{id}:acceptDrift``    AcceptDrift
 - ``GET|PUT /v1/policies``                     Get/SetRemediationPolicy
 - ``GET /v1/openapi.json``                     the OpenAPI document of these paths (``openapi``), public
+- ``GET /v1/admission-policy``                 GetAdmissionPolicy (``?mode=``)
 - ``GET /healthz``, ``GET /readyz``            liveness and readiness; ``GET /metrics``
 - ``/ui/...``                                  the operator's web view (``ui``), same authentication
 """

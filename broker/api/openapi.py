@@ -310,9 +310,12 @@ class _Schemas:
             if message.GetOptions().map_entry:
                 # seed_json reads a map field as a list of entries: say how it reads maps first.
                 raise ValueError(f"{field.full_name} is a map field, which the gateway does not read yet")
-            if not message.full_name.startswith(f"{pb.DESCRIPTOR.package}."):
+            if message.full_name in _WELL_KNOWN:
+                value = dict(_WELL_KNOWN[message.full_name])
+            elif not message.full_name.startswith(f"{pb.DESCRIPTOR.package}."):
                 raise ValueError(f"{field.full_name}: {message.full_name} has no JSON schema here")
-            value = self.output_message(message) if output else self.input_message(message, without=())
+            else:
+                value = self.output_message(message) if output else self.input_message(message, without=())
         else:
             value = _scalar(field, output=output)
         schema = {"type": "array", "items": value} if field.is_repeated else value
@@ -325,6 +328,11 @@ def _message_of(field: descriptor.FieldDescriptor) -> descriptor.Descriptor | No
     if message is None or message.full_name == _TIMESTAMP:
         return None
     return message
+
+
+# Well-known types in their proto3 JSON form: a Struct is any JSON object (the admission policies
+# the broker generates are Kubernetes objects, whose schema is Kubernetes').
+_WELL_KNOWN: dict[str, dict[str, Any]] = {"google.protobuf.Struct": {"type": "object"}}
 
 
 def _scalar(field: descriptor.FieldDescriptor, *, output: bool) -> dict[str, Any]:

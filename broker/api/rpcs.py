@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker_client.v1 import broker_pb2 as pb
-from google.protobuf import message
+from google.protobuf import json_format, message, struct_pb2
 
 from broker import auth, service
 from broker.api import convert, encoded
@@ -93,6 +93,15 @@ async def _get_policy(svc: service.BrokerService, principal: auth.Principal, req
     return pb.GetRemediationPolicyResponse(policy=convert.rule_to_proto(svc.get_policy(principal, request)))
 
 
+async def _admission_policy(
+    svc: service.BrokerService, principal: auth.Principal, req: Any
+) -> message.Message:
+    objects, applied = svc.admission_policy(principal, req.mode)
+    return pb.GetAdmissionPolicyResponse(
+        objects=[json_format.ParseDict(obj, struct_pb2.Struct()) for obj in objects], applied=applied
+    )
+
+
 TABLE: tuple[Rpc, ...] = (
     Rpc("Provision", pb.ProvisionRequest, _provision, (Route("POST", "/v1/provision", 202, body=True),)),
     Rpc(
@@ -135,6 +144,12 @@ TABLE: tuple[Rpc, ...] = (
         (Route("PUT", "/v1/policies", body=True, wrap="policy"),),
     ),
     Rpc("GetRemediationPolicy", pb.GetRemediationPolicyRequest, _get_policy, (Route("GET", "/v1/policies"),)),
+    Rpc(
+        "GetAdmissionPolicy",
+        pb.GetAdmissionPolicyRequest,
+        _admission_policy,
+        (Route("GET", "/v1/admission-policy"),),
+    ),
 )
 STREAMING = frozenset({"WatchDrift"})
 

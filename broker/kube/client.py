@@ -54,6 +54,18 @@ KINDS: dict[str, Kind] = {
         Kind("Namespace", "api/v1", "namespaces", namespaced=False),
         Kind("Lease", "apis/coordination.k8s.io/v1", "leases"),
         Kind(
+            "ValidatingAdmissionPolicy",
+            "apis/admissionregistration.k8s.io/v1",
+            "validatingadmissionpolicies",
+            namespaced=False,
+        ),
+        Kind(
+            "ValidatingAdmissionPolicyBinding",
+            "apis/admissionregistration.k8s.io/v1",
+            "validatingadmissionpolicybindings",
+            namespaced=False,
+        ),
+        Kind(
             "CustomResourceDefinition",
             "apis/apiextensions.k8s.io/v1",
             "customresourcedefinitions",

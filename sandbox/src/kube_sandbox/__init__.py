@@ -21,8 +21,14 @@ Deliberate differences from a real cluster (it is a sandbox, and says so when it
 * State lives in memory; with ``Sandbox(state_dir=...)`` (what ``broker serve --sandbox`` and
   ``broker sandbox`` use, in ``<data-dir>/sandbox``) it is also saved to a JSON snapshot, debounced
   and at stop, and restored at start with uids and resourceVersions intact, the watch history
-  excepted (see :mod:`kube_sandbox.persistence`). There is no etcd, no authentication or
-  authorization (any token is accepted, RBAC is absent), no admission webhooks and no TLS.
+  excepted (see :mod:`kube_sandbox.persistence`). There is no etcd and no authorization (RBAC
+  is absent: every user may do everything). Authentication is a fixed token per user
+  (:mod:`kube_sandbox.users`; a request without credentials is the default user, an unknown token
+  401). TLS only with ``Sandbox(tls=True)`` (a certificate made at start); kubectl sends tokens
+  only over TLS, so over plain HTTP all its contexts are the default user. Admission is
+  ValidatingAdmissionPolicies only (:mod:`kube_sandbox.admission`, CEL by cel-python, without
+  type checking, the ``authorizer`` variable or Kubernetes' CEL libraries); no webhooks, no
+  mutating admission.
   Responses are always JSON; request bodies are JSON or YAML, plus protobuf for Namespace,
   ConfigMap and Secret only (what ``kubectl create namespace|configmap|secret`` send); other
   protobuf or CBOR bodies get 415, so e.g. ``kubectl create service`` fails (``kubectl

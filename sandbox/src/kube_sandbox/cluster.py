@@ -8,12 +8,15 @@ import copy
 import logging
 import os
 import pathlib
+import ssl
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
 from kube_sandbox import (
+    admission,
+    certificates,
     controllers,
     errors,
     faults,
@@ -24,6 +27,7 @@ from kube_sandbox import (
     server,
     store,
 )
+from kube_sandbox import users as users_module
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,14 @@ class Sandbox:
     restored at :meth:`start`, saved ``save_interval`` seconds after changes and at :meth:`stop`.
     Without it (the default) the state lives in memory only. ``profile`` names the objects a
     fresh sandbox starts with (see :mod:`kube_sandbox.profiles`).
+
+    ``users`` are the identities it knows (see :mod:`kube_sandbox.users`), by default an
+    administrator (the default user and current context) and the person ``jane``; ``extra_users``
+    adds more (a controller's service account, say) to the default ones. ValidatingAdmissionPolicies
+    are enforced (see :mod:`kube_sandbox.admission`); :attr:`audit` holds what they audited.
+    ``tls=True`` serves HTTPS with a certificate made at start (see :mod:`kube_sandbox.certificates`):
+    kubectl sends a context's token only over TLS, so only then do its contexts act as different
+    users (over plain HTTP every kubectl request is the default user's).
     """
 
     def __init__(
@@ -66,8 +78,15 @@ class Sandbox:
         state_dir: str | os.PathLike[str] | None = None,
         save_interval: float = 1.0,
         profile: profiles.Profile = profiles.EMPTY,
+        users: tuple[users_module.User, ...] | None = None,
+        extra_users: tuple[users_module.User, ...] = (),
+        tls: bool = False,
     ) -> None:
+        self.certificate = certificates.issue() if tls else None
         self.profile = profile
+        self.users = users_module.Users(
+            (*(users_module.DEFAULT_USERS if users is None else users), *extra_users)
+        )
         self.store = store.Store(
             registry=resources.Registry(),
             watch_window=watch_window,
@@ -90,6 +109,8 @@ class Sandbox:
             bookmark_interval=bookmark_interval,
             before_request=self.faults.check_request,
             fault_routes=self.faults.add_routes,
+            identities=self.users,
+            admission_plugin=admission.Admission(self.store),
         )
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.AbstractServer | None = None
@@ -108,7 +129,18 @@ class Sandbox:
         """The API server's base URL (``http://127.0.0.1:PORT``)."""
         if not self.port:
             raise RuntimeError("the sandbox is not started")
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.certificate is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def client_ssl_context(self) -> ssl.SSLContext | None:
+        """A TLS context trusting this sandbox, for in-process clients (None when it serves HTTP)."""
+        return self.certificate.client_context() if self.certificate is not None else None
+
+    @property
+    def audit(self) -> admission.AuditLog:
+        """Audit events of requests that policies annotated (``validationActions: Audit``)."""
+        assert self._api.admission is not None
+        return self._api.admission.audit
 
     @property
     def paused(self) -> bool:
@@ -165,7 +197,10 @@ class Sandbox:
         assert self._runner is not None
         assert self._runner.server is not None
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(self._runner.server, self.host, port, reuse_address=True)
+        context = self.certificate.server_context() if self.certificate is not None else None
+        self._listener = await loop.create_server(
+            self._runner.server, self.host, port, reuse_address=True, ssl=context
+        )
         self.port = self._listener.sockets[0].getsockname()[1]
         self._api.address = f"{self.host}:{self.port}"
 
@@ -209,8 +244,14 @@ class Sandbox:
             self._kubelet.sync(key)
 
     def write_kubeconfig(self, path: str | os.PathLike[str], *, namespace: str = "default") -> pathlib.Path:
-        """Write a kubeconfig (context ``sandbox``) for this sandbox and return its path."""
-        return kubeconfig.write(path, server=self.url, namespace=namespace)
+        """Write a kubeconfig for this sandbox, a context per user (current: the default user's)."""
+        return kubeconfig.write(
+            path,
+            server=self.url,
+            namespace=namespace,
+            users=self.users.all,
+            certificate_authority=self.certificate.ca_pem if self.certificate is not None else None,
+        )
 
     def load(self, *, api_version: str, kind: str, objects: list[dict[str, Any]]) -> int:
         """Bulk-create objects of one kind in-process (setup for benchmarks and demos)."""

@@ -6,6 +6,7 @@ bodies, so the reasons, codes and messages match what kube-apiserver sends::
 
     ApiError                  (base: code + reason + message + details)
     ├── BadRequest            400 BadRequest
+    ├── Unauthorized          401 Unauthorized (an unknown bearer token)
     ├── Forbidden             403 Forbidden
     ├── NotFound              404 NotFound
     ├── MethodNotAllowed      405 MethodNotAllowed
@@ -14,6 +15,7 @@ bodies, so the reasons, codes and messages match what kube-apiserver sends::
     ├── Gone                  410 Expired (too old resourceVersion or continue token)
     ├── UnsupportedMediaType  415 UnsupportedMediaType
     ├── Invalid               422 Invalid (with field causes)
+    ├── AdmissionDenied       422 Invalid, or the reason a policy's validation names
     ├── TooManyRequests       429 TooManyRequests (injected faults)
     ├── InternalError         500 InternalError (injected faults)
     └── ServiceUnavailable    503 ServiceUnavailable (injected faults)
@@ -70,6 +72,13 @@ class BadRequest(ApiError):
 
     code = 400
     reason = "BadRequest"
+
+
+class Unauthorized(ApiError):
+    """The request's credentials are not known."""
+
+    code = 401
+    reason = "Unauthorized"
 
 
 class Forbidden(ApiError):
@@ -169,6 +178,15 @@ class Invalid(ApiError):
         if group:
             details["group"] = group
         return cls(f'{qualified_kind} "{name}" is invalid: {count}', details=details)
+
+
+class AdmissionDenied(ApiError):
+    """A ValidatingAdmissionPolicy refused the request; reason and code come from the validation."""
+
+    def __init__(self, message: str, *, reason: str, code: int, details: JsonDict | None = None) -> None:
+        super().__init__(message, details=details)
+        self.reason = reason
+        self.code = code
 
 
 class TooManyRequests(ApiError):

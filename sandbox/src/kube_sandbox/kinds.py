@@ -19,6 +19,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from kube_sandbox import errors, resources, selectors
+from kube_sandbox.admission import policies
 
 if TYPE_CHECKING:
     from kube_sandbox import store as store_module
@@ -515,5 +516,12 @@ def _prepare(rt: resources.ResourceType, obj: JsonDict, old: JsonDict | None, st
         _prepare_namespace(obj, create=create)
     elif key == ("coordination.k8s.io", "leases"):
         _prepare_lease(rt, obj)
+    elif key == (policies.GROUP, "validatingadmissionpolicies"):
+        # Defaulted, then refused as kube-apiserver does when an expression does not compile.
+        policies.default_policy(obj)
+        policies.parse_policy(obj)
+    elif key == (policies.GROUP, "validatingadmissionpolicybindings"):
+        policies.default_binding(obj)
+        policies.parse_binding(obj)
     elif rt.custom:
         _prepare_custom(rt, obj)

@@ -155,6 +155,25 @@ BUILTIN: tuple[ResourceType, ...] = (
     ),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease", namespaced=True),
     ResourceType(
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingadmissionpolicies",
+        "ValidatingAdmissionPolicy",
+        namespaced=False,
+        categories=("api-extensions",),
+        status_subresource=True,
+        has_generation=True,
+    ),
+    ResourceType(
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingadmissionpolicybindings",
+        "ValidatingAdmissionPolicyBinding",
+        namespaced=False,
+        categories=("api-extensions",),
+        has_generation=True,
+    ),
+    ResourceType(
         "apiextensions.k8s.io",
         "v1",
         "customresourcedefinitions",
@@ -168,7 +187,14 @@ BUILTIN: tuple[ResourceType, ...] = (
     ResourceType("metrics.k8s.io", "v1beta1", "pods", "PodMetrics", namespaced=True, verbs=READ_VERBS),
 )
 
-GROUP_ORDER = ("", "apps", "coordination.k8s.io", "apiextensions.k8s.io", "metrics.k8s.io")
+GROUP_ORDER = (
+    "",
+    "apps",
+    "coordination.k8s.io",
+    "admissionregistration.k8s.io",
+    "apiextensions.k8s.io",
+    "metrics.k8s.io",
+)
 
 
 def _columns(version: JsonDict) -> tuple[PrinterColumn, ...]:

@@ -184,6 +184,24 @@ def _lease_row(lease: JsonDict, now: datetime.datetime) -> list[Any]:
     return [_name(lease), (lease.get("spec") or {}).get("holderIdentity", ""), _age(lease, now)]
 
 
+def _vap_row(policy: JsonDict, now: datetime.datetime) -> list[Any]:
+    spec = policy.get("spec") or {}
+    kind = spec.get("paramKind") or {}
+    param = f"{kind.get('apiVersion', '')}/{kind.get('kind', '')}" if kind else "<unset>"
+    return [_name(policy), len(spec.get("validations") or []), param, _age(policy, now)]
+
+
+def _vap_binding_row(binding: JsonDict, now: datetime.datetime) -> list[Any]:
+    spec = binding.get("spec") or {}
+    ref = spec.get("paramRef") or {}
+    shown = "<unset>"
+    if ref:
+        shown = (
+            f"{ref.get('namespace')}/{ref.get('name', '*')}" if ref.get("namespace") else ref.get("name", "*")
+        )
+    return [_name(binding), spec.get("policyName", ""), shown, _age(binding, now)]
+
+
 def _event_row(event: JsonDict, now: datetime.datetime) -> list[Any]:
     involved = event.get("involvedObject") or {}
     last = _parse_time(event.get("lastTimestamp") or event.get("eventTime")) or _parse_time(
@@ -311,6 +329,28 @@ PRINTERS: dict[tuple[str, str], tuple[tuple[Column, ...], Printer]] = {
     ("coordination.k8s.io", "leases"): (
         (_NAME, _col("Holder", description="The holder of the lease"), _AGE),
         _lease_row,
+    ),
+    ("admissionregistration.k8s.io", "validatingadmissionpolicies"): (
+        (
+            _NAME,
+            _col(
+                "Validations",
+                description="Validations indicates the number of validation rules.",
+                type_="integer",
+            ),
+            _col("ParamKind", description="ParamKind specifies the kind of resources used to parameterize."),
+            _AGE,
+        ),
+        _vap_row,
+    ),
+    ("admissionregistration.k8s.io", "validatingadmissionpolicybindings"): (
+        (
+            _NAME,
+            _col("PolicyName", description="PolicyName references a ValidatingAdmissionPolicy name."),
+            _col("ParamRef", description="ParamRef specifies the parameter resource used to configure."),
+            _AGE,
+        ),
+        _vap_binding_row,
     ),
     ("", "events"): (
         (

@@ -37,7 +37,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Itera
 from typing import Any, TypeVar, overload
 
 import grpc
-from google.protobuf import descriptor
+from google.protobuf import descriptor, json_format
 
 from broker_client import errors
 from broker_client.v1 import broker_pb2 as pb
@@ -437,6 +437,17 @@ class BrokerClient:
             ),
         )
         return reply.policy
+
+    async def admission_policy(self, *, mode: str = "") -> tuple[list[dict[str, Any]], bool]:
+        """The drift-prevention ValidatingAdmissionPolicies and bindings, and whether the broker applies them.
+
+        ``mode`` overrides the broker's ``--drift-prevention`` setting (``"deny"``,
+        ``"warn,labels=audit"``). Needs a principal granted every namespace.
+        """
+        reply: pb.GetAdmissionPolicyResponse = await self._call(
+            self._stub.GetAdmissionPolicy, pb.GetAdmissionPolicyRequest(mode=mode)
+        )
+        return [json_format.MessageToDict(o) for o in reply.objects], reply.applied
 
     async def wait_ready(
         self,

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from kube_sandbox import errors, store
+from kube_sandbox import admission, errors, store, users
 from kube_sandbox.server import discovery, handlers, routing, watching, wire
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,10 +34,14 @@ class ApiServer:
         bookmark_interval: float,
         before_request: Callable[[web.Request], None],
         fault_routes: Callable[[web.Application], None],
+        identities: users.Users | None = None,
+        admission_plugin: admission.Admission | None = None,
     ) -> None:
         self.store = st
         self.registry = st.registry
-        self._handlers = handlers.Handlers(st=st, metrics=metrics)
+        self.users = identities or users.Users(users.DEFAULT_USERS)
+        self.admission = admission_plugin
+        self._handlers = handlers.Handlers(st=st, metrics=metrics, admission=admission_plugin)
         self._watches = watching.Watches(st=st, bookmark_interval=bookmark_interval)
         self._before_request = before_request
         self._fault_routes = fault_routes
@@ -74,6 +78,8 @@ class ApiServer:
         """Build the aiohttp application."""
         app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
         self._fault_routes(app)
+        app.router.add_get("/sandbox/v1/audit", self._audit)
+        app.router.add_delete("/sandbox/v1/audit", self._audit_clear)
         app.router.add_get("/version", self._version)
         app.router.add_get("/healthz", self._ok)
         app.router.add_get("/livez", self._ok)
@@ -83,9 +89,20 @@ class ApiServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await self._handle(request, handler)
+        review = request.get(handlers.REVIEW_KEY)
+        if review is not None and review.warnings and not response.prepared:
+            # What kube-apiserver sends for warnings (validationActions: Warn); kubectl prints them.
+            for text in review.warnings:
+                escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+                response.headers.add("Warning", f'299 - "{escaped}"')
+        return response
+
+    async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             if not request.path.startswith("/sandbox/"):
                 self._before_request(request)
+                request[handlers.USER_KEY] = self.users.authenticate(request.headers.get("Authorization"))
             return await handler(request)
         except errors.ApiError as exc:
             return wire.error_response(exc)
@@ -96,6 +113,15 @@ class ApiServer:
         except Exception as exc:
             log.exception("sandbox API handler failed on %s %s", request.method, request.path_qs)
             return wire.error_response(errors.InternalError(f"sandbox internal error: {exc}"))
+
+    async def _audit(self, request: web.Request) -> web.Response:
+        events = self.admission.audit.events() if self.admission is not None else []
+        return wire.json_response({"kind": "EventList", "apiVersion": "audit.k8s.io/v1", "items": events})
+
+    async def _audit_clear(self, request: web.Request) -> web.Response:
+        if self.admission is not None:
+            self.admission.audit.clear()
+        return web.Response(status=204)
 
     async def _version(self, request: web.Request) -> web.Response:
         return wire.json_response(discovery.SERVER_VERSION)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from kube_sandbox import apply, errors, patch, protobuf, resources, selectors, store, tables
+from kube_sandbox import admission, apply, errors, patch, protobuf, resources, selectors, store, tables, users
 from kube_sandbox.server import wire
 
 # libyaml's loader when PyYAML was built with it (the pure-Python one is ten times slower).
@@ -36,6 +36,12 @@ RETURNS_DELETED_OBJECT = frozenset(
         ("apiextensions.k8s.io", "customresourcedefinitions"),
     }
 )
+# The options kube-apiserver hands admission for each operation (patches and applies are updates
+# or creates, so they carry UpdateOptions or CreateOptions).
+_OPTIONS_KIND = {"CREATE": "CreateOptions", "UPDATE": "UpdateOptions", "DELETE": "DeleteOptions"}
+USER_KEY = web.RequestKey("kube_sandbox.user", users.User)
+REVIEW_KEY = web.RequestKey("kube_sandbox.review", admission.Review)
+
 PATCH_TYPES = {
     "application/json-patch+json": "json",
     "application/merge-patch+json": "merge",
@@ -47,9 +53,62 @@ PATCH_TYPES = {
 class Handlers:
     """The request handlers of resource paths, one per verb, over a :class:`store.Store`."""
 
-    def __init__(self, *, st: store.Store, metrics: MetricsProvider) -> None:
+    def __init__(
+        self, *, st: store.Store, metrics: MetricsProvider, admission: admission.Admission | None = None
+    ) -> None:
         self.store = st
         self.metrics = metrics
+        self.admission = admission
+
+    # ----- admission -----------------------------------------------------------------------------
+
+    def _admit(
+        self,
+        request: web.Request,
+        route: wire.Route,
+        operation: str,
+        *,
+        name: str,
+        namespace: str | None = None,
+        verb: str = "",
+        scale: bool = False,
+    ) -> store.Admit:
+        """The store's admission hook for this request (``scale``: the Scale of each object is judged)."""
+        rt = route.rt
+        review = request.get(REVIEW_KEY)
+        if review is None:
+            review = request[REVIEW_KEY] = admission.Review()
+        options: JsonDict = {"kind": _OPTIONS_KIND[operation], "apiVersion": "meta.k8s.io/v1"}
+        if request.query.get("fieldManager"):
+            options["fieldManager"] = request.query["fieldManager"]
+        dry_run = bool(request.query.getall("dryRun", []))
+        if dry_run:
+            options["dryRun"] = ["All"]
+        attrs = admission.Attributes(
+            operation=operation,
+            group=rt.group,
+            version=rt.version,
+            resource=rt.plural,
+            subresource=route.subresource or "",
+            kind_group="autoscaling" if scale else rt.group,
+            kind_version="v1" if scale else rt.version,
+            kind="Scale" if scale else rt.kind,
+            namespace=(route.namespace or "") if namespace is None else namespace,
+            name=name,
+            user=request[USER_KEY],
+            dry_run=dry_run,
+            options=options,
+            verb=verb,
+        )
+        admit = admission.run(self.admission, attrs, review)
+        if not scale:
+            return admit
+
+        def admit_scale(obj: JsonDict | None, old: JsonDict | None) -> None:
+            # kube-apiserver judges the scale subresource by the Scale objects, not the parent.
+            admit(self._scale(rt, obj) if obj else None, self._scale(rt, old) if old else None)
+
+        return admit_scale
 
     # ----- reads ---------------------------------------------------------------------------------
 
@@ -157,8 +216,9 @@ class Handlers:
         }
 
     def _write_scale(
-        self, request: web.Request, rt: resources.ResourceType, obj: JsonDict, scale: JsonDict
+        self, request: web.Request, route: wire.Route, obj: JsonDict, scale: JsonDict, *, verb: str
     ) -> web.Response:
+        rt = route.rt
         replicas = (scale.get("spec") or {}).get("replicas")
         name = obj["metadata"]["name"]
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
@@ -185,7 +245,12 @@ class Handlers:
         node[path[-1]] = replicas
         new["metadata"].pop("resourceVersion", None)
         updated = self.store.update(
-            rt, new, manager=wire.field_manager(request), subresource="scale", dry_run=self._dry_run(request)
+            rt,
+            new,
+            manager=wire.field_manager(request),
+            subresource="scale",
+            dry_run=self._dry_run(request),
+            admit=self._admit(request, route, "UPDATE", name=name, verb=verb, scale=True),
         )
         return wire.json_response(self._scale(rt, updated))
 
@@ -254,8 +319,13 @@ class Handlers:
         """Create an object from the body (POST)."""
         rt = route.rt
         obj = self._check_identity(route, await self._body(request), creating=True)
+        dry_run = self._dry_run(request)
         created = self.store.create(
-            rt, obj, manager=wire.field_manager(request), dry_run=self._dry_run(request)
+            rt,
+            obj,
+            manager=wire.field_manager(request),
+            dry_run=dry_run,
+            admit=self._admit(request, route, "CREATE", name=str(obj["metadata"].get("name") or "")),
         )
         return wire.object_response(request, rt, created, 201)
 
@@ -265,15 +335,17 @@ class Handlers:
         body = self._check_identity(route, await self._body(request), creating=False)
         if route.subresource == "scale":
             current = self.store.get(rt, route.namespace or "", body["metadata"]["name"])
-            return self._write_scale(request, rt, current, body)
+            return self._write_scale(request, route, current, body, verb="update")
         if route.subresource == "finalize":
             return wire.object_response(request, rt, self.store.get(rt, "", body["metadata"]["name"]))
+        dry_run = self._dry_run(request)
         updated = self.store.update(
             rt,
             body,
             manager=wire.field_manager(request),
             subresource=route.subresource or "",
-            dry_run=self._dry_run(request),
+            dry_run=dry_run,
+            admit=self._admit(request, route, "UPDATE", name=str(body["metadata"]["name"]), verb="update"),
         )
         return wire.object_response(request, rt, updated)
 
@@ -313,7 +385,7 @@ class Handlers:
         if not isinstance(patched, dict):
             raise errors.BadRequest("the patch must produce an object")
         if route.subresource == "scale":
-            return self._write_scale(request, rt, current, patched)
+            return self._write_scale(request, route, current, patched, verb="patch")
         meta = patched.setdefault("metadata", {})
         meta["name"] = route.name
         if rt.namespaced:
@@ -324,6 +396,7 @@ class Handlers:
             manager=wire.field_manager(request),
             subresource=route.subresource or "",
             dry_run=dry_run,
+            admit=self._admit(request, route, "UPDATE", name=route.name, verb="patch"),
         )
         return wire.object_response(request, rt, updated)
 
@@ -381,7 +454,14 @@ class Handlers:
         )
         managed = merged["metadata"].pop("managedFields", [])
         if current is None:
-            created = self.store.create(rt, merged, manager=manager, dry_run=dry_run, managed_fields=managed)
+            created = self.store.create(
+                rt,
+                merged,
+                manager=manager,
+                dry_run=dry_run,
+                managed_fields=managed,
+                admit=self._admit(request, route, "CREATE", name=route.name, verb="patch"),
+            )
             return wire.object_response(request, rt, created, 201)
         merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
         if route.subresource != "status" and rt.status_subresource and "status" in current:
@@ -393,6 +473,7 @@ class Handlers:
             subresource=route.subresource or "",
             dry_run=dry_run,
             managed_fields=managed,
+            admit=self._admit(request, route, "UPDATE", name=route.name, verb="patch"),
         )
         return wire.object_response(request, rt, updated)
 
@@ -427,6 +508,7 @@ class Handlers:
             propagation=options.get("propagationPolicy"),
             preconditions=options.get("preconditions"),
             dry_run=self._dry_run(request) or bool(options.get("dryRun")),
+            admit=self._admit(request, route, "DELETE", name=route.name, verb="delete"),
         )
         if not gone or rt.storage_key in RETURNS_DELETED_OBJECT or rt.custom:
             return wire.object_response(request, rt, obj)
@@ -461,6 +543,14 @@ class Handlers:
                     meta["name"],
                     propagation=options.get("propagationPolicy"),
                     dry_run=self._dry_run(request),
+                    admit=self._admit(
+                        request,
+                        route,
+                        "DELETE",
+                        name=str(meta["name"]),
+                        namespace=str(meta.get("namespace") or ""),
+                        verb="deletecollection",
+                    ),
                 )
                 deleted.append(wire.render(rt, obj))
         return wire.json_response(

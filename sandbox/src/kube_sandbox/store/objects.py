@@ -32,6 +32,12 @@ NAMESPACE_KEY: StorageKey = ("", "namespaces")
 EVENT_KEY: StorageKey = ("", "events")
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
+Admit = Callable[[JsonDict | None, JsonDict | None], None]
+"""Validating admission of one write: called with ``(object, oldObject)`` after defaulting and
+validation, before anything is stored (dry runs included); refuses by raising an ``ApiError``.
+Requests pass one (see :mod:`kube_sandbox.admission`); the simulated controllers, in-process
+clients of the store, do not."""
+
 
 class Store(index.Index):
     """All objects of the sandbox cluster, with watch history and subscribers."""
@@ -251,6 +257,7 @@ class Store(index.Index):
         manager: str,
         dry_run: bool = False,
         managed_fields: list[JsonDict] | None = None,
+        admit: Admit | None = None,
     ) -> JsonDict:
         """Create an object (the caller hands over ``obj``); returns what was stored."""
         meta = obj.setdefault("metadata", {})
@@ -299,6 +306,8 @@ class Store(index.Index):
             )
         if managed_fields:
             meta["managedFields"] = managed_fields
+        if admit is not None:
+            admit(obj, None)
         if dry_run:
             meta["resourceVersion"] = str(self._versions.current)
             return obj
@@ -314,6 +323,7 @@ class Store(index.Index):
         subresource: str = "",
         dry_run: bool = False,
         managed_fields: list[JsonDict] | None = None,
+        admit: Admit | None = None,
     ) -> JsonDict:
         """Replace an object (PUT semantics, with resourceVersion and uid preconditions)."""
         meta = obj.get("metadata")
@@ -377,6 +387,9 @@ class Store(index.Index):
         if rt.has_generation and _spec_of(new, rt) != _spec_of(old, rt):
             new_meta["generation"] = int(old_meta.get("generation", 1)) + 1
         new_meta["resourceVersion"] = old_meta["resourceVersion"]
+        if admit is not None:
+            # Before the no-op check, as kube-apiserver validates before etcd sees nothing changed.
+            admit(new, old)
         if _unchanged(old, new):
             return old
         if dry_run:
@@ -399,6 +412,7 @@ class Store(index.Index):
         propagation: str | None = None,
         preconditions: JsonDict | None = None,
         dry_run: bool = False,
+        admit: Admit | None = None,
     ) -> tuple[JsonDict, bool]:
         """Delete an object; returns it and whether it is gone (False while finalizers hold it)."""
         old = self.get(rt, namespace, name)
@@ -412,6 +426,8 @@ class Store(index.Index):
             raise errors.Conflict.stale(group=rt.group, plural=rt.plural, name=name)
         if propagation not in (None, "Background", "Foreground", "Orphan"):
             raise errors.BadRequest(f"unsupported propagationPolicy {propagation!r}")
+        if admit is not None:
+            admit(None, old)
         if dry_run:
             return old, True
         if rt.storage_key == NAMESPACE_KEY:

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -1655,3 +1656,57 @@ class GetRemediationPolicyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRemediationPolicyResponse: _TypeAlias = GetRemediationPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetAdmissionPolicyRequest(_message.Message):
+    """GetAdmissionPolicyRequest asks for the drift-prevention admission objects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    mode: _builtins.str
+    """Mode overrides the broker's drift-prevention setting, in its syntax ("deny", or per category as
+    in "warn,labels=audit"); empty means the setting.
+    """
+    def __init__(
+        self,
+        *,
+        mode: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAdmissionPolicyRequest: _TypeAlias = GetAdmissionPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetAdmissionPolicyResponse(_message.Message):
+    """GetAdmissionPolicyResponse holds the Kubernetes objects, policies before bindings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECTS_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    applied: _builtins.bool
+    """Applied says whether the broker applies these objects itself (drift prevention is on)."""
+    @_builtins.property
+    def objects(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
+        """Objects are the ValidatingAdmissionPolicies and their bindings, as Kubernetes JSON objects;
+        none when every category is off.
+        """
+
+    def __init__(
+        self,
+        *,
+        objects: _abc.Iterable[_struct_pb2.Struct] | None = ...,
+        applied: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "objects", b"objects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAdmissionPolicyResponse: _TypeAlias = GetAdmissionPolicyResponse  # noqa: Y015

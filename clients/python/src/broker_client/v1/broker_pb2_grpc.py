@@ -87,6 +87,11 @@ class BrokerServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.GetRemediationPolicyRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.GetRemediationPolicyResponse.FromString,
                 _registered_method=True)
+        self.GetAdmissionPolicy = channel.unary_unary(
+                '/broker.v1.BrokerService/GetAdmissionPolicy',
+                request_serializer=broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -175,6 +180,16 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAdmissionPolicy(self, request, context):
+        """GetAdmissionPolicy returns the ValidatingAdmissionPolicies and bindings of drift prevention,
+        generated from the drift rules and the remediation policies in effect: what the broker applies
+        when prevention is on, and what teams that deploy through Git commit. It names namespaces, so
+        it needs a principal granted every namespace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +237,11 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.GetRemediationPolicy,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.GetRemediationPolicyRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.GetRemediationPolicyResponse.SerializeToString,
+            ),
+            'GetAdmissionPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdmissionPolicy,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -475,6 +495,33 @@ class BrokerService:
             '/broker.v1.BrokerService/GetRemediationPolicy',
             broker_dot_v1_dot_broker__pb2.GetRemediationPolicyRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.GetRemediationPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdmissionPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/GetAdmissionPolicy',
+            broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,6 +78,12 @@ class BrokerServiceStub:
     """
     GetRemediationPolicy: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetRemediationPolicyRequest, _broker_pb2.GetRemediationPolicyResponse]
     """GetRemediationPolicy returns the policy in effect for a namespace and resource type."""
+    GetAdmissionPolicy: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetAdmissionPolicyRequest, _broker_pb2.GetAdmissionPolicyResponse]
+    """GetAdmissionPolicy returns the ValidatingAdmissionPolicies and bindings of drift prevention,
+    generated from the drift rules and the remediation policies in effect: what the broker applies
+    when prevention is on, and what teams that deploy through Git commit. It names namespaces, so
+    it needs a principal granted every namespace.
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -129,6 +135,12 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     """
     GetRemediationPolicy: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetRemediationPolicyRequest, _broker_pb2.GetRemediationPolicyResponse]  # type: ignore[assignment]
     """GetRemediationPolicy returns the policy in effect for a namespace and resource type."""
+    GetAdmissionPolicy: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetAdmissionPolicyRequest, _broker_pb2.GetAdmissionPolicyResponse]  # type: ignore[assignment]
+    """GetAdmissionPolicy returns the ValidatingAdmissionPolicies and bindings of drift prevention,
+    generated from the drift rules and the remediation policies in effect: what the broker applies
+    when prevention is on, and what teams that deploy through Git commit. It names namespaces, so
+    it needs a principal granted every namespace.
+    """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     """BrokerService provisions databases, caches and topics in Kubernetes for manager services,
@@ -231,5 +243,17 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.GetRemediationPolicyResponse, _abc.Awaitable[_broker_pb2.GetRemediationPolicyResponse]]:
         """GetRemediationPolicy returns the policy in effect for a namespace and resource type."""
+
+    @_abc_1.abstractmethod
+    def GetAdmissionPolicy(
+        self,
+        request: _broker_pb2.GetAdmissionPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetAdmissionPolicyResponse, _abc.Awaitable[_broker_pb2.GetAdmissionPolicyResponse]]:
+        """GetAdmissionPolicy returns the ValidatingAdmissionPolicies and bindings of drift prevention,
+        generated from the drift rules and the remediation policies in effect: what the broker applies
+        when prevention is on, and what teams that deploy through Git commit. It names namespaces, so
+        it needs a principal granted every namespace.
+        """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
