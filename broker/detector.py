@@ -343,6 +343,14 @@ class Detector:
         self._resync.update(self._open)
         self._wake.set()
 
+    async def forget_all(self) -> None:
+        """This replica stopped leading: what it concluded is the next leader's business now."""
+        self._reported.clear()
+        self._open.clear()
+        self._verdicts.clear()
+        self._dirty.clear()
+        self._resync.clear()
+
     def _forget(self, deployment_id: str) -> None:
         self._reported.pop(deployment_id, None)
         self._open.pop(deployment_id, None)

@@ -519,6 +519,8 @@ class Broker:
         self.leader_only.add("provisioner", parts.provisioner.run)
         self.leader_only.add("detector", parts.detector.run)
         self.leader_only.on_term_end(remediator.stop)
+        # A replica that no longer leads must not show its last term's verdicts as current.
+        self.leader_only.on_term_end(parts.detector.forget_all)
         if parts.prevention is not None:
             self.leader_only.add("drift-prevention", parts.prevention.run)
         log.info("watching the cluster", extra={"api": client.host})
