@@ -77,7 +77,7 @@ make_debian_base() {
   local work
   work=$(mktemp -d /var/tmp/broker-base.XXXXXX)
   # shellcheck disable=SC2064  # expand now: the path is fixed
-  trap "umount '$work/rootfs/proc' 2>/dev/null || true; rm -rf '$work'" EXIT
+  trap "umount '$work/rootfs/proc' 2>/dev/null || true; rm -rf --one-file-system '$work'" EXIT
   log "making $DEBIAN_BASE with debootstrap from $MIRROR (a few minutes)"
   local started=$SECONDS
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
@@ -98,7 +98,7 @@ EOF
   : >"$work/rootfs/etc/hostname"
   tar --numeric-owner -C "$work/rootfs" -c . \
     | podman import --change 'CMD ["/bin/bash"]' --message "debootstrap --variant=minbase bookworm" - "$DEBIAN_BASE" >/dev/null
-  rm -rf "$work"
+  rm -rf --one-file-system "$work"
   trap - EXIT
   log "made $DEBIAN_BASE in $((SECONDS - started)) s"
 }
@@ -109,10 +109,10 @@ elif podman image exists "$SLIM"; then
   base=$SLIM
 elif [ $new_base = 0 ] && podman image exists "$DEBIAN_BASE"; then
   base=$DEBIAN_BASE
-elif [ $new_base = 0 ] && timeout 120 podman pull -q "$SLIM" >/dev/null 2>"${TMPDIR:-/tmp}/broker-pull.err"; then
+elif [ $new_base = 0 ] && pull_err=$(timeout 120 podman pull -q "$SLIM" 2>&1 >/dev/null); then
   base=$SLIM
 else
-  [ $new_base = 1 ] || log "no $SLIM here and pulling it failed ($(tail -1 "${TMPDIR:-/tmp}/broker-pull.err" 2>/dev/null)): making a base"
+  [ $new_base = 1 ] || log "no $SLIM here and pulling it failed (${pull_err##*$'\n'}): making a base"
   make_debian_base
   base=$DEBIAN_BASE
 fi
