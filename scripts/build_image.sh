@@ -30,10 +30,21 @@ IMAGE=${BROKER_IMAGE:-resource-broker:$VERSION}
 new_base=0
 if [ "${1:-}" = "--new-base" ]; then new_base=1; shift; fi
 
+# One build at a time on a machine: the engine's storage and the made base are the machine's, and a
+# second build started meanwhile (.ci/run's in the background, then tests/test_image.py's) waits
+# here, then finds the layers cached.
+LOCK=${BROKER_IMAGE_LOCK:-/var/tmp/resource-broker-image.lock}
+exec 9>>"$LOCK"
+if ! flock -n 9; then
+  log "another image build holds $LOCK: waiting for it"
+  flock 9
+fi
+
 apt_install() {
   command -v apt-get >/dev/null || { echo "build_image: $* missing and no apt-get to install it" >&2; exit 1; }
   log "installing $* from Debian's packages"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "$@" >/dev/null
 }
 
 # The CA bundle pip inside the build trusts, passed as a build secret (never stored in a layer): the

@@ -7,8 +7,9 @@ a mounted kubeconfig. Checked from outside: ``/readyz``, the image's HEALTHCHECK
 one Provision that reaches Ready with its objects in the sandbox, the store on the data volume, and a
 SIGTERM that drains to exit 0.
 
-The image is (re)built first: with the layer cache that takes seconds; from scratch, minutes (CI
-builds it in ``.ci/run`` before the tests, so the time shows there).
+The image is (re)built first: with the layer cache that takes seconds; from scratch, minutes. CI
+starts that build in ``.ci/run`` as the tests begin; the build here waits for it (builds take a
+lock) and then finds its layers cached.
 
 Engine: docker when its daemon answers, else podman, as ``scripts/build_image.sh`` chooses.
 Where the runtime cannot set the default resource limits (this project's machines: runc's "error
