@@ -5,7 +5,7 @@ The container runs the image's own entrypoint and command (``broker serve --toke
 anywhere, with host networking so that it reaches this test's sandbox cluster on loopback through
 a mounted kubeconfig. Checked from outside: ``/readyz``, the image's HEALTHCHECK, ``grpcurl list``,
 one Provision that reaches Ready with its objects in the sandbox, the store on the data volume, and a
-SIGTERM that drains to exit 0.
+SIGTERM that drains to exit 0; and that the sandbox is not in the image.
 
 The image is (re)built first: with the layer cache that takes seconds; from scratch, minutes. CI
 starts that build in ``.ci/run`` as the tests begin; the build here waits for it (builds take a
@@ -220,6 +220,11 @@ async def test_the_image_serves_a_provision_on_a_read_only_root_as_its_own_user(
         code, _, err = await container.exec("touch", path)
         assert code != 0, f"{path} is writable"
         assert "Read-only file system" in err, (path, err)
+
+    # The sandbox is a distribution of its own, never in the broker's image (DESIGN section 9).
+    code, _, err = await container.exec("python3", "-c", "import kube_sandbox")
+    assert code != 0, "kube_sandbox is importable in the image"
+    assert "No module named 'kube_sandbox'" in err, err
 
     # An operator's grpcurl sees the services through reflection.
     code, out, err = await run(str(GRPCURL), "-plaintext", "-max-time", "20", container.grpc_target, "list")
