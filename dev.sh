@@ -6,6 +6,7 @@
 #   ./dev.sh lint    the static checks only
 #   ./dev.sh bench   run the benchmarks (prints figures; not part of test)
 #   ./dev.sh chaos [NAME...]  run the fault scenarios at full size (minutes), one PASS/FAIL line each
+#   ./dev.sh image [--new-base]  build the container image resource-broker:<version> (docker or podman)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -115,5 +116,6 @@ case "$cmd" in
   gen) ensure_venv; "$PY" scripts/gen_proto.py; "$PY" scripts/gen_settings.py; "$PY" scripts/gen_monitoring.py ;;
   bench) ensure_venv; for b in benchmarks/bench_*.py sandbox/benchmarks/bench_*.py; do [ -f "$b" ] && "$PY" "$b"; done ;;
   chaos) ensure_venv; exec "$PY" -m chaos "$@" ;;
-  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 64 ;;
+  image) exec scripts/build_image.sh "$@" ;;
+  *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 64 ;;
 esac
