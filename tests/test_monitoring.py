@@ -335,7 +335,7 @@ async def test_the_manifests_pass_a_server_dry_run_for_every_kind_the_sandbox_se
     await kubectl.run("apply", "-f", str(crds))
     await kubectl.run("create", "namespace", "resource-broker")  # namespaced dry runs need it to exist
     objects = []
-    for directory in (ROOT / "deploy", MONITORING):
+    for directory in (ROOT / "deploy", ROOT / "deploy" / "replicas", MONITORING):
         _, out, _ = await kubectl.run("kustomize", str(directory))
         objects += [doc for doc in yaml.safe_load_all(out) if doc]
     kinds = {(o["apiVersion"], o["kind"]) for o in objects}
@@ -361,3 +361,26 @@ async def test_the_manifests_pass_a_server_dry_run_for_every_kind_the_sandbox_se
     assert "resource-broker" not in listed.replace("configmap/kube-root-ca.crt", "")
     dashboard = next(o for o in accepted if o["kind"] == "ConfigMap")
     assert json.loads(dashboard["data"]["resource-broker.json"]) == json.loads(DASHBOARD.read_text())
+
+
+@needs_kubectl
+async def test_the_replicas_variant_runs_three_on_postgresql_with_leader_election(
+    sandbox_kubeconfig: pathlib.Path, tmp_path: pathlib.Path
+):
+    kubectl = Kubectl(sandbox_kubeconfig, tmp_path / "kube-cache")
+    _, out, _ = await kubectl.run("kustomize", str(ROOT / "deploy" / "replicas"))
+    objects = [doc for doc in yaml.safe_load_all(out) if doc]
+    assert "PersistentVolumeClaim" not in {o["kind"] for o in objects}
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 3
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--leader-election" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["BROKER_STORE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "resource-broker-store",
+        "key": "url",
+    }
+    assert env["BROKER_CALLBACK_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "resource-broker-store"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    (data,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
+    assert data == {"name": "data", "emptyDir": {}}
