@@ -3,14 +3,13 @@
 Durability: WAL journal with ``synchronous=FULL``, so an acknowledged Provision survives a crash or
 power loss; foreign keys on; migrations at start-up.
 
-Concurrency: writes run whole on one writer thread with its own connection, several to a
-transaction (``group_commit``: each in a savepoint, one commit for the group), and one reader
-connection, which under WAL never sees a half-written transaction. Every read runs and finishes
-its statement in one call (``execute_fetchall``): a statement left open between two awaits would
-keep the reader's read transaction open, and another coroutine's query would then run in that
-older snapshot and miss what was committed since. SQLite errors are translated into
-``errors.Unavailable`` with the cause chained; nothing of a request's content is put in that
-message.
+Concurrency: one writer connection guarded by an asyncio lock (every write is one ``BEGIN
+IMMEDIATE`` transaction) and one reader connection, which under WAL never sees a half-written
+transaction of another coroutine. Every read runs and finishes its statement in one call
+(``execute_fetchall``): a statement left open between two awaits would keep the reader's read
+transaction open, and another coroutine's query would then run in that older snapshot and miss
+what was committed since. SQLite errors are translated into ``errors.Unavailable`` with the
+cause chained; nothing of a request's content is put in that message.
 
 One replica: a broker holds an exclusive ``flock`` on ``<database>.lock`` for as long as its store
 is open, so a second broker (or ``broker migrate``) on the same file refuses to start instead of
@@ -37,7 +36,7 @@ import aiosqlite
 
 from broker import errors
 from broker.domain import lifecycle, model, policy
-from broker.store import codec, group_commit, migrations, port
+from broker.store import codec, migrations, port
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +123,14 @@ class Store:
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
         self._lock_fd: int | None = None
+        self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        # Events appended by the transaction holding the write lock, published after its commit.
+        self._appended: list[model.DriftEvent] = []
         self.listeners: list[Callable[[list[model.DriftEvent]], None]] = []
         # One replica: no other process commits events, so nothing ever wakes these.
         self.wakers: list[Callable[[], None]] = []
-        self._writer = group_commit.Writer(path, connect=_connect_writer, on_commit=self._committed)
         self._parsed = _Parsed()
 
     @classmethod
@@ -149,12 +151,8 @@ class Store:
         except OSError as e:
             raise errors.Unavailable(f"cannot open the store at {path}: {e}") from e
         try:
-            migrator = await _connect(store.path)
-            try:
-                await store._migrate(migrator)
-            finally:
-                await migrator.close()
-            await store._writer.start()
+            store._writer = await _connect(store.path)
+            await store._migrate()
             store._reader = await _connect(store.path)
         except (sqlite3.Error, OSError) as e:
             await store.close()
@@ -162,21 +160,16 @@ class Store:
         return store
 
     async def close(self) -> None:
-        """Commit what is queued, close both connections and release the lock; safe to call twice."""
+        """Close both connections and release the lock; safe to call twice."""
         try:
-            await self._writer.stop()
-            if self._reader is not None:
-                await self._reader.close()
+            for conn in (self._reader, self._writer):
+                if conn is not None:
+                    await conn.close()
         finally:
-            self._reader = None
+            self._reader = self._writer = None
             fd, self._lock_fd = self._lock_fd, None
             if fd is not None:
                 os.close(fd)  # closing the last descriptor releases the flock
-
-    def _committed(self, events: list[model.DriftEvent]) -> None:
-        """After each commit, on the event loop: the listeners hear its events, in sequence order."""
-        for listener in self.listeners:
-            listener(events)
 
     async def schema_version(self) -> int:
         """The newest applied migration."""
@@ -189,7 +182,8 @@ class Store:
         async with self._read() as db:
             await db.execute("SELECT 1")
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
+    async def _migrate(self) -> None:
+        db = self._conn(self._writer)
         await db.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations "
             "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_time TEXT NOT NULL)"
@@ -228,6 +222,37 @@ class Store:
         except sqlite3.Error as e:
             raise errors.Unavailable(f"the store failed to read: {type(e).__name__}") from e
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            db = self._conn(self._writer)
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise errors.Unavailable(
+                    f"the store failed to start a transaction: {type(e).__name__}"
+                ) from e
+            self._appended = []
+            try:
+                yield db
+            except BaseException:
+                self._appended = []
+                with contextlib.suppress(sqlite3.Error):  # a broken connection must not mask the cause
+                    await db.rollback()
+                raise
+            try:
+                await db.commit()
+            except sqlite3.Error as e:
+                self._appended = []
+                with contextlib.suppress(sqlite3.Error):
+                    await db.rollback()
+                raise errors.Unavailable(f"the store failed to commit: {type(e).__name__}") from e
+            # Still under the lock: listeners see events in commit order, which is sequence order.
+            appended, self._appended = self._appended, []
+            if appended:
+                for listener in self.listeners:
+                    listener(appended)
+
     # Provision / deprovision -------------------------------------------------------------------
 
     async def provision(self, command: model.ProvisionCommand) -> model.MutationResult:
@@ -237,32 +262,28 @@ class Store:
         except that a failed deployment is retried. Different spec: an update with a new generation.
         """
         request_hash = codec.provision_hash(command)
-
-        def body(tx: group_commit.Tx) -> model.MutationResult:
-            db = tx.db
-            replay = self._replay(db, command.namespace, command.request_id, request_hash)
+        async with self._transaction() as db:
+            replay = await self._replay(db, command.namespace, command.request_id, request_hash)
             if replay is not None:
                 return replay
-            existing = self._live_deployment(db, command)
+            existing = await self._live_deployment(db, command)
             now = codec.now()
             if existing is None:
-                result = self._create(db, command, now)
+                result = await self._create(db, command, now)
             else:
-                result = self._update(db, existing, command, now)
+                result = await self._update(db, existing, command, now)
             if command.request_id:
-                self._remember(
+                await self._remember(
                     db, command.namespace, command.request_id, "provision", request_hash, result, now
                 )
             return result
 
-        return await self._writer.write(body)
-
-    def _replay(
-        self, db: sqlite3.Connection, namespace: str, request_id: str, request_hash: str
+    async def _replay(
+        self, db: aiosqlite.Connection, namespace: str, request_id: str, request_hash: str
     ) -> model.MutationResult | None:
         if not request_id:
             return None
-        row = _one_sync(
+        row = await _one(
             db,
             "SELECT request_hash, response FROM idempotency_keys WHERE namespace = ? AND request_id = ?",
             (namespace, request_id),
@@ -273,9 +294,9 @@ class Store:
             raise codec.reused_request_id(namespace, request_id)
         return codec.result_from_json(row["response"])
 
-    def _remember(
+    async def _remember(
         self,
-        db: sqlite3.Connection,
+        db: aiosqlite.Connection,
         namespace: str,
         request_id: str,
         method: str,
@@ -283,7 +304,7 @@ class Store:
         result: model.MutationResult,
         now: datetime.datetime,
     ) -> None:
-        db.execute(
+        await db.execute(
             "INSERT INTO idempotency_keys "
             "(namespace, request_id, method, request_hash, deployment_id, response, create_time) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -298,10 +319,10 @@ class Store:
             ),
         )
 
-    def _live_deployment(
-        self, db: sqlite3.Connection, command: model.ProvisionCommand
+    async def _live_deployment(
+        self, db: aiosqlite.Connection, command: model.ProvisionCommand
     ) -> model.Deployment | None:
-        row = _one_sync(
+        row = await _one(
             db,
             f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
             "JOIN operations o ON o.operation_id = d.last_operation_id "
@@ -315,9 +336,9 @@ class Store:
         )
         return self._parsed.deployment(row) if row else None
 
-    def _insert_operation(
+    async def _insert_operation(
         self,
-        db: sqlite3.Connection,
+        db: aiosqlite.Connection,
         *,
         deployment_id: model.DeploymentId,
         op_type: model.OperationType,
@@ -326,7 +347,7 @@ class Store:
         operation_id: model.OperationId | None = None,
     ) -> model.Operation:
         op = codec.new_operation(op_type=op_type, generation=generation, now=now, operation_id=operation_id)
-        db.execute(
+        await db.execute(
             "INSERT INTO operations (operation_id, deployment_id, type, state, generation, message, "
             "create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -342,14 +363,14 @@ class Store:
         )
         return op
 
-    def _create(
-        self, db: sqlite3.Connection, command: model.ProvisionCommand, now: datetime.datetime
+    async def _create(
+        self, db: aiosqlite.Connection, command: model.ProvisionCommand, now: datetime.datetime
     ) -> model.MutationResult:
         deployment_id = codec.new_deployment_id()
         # The operation references its deployment, so the deployment goes first, already naming the
         # operation id chosen up front.
         op_id = codec.new_operation_id()
-        db.execute(
+        await db.execute(
             "INSERT INTO deployments (deployment_id, namespace, resource_type, resource_name, desired_spec, "
             "generation, phase, callback_url, last_operation_id, create_time, update_time) "
             "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
@@ -366,7 +387,7 @@ class Store:
                 codec.ts(now),
             ),
         )
-        op = self._insert_operation(
+        op = await self._insert_operation(
             db,
             deployment_id=deployment_id,
             op_type=model.OperationType.PROVISION,
@@ -378,9 +399,9 @@ class Store:
             deployment_id=deployment_id, phase=model.Phase.PENDING, generation=1, operation=op, changed=True
         )
 
-    def _update(
+    async def _update(
         self,
-        db: sqlite3.Connection,
+        db: aiosqlite.Connection,
         existing: model.Deployment,
         command: model.ProvisionCommand,
         now: datetime.datetime,
@@ -388,19 +409,19 @@ class Store:
         generation = codec.update_generation(existing, command)
         if generation is None:
             if existing.callback_url != command.callback_url:
-                db.execute(
+                await db.execute(
                     "UPDATE deployments SET callback_url = ?, update_time = ? WHERE deployment_id = ?",
                     (command.callback_url, codec.ts(now), existing.deployment_id),
                 )
             return codec.unchanged(existing)
-        op = self._insert_operation(
+        op = await self._insert_operation(
             db,
             deployment_id=existing.deployment_id,
             op_type=model.OperationType.UPDATE,
             generation=generation,
             now=now,
         )
-        db.execute(
+        await db.execute(
             "UPDATE deployments SET desired_spec = ?, generation = ?, phase = ?, callback_url = ?, "
             "last_operation_id = ?, update_time = ? WHERE deployment_id = ?",
             (
@@ -424,25 +445,23 @@ class Store:
     async def deprovision(self, command: model.DeprovisionCommand) -> model.MutationResult:
         """Mark a deployment for deletion in one transaction; repeating it is a no-op."""
         request_hash = codec.deprovision_hash(command)
-
-        def body(tx: group_commit.Tx) -> model.MutationResult:
-            db = tx.db
-            replay = self._replay(db, command.namespace, command.request_id, request_hash)
+        async with self._transaction() as db:
+            replay = await self._replay(db, command.namespace, command.request_id, request_hash)
             if replay is not None:
                 return replay
-            existing = self._deployment_sync(db, command.namespace, command.deployment_id)
+            existing = await self._deployment(db, command.namespace, command.deployment_id)
             now = codec.now()
             if not lifecycle.on_deprovision(existing):
                 result = codec.unchanged(existing)
             else:
-                op = self._insert_operation(
+                op = await self._insert_operation(
                     db,
                     deployment_id=existing.deployment_id,
                     op_type=model.OperationType.DEPROVISION,
                     generation=existing.generation,
                     now=now,
                 )
-                db.execute(
+                await db.execute(
                     "UPDATE deployments SET phase = ?, data_policy = ?, last_operation_id = ?, "
                     "update_time = ? WHERE deployment_id = ?",
                     (
@@ -461,12 +480,10 @@ class Store:
                     changed=True,
                 )
             if command.request_id:
-                self._remember(
+                await self._remember(
                     db, command.namespace, command.request_id, "deprovision", request_hash, result, now
                 )
             return result
-
-        return await self._writer.write(body)
 
     # Operations, the event log and the callback outbox ---------------------------------------------
 
@@ -521,10 +538,8 @@ class Store:
         """
         op = deployment.last_operation
         now = codec.now()
-
-        def body(tx: group_commit.Tx) -> model.Deployment | None:
-            db = tx.db
-            cur = db.execute(
+        async with self._transaction() as db:
+            cur = await db.execute(
                 "UPDATE operations SET state = ?, message = ?, update_time = ? "
                 f"WHERE operation_id = ? AND state IN ({_marks(codec.UNFINISHED_STATES)}) AND operation_id = "
                 "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
@@ -541,20 +556,16 @@ class Store:
                 return None
             running = lifecycle.phase_when_started(op.type)
             if running is not None:
-                db.execute(
+                await db.execute(
                     "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
                     (running.value, codec.ts(now), deployment.deployment_id),
                 )
-            return self._deployment_sync(db, deployment.namespace, deployment.deployment_id)
-
-        return await self._writer.write(body)
+            return await self._deployment(db, deployment.namespace, deployment.deployment_id)
 
     async def note_progress(self, deployment: model.Deployment, message: str) -> None:
         """Say why an operation in progress is waiting (shown by GetDeployment and the state)."""
-
-        def body(tx: group_commit.Tx) -> None:
-            db = tx.db
-            db.execute(
+        async with self._transaction() as db:
+            await db.execute(
                 "UPDATE operations SET message = ?, update_time = ? WHERE operation_id = ? AND state = ?",
                 (
                     message,
@@ -563,8 +574,6 @@ class Store:
                     model.OperationState.IN_PROGRESS.value,
                 ),
             )
-
-        return await self._writer.write(body)
 
     async def finish_operation(
         self,
@@ -583,10 +592,8 @@ class Store:
         op = deployment.last_operation
         now = codec.now()
         phase = codec.finished_phase(op.type, succeeded=succeeded)
-
-        def body(tx: group_commit.Tx) -> bool:
-            db = tx.db
-            cur = db.execute(
+        async with self._transaction() as db:
+            cur = await db.execute(
                 "UPDATE operations SET state = ?, message = ?, update_time = ? WHERE operation_id = ? "
                 f"AND state IN ({_marks(codec.UNFINISHED_STATES)}) AND operation_id = "
                 "(SELECT last_operation_id FROM deployments WHERE deployment_id = ?)",
@@ -601,15 +608,15 @@ class Store:
             )
             if cur.rowcount == 0:
                 return False
-            db.execute(
+            await db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ?",
                 (phase.value, codec.ts(now), deployment.deployment_id),
             )
             if event is not None:
-                self._append_event(tx, dataclasses.replace(event, phase=phase))
+                await self._append_event(db, dataclasses.replace(event, phase=phase), now)
             if callback is not None:
                 url, payload = callback
-                db.execute(
+                await db.execute(
                     "INSERT INTO callback_outbox "
                     "(delivery_id, deployment_id, url, payload, next_attempt_time, create_time) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -624,12 +631,10 @@ class Store:
                 )
             return True
 
-        return await self._writer.write(body)
-
-    @staticmethod
-    def _append_event(tx: group_commit.Tx, event: model.DriftEvent) -> int:
-        now = tx.now
-        cur = tx.db.execute(
+    async def _append_event(
+        self, db: aiosqlite.Connection, event: model.DriftEvent, now: datetime.datetime
+    ) -> int:
+        cur = await db.execute(
             "INSERT INTO drift_events "
             "(deployment_id, namespace, resource_type, resource_name, kind, payload, event_time) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -644,7 +649,7 @@ class Store:
             ),
         )
         sequence = int(cur.lastrowid or 0)
-        tx.appended.append(dataclasses.replace(event, sequence=sequence, event_time=now))
+        self._appended.append(dataclasses.replace(event, sequence=sequence, event_time=now))
         return sequence
 
     async def due_callbacks(self, limit: int = 50) -> list[port.Delivery]:
@@ -665,23 +670,19 @@ class Store:
     ) -> None:
         """Record one delivery attempt: delivered, or failed with the time of the next attempt."""
         now = codec.now()
-
-        def body(tx: group_commit.Tx) -> None:
-            db = tx.db
+        async with self._transaction() as db:
             if delivered:
-                db.execute(
+                await db.execute(
                     "UPDATE callback_outbox SET attempts = attempts + 1, delivered_time = ?, last_error = '' "
                     "WHERE delivery_id = ?",
                     (codec.ts(now), delivery_id),
                 )
             else:
-                db.execute(
+                await db.execute(
                     "UPDATE callback_outbox SET attempts = attempts + 1, last_error = ?, "
                     "next_attempt_time = ? WHERE delivery_id = ?",
                     (error[:500], codec.ts(retry_at or now), delivery_id),
                 )
-
-        return await self._writer.write(body)
 
     async def accept(self, deployment: model.Deployment, spec: model.ResourceSpec, message: str) -> bool:
         """Make ``spec`` the desired state as already in place: a new generation, nothing to apply.
@@ -692,22 +693,20 @@ class Store:
         whether it was.
         """
         now = codec.now()
-
-        def body(tx: group_commit.Tx) -> bool:
-            db = tx.db
+        async with self._transaction() as db:
             generation = deployment.generation + 1
-            op = self._insert_operation(
+            op = await self._insert_operation(
                 db,
                 deployment_id=deployment.deployment_id,
                 op_type=model.OperationType.UPDATE,
                 generation=generation,
                 now=now,
             )
-            db.execute(
+            await db.execute(
                 "UPDATE operations SET state = ?, message = ? WHERE operation_id = ?",
                 (model.OperationState.SUCCEEDED.value, message, op.operation_id),
             )
-            cur = db.execute(
+            cur = await db.execute(
                 "UPDATE deployments SET desired_spec = ?, generation = ?, last_operation_id = ?, "
                 "update_time = ? WHERE deployment_id = ? AND last_operation_id = ? "
                 f"AND phase IN ({_marks(codec.EVALUATED_PHASES)})",
@@ -722,11 +721,9 @@ class Store:
                 ),
             )
             if cur.rowcount == 0:
-                db.execute("DELETE FROM operations WHERE operation_id = ?", (op.operation_id,))
+                await db.execute("DELETE FROM operations WHERE operation_id = ?", (op.operation_id,))
                 return False
             return True
-
-        return await self._writer.write(body)
 
     async def record_evaluation(
         self,
@@ -743,10 +740,8 @@ class Store:
         was evaluated; returns whether anything was written.
         """
         now = codec.now()
-
-        def body(tx: group_commit.Tx) -> bool:
-            db = tx.db
-            cur = db.execute(
+        async with self._transaction() as db:
+            cur = await db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
                 f"AND last_operation_id = ? AND phase IN ({_marks(codec.EVALUATED_PHASES)})",
                 (
@@ -759,7 +754,7 @@ class Store:
             )
             if cur.rowcount == 0:
                 return False
-            db.execute(
+            await db.execute(
                 "INSERT INTO drift_state (deployment_id, items, health, update_time) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (deployment_id) DO UPDATE SET items = excluded.items, health = excluded.health, "
                 "update_time = excluded.update_time",
@@ -771,19 +766,15 @@ class Store:
                 ),
             )
             for event in events:
-                self._append_event(tx, dataclasses.replace(event, phase=phase))
+                await self._append_event(db, dataclasses.replace(event, phase=phase), now)
             return True
-
-        return await self._writer.write(body)
 
     async def append_events(self, events: list[model.DriftEvent]) -> None:
         """Append events that describe no stored state (remediation attempts)."""
-
-        def body(tx: group_commit.Tx) -> None:
+        now = codec.now()
+        async with self._transaction() as db:
             for event in events:
-                self._append_event(tx, event)
-
-        return await self._writer.write(body)
+                await self._append_event(db, event, now)
 
     async def drift_states(self) -> dict[str, tuple[tuple[model.DriftItem, ...], model.Health]]:
         """What the detector last reported, per deployment (to resume without re-announcing)."""
@@ -824,40 +815,31 @@ class Store:
 
     async def prune_events(self, *, keep: int) -> int:
         """Delete all but the newest ``keep`` events; returns how many were deleted."""
-
-        def body(tx: group_commit.Tx) -> int:
-            db = tx.db
-            cur = db.execute(
+        async with self._transaction() as db:
+            cur = await db.execute(
                 "DELETE FROM drift_events WHERE sequence <= (SELECT MAX(sequence) FROM drift_events) - ?",
                 (keep,),
             )
             return int(cur.rowcount)
 
-        return await self._writer.write(body)
-
     async def prune_history(
         self, *, keys_before: datetime.datetime, deliveries_before: datetime.datetime
     ) -> tuple[int, int]:
         """Delete idempotency keys and delivered callbacks older than the given times."""
-
-        def body(tx: group_commit.Tx) -> tuple[int, int]:
-            keys = tx.db.execute(
+        async with self._transaction() as db:
+            keys = await db.execute(
                 "DELETE FROM idempotency_keys WHERE create_time < ?", (codec.ts(keys_before),)
-            ).rowcount
-            deliveries = tx.db.execute(
+            )
+            deliveries = await db.execute(
                 "DELETE FROM callback_outbox WHERE delivered_time IS NOT NULL AND delivered_time < ?",
                 (codec.ts(deliveries_before),),
-            ).rowcount
-            return int(keys), int(deliveries)
-
-        return await self._writer.write(body)
+            )
+            return int(keys.rowcount), int(deliveries.rowcount)
 
     async def set_policy(self, rule: policy.Rule) -> None:
         """Store a remediation policy, replacing the one for the same namespace and type."""
-
-        def body(tx: group_commit.Tx) -> None:
-            db = tx.db
-            db.execute(
+        async with self._transaction() as db:
+            await db.execute(
                 "INSERT INTO policies (namespace, resource_type, mode, ignore_fields, update_time) "
                 "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (namespace, resource_type) DO UPDATE SET mode = excluded.mode, "
@@ -870,8 +852,6 @@ class Store:
                     codec.ts(codec.now()),
                 ),
             )
-
-        return await self._writer.write(body)
 
     async def policies(self) -> list[policy.Rule]:
         """Every stored remediation policy."""
@@ -897,15 +877,6 @@ class Store:
         self, db: aiosqlite.Connection, namespace: str, deployment_id: str
     ) -> model.Deployment:
         row = await _one(db, _BY_NAMESPACE_AND_ID, (namespace, deployment_id))
-        return self._found(row, namespace, deployment_id)
-
-    def _deployment_sync(
-        self, db: sqlite3.Connection, namespace: str, deployment_id: str
-    ) -> model.Deployment:
-        row = _one_sync(db, _BY_NAMESPACE_AND_ID, (namespace, deployment_id))
-        return self._found(row, namespace, deployment_id)
-
-    def _found(self, row: sqlite3.Row | None, namespace: str, deployment_id: str) -> model.Deployment:
         if row is None:
             raise errors.NotFound(f"deployment {deployment_id!r} not found in namespace {namespace!r}")
         return self._parsed.deployment(row)
@@ -1015,12 +986,6 @@ def _values(values: tuple[model.Phase, ...] | tuple[model.OperationState, ...]) 
     return [v.value for v in values]
 
 
-def _one_sync(db: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Row | None:
-    """The first row of a query, on the writer's connection (inside a write)."""
-    row: sqlite3.Row | None = db.execute(sql, params).fetchone()
-    return row
-
-
 async def _one(db: aiosqlite.Connection, sql: str, params: Any = ()) -> sqlite3.Row | None:
     """The first row of a query, run and finished in one call (see ``Store``: reads never interleave)."""
     rows = await db.execute_fetchall(sql, params)
@@ -1040,28 +1005,17 @@ def _statements(sql: str) -> Iterable[str]:
         raise ValueError(f"incomplete statement at the end of a migration: {buffer.strip()[:60]}")
 
 
-_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA synchronous=FULL",
-    "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=5000",
-)
-
-
 async def _connect(path: pathlib.Path) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
-    for pragma in _PRAGMAS:
+    pragmas: Iterable[str] = (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=FULL",
+        "PRAGMA foreign_keys=ON",
+        "PRAGMA busy_timeout=5000",
+    )
+    for pragma in pragmas:
         await conn.execute(pragma)
-    return conn
-
-
-def _connect_writer(path: pathlib.Path) -> sqlite3.Connection:
-    """The writer thread's connection (created on that thread, used by it alone)."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    for pragma in _PRAGMAS:
-        conn.execute(pragma)
     return conn
 
 
