@@ -169,15 +169,8 @@ async def test_a_resume_point_older_than_the_retained_log_is_refused_explicitly(
         ids = [await manager.provision(f"db-p{i}") for i in range(4)]
         for deployment_id in ids:
             await manager.wait_ready(deployment_id)
-        # Events may still follow Ready for a moment (the detector's first verdicts): wait until
-        # the log is quiet, or pruning "all but 2" would count an event that came in between.
-        newest = -1
-        while True:
-            oldest, latest = await broker.store.event_bounds()
-            if latest == newest:
-                break
-            newest = latest
-            await asyncio.sleep(1.5)
+        # Pruning "all but 2" must not count an event that came in between.
+        oldest, newest = await quiet_bounds(broker)
         assert oldest == 1
         assert newest >= 4
 
@@ -235,6 +228,18 @@ async def test_a_resume_point_older_than_the_retained_log_is_refused_explicitly(
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def quiet_bounds(broker: server.Broker) -> tuple[int, int]:
+    """The log's bounds once it is quiet: events may still follow Ready for a moment (the
+    detector's first verdicts), and a test that counts events must not race them."""
+    bounds = (-1, -1)
+    while True:
+        latest = await broker.store.event_bounds()
+        if latest == bounds:
+            return bounds
+        bounds = latest
+        await asyncio.sleep(1.5)
+
+
 async def test_a_broker_restart_ends_streams_resumably_and_the_new_broker_continues_without_loss(
     tmp_path: pathlib.Path, tokens_file: pathlib.Path, sandbox_kubeconfig: pathlib.Path
 ) -> None:
@@ -248,7 +253,7 @@ async def test_a_broker_restart_ends_streams_resumably_and_the_new_broker_contin
         await manager.wait_ready(first_id)
         watch = manager.watch(after_sequence=0)
         idle = manager.watch()  # a live-only stream that has seen nothing yet
-        _, newest = await first.store.event_bounds()
+        _, newest = await quiet_bounds(first)
         await watch.wait(lambda w: w.sequences[-1:] == [newest], within=10, what="the log so far")
         await until(lambda: value(len(first.hub)), lambda n: n == 2, within=10, what="2 streams")
 
