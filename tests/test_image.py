@@ -178,11 +178,11 @@ async def container(
     ]
     if engine == "podman":
         args.insert(1, "--read-only-tmpfs=false")  # podman's --read-only adds tmpfs on /tmp, /run: none
-    await start_container(engine, name, [*args, IMAGE])
     try:
+        await start_container(engine, name, [*args, IMAGE])
         yield Container(engine, name, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", data_dir)
     finally:
-        await run(engine, "rm", "-f", "-t", "0", name)
+        await run(engine, "rm", "-f", name)
 
 
 async def test_the_image_serves_a_provision_on_a_read_only_root_as_its_own_user(
