@@ -36,7 +36,6 @@ from broker.store import port
 
 log = logging.getLogger(__name__)
 
-EVALUATED_PHASES = lifecycle.EVALUATED
 # Which of some drift items an observation still shows: of the caches, or with the objects a
 # remediation just wrote in place of their cached copies.
 Remaining = Callable[[tuple[model.DriftItem, ...], observer.Written | None], tuple[model.DriftItem, ...]]
@@ -299,7 +298,7 @@ class Detector:
             if time.monotonic() >= next_resync:
                 with contextlib.suppress(errors.BrokerError):
                     self._resync.update(
-                        d.deployment_id for d in await self._store.live_deployments(EVALUATED_PHASES)
+                        d.deployment_id for d in await self._store.live_deployments(lifecycle.EVALUATED)
                     )
                 next_resync = time.monotonic() + self._resync_interval
             # A watch event must not wait behind a sweep of thousands: changes go first, and each
@@ -359,7 +358,7 @@ class Detector:
     async def evaluate(self, deployment_id: str) -> None:
         """Compare one deployment with what was last reported and record any change."""
         deployment = await self._store.deployment_by_id(deployment_id)
-        if deployment is None or deployment.phase not in EVALUATED_PHASES:
+        if deployment is None or deployment.phase not in lifecycle.EVALUATED:
             # Deprovisioned (or provisioning again): its drift is nobody's business any more.
             self._forget(deployment_id)
             return

@@ -19,8 +19,10 @@ import enum
 from broker import errors
 from broker.domain import model
 
-# The phases in which the detector judges a deployment (its objects are meant to exist as desired).
-EVALUATED = (model.Phase.READY, model.Phase.DRIFT_DETECTED)
+# The phases in which the detector judges a deployment (its objects are meant to exist as desired);
+# verdicts and accepted drift apply only then: in any other phase a worker owns the deployment (or
+# it is going away), and a writer that judged it has been overtaken.
+EVALUATED: tuple[model.Phase, ...] = (model.Phase.READY, model.Phase.DRIFT_DETECTED)
 
 
 class Change(enum.Enum):
@@ -72,11 +74,6 @@ def on_provision(existing: model.Deployment | None, command: model.ProvisionComm
 def on_deprovision(existing: model.Deployment) -> bool:
     """Whether a Deprovision starts a deletion (False: one is under way or done; a no-op)."""
     return existing.phase not in (model.Phase.DELETING, model.Phase.DELETED)
-
-
-def operation_type(change: Change) -> model.OperationType:
-    """The operation a Provision's change starts."""
-    return model.OperationType.PROVISION if change is Change.CREATE else model.OperationType.UPDATE
 
 
 def phase_when_started(op_type: model.OperationType) -> model.Phase | None:

@@ -2,11 +2,10 @@
 
 The SQLite and the PostgreSQL adapters keep the same rows in their own SQL dialects; how a spec,
 an operation, a drift item, an event's payload or an idempotent answer becomes text, and how a page
-token is made and checked, is decided once, here, so the two cannot drift apart. So are the guards
-of the lifecycle that the adapters check inside their transactions (which phases a verdict may
-change, which operation states are unfinished, what phase a finished operation leaves, what a
-Provision of a live deployment makes of it): the SQL
-of an adapter takes them as parameters and decides nothing of its own.
+token is made and checked, is decided once, here, so the two cannot drift apart. What a request
+does to a deployment (phases, generations, which phases a verdict may change) is the lifecycle's
+decision (``broker.domain.lifecycle``); the SQL of an adapter takes those decisions, and the
+unfinished operation states below, as parameters and decides nothing of its own.
 
 A row is anything indexable by column name (``sqlite3.Row``, ``asyncpg.Record``); a time column is
 ISO text on SQLite and a ``datetime`` on PostgreSQL, and ``as_time`` reads both.
@@ -23,7 +22,7 @@ import secrets
 from typing import Any, Protocol
 
 from broker import errors
-from broker.domain import lifecycle, model
+from broker.domain import model
 
 
 class Row(Protocol):
@@ -32,19 +31,11 @@ class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
-# Verdicts and accepted drift apply only to a deployment at rest; any other phase means a worker
-# owns it (or it is going away), and the writer has moved on.
-EVALUATED_PHASES: tuple[model.Phase, ...] = (model.Phase.READY, model.Phase.DRIFT_DETECTED)
 # An operation in one of these states is work to do (or to resume after a restart).
 UNFINISHED_STATES: tuple[model.OperationState, ...] = (
     model.OperationState.ACCEPTED,
     model.OperationState.IN_PROGRESS,
 )
-
-
-def finished_phase(op_type: model.OperationType, *, succeeded: bool) -> model.Phase:
-    """The phase a deployment is left in when its last operation finishes (the lifecycle's rule)."""
-    return lifecycle.phase_when_finished(op_type, succeeded=succeeded)
 
 
 def now() -> datetime.datetime:
@@ -200,17 +191,6 @@ def new_operation(
         create_time=now,
         update_time=now,
     )
-
-
-def update_generation(existing: model.Deployment, command: model.ProvisionCommand) -> int | None:
-    """The generation a Provision of a live deployment makes, or None when it changes nothing.
-
-    The lifecycle decides (``lifecycle.on_provision``): the same spec is a no-op, except that a
-    failed deployment is retried at its generation; a changed spec is the next generation; a
-    deployment being deleted, or a change of engine, is refused.
-    """
-    decision = lifecycle.on_provision(existing, command)
-    return decision.generation if decision.changed else None
 
 
 def unchanged(deployment: model.Deployment) -> model.MutationResult:

@@ -425,8 +425,9 @@ class Store:
         command: model.ProvisionCommand,
         now: datetime.datetime,
     ) -> model.MutationResult:
-        generation = codec.update_generation(existing, command)
-        if generation is None:
+        decision = lifecycle.on_provision(existing, command)
+        generation = decision.generation
+        if not decision.changed:
             if existing.callback_url != command.callback_url:
                 await tx.conn.execute(
                     "UPDATE deployments SET callback_url = $1, update_time = $2 WHERE deployment_id = $3",
@@ -598,7 +599,7 @@ class Store:
         """
         op = deployment.last_operation
         now = codec.now()
-        phase = codec.finished_phase(op.type, succeeded=succeeded)
+        phase = lifecycle.phase_when_finished(op.type, succeeded=succeeded)
         state = model.OperationState.SUCCEEDED if succeeded else model.OperationState.FAILED
         async with self._transaction() as tx:
             current = await self._lock_deployment(tx, deployment.deployment_id)
@@ -684,7 +685,7 @@ class Store:
             if (
                 current is None
                 or current["last_operation_id"] != deployment.last_operation.operation_id
-                or model.Phase(current["phase"]) not in codec.EVALUATED_PHASES
+                or model.Phase(current["phase"]) not in lifecycle.EVALUATED
             ):
                 return False
             generation = deployment.generation + 1
@@ -728,7 +729,7 @@ class Store:
                 now,
                 deployment.deployment_id,
                 deployment.last_operation.operation_id,
-                _values(codec.EVALUATED_PHASES),
+                _values(lifecycle.EVALUATED),
             )
             if _count(status) == 0:
                 return False

@@ -406,8 +406,9 @@ class Store:
         command: model.ProvisionCommand,
         now: datetime.datetime,
     ) -> model.MutationResult:
-        generation = codec.update_generation(existing, command)
-        if generation is None:
+        decision = lifecycle.on_provision(existing, command)
+        generation = decision.generation
+        if not decision.changed:
             if existing.callback_url != command.callback_url:
                 await db.execute(
                     "UPDATE deployments SET callback_url = ?, update_time = ? WHERE deployment_id = ?",
@@ -591,7 +592,7 @@ class Store:
         """
         op = deployment.last_operation
         now = codec.now()
-        phase = codec.finished_phase(op.type, succeeded=succeeded)
+        phase = lifecycle.phase_when_finished(op.type, succeeded=succeeded)
         async with self._transaction() as db:
             cur = await db.execute(
                 "UPDATE operations SET state = ?, message = ?, update_time = ? WHERE operation_id = ? "
@@ -709,7 +710,7 @@ class Store:
             cur = await db.execute(
                 "UPDATE deployments SET desired_spec = ?, generation = ?, last_operation_id = ?, "
                 "update_time = ? WHERE deployment_id = ? AND last_operation_id = ? "
-                f"AND phase IN ({_marks(codec.EVALUATED_PHASES)})",
+                f"AND phase IN ({_marks(lifecycle.EVALUATED)})",
                 (
                     codec.spec_to_json(spec),
                     generation,
@@ -717,7 +718,7 @@ class Store:
                     codec.ts(now),
                     deployment.deployment_id,
                     deployment.last_operation.operation_id,
-                    *_values(codec.EVALUATED_PHASES),
+                    *_values(lifecycle.EVALUATED),
                 ),
             )
             if cur.rowcount == 0:
@@ -743,13 +744,13 @@ class Store:
         async with self._transaction() as db:
             cur = await db.execute(
                 "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
-                f"AND last_operation_id = ? AND phase IN ({_marks(codec.EVALUATED_PHASES)})",
+                f"AND last_operation_id = ? AND phase IN ({_marks(lifecycle.EVALUATED)})",
                 (
                     phase.value,
                     codec.ts(now),
                     deployment.deployment_id,
                     deployment.last_operation.operation_id,
-                    *_values(codec.EVALUATED_PHASES),
+                    *_values(lifecycle.EVALUATED),
                 ),
             )
             if cur.rowcount == 0:
