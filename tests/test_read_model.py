@@ -16,9 +16,13 @@ import aiohttp
 import pytest
 from broker_client.v1 import broker_pb2 as pb
 from conftest import ADMIN_TOKEN, PLATFORM_TOKEN
+from test_store_contract import command
 from test_watch_support import PLATFORM, Kubectl, broker_on, client_of, until
 
-from broker.api import seed_json
+from broker import service
+from broker.api import encoded, seed_json
+from broker.domain import catalog, model
+from broker.store import sqlite
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
 
@@ -234,7 +238,8 @@ async def test_a_namespace_page_is_kept_encoded_and_follows_every_change(
         assert [r.resource_name for r in first.resources] == ["db-page-0", "db-page-1"]
         # The gateway's document is the seed rendering of the same response, field for field.
         assert doc == seed_json.render(first)
-        # An unchanged page is answered from the kept parts: the same bytes again.
+        # Unchanged, the page reads the same bytes again (kept or rebuilt: this cannot tell them apart;
+        # what it can tell is that the kept parts follow the change below).
         again, _ = await both()
         assert again.SerializeToString() == first.SerializeToString()
         await kubectl.scale("db-page-1", 3)
@@ -256,3 +261,32 @@ async def test_a_namespace_page_is_kept_encoded_and_follows_every_change(
         )
         assert [r.resource_name for r in rest.resources] == ["db-page-2"]
         assert not rest.next_page_token
+
+
+async def test_an_unchanged_view_reuses_its_encoding_and_a_changed_one_does_not(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The kept part is reused by the view's identity only: a new view (a change) is encoded afresh."""
+    store = await sqlite.Store.open(tmp_path)
+    try:
+        svc = service.BrokerService(store=store, catalog=catalog.DEFAULT_CATALOG)
+        result = await store.provision(command("db-kept"))
+        deployment = await store.deployment_by_id(result.deployment_id)
+        assert deployment is not None
+        view = svc._view(deployment)
+        assert svc._view(await store.deployment_by_id(result.deployment_id)) is view  # same row, same view
+        kept = encoded.of(svc)
+        page = model.Page(items=(view,), total=1, next_token="")
+        first = kept.page("ns", page)
+        assert kept.page("ns", page).proto == first.proto
+        part = kept._parts[deployment.deployment_id]
+        kept.page("ns", page)
+        assert kept._parts[deployment.deployment_id] is part
+        changed = await store.provision(command("db-kept", replicas=3))
+        again = svc._view(await store.deployment_by_id(changed.deployment_id))
+        assert again is not view
+        kept.page("ns", model.Page(items=(again,), total=1, next_token=""))
+        assert kept._parts[deployment.deployment_id] is not part
+        assert kept._parts[deployment.deployment_id].message.desired_spec.replicas == 3
+    finally:
+        await store.close()
