@@ -87,6 +87,7 @@ class Settings:
     kafka_cluster: str = "kafka"
     watch: service.WatchLimits = dataclasses.field(default_factory=service.WatchLimits)
     resync_interval: float = 60.0
+    metrics_interval: float = 15.0
     tls_cert: pathlib.Path | None = None
     tls_key: pathlib.Path | None = None
     tls_client_ca: pathlib.Path | None = None
@@ -488,7 +489,12 @@ class Broker:
             )
             return
         client = await kube_client.Client.connect(kubeconfig, context=context)
-        state = observer.ClusterState(client, catalog=settings.catalog, kafka_cluster=settings.kafka_cluster)
+        state = observer.ClusterState(
+            client,
+            catalog=settings.catalog,
+            kafka_cluster=settings.kafka_cluster,
+            metrics_interval=settings.metrics_interval,
+        )
         guard = None
         if prevention_of(settings).enabled:
             guard = prevention.Prevention(
