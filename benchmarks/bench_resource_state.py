@@ -51,6 +51,8 @@ import pathlib
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -370,19 +372,32 @@ class _BrokerHealth:
         start = self.phases[-1][2] if self.phases else self.started
         self.phases.append((label, start, time.time(), await broker.ask({"op": "stats"})))
 
+    def longest(self) -> tuple[float, float]:
+        """The longest full collection of all phases: wall and CPU ms."""
+        return max(
+            (
+                (wall, cpu)
+                for _, _, _, stats in self.phases
+                for _, g, wall, cpu in stats["gc"]["long"]
+                if g == 2
+            ),
+            default=(0.0, 0.0),
+        )
+
     def report(self) -> None:
         """RSS at the end of each phase; full (generation 2) collections in it, which stop the broker."""
         print("\nbroker memory and full garbage collections (they stop the whole process) by phase")
-        print(f"  {'phase':<40} {'RSS at end':>10} {'gen2 runs':>10} {'longest':>9} {'total':>9}")
+        print(f"  {'phase':<40} {'RSS at end':>10} {'gen2 runs':>10} {'longest (its CPU)':>18} {'total':>9}")
         before = {"count": 0, "total_ms": 0.0}
         for label, start, end, stats in self.phases:
             gen2 = stats["gc"]["gen2"]
-            longest = max(
-                (ms for t, g, ms in stats["gc"]["long"] if g == 2 and start < t <= end), default=0.0
+            wall, cpu = max(
+                ((w, c) for t, g, w, c in stats["gc"]["long"] if g == 2 and start < t <= end),
+                default=(0.0, 0.0),
             )
             print(
                 f"  {label:<40} {stats['rss'] / 1e6:>7.0f} MB {gen2['count'] - before['count']:>10} "
-                f"{longest:>6.0f} ms {gen2['total_ms'] - before['total_ms']:>6.0f} ms"
+                f"{wall:>6.0f} ms ({cpu:>4.0f} ms) {gen2['total_ms'] - before['total_ms']:>6.0f} ms"
             )
             before = gen2
 
@@ -534,6 +549,13 @@ async def _main(args: argparse.Namespace) -> None:
             f"broker started (pid {broker.pid}); its first drift evaluation of all took {evaluated_s:.0f} s"
         )
         await health.snapshot(broker, f"start-up: lists {len(bulk):,}, evaluates them")
+        startup = health.phases[-1][3]
+        args.figures.update(
+            startup_s=evaluated_s,
+            startup_rss_mb=startup["rss"] / 1e6,
+            rss_per_resource_kb=startup["rss"] / 1e3 / max(1, len(bulk)),
+            startup_full_gcs=startup["gc"]["gen2"]["count"],
+        )
         if args.tracemalloc:
             os.kill(broker.pid, signal.SIGUSR1)
             print(f"where the broker's memory was allocated after start-up: {args.tracemalloc}")
@@ -554,6 +576,7 @@ async def _main(args: argparse.Namespace) -> None:
         await _bench_queries(args, load, baseline, ports, broker.pid, grpc_target, http_url)
         await health.snapshot(broker, "queries")
         health.report()
+        args.figures["longest_full_gc_ms"], args.figures["longest_full_gc_cpu_ms"] = health.longest()
     finally:
         for child in reversed(children):
             await child.stop()
@@ -589,6 +612,7 @@ async def _report_provisioning(
     print(f"  CPU meanwhile: {meter.describe()}")
     rate = n / elapsed
     projected = args.goal_resources / rate
+    args.figures["provisions_per_s"] = rate
     print(
         f"  {args.goal_resources:,} at this rate         {projected:>7.0f} s (extrapolated linearly)  "
         f"goal < {GOAL_PROVISION_S:.0f} s: {_common.verdict(projected < GOAL_PROVISION_S)}"
@@ -728,6 +752,12 @@ async def _bench_queries(
     print("\ngoals (ratios of medians; server CPU per call in brackets, which the noise of a shared machine")
     print("disturbs less than QPS)")
     p99_echo = targets["echo"].median("p99_ms")
+    args.figures.update(
+        one_cpu_us=cpu["grpc1"],
+        namespace_cpu_ms=cpu["grpcns"] / 1000,
+        one_qps_ratio=q["grpc1"] / q["echo"],
+        namespace_qps_ratio=q["grpcns"] / q["cachedns"],
+    )
     print(
         f"  one resource: broker gRPC / echo QPS      {q['grpc1'] / q['echo']:>5.2f}  "
         f"goal >= {GOAL_ONE_QPS}: "
@@ -788,17 +818,69 @@ def main() -> None:
         metavar="FILE",
         help="trace the broker's allocations (slow) and write where its memory is after start-up to FILE",
     )
+    parser.add_argument(
+        "--scales",
+        default="",
+        metavar="N,N,...",
+        help="run once per number of managed resources (a fifth of them provisioned through the API, "
+        "--repeats each) and print the scaling table",
+    )
+    parser.add_argument("--summary", default="", help=argparse.SUPPRESS)  # where a run of --scales writes
     parser.add_argument("--child", choices=["load", "baseline", "bulk"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.figures = {}
     if args.child == "load":
         asyncio.run(_load_child())
     elif args.child == "baseline":
         asyncio.run(_baseline_child())
     elif args.child == "bulk":
         asyncio.run(_bulk_store_child())
+    elif args.scales:
+        _scaling_table(args)
     else:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_main(args))
+        if args.summary:
+            pathlib.Path(args.summary).write_text(json.dumps(args.figures))
+
+
+# The scaling table: figure key, heading, format.
+_SCALE_COLUMNS = (
+    ("rss_per_resource_kb", "RSS/resource", "{:,.0f} KB"),
+    ("startup_s", "start-up", "{:,.0f} s"),
+    ("startup_full_gcs", "full GCs at start", "{:,.0f}"),
+    ("longest_full_gc_ms", "longest full GC", "{:,.0f} ms"),
+    ("longest_full_gc_cpu_ms", "its CPU", "{:,.0f} ms"),
+    ("one_cpu_us", "one: CPU/call", "{:,.0f} us"),
+    ("one_qps_ratio", "one: QPS/echo", "{:.2f}"),
+    ("namespace_cpu_ms", "namespace: CPU/call", "{:,.1f} ms"),
+    ("namespace_qps_ratio", "ns: QPS/cached", "{:.2f}"),
+    ("provisions_per_s", "provisions/s", "{:,.1f}"),
+)
+
+
+def _scaling_table(args: argparse.Namespace) -> None:
+    """Run the whole benchmark once per scale (its output as it goes), then print one row per scale."""
+    rows: list[tuple[int, dict[str, float]]] = []
+    for resources in (int(n) for n in args.scales.split(",")):
+        namespaces = max(1, resources // args.namespace_size)
+        with tempfile.NamedTemporaryFile(suffix=".json") as summary:
+            command = [
+                sys.executable, __file__, "--resources", str(resources),
+                "--namespace-size", str(min(args.namespace_size, resources)),
+                "--provision", str(max(namespaces, resources // 5)),
+                "--repeats", str(args.repeats), "--summary", summary.name,
+            ]  # fmt: skip
+            print(f"\n=== {resources:,} managed resources: {' '.join(command[2:])}", flush=True)
+            if subprocess.run(command, check=False).returncode != 0:
+                print(f"=== {resources:,}: the run FAILED (the machine may not allow this scale)")
+                continue
+            rows.append((resources, json.loads(pathlib.Path(summary.name).read_text() or "{}")))
+    print("\nscaling (each row its own run; ratios are to the baselines of the same run)")
+    print(f"  {'managed':>8}" + "".join(f" {heading:>20}" for _, heading, _ in _SCALE_COLUMNS))
+    for resources, figures in rows:
+        cells = (fmt.format(figures[key]) if key in figures else "-" for key, _, fmt in _SCALE_COLUMNS)
+        print(f"  {resources:>8,}" + "".join(f" {cell:>20}" for cell in cells))
 
 
 if __name__ == "__main__":
