@@ -23,7 +23,7 @@ T = TypeVar("T")
 audit_log = logging.getLogger("broker.audit")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ProvisionInput:
     """A provision request as a transport parsed it, before validation."""
 
@@ -35,7 +35,7 @@ class ProvisionInput:
     request_id: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ResourceStateInput:
     """A resource-state query as a transport parsed it, before validation."""
 
@@ -47,7 +47,7 @@ class ResourceStateInput:
     page_token: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class EventsInput:
     """A drift-history query as a transport parsed it, before validation."""
 
@@ -61,7 +61,7 @@ class EventsInput:
     after_sequence: int | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class DeploymentInput:
     """One deployment of a namespace, as a transport parsed the request, before validation."""
 
@@ -69,7 +69,7 @@ class DeploymentInput:
     deployment_id: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class DeprovisionInput:
     """A deprovision request as a transport parsed it, before validation."""
 
@@ -79,7 +79,7 @@ class DeprovisionInput:
     request_id: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class AcceptDriftInput:
     """An accept-drift request (which observed fields become desired) before validation."""
 
@@ -88,7 +88,7 @@ class AcceptDriftInput:
     fields: tuple[str, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class PolicyInput:
     """Which policy to read: a namespace, and a resource type or all of them."""
 
@@ -133,7 +133,7 @@ class CallbackCheck(Protocol):
         ...
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ResourceView:
     """What the broker knows about one resource: the deployment and, once observed, its verdict.
 
@@ -168,7 +168,7 @@ class PolicyBook:
             listener()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class WatchInput:
     """A drift subscription as a transport parsed it, before validation."""
 
@@ -181,14 +181,14 @@ class WatchInput:
     after_sequence: int | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class SnapshotComplete:
     """All initial states were sent; live events follow after ``sequence``."""
 
     sequence: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Heartbeat:
     """Nothing happened for a while; the stream has handed on everything up to ``sequence``.
 
@@ -201,7 +201,7 @@ class Heartbeat:
 WatchItem = model.DriftEvent | ResourceView | SnapshotComplete | Heartbeat
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class WatchLimits:
     """Bounds of the drift streams: per-subscriber lag, per-principal streams, heartbeats.
 

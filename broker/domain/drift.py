@@ -32,7 +32,7 @@ EXPLANATIONS = {"version.patch": "This is expected patch version drift"}
 FIELDS = rules.FIELDS
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class PodObservation:
     """One pod of a workload as the cluster reports it."""
 
@@ -47,7 +47,7 @@ class PodObservation:
     last_restart: datetime.datetime | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class WorkloadObservation:
     """The StatefulSet of a database or cache.
 
@@ -65,7 +65,7 @@ class WorkloadObservation:
     unreadable: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TopicObservation:
     """The KafkaTopic of a topic; ``ready`` is its Ready condition (None when not reported)."""
 
@@ -78,7 +78,7 @@ class TopicObservation:
     unreadable: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Observation:
     """Everything observed about one deployment's objects at one moment.
 
@@ -100,7 +100,7 @@ class Observation:
     metrics_available: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Usage:
     """Observed consumption; cpu and memory are None when the cluster serves no metrics."""
 
@@ -110,7 +110,7 @@ class Usage:
     replicas: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Evaluation:
     """The verdict on one deployment: what runs, how it differs, how healthy and costly it is."""
 

@@ -73,7 +73,7 @@ class OperationState(enum.Enum):
     FAILED = "failed"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TopicSpec:
     """Topic-specific fields: partition count and retention in milliseconds (0: cluster default)."""
 
@@ -81,7 +81,7 @@ class TopicSpec:
     retention_ms: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ComputeResources:
     """Per-replica cpu, memory and storage in Kubernetes quantity notation ("500m", "1Gi")."""
 
@@ -92,7 +92,7 @@ class ComputeResources:
     storage: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ResourceSpec:
     """A resource as asked for (desired) or as observed (actual).
 
@@ -109,7 +109,7 @@ class ResourceSpec:
     resources: ComputeResources | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Operation:
     """One asynchronous change of a deployment (the Open Service Broker's ``last_operation``)."""
 
@@ -122,7 +122,7 @@ class Operation:
     update_time: datetime.datetime
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Deployment:
     """The broker's record of one resource: what was asked for and how far it got."""
 
@@ -140,7 +140,7 @@ class Deployment:
     data_policy: DataPolicy = DataPolicy.KEEP
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ProvisionCommand:
     """A validated request to create or update a resource."""
 
@@ -152,7 +152,7 @@ class ProvisionCommand:
     request_id: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class MutationResult:
     """The immediate answer to a provision or deprovision request.
 
@@ -167,7 +167,7 @@ class MutationResult:
     changed: bool
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class DeprovisionCommand:
     """A validated request to delete a resource."""
 
@@ -177,7 +177,7 @@ class DeprovisionCommand:
     request_id: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ResourceQuery:
     """Filters for reading resource states; ``None`` matches everything."""
 
@@ -187,7 +187,7 @@ class ResourceQuery:
     deployment_id: DeploymentId | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class PageRequest:
     """A page size and the opaque token of the page to read ("" for the first page)."""
 
@@ -195,7 +195,7 @@ class PageRequest:
     token: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
     """One page of results, the total across pages, and the token of the next page ("" at the end)."""
 
@@ -244,7 +244,7 @@ class EventKind(enum.Enum):
     EXPECTED_DRIFT = "ExpectedDrift"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class DriftItem:
     """One classified difference between desired and actual state."""
 
@@ -261,7 +261,7 @@ class DriftItem:
     detect_time: datetime.datetime | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class DriftEvent:
     """One entry of the event log; ``sequence`` is strictly increasing and never reused."""
 
@@ -305,7 +305,7 @@ class DriftEvent:
         )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class EventQuery:
     """Filters for reading the event log of one namespace."""
 
