@@ -672,7 +672,7 @@ async def _bench_queries(
             "warmup": max(2, min(50, count // 20)),
         }
 
-    # What the servers burn when nobody calls (the broker polls pod metrics every 5 s, re-evaluates
+    # What the servers burn when nobody calls (the broker polls pod metrics every 15 s, re-evaluates
     # everything every --resync-interval s), subtracted from the CPU per call below: the median of
     # one-second windows, so that one full garbage collection (over a second with 10k resources)
     # does not pass for background work.

@@ -276,7 +276,9 @@ class Detector:
         self._remediator = remediator
         self._resync_interval = resync_interval
         self._dirty: set[str] = set()  # changed in the cluster: evaluated first
-        self._resync: set[str] = set()  # the periodic sweep, evaluated when nothing else waits
+        # The periodic sweep, evaluated when nothing else waits: with the row the sweep listed
+        # (None: read it again), so that a sweep of thousands is one read, not one per deployment.
+        self._resync: dict[str, model.Deployment | None] = {}
         self._wake = workers.Wakeup()
         self._reported: dict[str, tuple[tuple[model.DriftItem, ...], model.Health]] = {}
         self._open: dict[str, tuple[str, str, int]] = {}
@@ -307,16 +309,20 @@ class Detector:
             if time.monotonic() >= next_resync:
                 with contextlib.suppress(errors.BrokerError):
                     self._resync.update(
-                        d.deployment_id for d in await self._store.live_deployments(lifecycle.EVALUATED)
+                        (d.deployment_id, d) for d in await self._store.live_deployments(lifecycle.EVALUATED)
                     )
                 next_resync = time.monotonic() + self._resync_interval
             # A watch event must not wait behind a sweep of thousands: changes go first, and each
             # evaluation awaits the store, so a change arriving mid-sweep is picked next.
             while self._dirty or self._resync:
-                deployment_id = self._dirty.pop() if self._dirty else self._resync.pop()
-                self._resync.discard(deployment_id)
+                listed = None
+                if self._dirty:
+                    deployment_id = self._dirty.pop()  # changed: its row is read afresh
+                    self._resync.pop(deployment_id, None)
+                else:
+                    deployment_id, listed = self._resync.popitem()
                 try:
-                    await self.evaluate(deployment_id)
+                    await self.evaluate(deployment_id, listed)
                 except errors.BrokerError as e:
                     log.warning(
                         "drift evaluation failed", extra={"deployment_id": deployment_id, "error": e.message}
@@ -356,7 +362,7 @@ class Detector:
 
     def resync_now(self) -> None:
         """Evaluate every deployment soon: the cluster became readable again, or stopped being so."""
-        self._resync.update(self._open)
+        self._resync.update(dict.fromkeys(self._open))
         self._wake.set()
 
     async def forget_all(self) -> None:
@@ -375,9 +381,14 @@ class Detector:
         if self._verdicts.pop(deployment_id, None) is not None and opened is not None:
             self._changed(opened[0])
 
-    async def evaluate(self, deployment_id: str) -> None:
-        """Compare one deployment with what was last reported and record any change."""
-        deployment = await self._store.deployment_by_id(deployment_id)
+    async def evaluate(self, deployment_id: str, listed: model.Deployment | None = None) -> None:
+        """Compare one deployment with what was last reported and record any change.
+
+        ``listed`` is its row as a sweep listed it, read again otherwise. A row that moved on since
+        is harmless: the store refuses to record an evaluation of it (a superseded operation), and
+        whatever changed it asked for a fresh evaluation too.
+        """
+        deployment = listed if listed is not None else await self._store.deployment_by_id(deployment_id)
         if deployment is None or deployment.phase not in lifecycle.EVALUATED:
             # Deprovisioned (or provisioning again): its drift is nobody's business any more.
             self._forget(deployment_id)

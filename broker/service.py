@@ -11,14 +11,12 @@ import collections
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Callable, Hashable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 from broker import auth, errors, events
 from broker.domain import admission, drift, lifecycle, model, naming, policy, rules, validation
 from broker.domain import catalog as catalog_mod
 from broker.store import port
-
-T = TypeVar("T")
 
 audit_log = logging.getLogger("broker.audit")
 
@@ -251,7 +249,7 @@ class BrokerService:
         # the same object for an unchanged row) and its verdict are the same objects: an unchanged
         # resource costs a lookup, and the transports keep its encoding by the view's identity.
         self._views: dict[str, ResourceView] = {}
-        self._pages: _KeptPages[ResourceView] = _KeptPages()
+        self._pages = _KeptPages()
 
     @property
     def shutting_down(self) -> bool:
@@ -667,7 +665,7 @@ class BrokerService:
         return view, reusable
 
 
-class _KeptPages(Generic[T]):
+class _KeptPages:
     """The most recently read pages, each valid while the version it was read at is current.
 
     Bounded by the items the pages hold (a page of one counts as two), so that thousands of
@@ -678,23 +676,23 @@ class _KeptPages(Generic[T]):
         self._max_items = max_items
         self._items = 0
         self._keys: dict[int, Hashable] = {}  # by the identity of each kept page
-        self._pages: collections.OrderedDict[Hashable, tuple[Hashable, model.Page[T]]] = (
+        self._pages: collections.OrderedDict[Hashable, tuple[Hashable, model.Page[ResourceView]]] = (
             collections.OrderedDict()
         )
 
-    def holds(self, page: model.Page[T]) -> bool:
+    def holds(self, page: model.Page[ResourceView]) -> bool:
         """Whether ``page`` is one of the kept pages (handed out again while it is current)."""
         key = self._keys.get(id(page))
         return key is not None and self._pages[key][1] is page
 
-    def get(self, key: Hashable, version: Hashable | None) -> model.Page[T] | None:
+    def get(self, key: Hashable, version: Hashable | None) -> model.Page[ResourceView] | None:
         kept = self._pages.get(key)
         if version is None or kept is None or kept[0] != version:
             return None
         self._pages.move_to_end(key)
         return kept[1]
 
-    def put(self, key: Hashable, version: Hashable | None, page: model.Page[T]) -> None:
+    def put(self, key: Hashable, version: Hashable | None, page: model.Page[ResourceView]) -> None:
         if version is None:
             return
         self._drop(self._pages.pop(key, None))
@@ -704,7 +702,7 @@ class _KeptPages(Generic[T]):
         while self._items > self._max_items and len(self._pages) > 1:
             self._drop(self._pages.popitem(last=False)[1])
 
-    def _drop(self, kept: tuple[Hashable, model.Page[T]] | None) -> None:
+    def _drop(self, kept: tuple[Hashable, model.Page[ResourceView]] | None) -> None:
         if kept is not None:
             self._items -= len(kept[1].items) + 1
             del self._keys[id(kept[1])]
