@@ -762,8 +762,8 @@ async def _bench_queries(
         f"  one resource: broker gRPC / echo QPS      {q['grpc1'] / q['echo']:>5.2f}  "
         f"goal >= {GOAL_ONE_QPS}: "
         f"{_common.verdict(q['grpc1'] >= GOAL_ONE_QPS * q['echo'])}   "
-        f"[CPU/call {cpu['grpc1'] / cpu['echo']:.1f}x echo's, "
-        f"{cpu['grpc1'] / cpu['cached1']:.1f}x cached bytes']"
+        f"[CPU/call {_times(cpu['grpc1'], cpu['echo'])} echo's, "
+        f"{_times(cpu['grpc1'], cpu['cached1'])} cached bytes']"
     )
     print(
         f"  one resource: p99, {c} in flight / echo's {p99_one / p99_echo:>5.2f}  "
@@ -783,8 +783,13 @@ async def _bench_queries(
         print(
             f"  {label}: gateway / gRPC QPS         {q[h] / q[g]:>5.2f}  goal >= {GOAL_GATEWAY_QPS}: "
             f"{_common.verdict(q[h] >= GOAL_GATEWAY_QPS * q[g])}   [gateway / cached JSON QPS "
-            f"{q[h] / q[j]:.2f}; CPU/call {cpu[h] / cpu[g]:.1f}x gRPC's]"
+            f"{q[h] / q[j]:.2f}; CPU/call {_times(cpu[h], cpu[g])} gRPC's]"
         )
+
+
+def _times(a: float, b: float) -> str:
+    """``a`` as a multiple of ``b``; "n/a" when the idle CPU subtracted from them left nothing."""
+    return f"{a / b:.1f}x" if a > 0 and b > 0 else "n/a (idle CPU exceeded it)"
 
 
 def main() -> None:
