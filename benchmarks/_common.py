@@ -211,12 +211,14 @@ class GcPauses:
         gc.callbacks.append(self._callback)
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
+        # The CPU clock is a system call: read only around full collections (young ones are many).
+        full = info["generation"] == 2
         if phase == "start":
             self._started = time.perf_counter()
-            self._started_cpu = time.thread_time()
+            self._started_cpu = time.thread_time() if full else 0.0
         else:
             pause = time.perf_counter() - self._started
-            cpu = time.thread_time() - self._started_cpu
+            cpu = time.thread_time() - self._started_cpu if full else 0.0
             self.pauses[info["generation"]].append(pause)
             if pause >= 0.02:
                 self.long.append((time.time(), info["generation"], pause * 1000, cpu * 1000))
