@@ -130,7 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         values = settings.resolve(args, configured.settings, os.environ, where=f"config file {args.config}")
         asyncio.run(
             server.run(
-                settings.build(server.Settings, values, catalog=configured.catalog, rules=configured.rules)
+                settings.build(
+                    server.Settings,
+                    values,
+                    catalog=configured.catalog,
+                    rules=configured.rules,
+                    budgets=configured.budgets,
+                )
             )
         )
     except (ValueError, OSError, errors.BrokerError) as e:

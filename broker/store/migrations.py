@@ -111,6 +111,25 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        4,
+        "cost budgets per namespace, cost alert crossings",
+        """
+        -- Monthly budgets set through SetCostBudget (configured ones live in the config file).
+        CREATE TABLE cost_budgets (
+            namespace      TEXT PRIMARY KEY,
+            monthly_budget REAL NOT NULL CHECK (monthly_budget >= 0),
+            update_time    TEXT NOT NULL
+        );
+
+        -- Subjects ("resource:<deployment id>", "namespace:<name>") over their cost threshold or
+        -- budget: a crossing is alerted once, and again only after the subject went back below.
+        CREATE TABLE cost_alerts (
+            subject     TEXT PRIMARY KEY,
+            since       TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
 
@@ -216,6 +235,25 @@ POSTGRESQL: tuple[tuple[int, str, str], ...] = (
             ignore_fields TEXT NOT NULL,
             update_time   TIMESTAMPTZ NOT NULL,
             PRIMARY KEY (namespace, resource_type)
+        );
+        """,
+    ),
+    (
+        4,
+        "cost budgets per namespace, cost alert crossings",
+        """
+        -- Monthly budgets set through SetCostBudget (configured ones live in the config file).
+        CREATE TABLE cost_budgets (
+            namespace      TEXT COLLATE "C" PRIMARY KEY,
+            monthly_budget DOUBLE PRECISION NOT NULL CHECK (monthly_budget >= 0),
+            update_time    TIMESTAMPTZ NOT NULL
+        );
+
+        -- Subjects ("resource:<deployment id>", "namespace:<name>") over their cost threshold or
+        -- budget: a crossing is alerted once, and again only after the subject went back below.
+        CREATE TABLE cost_alerts (
+            subject     TEXT COLLATE "C" PRIMARY KEY,
+            since       TIMESTAMPTZ NOT NULL
         );
         """,
     ),

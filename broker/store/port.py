@@ -200,7 +200,39 @@ class Policies(Protocol):
         ...
 
 
-class Store(Deployments, Operations, EventLog, Verdicts, Outbox, Retention, Policies, Protocol):
+class Budgets(Protocol):
+    """Monthly cost budgets set through the API, per namespace."""
+
+    async def set_budget(self, namespace: str, monthly: float | None) -> None:
+        """Store a namespace's budget (replacing its earlier one); None removes it."""
+        ...
+
+    async def budgets(self) -> dict[str, float]:
+        """Every stored budget, by namespace."""
+        ...
+
+
+class CostAlerts(Protocol):
+    """Which subjects (resources, namespaces) are over their cost threshold or budget now.
+
+    Kept so that a restart or a new leader does not alert again for a crossing already told
+    (``broker.domain.costs``: once per crossing).
+    """
+
+    async def cost_alerts(self) -> set[str]:
+        """The subjects currently over."""
+        ...
+
+    async def record_cost_alerts(
+        self, *, raised: set[str], cleared: set[str], events: list[model.DriftEvent]
+    ) -> None:
+        """Remember subjects that went over, forget those back below, and append the alerts, atomically."""
+        ...
+
+
+class Store(
+    Deployments, Operations, EventLog, Verdicts, Outbox, Retention, Policies, Budgets, CostAlerts, Protocol
+):
     """Every concern, and the adapter's lifecycle."""
 
     async def ping(self) -> None:
@@ -220,7 +252,7 @@ class Store(Deployments, Operations, EventLog, Verdicts, Outbox, Retention, Poli
         ...
 
 
-class DetectorStore(Deployments, EventLog, Verdicts, Protocol):
+class DetectorStore(Deployments, EventLog, Verdicts, CostAlerts, Protocol):
     """What the detector and the remediator use."""
 
 

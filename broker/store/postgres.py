@@ -826,6 +826,50 @@ class Store:
             for r in rows
         ]
 
+    async def set_budget(self, namespace: str, monthly: float | None) -> None:
+        """Store a namespace's budget, replacing its earlier one; None removes it."""
+        async with self._transaction() as tx:
+            if monthly is None:
+                await tx.conn.execute("DELETE FROM cost_budgets WHERE namespace = $1", namespace)
+                return
+            await tx.conn.execute(
+                "INSERT INTO cost_budgets (namespace, monthly_budget, update_time) VALUES ($1, $2, $3) "
+                "ON CONFLICT (namespace) DO UPDATE SET monthly_budget = excluded.monthly_budget, "
+                "update_time = excluded.update_time",
+                namespace,
+                monthly,
+                codec.now(),
+            )
+
+    async def budgets(self) -> dict[str, float]:
+        """Every stored budget, by namespace."""
+        rows = await self._fetch("SELECT namespace, monthly_budget FROM cost_budgets")
+        return {r["namespace"]: float(r["monthly_budget"]) for r in rows}
+
+    async def cost_alerts(self) -> set[str]:
+        """The subjects over their cost threshold or budget now."""
+        rows = await self._fetch("SELECT subject FROM cost_alerts")
+        return {r["subject"] for r in rows}
+
+    async def record_cost_alerts(
+        self, *, raised: set[str], cleared: set[str], events: list[model.DriftEvent]
+    ) -> None:
+        """Remember subjects that went over, forget those back below, append the alerts: one transaction."""
+        now = codec.now()
+        async with self._transaction() as tx:
+            if cleared:
+                await tx.conn.execute(
+                    "DELETE FROM cost_alerts WHERE subject = ANY($1::text[])", sorted(cleared)
+                )
+            if raised:
+                await tx.conn.execute(
+                    "INSERT INTO cost_alerts (subject, since) SELECT unnest($1::text[]), $2 "
+                    "ON CONFLICT (subject) DO NOTHING",
+                    sorted(raised),
+                    now,
+                )
+            tx.events.extend((event, now) for event in events)
+
     # Reads ----------------------------------------------------------------------------------------
 
     async def _deployment(
