@@ -9,6 +9,9 @@ migration is appended to both lists at once. The PostgreSQL dialect differs wher
 it can do better: times are ``TIMESTAMPTZ``, the identity and ordering columns use the ``"C"``
 collation (byte order, as SQLite compares text, so pages sort alike on both), and event sequences
 come from a one-row counter instead of ``AUTOINCREMENT`` (see ``broker.store.postgres``).
+
+Version 3 is left to the pending remediations of approval mode, which is built beside cost budgets
+(version 4); both adapters apply whatever versions are newer than the database's, in order.
 """
 
 from __future__ import annotations
