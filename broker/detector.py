@@ -311,6 +311,10 @@ class CostWatch:
     async def start(self) -> None:
         """Everything known has been evaluated once: judge every namespace's budget from now on."""
         self._started = True
+        # Resources that were over and are evaluated no more (deprovisioned while no broker led).
+        self._gone.update(
+            s for s in self._over if costs.is_resource_subject(s) and costs.resource_of(s) not in self._costs
+        )
         self._recheck.update(self._by_namespace)
         self._recheck.update(self._budgets().namespaces())
         await self.recheck()

@@ -255,6 +255,15 @@ async def test_the_watch_alerts_once_per_crossing_and_a_new_term_does_not_repeat
     )
     assert last.deployment_id == orders.deployment_id
 
+    # A resource over when its broker stopped, and gone by the next term's first sweep, is forgotten.
+    third = watch()
+    await third.load()
+    await third.start()
+    assert costs.resource_subject(orders.deployment_id) not in await store.cost_alerts()
+    await store.record_cost_alerts(
+        raised={costs.resource_subject(orders.deployment_id)}, cleared=set(), events=[]
+    )
+
     # A deprovisioned resource leaves its namespace's total and its crossing is forgotten.
     second.forget(orders.deployment_id)
     await second.recheck()

@@ -148,6 +148,11 @@ def is_resource_subject(subject: str) -> bool:
     return subject.startswith(_RESOURCE)
 
 
+def resource_of(subject: str) -> str:
+    """The deployment id a resource subject remembers."""
+    return subject.removeprefix(_RESOURCE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Crossing:
     """What one new reading of a condition means: whether the subject is over now, whether to alert."""
