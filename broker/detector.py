@@ -261,6 +261,25 @@ class _Cost:
     items: tuple[model.DriftItem, ...]
 
 
+@dataclasses.dataclass
+class CostPlan:
+    """What one judgement changes: subjects that went over or back below, and the alerts to append."""
+
+    raised: set[str] = dataclasses.field(default_factory=set)
+    cleared: set[str] = dataclasses.field(default_factory=set)
+    alerts: list[tuple[costs.Reason, model.DriftEvent]] = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """Whether there is nothing to write."""
+        return not (self.raised or self.cleared or self.alerts)
+
+    @property
+    def events(self) -> list[model.DriftEvent]:
+        """The alerts, as events to append."""
+        return [event for _, event in self.alerts]
+
+
 class CostWatch:
     """Cost alerts from the detector's verdicts, once per crossing (``broker.domain.costs``).
 
@@ -342,8 +361,12 @@ class CostWatch:
         old_desired, old_actual = self._totals.get(namespace, (0.0, 0.0))
         self._totals[namespace] = (old_desired + desired, old_actual + actual)
 
-    async def observe(self, deployment: model.Deployment, verdict: drift.Evaluation) -> None:
-        """Judge one new verdict: the resource's threshold, then (once started) its namespace's budget."""
+    def judge(self, deployment: model.Deployment, verdict: drift.Evaluation) -> CostPlan:
+        """Judge one new verdict: the resource's threshold, then (once started) its namespace's budget.
+
+        The plan is written with the verdict, in its transaction (``record_evaluation``), and
+        ``committed`` once it is; a plan that was not written changes nothing but the costs kept.
+        """
         deployment_id, namespace = deployment.deployment_id, deployment.namespace
         readable = verdict.health is not model.Health.UNKNOWN
         before = self._costs.get(deployment_id)
@@ -358,9 +381,7 @@ class CostWatch:
             (desired or 0.0) - (before.desired or 0.0 if before else 0.0),
             (actual or 0.0) - (before.actual or 0.0 if before else 0.0),
         )
-        raised: set[str] = set()
-        cleared: set[str] = set()
-        events: list[tuple[costs.Reason, model.DriftEvent]] = []
+        plan = CostPlan()
         subject = costs.resource_subject(deployment_id)
         crossing = costs.cross(
             was_over=subject in self._over,
@@ -369,12 +390,12 @@ class CostWatch:
             ),
         )
         if crossing.alert and desired is not None and actual is not None:
-            raised.add(subject)
+            plan.raised.add(subject)
             items = costs.costly_items(verdict.items)
             message = costs.raised_message(
                 deployment, desired=desired, actual=actual, threshold=self._threshold, items=items
             )
-            events.append(
+            plan.alerts.append(
                 (
                     costs.Reason.COST_RAISED,
                     model.DriftEvent.about(
@@ -383,33 +404,28 @@ class CostWatch:
                 )
             )
         elif not crossing.over and subject in self._over:
-            cleared.add(subject)
+            plan.cleared.add(subject)
         if self._started:
             self._recheck.discard(namespace)
-            self._judge_budget(namespace, raised, cleared, events, cause=deployment_id)
-        await self._write(raised, cleared, events)
+            self._judge_budget(namespace, plan, cause=deployment_id)
+        return plan
+
+    async def observe(self, deployment: model.Deployment, verdict: drift.Evaluation) -> None:
+        """Judge one verdict and write what it changes on its own (no drift state with it)."""
+        plan = self.judge(deployment, verdict)
+        await self._write(plan)
 
     async def recheck(self) -> None:
         """Judge the budgets of namespaces whose budget or resources changed; drop forgotten subjects."""
-        raised: set[str] = set()
-        cleared = {s for s in self._gone if s in self._over}
+        plan = CostPlan(cleared={s for s in self._gone if s in self._over})
         self._gone.clear()
-        events: list[tuple[costs.Reason, model.DriftEvent]] = []
         if self._started:
             namespaces, self._recheck = self._recheck, set()
             for namespace in sorted(namespaces):
-                self._judge_budget(namespace, raised, cleared, events, cause=None)
-        await self._write(raised, cleared, events)
+                self._judge_budget(namespace, plan, cause=None)
+        await self._write(plan)
 
-    def _judge_budget(
-        self,
-        namespace: str,
-        raised: set[str],
-        cleared: set[str],
-        events: list[tuple[costs.Reason, model.DriftEvent]],
-        *,
-        cause: str | None,
-    ) -> None:
+    def _judge_budget(self, namespace: str, plan: CostPlan, *, cause: str | None) -> None:
         subject = costs.namespace_subject(namespace)
         actual = round(self._totals.get(namespace, (0.0, 0.0))[1], 2)
         budget = self._budgets().budget_for(namespace)
@@ -419,7 +435,7 @@ class CostWatch:
             # The event is about the deployment whose verdict crossed the line, else the costliest.
             costliest = max(members, key=lambda c: c.actual or 0.0)
             about = self._costs[cause] if cause is not None else costliest
-            raised.add(subject)
+            plan.raised.add(subject)
             message = costs.budget_message(
                 namespace,
                 actual=actual,
@@ -427,7 +443,7 @@ class CostWatch:
                 costliest=f"{costliest.deployment.resource_type.value} {costliest.deployment.resource_name} "
                 f"({costliest.actual or 0.0:.2f}/month)",
             )
-            events.append(
+            plan.alerts.append(
                 (
                     costs.Reason.OVER_BUDGET,
                     model.DriftEvent.about(
@@ -440,16 +456,18 @@ class CostWatch:
                 )
             )
         elif not crossing.over and subject in self._over:
-            cleared.add(subject)
+            plan.cleared.add(subject)
 
-    async def _write(
-        self, raised: set[str], cleared: set[str], alerts: list[tuple[costs.Reason, model.DriftEvent]]
-    ) -> None:
-        if not (raised or cleared or alerts):
+    async def _write(self, plan: CostPlan) -> None:
+        if plan.empty:
             return
-        await self._store.record_cost_alerts(raised=raised, cleared=cleared, events=[e for _, e in alerts])
-        self._over = (self._over - cleared) | raised
-        for reason, event in alerts:
+        await self._store.record_cost_alerts(raised=plan.raised, cleared=plan.cleared, events=plan.events)
+        self.committed(plan)
+
+    def committed(self, plan: CostPlan) -> None:
+        """A plan was written: its subjects are over (or no longer), its alerts counted."""
+        self._over = (self._over - plan.cleared) | plan.raised
+        for reason, event in plan.alerts:
             self._on_alert(event.namespace, reason)
 
 
@@ -597,24 +615,30 @@ class Detector:
         after = _keep_detect_times(before, verdict.items) if readable else before
         events = changes(deployment, before, after, health_before, verdict.health)
         phase = lifecycle.phase_of_verdict(after)
-        if events or phase is not deployment.phase or health_before is None:
+        # Cost alerts go with the verdict they judge, in its transaction.
+        plan = CostPlan()
+        if self.costs is not None:
+            plan = self.costs.judge(
+                dataclasses.replace(deployment, phase=phase), dataclasses.replace(verdict, items=after)
+            )
+        if events or not plan.empty or phase is not deployment.phase or health_before is None:
             written = await self._store.record_evaluation(
-                deployment, items=after, health=verdict.health, phase=phase, events=events
+                deployment,
+                items=after,
+                health=verdict.health,
+                phase=phase,
+                events=events + plan.events,
+                crossings=(plan.raised, plan.cleared),
             )
             if not written:
                 return
+        if self.costs is not None:
+            self.costs.committed(plan)
         self._reported[deployment_id] = (after, verdict.health)
         self._verdicts[deployment_id] = (
             deployment.last_operation.operation_id,
             dataclasses.replace(verdict, items=after),
         )
-        if self.costs is not None:
-            try:
-                await self.costs.observe(
-                    dataclasses.replace(deployment, phase=phase), dataclasses.replace(verdict, items=after)
-                )
-            except errors.BrokerError as e:  # judged again at the next evaluation
-                log.warning("cost alert failed", extra={"deployment_id": deployment_id, "error": e.message})
         open_items = _unexpected(after)
         self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(open_items))
         auto = tuple(i for i in open_items if i.action is model.Action.AUTO_REMEDIATE)

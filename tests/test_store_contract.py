@@ -392,3 +392,36 @@ async def test_cost_alert_crossings_and_their_events_are_written_together(store:
     )
     assert await store.cost_alerts() == {"namespace:team-platform"}
     assert await store.events_after(events[0].sequence, 10) == []
+
+
+async def test_a_verdict_writes_its_cost_crossings_and_alerts_in_its_own_transaction(
+    store: port.Store,
+) -> None:
+    deployment = await ready(store)
+    subject = "resource:" + deployment.deployment_id
+    alert = model.DriftEvent.about(deployment, model.EventKind.COST_ALERT, "Cost alert: raised", health=None)
+    assert await store.record_evaluation(
+        deployment,
+        items=(),
+        health=model.Health.HEALTHY,
+        phase=model.Phase.READY,
+        events=[alert],
+        crossings=({subject}, set()),
+    )
+    assert await store.cost_alerts() == {subject}
+    # A verdict for an operation that moved on writes nothing: no crossing, no alert.
+    moved_on = dataclasses.replace(
+        deployment,
+        last_operation=dataclasses.replace(deployment.last_operation, operation_id=model.OperationId("op-x")),
+    )
+    _, newest = await store.event_bounds()
+    assert not await store.record_evaluation(
+        moved_on,
+        items=(),
+        health=model.Health.HEALTHY,
+        phase=model.Phase.READY,
+        events=[alert],
+        crossings=(set(), {subject}),
+    )
+    assert await store.cost_alerts() == {subject}
+    assert (await store.event_bounds())[1] == newest

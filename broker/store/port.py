@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import Any, Protocol
 
 from broker.domain import model, policy
 
 Listener = Callable[[list[model.DriftEvent]], None]
+# Cost-alert subjects that went over, and those back below (``CostAlerts``).
+Crossings = tuple[Set[str], Set[str]]
 
 
 class Deployments(Protocol):
@@ -141,8 +143,13 @@ class Verdicts(Protocol):
         health: model.Health,
         phase: model.Phase,
         events: list[model.DriftEvent],
+        crossings: Crossings = (frozenset(), frozenset()),
     ) -> bool:
-        """Store a verdict, its phase and its events atomically; False when the deployment moved on."""
+        """Store a verdict, its phase and its events atomically; False when the deployment moved on.
+
+        ``crossings`` are the cost-alert subjects that went over and back below with this verdict
+        (``CostAlerts``), written in the same transaction as the alerts among ``events``.
+        """
         ...
 
     async def drift_states(self) -> dict[str, tuple[tuple[model.DriftItem, ...], model.Health]]:
@@ -224,7 +231,7 @@ class CostAlerts(Protocol):
         ...
 
     async def record_cost_alerts(
-        self, *, raised: set[str], cleared: set[str], events: list[model.DriftEvent]
+        self, *, raised: Set[str], cleared: Set[str], events: list[model.DriftEvent]
     ) -> None:
         """Remember subjects that went over, forget those back below, and append the alerts, atomically."""
         ...

@@ -29,7 +29,7 @@ import logging
 import os
 import pathlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Set
 from typing import Any
 
 import aiosqlite
@@ -734,6 +734,7 @@ class Store:
         health: model.Health,
         phase: model.Phase,
         events: list[model.DriftEvent],
+        crossings: port.Crossings = (frozenset(), frozenset()),
     ) -> bool:
         """Store what the detector now reports, the resulting phase, and the events, in one transaction.
 
@@ -766,6 +767,7 @@ class Store:
                     codec.ts(now),
                 ),
             )
+            await self._cross(db, *crossings, now)
             for event in events:
                 await self._append_event(db, dataclasses.replace(event, phase=phase), now)
             return True
@@ -898,20 +900,26 @@ class Store:
         return {r["subject"] for r in rows}
 
     async def record_cost_alerts(
-        self, *, raised: set[str], cleared: set[str], events: list[model.DriftEvent]
+        self, *, raised: Set[str], cleared: Set[str], events: list[model.DriftEvent]
     ) -> None:
         """Remember subjects that went over, forget those back below, append the alerts: one transaction."""
         now = codec.now()
         async with self._transaction() as db:
-            for subject in sorted(cleared):
-                await db.execute("DELETE FROM cost_alerts WHERE subject = ?", (subject,))
-            for subject in sorted(raised):
-                await db.execute(
-                    "INSERT INTO cost_alerts (subject, since) VALUES (?, ?) ON CONFLICT (subject) DO NOTHING",
-                    (subject, codec.ts(now)),
-                )
+            await self._cross(db, raised, cleared, now)
             for event in events:
                 await self._append_event(db, event, now)
+
+    @staticmethod
+    async def _cross(
+        db: aiosqlite.Connection, raised: Set[str], cleared: Set[str], now: datetime.datetime
+    ) -> None:
+        for subject in sorted(cleared):
+            await db.execute("DELETE FROM cost_alerts WHERE subject = ?", (subject,))
+        for subject in sorted(raised):
+            await db.execute(
+                "INSERT INTO cost_alerts (subject, since) VALUES (?, ?) ON CONFLICT (subject) DO NOTHING",
+                (subject, codec.ts(now)),
+            )
 
     # Reads ----------------------------------------------------------------------------------------
 
