@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     client_cli.add_arguments(get, watch=False)
     watch = commands.add_parser("watch", help="a live feed of drift events")
     client_cli.add_arguments(watch, watch=True)
+    cost = commands.add_parser(
+        "costs", help="a namespace's monthly cost, desired against actual, its budget and costliest drifts"
+    )
+    client_cli.add_costs_arguments(cost)
+    budget = commands.add_parser("budget", help="show, set or remove a namespace's monthly cost budget")
+    client_cli.add_budget_arguments(budget)
     prevention = commands.add_parser(
         "admission-policy",
         help="print the drift-prevention ValidatingAdmissionPolicies and bindings (for GitOps)",
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from broker import demo  # pulls in the example manager and its Kubernetes client
 
             return demo.main(args.data_dir)
-        if args.command in ("get", "watch", "admission-policy"):
+        if args.command in ("get", "watch", "costs", "budget", "admission-policy"):
             return client_cli.run(args.command, args)
         if args.command == "sandbox":
             kube_sandbox = server.load_sandbox()  # the other commands do not need the sandbox
@@ -130,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         values = settings.resolve(args, configured.settings, os.environ, where=f"config file {args.config}")
         asyncio.run(
             server.run(
-                settings.build(server.Settings, values, catalog=configured.catalog, rules=configured.rules)
+                settings.build(
+                    server.Settings,
+                    values,
+                    catalog=configured.catalog,
+                    rules=configured.rules,
+                    budgets=configured.budgets,
+                )
             )
         )
     except (ValueError, OSError, errors.BrokerError) as e:

@@ -1,4 +1,4 @@
-"""``broker get``, ``broker watch`` and ``broker admission-policy``: the broker for people, over gRPC."""
+"""``broker get``, ``watch``, ``costs``, ``budget`` and ``admission-policy``: the broker for people."""
 
 from __future__ import annotations
 
@@ -30,6 +30,32 @@ def add_arguments(parser: argparse.ArgumentParser, *, watch: bool) -> None:
     )
     parser.add_argument("--type", choices=["database", "cache", "topic"], help="only this resource type")
     parser.add_argument("--name", default="", help="only this resource name")
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def add_costs_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``costs``: those of ``get`` for one namespace, how many drifts, an output format."""
+    flags.add_connection_flags(parser)
+    flags.add_namespace_flag(parser, repeatable=False, required=True, help="namespace")
+    parser.add_argument(
+        "--max-drifts", type=int, default=0, help="how many of the costliest drifts to show (default 10)"
+    )
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``budget``: those of ``get`` for one namespace, and an amount (or ``--remove``)."""
+    flags.add_connection_flags(parser)
+    flags.add_namespace_flag(parser, repeatable=False, required=True, help="namespace")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "amount", nargs="?", type=float, default=None, help="the monthly budget to set (leave out to show it)"
+    )
+    what.add_argument(
+        "--remove",
+        action="store_true",
+        help="remove the budget set through the API (a configured one applies)",
+    )
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
@@ -74,6 +100,9 @@ async def get(args: argparse.Namespace) -> int:
         states = await client.get_resource_state(
             args.namespace, resource_type=args.type, resource_name=args.name
         )
+        summary = (
+            await _summary_or_none(client, args.namespace) if args.output == "table" and states else None
+        )
     if args.output == "json":
         print(json.dumps([json_format.MessageToDict(s) for s in states], indent=2))
         return 0
@@ -92,7 +121,99 @@ async def get(args: argparse.Namespace) -> int:
                 s.deployment_id,
             ]
         )
-    print(_table(rows) if len(rows) > 1 else f"no resources in namespace {args.namespace}")
+    if len(rows) == 1:
+        print(f"no resources in namespace {args.namespace}")
+        return 0
+    print(_table(rows))
+    if summary is not None:
+        print()
+        print(_cost_line(summary))
+    return 0
+
+
+async def _summary_or_none(client: BrokerClient, namespace: str) -> pb.GetCostSummaryResponse | None:
+    """The namespace's cost summary; None from a broker that predates cost budgets."""
+    try:
+        return await client.get_cost_summary(namespace)
+    except client_errors.BrokerError as e:
+        if e.code.name == "UNIMPLEMENTED":
+            return None
+        raise
+
+
+def _money(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _budget_text(budget: pb.CostBudget) -> str:
+    if not budget.HasField("monthly_budget"):
+        return "none"
+    source = (
+        _short(pb.CostBudgetSource, budget.source, "COST_BUDGET_SOURCE_").lower() if budget.source else ""
+    )
+    return _money(budget.monthly_budget) + (f" ({source})" if source else "")
+
+
+def _cost_line(summary: pb.GetCostSummaryResponse) -> str:
+    """One line of a namespace's monthly cost: desired, actual, budget and whether it is exceeded."""
+    line = (
+        f"COST/MONTH  desired {_money(summary.desired_monthly_cost)}  actual "
+        f"{_money(summary.actual_monthly_cost)}  budget {_budget_text(summary.budget)}"
+    )
+    return line + ("  EXCEEDED" if summary.budget_exceeded else "")
+
+
+async def costs(args: argparse.Namespace) -> int:
+    """Print a namespace's cost summary: totals and budget, per resource, the costliest drifts."""
+    async with await BrokerClient.connect(args.target, token=args.token, tls=args.tls) as client:
+        summary = await client.get_cost_summary(args.namespace, max_drifts=args.max_drifts)
+    if args.output == "json":
+        print(
+            json.dumps(
+                json_format.MessageToDict(summary, always_print_fields_with_no_presence=True), indent=2
+            )
+        )
+        return 0
+    print(f"NAMESPACE {summary.namespace}")
+    print(_cost_line(summary))
+    print(f"COST ALERT THRESHOLD  {summary.cost_alert_threshold * 100:g}% above the desired cost")
+    if summary.resources:
+        rows = [["NAME", "TYPE", "DESIRED/MONTH", "ACTUAL/MONTH", "DEPLOYMENT"]]
+        for r in summary.resources:
+            rows.append(
+                [
+                    r.resource_name,
+                    _short(pb.ResourceType, r.resource_type, "RESOURCE_TYPE_").lower(),
+                    _money(r.desired_monthly_cost) if r.HasField("desired_monthly_cost") else "-",
+                    _money(r.actual_monthly_cost) if r.HasField("actual_monthly_cost") else "-",
+                    r.deployment_id,
+                ]
+            )
+        print()
+        print(_table(rows))
+    if summary.top_drifts:
+        rows = [["NAME", "FIELD", "DESIRED", "ACTUAL", "COST/MONTH", "DRIFT"]]
+        for d in summary.top_drifts:
+            rows.append(
+                [d.resource_name, d.field, d.desired, d.actual, f"+{_money(d.monthly_cost_delta)}", d.message]
+            )
+        print()
+        print("COSTLIEST DRIFTS")
+        print(_table(rows))
+    return 0
+
+
+async def budget(args: argparse.Namespace) -> int:
+    """Show a namespace's budget, set it, or remove the one set through the API."""
+    async with await BrokerClient.connect(args.target, token=args.token, tls=args.tls) as client:
+        if args.remove or args.amount is not None:
+            shown = await client.set_cost_budget(args.namespace, None if args.remove else args.amount)
+        else:
+            shown = await client.get_cost_budget(args.namespace)
+    if args.output == "json":
+        print(json.dumps(json_format.MessageToDict(shown), indent=2))
+    else:
+        print(f"namespace {shown.namespace}: monthly budget {_budget_text(shown)}")
     return 0
 
 
@@ -117,7 +238,13 @@ async def watch(args: argparse.Namespace) -> int:
 
 def run(command: str, args: argparse.Namespace) -> int:
     """Run a client command; broker errors become a message and exit code 1, Ctrl-C exit code 130."""
-    commands = {"get": get, "watch": watch, "admission-policy": admission_policy}
+    commands = {
+        "get": get,
+        "watch": watch,
+        "costs": costs,
+        "budget": budget,
+        "admission-policy": admission_policy,
+    }
     try:
         return asyncio.run(_interruptible(commands[command](args)))
     except client_errors.BrokerError as e:

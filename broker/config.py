@@ -23,6 +23,8 @@ Everything is optional; what is left out keeps the documented defaults of ``brok
         resource_type: database
         mode: alert
         ignore_fields: [replicas]
+    budgets:                    # monthly cost budget per namespace, in the prices' currency
+      team-platform: 500        # SetCostBudget overrides it (and removing that brings it back)
 
 A file that does not follow this shape is a start-up error that names the offending key.
 """
@@ -35,9 +37,9 @@ from typing import Any
 
 import yaml
 
-from broker import settings
+from broker import errors, settings
 from broker.domain import catalog as catalog_mod
-from broker.domain import drift, model, policy, quantity
+from broker.domain import costs, drift, model, policy, quantity, validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Config:
     # Values of ``broker.settings.TABLE`` by config key (``heartbeat_interval: 5``), unparsed:
     # the settings table parses them, after the flags and the environment had their say.
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Monthly cost budgets by namespace (``broker.domain.costs``).
+    budgets: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def load(path: pathlib.Path | None) -> Config:
@@ -61,17 +65,19 @@ def load(path: pathlib.Path | None) -> Config:
         raise ValueError(f"cannot read config file {path}: {e}") from e
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must be a mapping")
-    catalog_keys = {"sizes", "versions", "prices", "max_replicas", "policies"}
+    catalog_keys = {"sizes", "versions", "prices", "max_replicas", "policies", "budgets"}
     unknown = set(raw) - catalog_keys - settings.BY_KEY.keys()
     if unknown:
         raise ValueError(
             f"config file {path}: unknown keys {', '.join(sorted(unknown))} (besides sizes, versions, "
-            "prices, max_replicas and policies, a key is a setting of `broker serve --help` in snake case)"
+            "prices, max_replicas, policies and budgets, a key is a setting of `broker serve --help` "
+            "in snake case)"
         )
     where = f"config file {path}"
     return Config(
         catalog=_catalog(raw, where),
         rules=_policies(raw.get("policies") or [], where),
+        budgets=_budgets(raw.get("budgets") or {}, where),
         settings={k: v for k, v in raw.items() if k not in catalog_keys},
     )
 
@@ -147,6 +153,23 @@ def _policies(items: Any, where: str) -> policy.Policy:
             )
         )
     return policy.Policy(rules=tuple(rules))
+
+
+def _budgets(items: Any, where: str) -> dict[str, float]:
+    budgets: dict[str, float] = {}
+    for namespace, amount in _mapping(items, f"{where}: budgets").items():
+        at = f"{where}: budgets.{namespace}"
+        problems: list[errors.FieldViolation] = []
+        validation.check_namespace(str(namespace), problems, field="budgets")
+        if problems:
+            raise ValueError(f"{at}: {problems[0].description}")
+        if isinstance(amount, bool) or not isinstance(amount, int | float):
+            raise ValueError(f"{at} must be a number (the monthly budget in the prices' currency)")
+        problem = costs.amount_problem(float(amount))
+        if problem:
+            raise ValueError(f"{at} {problem}")
+        budgets[str(namespace)] = float(amount)
+    return budgets
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:

@@ -13,6 +13,11 @@ transaction as the new drift state and phase:
 While the cluster cannot be read the last reported drift stands (nothing is "resolved" by an
 outage); only health becomes Unknown.
 
+Cost alerts (``CostWatch``, the rules in ``broker.domain.costs``) are judged from the same
+verdicts: a resource whose actual cost rose past the threshold above its desired cost, and a
+namespace whose actual cost crossed its budget, each get one CostAlert per crossing. Like every
+event of the detector they are written by the leader only.
+
 Where the policy says auto-remediate, the ``Remediator`` re-applies the desired state, with an event
 for each attempt. When the same drift comes back soon after a remediation (another actor fighting
 the broker), each next attempt waits twice as long, up to a ceiling: no hot loop.
@@ -30,7 +35,7 @@ from collections.abc import Callable
 
 from broker import errors, workers
 from broker.domain import catalog as catalog_mod
-from broker.domain import drift, lifecycle, model, policy, rules
+from broker.domain import costs, drift, lifecycle, model, policy, rules
 from broker.kube import observer
 from broker.store import port
 
@@ -251,6 +256,226 @@ class Remediator:
         await workers.cancel_and_wait(f.task for f in self._fights.values() if f.task is not None)
 
 
+@dataclasses.dataclass
+class _Cost:
+    """What one evaluated deployment costs, as last judged."""
+
+    deployment: model.Deployment
+    desired: float | None
+    actual: float | None
+    items: tuple[model.DriftItem, ...]
+
+
+@dataclasses.dataclass
+class CostPlan:
+    """What one judgement changes: subjects that went over or back below, and the alerts to append."""
+
+    raised: set[str] = dataclasses.field(default_factory=set)
+    cleared: set[str] = dataclasses.field(default_factory=set)
+    alerts: list[tuple[costs.Reason, model.DriftEvent]] = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """Whether there is nothing to write."""
+        return not (self.raised or self.cleared or self.alerts)
+
+    @property
+    def events(self) -> list[model.DriftEvent]:
+        """The alerts, as events to append."""
+        return [event for _, event in self.alerts]
+
+
+class CostWatch:
+    """Cost alerts from the detector's verdicts, once per crossing (``broker.domain.costs``).
+
+    It keeps each evaluated deployment's desired and actual cost, and running totals per namespace.
+    The subjects over their threshold or budget are the store's (``cost_alerts``), loaded at the
+    start of each term, so a restart or a new leader does not repeat an alert. Namespace budgets are
+    judged only once the first sweep has evaluated everything: a total that is still being summed
+    would look under budget and then cross it again.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: port.CostAlerts,
+        catalog: catalog_mod.Catalog,
+        threshold: float,
+        budgets: Callable[[], costs.Budgets],
+        on_alert: Callable[[str, costs.Reason], None] = lambda namespace, reason: None,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._threshold = threshold
+        self._budgets = budgets
+        self._on_alert = on_alert
+        self._over: set[str] = set()
+        self._costs: dict[str, _Cost] = {}
+        self._by_namespace: dict[str, set[str]] = {}
+        self._totals: dict[str, tuple[float, float]] = {}
+        self._recheck: set[str] = set()
+        self._gone: set[str] = set()
+        self._started = False
+
+    async def load(self) -> None:
+        """Start a term: what the store says is over."""
+        self.clear()
+        self._over = await self._store.cost_alerts()
+
+    def clear(self) -> None:
+        """Forget everything (the term ended)."""
+        self._over = set()
+        self._costs.clear()
+        self._by_namespace.clear()
+        self._totals.clear()
+        self._recheck.clear()
+        self._gone.clear()
+        self._started = False
+
+    async def start(self) -> None:
+        """Everything known has been evaluated once: judge every namespace's budget from now on."""
+        self._started = True
+        # Resources that were over and are evaluated no more (deprovisioned while no broker led).
+        self._gone.update(
+            s for s in self._over if costs.is_resource_subject(s) and costs.resource_of(s) not in self._costs
+        )
+        self._recheck.update(self._by_namespace)
+        self._recheck.update(self._budgets().namespaces())
+        await self.recheck()
+
+    def totals(self) -> dict[str, tuple[float, float]]:
+        """Desired and actual monthly cost per namespace, for metrics."""
+        return {ns: (round(d, 2), round(a, 2)) for ns, (d, a) in self._totals.items()}
+
+    def budget_changed(self, namespace: str) -> None:
+        """A namespace's budget changed: judge it again at the next ``recheck``."""
+        self._recheck.add(namespace)
+
+    def forget(self, deployment_id: str) -> None:
+        """A deployment is no longer evaluated (deprovisioned): its cost leaves its namespace."""
+        cost = self._costs.pop(deployment_id, None)
+        if cost is None:
+            return
+        namespace = cost.deployment.namespace
+        self._by_namespace.get(namespace, set()).discard(deployment_id)
+        self._add(namespace, -(cost.desired or 0.0), -(cost.actual or 0.0))
+        self._gone.add(costs.resource_subject(deployment_id))
+        self._recheck.add(namespace)
+
+    def _add(self, namespace: str, desired: float, actual: float) -> None:
+        old_desired, old_actual = self._totals.get(namespace, (0.0, 0.0))
+        self._totals[namespace] = (old_desired + desired, old_actual + actual)
+
+    def judge(self, deployment: model.Deployment, verdict: drift.Evaluation) -> CostPlan:
+        """Judge one new verdict: the resource's threshold, then (once started) its namespace's budget.
+
+        The plan is written with the verdict, in its transaction (``record_evaluation``), and
+        ``committed`` once it is; a plan that was not written changes nothing but the costs kept.
+        """
+        deployment_id, namespace = deployment.deployment_id, deployment.namespace
+        readable = verdict.health is not model.Health.UNKNOWN
+        before = self._costs.get(deployment_id)
+        desired = costs.desired_cost(deployment, self._catalog)
+        actual = verdict.monthly_cost if readable else (before.actual if before else None)
+        self._costs[deployment_id] = _Cost(
+            deployment, desired, actual, verdict.items if readable else (before.items if before else ())
+        )
+        self._by_namespace.setdefault(namespace, set()).add(deployment_id)
+        self._add(
+            namespace,
+            (desired or 0.0) - (before.desired or 0.0 if before else 0.0),
+            (actual or 0.0) - (before.actual or 0.0 if before else 0.0),
+        )
+        plan = CostPlan()
+        subject = costs.resource_subject(deployment_id)
+        crossing = costs.cross(
+            was_over=subject in self._over,
+            now_over=costs.raised_beyond(
+                desired=desired, actual=verdict.monthly_cost if readable else None, threshold=self._threshold
+            ),
+        )
+        if crossing.alert and desired is not None and actual is not None:
+            plan.raised.add(subject)
+            items = costs.costly_items(verdict.items)
+            message = costs.raised_message(
+                deployment, desired=desired, actual=actual, threshold=self._threshold, items=items
+            )
+            plan.alerts.append(
+                (
+                    costs.Reason.COST_RAISED,
+                    model.DriftEvent.about(
+                        deployment, model.EventKind.COST_ALERT, message, health=verdict.health, items=items
+                    ),
+                )
+            )
+        elif not crossing.over and subject in self._over:
+            plan.cleared.add(subject)
+        if self._started:
+            self._recheck.discard(namespace)
+            self._judge_budget(namespace, plan, cause=deployment_id)
+        return plan
+
+    async def observe(self, deployment: model.Deployment, verdict: drift.Evaluation) -> None:
+        """Judge one verdict and write what it changes on its own (no drift state with it)."""
+        plan = self.judge(deployment, verdict)
+        await self._write(plan)
+
+    async def recheck(self) -> None:
+        """Judge the budgets of namespaces whose budget or resources changed; drop forgotten subjects."""
+        plan = CostPlan(cleared={s for s in self._gone if s in self._over})
+        self._gone.clear()
+        if self._started:
+            namespaces, self._recheck = self._recheck, set()
+            for namespace in sorted(namespaces):
+                self._judge_budget(namespace, plan, cause=None)
+        await self._write(plan)
+
+    def _judge_budget(self, namespace: str, plan: CostPlan, *, cause: str | None) -> None:
+        subject = costs.namespace_subject(namespace)
+        actual = round(self._totals.get(namespace, (0.0, 0.0))[1], 2)
+        budget = self._budgets().budget_for(namespace)
+        members = [self._costs[d] for d in self._by_namespace.get(namespace, ())]
+        crossing = costs.cross(was_over=subject in self._over, now_over=costs.over_budget(actual, budget))
+        if crossing.alert and members and budget.monthly is not None:
+            # The event is about the deployment whose verdict crossed the line, else the costliest.
+            costliest = max(members, key=lambda c: c.actual or 0.0)
+            about = self._costs[cause] if cause is not None else costliest
+            plan.raised.add(subject)
+            message = costs.budget_message(
+                namespace,
+                actual=actual,
+                budget=budget.monthly,
+                costliest=f"{costliest.deployment.resource_type.value} {costliest.deployment.resource_name} "
+                f"({costliest.actual or 0.0:.2f}/month)",
+            )
+            plan.alerts.append(
+                (
+                    costs.Reason.OVER_BUDGET,
+                    model.DriftEvent.about(
+                        about.deployment,
+                        model.EventKind.COST_ALERT,
+                        message,
+                        health=None,
+                        items=costs.costly_items(about.items),
+                    ),
+                )
+            )
+        elif not crossing.over and subject in self._over:
+            plan.cleared.add(subject)
+
+    async def _write(self, plan: CostPlan) -> None:
+        if plan.empty:
+            return
+        await self._store.record_cost_alerts(raised=plan.raised, cleared=plan.cleared, events=plan.events)
+        self.committed(plan)
+
+    def committed(self, plan: CostPlan) -> None:
+        """A plan was written: its subjects are over (or no longer), its alerts counted."""
+        self._over = (self._over - plan.cleared) | plan.raised
+        for reason, event in plan.alerts:
+            self._on_alert(event.namespace, reason)
+
+
 class Detector:
     """Re-evaluates deployments when their objects change, and all of them periodically."""
 
@@ -265,7 +490,9 @@ class Detector:
         resync_interval: float = 60.0,
         startup_grace: float = 10.0,
         on_started: Callable[[], None] = lambda: None,
+        cost_watch: CostWatch | None = None,
     ) -> None:
+        self.costs = cost_watch
         # Called once the first sweep is done: everything known at start-up has been evaluated.
         self._on_started = on_started
         self._store = store
@@ -298,6 +525,8 @@ class Detector:
     async def run(self) -> None:
         """Evaluate dirty deployments as they come, and everything every ``resync_interval``."""
         self._reported = await self._store.drift_states()
+        if self.costs is not None:
+            await self.costs.load()
         # At start the caches are still listing: evaluating now would report every resource
         # Unknown, then Healthy again a moment later. Wait for them (a cluster that stays
         # unreadable is then reported as such).
@@ -327,9 +556,17 @@ class Detector:
                     log.warning(
                         "drift evaluation failed", extra={"deployment_id": deployment_id, "error": e.message}
                     )
+            if self.costs is not None:
+                try:
+                    await self.costs.recheck()
+                except errors.BrokerError as e:
+                    log.warning("cost budget check failed", extra={"error": e.message})
             return next_resync - time.monotonic()
 
         await sweep()
+        if self.costs is not None:
+            with contextlib.suppress(errors.BrokerError):  # judged again at the next sweep
+                await self.costs.start()
         self._on_started()
         await workers.run_forever(sweep, interval=self._resync_interval, wake=self._wake)
 
@@ -360,6 +597,12 @@ class Detector:
                 self._dirty.add(deployment_id)
         self._wake.set()
 
+    def budget_changed(self, namespace: str) -> None:
+        """A namespace's cost budget changed: judge it against its actual cost now."""
+        if self.costs is not None:
+            self.costs.budget_changed(namespace)
+            self._wake.set()
+
     def resync_now(self) -> None:
         """Evaluate every deployment soon: the cluster became readable again, or stopped being so."""
         self._resync.update(dict.fromkeys(self._open))
@@ -374,12 +617,16 @@ class Detector:
         self._forgotten_at = self._changes
         self._dirty.clear()
         self._resync.clear()
+        if self.costs is not None:
+            self.costs.clear()
 
     def _forget(self, deployment_id: str) -> None:
         self._reported.pop(deployment_id, None)
         opened = self._open.pop(deployment_id, None)
         if self._verdicts.pop(deployment_id, None) is not None and opened is not None:
             self._changed(opened[0])
+        if self.costs is not None:
+            self.costs.forget(deployment_id)
 
     async def evaluate(self, deployment_id: str, listed: model.Deployment | None = None) -> None:
         """Compare one deployment with what was last reported and record any change.
@@ -399,12 +646,25 @@ class Detector:
         after = _keep_detect_times(before, verdict.items) if readable else before
         events = changes(deployment, before, after, health_before, verdict.health)
         phase = lifecycle.phase_of_verdict(after)
-        if events or phase is not deployment.phase or health_before is None:
+        # Cost alerts go with the verdict they judge, in its transaction.
+        plan = CostPlan()
+        if self.costs is not None:
+            plan = self.costs.judge(
+                dataclasses.replace(deployment, phase=phase), dataclasses.replace(verdict, items=after)
+            )
+        if events or not plan.empty or phase is not deployment.phase or health_before is None:
             written = await self._store.record_evaluation(
-                deployment, items=after, health=verdict.health, phase=phase, events=events
+                deployment,
+                items=after,
+                health=verdict.health,
+                phase=phase,
+                events=events + plan.events,
+                crossings=(plan.raised, plan.cleared),
             )
             if not written:
                 return
+        if self.costs is not None:
+            self.costs.committed(plan)
         self._reported[deployment_id] = (after, verdict.health)
         self._keep_verdict(deployment, dataclasses.replace(verdict, items=after))
         open_items = _unexpected(after)

@@ -11,6 +11,9 @@ collector instead of being duplicated; the rest are updated where they happen.
 - ``broker_kube_watch_reconnects_total{kind}``, ``broker_kube_relists_total{kind}``
 - ``broker_callback_deliveries_total{result}``
 - ``broker_watch_subscribers``
+- ``broker_cost_alerts_total{namespace,reason}`` (reason ``cost_raised`` or ``over_budget``),
+  ``broker_namespace_cost_monthly{namespace,kind}`` (kind ``desired`` or ``actual``; on the leader,
+  which evaluates), ``broker_namespace_cost_budget{namespace}``
 - ``broker_leader`` (1 while this replica runs the leader-only workers),
   ``broker_leader_transitions_total{transition}``
 """
@@ -60,6 +63,17 @@ class Metrics:
         self.remediations = Counter(
             "broker_remediations", "Remediation attempts, by outcome.", ["outcome"], registry=self.registry
         )
+        self.cost_alerts = Counter(
+            "broker_cost_alerts",
+            "COST_ALERT events, by namespace and reason: cost_raised (drift raised a resource's cost past "
+            "the threshold) or over_budget (the namespace's actual cost crossed its budget).",
+            ["namespace", "reason"],
+            registry=self.registry,
+        )
+
+    def count_cost_alert(self, namespace: str, reason: str) -> None:
+        """Count one cost alert the detector wrote."""
+        self.cost_alerts.labels(namespace, reason).inc()
 
     def count_rpc(self, method: str, code: str, transport: str, seconds: float) -> None:
         """Count one call of an RPC (``code`` is the gRPC status name) over a transport."""
@@ -130,7 +144,32 @@ class ScrapeCollector(Collector):
         )
         for reason in ("max_connections", "header_timeout"):
             refusals.add_metric([reason], refused.get(reason, 0))
-        yield from (reconnects, relists, callbacks, subscribers, open_drifts, connections, refusals)
+        namespace_costs = GaugeMetricFamily(
+            "broker_namespace_cost_monthly",
+            "Estimated monthly cost of a namespace's evaluated resources, desired or actual (leader only).",
+            labels=["namespace", "kind"],
+        )
+        for namespace, (desired, actual) in sorted(data.get("namespace_costs", {}).items()):
+            namespace_costs.add_metric([namespace, "desired"], desired)
+            namespace_costs.add_metric([namespace, "actual"], actual)
+        budgets = GaugeMetricFamily(
+            "broker_namespace_cost_budget",
+            "Monthly cost budget of a namespace (configured or set through SetCostBudget).",
+            labels=["namespace"],
+        )
+        for namespace, amount in sorted(data.get("budgets", {}).items()):
+            budgets.add_metric([namespace], amount)
+        yield from (
+            reconnects,
+            relists,
+            callbacks,
+            subscribers,
+            open_drifts,
+            connections,
+            refusals,
+            namespace_costs,
+            budgets,
+        )
 
 
 LEADER_TRANSITIONS = ("acquired", "lost", "released")

@@ -33,7 +33,7 @@ from broker import auth, callbacks, errors, events, leadership, metrics, prevent
 from broker import detector as detection
 from broker import provisioner as provisioning
 from broker.api import connections, decoding, draining, gateway, grpc_api, grpc_metrics, reflection
-from broker.domain import admission, policy
+from broker.domain import admission, costs, policy
 from broker.domain import catalog as catalog_mod
 from broker.kube import client as kube_client
 from broker.kube import lease, observer
@@ -96,6 +96,9 @@ class Settings:
     remediate: bool = True
     remediation_base_delay: float = 1.0
     remediation_max_delay: float = 300.0
+    cost_alert_threshold: float = costs.DEFAULT_THRESHOLD
+    # Monthly budgets per namespace from the --config file; SetCostBudget overrides them.
+    budgets: dict[str, float] = dataclasses.field(default_factory=dict)
     callback_max_backoff: float = 60.0
     event_retention: int = 100_000
     event_prune_interval: float = 600.0
@@ -281,6 +284,7 @@ class Broker:
         self.metrics = metrics.Metrics()
         self.http_connections = connections.Counters()
         self.policies = service.PolicyBook(settings.rules)
+        self.budgets = service.BudgetBook(settings.budgets)
         self.supervisor = workers.Supervisor(self._worker_failed)
         self.leader_only = leadership.LeaderOnly(self.supervisor, elected=settings.leader_election.enabled)
         self._drain = draining.Drain(grpc_api.abort)
@@ -406,6 +410,7 @@ class Broker:
         _, newest = await self._store.event_bounds()
         self.supervisor.start("event-fanout", self.hub.tail(self._store.events_after, start=newest))
         self.policies = service.PolicyBook(settings.rules, await self._store.policies())
+        self.budgets = service.BudgetBook(settings.budgets, await self._store.budgets())
         callback_policy = callbacks.CallbackPolicy(
             allow_loopback=settings.callback_allow_loopback,
             allow_link_local=settings.callback_allow_link_local,
@@ -431,6 +436,8 @@ class Broker:
             hub=self.hub,
             watch_limits=settings.watch,
             prevention=prevention_of(settings),
+            budgets=self.budgets,
+            cost_alert_threshold=settings.cost_alert_threshold,
         )
         self.metrics.add_collector(metrics.ScrapeCollector(self._scrape))
         self.supervisor.start("event-retention", self._prune_events())
@@ -580,9 +587,17 @@ class Broker:
                 remediator=remediator if settings.remediate else None,
                 resync_interval=settings.resync_interval,
                 on_started=self._started_up,
+                cost_watch=detection.CostWatch(
+                    store=self.store,
+                    catalog=settings.catalog,
+                    threshold=settings.cost_alert_threshold,
+                    budgets=lambda: self.budgets.current,
+                    on_alert=lambda namespace, reason: self.metrics.count_cost_alert(namespace, reason.value),
+                ),
             ),
             prevention=guard,
         )
+        self.budgets.listeners.append(parts.detector.budget_changed)
         state.add_listener(parts.provisioner.notify)
         state.add_listener(parts.detector.notify)
         state.add_sync_listener(parts.detector.resync_now)
@@ -641,6 +656,12 @@ class Broker:
             "subscribers": len(self.hub),
             "http_connections": (self.http_connections.open, dict(self.http_connections.refused)),
             "open_drifts": self.detector.open_drifts() if self.detector else {},
+            "namespace_costs": self.detector.costs.totals() if self.detector and self.detector.costs else {},
+            "budgets": {
+                ns: b.monthly
+                for ns in self.budgets.current.namespaces()
+                if (b := self.budgets.current.budget_for(ns)).monthly is not None
+            },
         }
 
     async def _prune_events(self) -> None:

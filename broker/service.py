@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Callable, Hashable
 from typing import Any, Protocol
 
 from broker import auth, errors, events
-from broker.domain import admission, drift, lifecycle, model, naming, policy, rules, validation
+from broker.domain import admission, costs, drift, lifecycle, model, naming, policy, rules, validation
 from broker.domain import catalog as catalog_mod
 from broker.store import port
 
@@ -166,6 +166,39 @@ class PolicyBook:
             listener()
 
 
+class BudgetBook:
+    """The cost budgets in effect: configured ones, overridden by those set through the API."""
+
+    def __init__(
+        self, configured: dict[str, float] | None = None, stored: dict[str, float] | None = None
+    ) -> None:
+        self.current = costs.Budgets(configured=dict(configured or {}), stored=dict(stored or {}))
+        self.listeners: list[Callable[[str], None]] = []
+        """Called with the namespace after every change (the detector re-checks its budget)."""
+
+    def set(self, namespace: str, monthly: float | None) -> None:
+        """Put a namespace's API budget in effect (None removes it)."""
+        self.current = self.current.with_stored(namespace, monthly)
+        for listener in self.listeners:
+            listener(namespace)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetInput:
+    """A set-budget request as a transport parsed it, before validation; None removes the budget."""
+
+    namespace: str
+    monthly: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CostSummaryInput:
+    """A cost-summary request as a transport parsed it, before validation."""
+
+    namespace: str
+    max_drifts: int = 0
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class WatchInput:
     """A drift subscription as a transport parsed it, before validation."""
@@ -231,8 +264,12 @@ class BrokerService:
         hub: events.EventHub | None = None,
         watch_limits: WatchLimits | None = None,
         prevention: admission.Prevention | None = None,
+        budgets: BudgetBook | None = None,
+        cost_alert_threshold: float = costs.DEFAULT_THRESHOLD,
     ) -> None:
         self.prevention = prevention or admission.Prevention()
+        self.budgets = budgets or BudgetBook()
+        self.cost_alert_threshold = cost_alert_threshold
         self._hub = hub if hub is not None else events.EventHub()
         self.watch_limits = watch_limits or WatchLimits()
         self._streams: dict[str, int] = {}
@@ -508,6 +545,70 @@ class BrokerService:
             found = self.policies.current.rule_for(namespace, resource_type)
         return dataclasses.replace(
             found, namespace=namespace, resource_type=found.resource_type or resource_type
+        )
+
+    async def set_budget(self, principal: auth.Principal, request: BudgetInput) -> costs.Budget:
+        """Store a namespace's monthly budget (or remove the API's) and put it in effect.
+
+        Authorized like ``set_policy``: a principal granted the namespace sets its budget.
+        """
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(request.namespace, violations, field="budget.namespace")
+        if request.monthly is not None:
+            problem = costs.amount_problem(request.monthly)
+            if problem:
+                violations.append(errors.FieldViolation("budget.monthly_budget", problem))
+        validation.raise_if(violations)
+        with _audited(principal, "SetCostBudget", request.namespace, "budget") as record:
+            principal.require(request.namespace)
+            await self._store.set_budget(request.namespace, request.monthly)
+            self.budgets.set(request.namespace, request.monthly)
+            record(monthly_budget="removed" if request.monthly is None else f"{request.monthly:g}")
+        return self.budgets.current.budget_for(request.namespace)
+
+    def get_budget(self, principal: auth.Principal, namespace: str) -> costs.Budget:
+        """The budget in effect for a namespace (none, configured, or set through the API)."""
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(namespace, violations)
+        validation.raise_if(violations)
+        principal.require(namespace)
+        return self.budgets.current.budget_for(namespace)
+
+    async def cost_summary(self, principal: auth.Principal, request: CostSummaryInput) -> costs.Summary:
+        """A namespace's desired against actual monthly cost, its budget and its costliest drifts.
+
+        The figures are those every read shows: the detector's verdicts (or, for a deployment it
+        has not judged yet, an evaluation from the caches).
+        """
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(request.namespace, violations)
+        if not 0 <= request.max_drifts <= costs.MAX_DRIFTS:
+            violations.append(
+                errors.FieldViolation(
+                    "max_drifts", f"must be 1 to {costs.MAX_DRIFTS} (0 means {costs.DEFAULT_MAX_DRIFTS})"
+                )
+            )
+        validation.raise_if(violations)
+        principal.require(request.namespace)
+        deployments = await self._store.live_deployments(_SNAPSHOT_PHASES, [request.namespace])
+        resources = []
+        for deployment in deployments:
+            view = self._view(deployment)
+            evaluation = view.evaluation
+            resources.append(
+                costs.ResourceCost(
+                    deployment=deployment,
+                    desired=costs.desired_cost(deployment, self._catalog),
+                    actual=evaluation.monthly_cost if evaluation is not None else None,
+                    items=evaluation.items if evaluation is not None else (),
+                )
+            )
+        return costs.summarize(
+            request.namespace,
+            resources,
+            budget=self.budgets.current.budget_for(request.namespace),
+            threshold=self.cost_alert_threshold,
+            max_drifts=request.max_drifts or costs.DEFAULT_MAX_DRIFTS,
         )
 
     async def watch(

@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from broker.domain import admission
+from broker.domain import admission, costs
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -42,6 +42,14 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"must be a positive whole number, not {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    problem = costs.threshold_problem(value)
+    if problem:
+        raise ValueError(f"{problem}, not {text!r}")
     return value
 
 
@@ -107,6 +115,7 @@ STORE_URL = Kind(_store_url, "URL")
 SWITCH = Kind(bool, None, switch=True)
 MODES = Kind(_prevention_modes, "MODES")
 USER = Kind(str, "USERNAME")
+FRACTION = Kind(_fraction, "FRACTION")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +268,13 @@ TABLE: tuple[Setting, ...] = (
         "--remediation-max-backoff",
         SECONDS,
         "the longest wait between remediations of a drift another actor keeps undoing",
+    ),
+    Setting(
+        "cost_alert_threshold",
+        "--cost-alert-threshold",
+        FRACTION,
+        "a COST_ALERT when drift makes a resource cost more than this fraction above its desired cost "
+        "(0.2: over 20 percent); namespace budgets are the budgets key of --config and SetCostBudget",
     ),
     Setting("tls_cert", "--tls-cert", FILE, "serve gRPC and HTTP over TLS with this certificate (PEM)"),
     Setting("tls_key", "--tls-key", FILE, "the certificate's private key (PEM)"),

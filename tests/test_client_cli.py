@@ -112,9 +112,12 @@ async def test_broker_get_prints_a_table_with_the_header_and_a_row_per_resource(
     )
 
     assert code == 0, err
-    lines = out.splitlines()
+    table, _, costs = out.partition("\n\n")
+    lines = table.splitlines()
     assert lines[0].split() == ["NAME", "TYPE", "PHASE", "HEALTH", "DRIFT", "COST/MONTH", "DEPLOYMENT"]
     [row] = [line for line in lines[1:] if line.strip()]
+    # Below the table, the namespace's cost: desired against actual (3 replicas), and no budget.
+    assert costs.strip() == "COST/MONTH  desired 45.50  actual 136.50  budget none"
     assert row.startswith("orders-db ")
     assert row.endswith(deployment_id)
     assert " database " in row
@@ -408,13 +411,14 @@ async def test_get_watch_and_the_example_manager_spell_the_connection_flags_the_
     get = await help_of("-m", "broker", "get")
     watch = await help_of("-m", "broker", "watch")
     manager = await help_of("-m", "broker_client.examples.database_manager")
+    costs = await help_of("-m", "broker", "costs")
 
     shared = {
         "--target HOST:PORT": "broker gRPC address (default $BROKER_TARGET, else localhost:50051)",
         "--token TOKEN": "bearer token (default $BROKER_TOKEN)",
         "--tls": "the broker's gRPC port is behind TLS",
     }
-    for name, options in (("get", get), ("watch", watch), ("manager", manager)):
+    for name, options in (("get", get), ("watch", watch), ("manager", manager), ("costs", costs)):
         for synopsis, text in shared.items():
             assert options.get(synopsis) == text, (name, synopsis, options)
         assert "-n NAMESPACE, --namespace NAMESPACE" in options, (name, options)

@@ -55,6 +55,15 @@ VALID: dict[str, bytes] = {
     "/broker.v1.BrokerService/GetAdmissionPolicy": pb.GetAdmissionPolicyRequest(
         mode="deny"
     ).SerializeToString(),
+    "/broker.v1.BrokerService/SetCostBudget": pb.SetCostBudgetRequest(
+        budget=pb.CostBudget(namespace="team-platform", monthly_budget=250.0)
+    ).SerializeToString(),
+    "/broker.v1.BrokerService/GetCostBudget": pb.GetCostBudgetRequest(
+        namespace="team-platform"
+    ).SerializeToString(),
+    "/broker.v1.BrokerService/GetCostSummary": pb.GetCostSummaryRequest(
+        namespace="team-platform", max_drifts=5
+    ).SerializeToString(),
     "/grpc.health.v1.Health/Check": health_pb2.HealthCheckRequest(service="").SerializeToString(),
 }
 STREAMING = {"/broker.v1.BrokerService/WatchDrift": pb.WatchDriftRequest().SerializeToString()}

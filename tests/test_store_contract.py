@@ -354,3 +354,74 @@ async def test_old_request_ids_and_delivered_callbacks_are_forgotten_undelivered
     again = await store.provision(command("db-kept", replicas=3, request_id="req-old"))
     assert again.changed
     assert again.generation == 2
+
+
+async def test_budgets_are_set_replaced_and_removed_per_namespace(store: port.Store) -> None:
+    assert await store.budgets() == {}
+    await store.set_budget("team-platform", 120.5)
+    await store.set_budget("team-payments", 0.0)
+    await store.set_budget("team-platform", 99.25)  # replaces, never a second row
+    assert await store.budgets() == {"team-platform": 99.25, "team-payments": 0.0}
+    await store.set_budget("team-payments", None)
+    await store.set_budget("team-nobody", None)  # removing what is not there is no error
+    assert await store.budgets() == {"team-platform": 99.25}
+
+
+async def test_cost_alert_crossings_and_their_events_are_written_together(store: port.Store) -> None:
+    deployment = await ready(store)
+    _, before = await store.event_bounds()
+    alert = model.DriftEvent.about(deployment, model.EventKind.COST_ALERT, "Cost alert: over", health=None)
+    await store.record_cost_alerts(
+        raised={"resource:" + deployment.deployment_id, "namespace:team-platform"},
+        cleared=set(),
+        events=[alert],
+    )
+    assert await store.cost_alerts() == {"resource:" + deployment.deployment_id, "namespace:team-platform"}
+    events = await store.events_after(before, 10)
+    assert [(e.kind, e.message, e.deployment_id) for e in events] == [
+        (model.EventKind.COST_ALERT, "Cost alert: over", deployment.deployment_id)
+    ]
+    listed = await store.list_events(
+        model.EventQuery(namespace=NS, kinds=frozenset({model.EventKind.COST_ALERT})),
+        model.PageRequest(10, ""),
+    )
+    assert [e.sequence for e in listed.items] == [events[0].sequence]
+    # Raising a subject already over changes nothing; clearing forgets it, with no event.
+    await store.record_cost_alerts(
+        raised={"namespace:team-platform"}, cleared={"resource:" + deployment.deployment_id}, events=[]
+    )
+    assert await store.cost_alerts() == {"namespace:team-platform"}
+    assert await store.events_after(events[0].sequence, 10) == []
+
+
+async def test_a_verdict_writes_its_cost_crossings_and_alerts_in_its_own_transaction(
+    store: port.Store,
+) -> None:
+    deployment = await ready(store)
+    subject = "resource:" + deployment.deployment_id
+    alert = model.DriftEvent.about(deployment, model.EventKind.COST_ALERT, "Cost alert: raised", health=None)
+    assert await store.record_evaluation(
+        deployment,
+        items=(),
+        health=model.Health.HEALTHY,
+        phase=model.Phase.READY,
+        events=[alert],
+        crossings=({subject}, set()),
+    )
+    assert await store.cost_alerts() == {subject}
+    # A verdict for an operation that moved on writes nothing: no crossing, no alert.
+    moved_on = dataclasses.replace(
+        deployment,
+        last_operation=dataclasses.replace(deployment.last_operation, operation_id=model.OperationId("op-x")),
+    )
+    _, newest = await store.event_bounds()
+    assert not await store.record_evaluation(
+        moved_on,
+        items=(),
+        health=model.Health.HEALTHY,
+        phase=model.Phase.READY,
+        events=[alert],
+        crossings=(set(), {subject}),
+    )
+    assert await store.cost_alerts() == {subject}
+    assert (await store.event_bounds())[1] == newest

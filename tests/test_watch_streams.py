@@ -379,7 +379,10 @@ async def test_the_history_is_listed_in_order_over_grpc_and_http(
         await admin.wait_ready(await admin.provision("db-elsewhere", OTHER), OTHER)
         watch = manager.watch(after_sequence=0)
         await kubectl.scale("db-h1", 3)
-        await watch.wait_kinds([K.DRIFT_EVENT_KIND_DRIFT_DETECTED], deployment_id=ids[1])
+        # Three replicas cost three times one: past the cost-alert threshold, a CostAlert follows.
+        await watch.wait_kinds(
+            [K.DRIFT_EVENT_KIND_DRIFT_DETECTED, K.DRIFT_EVENT_KIND_COST_ALERT], deployment_id=ids[1]
+        )
 
         from broker.api import convert
 
@@ -403,6 +406,7 @@ async def test_the_history_is_listed_in_order_over_grpc_and_http(
             K.DRIFT_EVENT_KIND_PROVISIONING_SUCCEEDED,
             K.DRIFT_EVENT_KIND_EXPECTED_DRIFT,  # the seed's 15 running as 15.2: a trace, no alarm
             K.DRIFT_EVENT_KIND_DRIFT_DETECTED,
+            K.DRIFT_EVENT_KIND_COST_ALERT,
         ]
 
         # GET /v1/events, page by page, in the seed's spelling.

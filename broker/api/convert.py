@@ -15,7 +15,7 @@ from broker_client.v1 import broker_pb2 as pb
 from google.protobuf import timestamp_pb2
 
 from broker import errors, service
-from broker.domain import model, policy
+from broker.domain import costs, model, policy
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -62,11 +62,12 @@ SEVERITIES = _EnumMap(model.Severity, pb.Severity, "SEVERITY_")
 ACTIONS = _EnumMap(model.Action, pb.RecommendedAction, "RECOMMENDED_ACTION_")
 EVENT_KINDS = _EnumMap(model.EventKind, pb.DriftEventKind, "DRIFT_EVENT_KIND_")
 MODES = _EnumMap(policy.Mode, pb.RemediationMode, "REMEDIATION_MODE_")
+BUDGET_SOURCES = _EnumMap(costs.Source, pb.CostBudgetSource, "COST_BUDGET_SOURCE_")
 
 
 _ALL_MAPS = (RESOURCE_TYPES, PHASES, HEALTH, DATA_POLICIES, OPERATION_TYPES, OPERATION_STATES)
 _MAPS: dict[type[enum.Enum], _EnumMap] = {
-    m.domain: m for m in (*_ALL_MAPS, DRIFT_CLASSES, SEVERITIES, ACTIONS, EVENT_KINDS, MODES)
+    m.domain: m for m in (*_ALL_MAPS, DRIFT_CLASSES, SEVERITIES, ACTIONS, EVENT_KINDS, MODES, BUDGET_SOURCES)
 }
 
 
@@ -379,6 +380,58 @@ def rule_to_proto(rule: policy.Rule) -> pb.RemediationPolicy:
         resource_type=RESOURCE_TYPES.to_proto(rule.resource_type),
         mode=MODES.to_proto(rule.mode),
         ignore_fields=sorted(rule.ignore_fields),
+    )
+
+
+def budget_input(msg: pb.CostBudget) -> service.BudgetInput:
+    """A set-budget request: an absent monthly_budget removes the namespace's API budget."""
+    return service.BudgetInput(
+        namespace=msg.namespace, monthly=msg.monthly_budget if msg.HasField("monthly_budget") else None
+    )
+
+
+def budget_to_proto(budget: costs.Budget) -> pb.CostBudget:
+    """The proto of a namespace's budget in effect."""
+    return pb.CostBudget(
+        namespace=budget.namespace,
+        monthly_budget=budget.monthly,
+        source=BUDGET_SOURCES.to_proto(budget.source),
+    )
+
+
+def cost_summary_to_proto(summary: costs.Summary) -> pb.GetCostSummaryResponse:
+    """The proto of a namespace's cost summary."""
+    return pb.GetCostSummaryResponse(
+        namespace=summary.namespace,
+        desired_monthly_cost=summary.desired,
+        actual_monthly_cost=summary.actual,
+        budget=budget_to_proto(summary.budget),
+        budget_exceeded=summary.exceeded,
+        top_drifts=[
+            pb.CostDrift(
+                deployment_id=d.deployment.deployment_id,
+                resource_type=RESOURCE_TYPES.to_proto(d.deployment.resource_type),
+                resource_name=d.deployment.resource_name,
+                rule_id=d.item.rule_id,
+                field=d.item.field,
+                desired=d.item.desired,
+                actual=d.item.actual,
+                monthly_cost_delta=d.item.monthly_cost_delta or 0.0,
+                message=d.item.message,
+            )
+            for d in summary.top_drifts
+        ],
+        resources=[
+            pb.ResourceCost(
+                deployment_id=r.deployment.deployment_id,
+                resource_type=RESOURCE_TYPES.to_proto(r.deployment.resource_type),
+                resource_name=r.deployment.resource_name,
+                desired_monthly_cost=r.desired,
+                actual_monthly_cost=r.actual,
+            )
+            for r in summary.resources
+        ],
+        cost_alert_threshold=summary.threshold,
     )
 
 

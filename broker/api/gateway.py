@@ -17,6 +17,8 @@ Paths (all but the probes need ``Authorization: Bearer <token>`` unless the brok
 - ``GET|PUT /v1/policies``                     Get/SetRemediationPolicy
 - ``GET /v1/openapi.json``                     the OpenAPI document of these paths (``openapi``), public
 - ``GET /v1/admission-policy``                 GetAdmissionPolicy (``?mode=``)
+- ``GET|PUT /v1/budgets``                      Get/SetCostBudget
+- ``GET /v1/costs``                            GetCostSummary (``?namespace=&maxDrifts=``)
 - ``GET /healthz``, ``GET /readyz``            liveness and readiness; ``GET /metrics``
 - ``/ui/...``                                  the operator's web view (``ui``), same authentication
 """

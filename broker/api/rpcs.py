@@ -102,6 +102,20 @@ async def _admission_policy(
     )
 
 
+async def _set_budget(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    budget = await svc.set_budget(principal, convert.budget_input(req.budget))
+    return pb.SetCostBudgetResponse(budget=convert.budget_to_proto(budget))
+
+
+async def _get_budget(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    return pb.GetCostBudgetResponse(budget=convert.budget_to_proto(svc.get_budget(principal, req.namespace)))
+
+
+async def _cost_summary(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    summary = await svc.cost_summary(principal, service.CostSummaryInput(req.namespace, req.max_drifts))
+    return convert.cost_summary_to_proto(summary)
+
+
 TABLE: tuple[Rpc, ...] = (
     Rpc("Provision", pb.ProvisionRequest, _provision, (Route("POST", "/v1/provision", 202, body=True),)),
     Rpc(
@@ -150,6 +164,14 @@ TABLE: tuple[Rpc, ...] = (
         _admission_policy,
         (Route("GET", "/v1/admission-policy"),),
     ),
+    Rpc(
+        "SetCostBudget",
+        pb.SetCostBudgetRequest,
+        _set_budget,
+        (Route("PUT", "/v1/budgets", body=True, wrap="budget"),),
+    ),
+    Rpc("GetCostBudget", pb.GetCostBudgetRequest, _get_budget, (Route("GET", "/v1/budgets"),)),
+    Rpc("GetCostSummary", pb.GetCostSummaryRequest, _cost_summary, (Route("GET", "/v1/costs"),)),
 )
 STREAMING = frozenset({"WatchDrift"})
 

@@ -242,6 +242,7 @@ class EventKind(enum.Enum):
     PROVISIONING_FAILED = "ProvisioningFailed"
     DEPROVISIONED = "Deprovisioned"
     EXPECTED_DRIFT = "ExpectedDrift"
+    COST_ALERT = "CostAlert"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import Any, Protocol
 
 from broker.domain import model, policy
 
 Listener = Callable[[list[model.DriftEvent]], None]
+# Cost-alert subjects that went over, and those back below (``CostAlerts``).
+Crossings = tuple[Set[str], Set[str]]
 
 
 class Deployments(Protocol):
@@ -150,8 +152,13 @@ class Verdicts(Protocol):
         health: model.Health,
         phase: model.Phase,
         events: list[model.DriftEvent],
+        crossings: Crossings = (frozenset(), frozenset()),
     ) -> bool:
-        """Store a verdict, its phase and its events atomically; False when the deployment moved on."""
+        """Store a verdict, its phase and its events atomically; False when the deployment moved on.
+
+        ``crossings`` are the cost-alert subjects that went over and back below with this verdict
+        (``CostAlerts``), written in the same transaction as the alerts among ``events``.
+        """
         ...
 
     async def drift_states(self) -> dict[str, tuple[tuple[model.DriftItem, ...], model.Health]]:
@@ -209,7 +216,39 @@ class Policies(Protocol):
         ...
 
 
-class Store(Deployments, Operations, EventLog, Verdicts, Outbox, Retention, Policies, Protocol):
+class Budgets(Protocol):
+    """Monthly cost budgets set through the API, per namespace."""
+
+    async def set_budget(self, namespace: str, monthly: float | None) -> None:
+        """Store a namespace's budget (replacing its earlier one); None removes it."""
+        ...
+
+    async def budgets(self) -> dict[str, float]:
+        """Every stored budget, by namespace."""
+        ...
+
+
+class CostAlerts(Protocol):
+    """Which subjects (resources, namespaces) are over their cost threshold or budget now.
+
+    Kept so that a restart or a new leader does not alert again for a crossing already told
+    (``broker.domain.costs``: once per crossing).
+    """
+
+    async def cost_alerts(self) -> set[str]:
+        """The subjects currently over."""
+        ...
+
+    async def record_cost_alerts(
+        self, *, raised: Set[str], cleared: Set[str], events: list[model.DriftEvent]
+    ) -> None:
+        """Remember subjects that went over, forget those back below, and append the alerts, atomically."""
+        ...
+
+
+class Store(
+    Deployments, Operations, EventLog, Verdicts, Outbox, Retention, Policies, Budgets, CostAlerts, Protocol
+):
     """Every concern, and the adapter's lifecycle."""
 
     async def ping(self) -> None:
@@ -229,7 +268,7 @@ class Store(Deployments, Operations, EventLog, Verdicts, Outbox, Retention, Poli
         ...
 
 
-class DetectorStore(Deployments, EventLog, Verdicts, Protocol):
+class DetectorStore(Deployments, EventLog, Verdicts, CostAlerts, Protocol):
     """What the detector and the remediator use."""
 
 

@@ -50,7 +50,7 @@ import hashlib
 import json
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Set
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -714,6 +714,7 @@ class Store:
         health: model.Health,
         phase: model.Phase,
         events: list[model.DriftEvent],
+        crossings: port.Crossings = (frozenset(), frozenset()),
     ) -> bool:
         """Store what the detector now reports, the resulting phase, and the events, in one transaction.
 
@@ -742,6 +743,7 @@ class Store:
                 health.value,
                 now,
             )
+            await self._cross(tx, *crossings, now)
             tx.events.extend((dataclasses.replace(event, phase=phase), now) for event in events)
             return True
 
@@ -825,6 +827,52 @@ class Store:
             )
             for r in rows
         ]
+
+    async def set_budget(self, namespace: str, monthly: float | None) -> None:
+        """Store a namespace's budget, replacing its earlier one; None removes it."""
+        async with self._transaction() as tx:
+            if monthly is None:
+                await tx.conn.execute("DELETE FROM cost_budgets WHERE namespace = $1", namespace)
+                return
+            await tx.conn.execute(
+                "INSERT INTO cost_budgets (namespace, monthly_budget, update_time) VALUES ($1, $2, $3) "
+                "ON CONFLICT (namespace) DO UPDATE SET monthly_budget = excluded.monthly_budget, "
+                "update_time = excluded.update_time",
+                namespace,
+                monthly,
+                codec.now(),
+            )
+
+    async def budgets(self) -> dict[str, float]:
+        """Every stored budget, by namespace."""
+        rows = await self._fetch("SELECT namespace, monthly_budget FROM cost_budgets")
+        return {r["namespace"]: float(r["monthly_budget"]) for r in rows}
+
+    async def cost_alerts(self) -> set[str]:
+        """The subjects over their cost threshold or budget now."""
+        rows = await self._fetch("SELECT subject FROM cost_alerts")
+        return {r["subject"] for r in rows}
+
+    async def record_cost_alerts(
+        self, *, raised: Set[str], cleared: Set[str], events: list[model.DriftEvent]
+    ) -> None:
+        """Remember subjects that went over, forget those back below, append the alerts: one transaction."""
+        now = codec.now()
+        async with self._transaction() as tx:
+            await self._cross(tx, raised, cleared, now)
+            tx.events.extend((event, now) for event in events)
+
+    @staticmethod
+    async def _cross(tx: _Tx, raised: Set[str], cleared: Set[str], now: datetime.datetime) -> None:
+        if cleared:
+            await tx.conn.execute("DELETE FROM cost_alerts WHERE subject = ANY($1::text[])", sorted(cleared))
+        if raised:
+            await tx.conn.execute(
+                "INSERT INTO cost_alerts (subject, since) SELECT unnest($1::text[]), $2 "
+                "ON CONFLICT (subject) DO NOTHING",
+                sorted(raised),
+                now,
+            )
 
     # Reads ----------------------------------------------------------------------------------------
 

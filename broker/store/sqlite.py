@@ -29,7 +29,7 @@ import logging
 import os
 import pathlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Set
 from typing import Any
 
 import aiosqlite
@@ -737,6 +737,7 @@ class Store:
         health: model.Health,
         phase: model.Phase,
         events: list[model.DriftEvent],
+        crossings: port.Crossings = (frozenset(), frozenset()),
     ) -> bool:
         """Store what the detector now reports, the resulting phase, and the events, in one transaction.
 
@@ -769,6 +770,7 @@ class Store:
                     codec.ts(now),
                 ),
             )
+            await self._cross(db, *crossings, now)
             for event in events:
                 await self._append_event(db, dataclasses.replace(event, phase=phase), now)
             return True
@@ -874,6 +876,53 @@ class Store:
             )
             for r in rows
         ]
+
+    async def set_budget(self, namespace: str, monthly: float | None) -> None:
+        """Store a namespace's budget, replacing its earlier one; None removes it."""
+        async with self._transaction() as db:
+            if monthly is None:
+                await db.execute("DELETE FROM cost_budgets WHERE namespace = ?", (namespace,))
+                return
+            await db.execute(
+                "INSERT INTO cost_budgets (namespace, monthly_budget, update_time) VALUES (?, ?, ?) "
+                "ON CONFLICT (namespace) DO UPDATE SET monthly_budget = excluded.monthly_budget, "
+                "update_time = excluded.update_time",
+                (namespace, monthly, codec.ts(codec.now())),
+            )
+
+    async def budgets(self) -> dict[str, float]:
+        """Every stored budget, by namespace."""
+        async with self._read() as db:
+            rows = list(await db.execute_fetchall("SELECT namespace, monthly_budget FROM cost_budgets"))
+        return {r["namespace"]: float(r["monthly_budget"]) for r in rows}
+
+    async def cost_alerts(self) -> set[str]:
+        """The subjects over their cost threshold or budget now."""
+        async with self._read() as db:
+            rows = list(await db.execute_fetchall("SELECT subject FROM cost_alerts"))
+        return {r["subject"] for r in rows}
+
+    async def record_cost_alerts(
+        self, *, raised: Set[str], cleared: Set[str], events: list[model.DriftEvent]
+    ) -> None:
+        """Remember subjects that went over, forget those back below, append the alerts: one transaction."""
+        now = codec.now()
+        async with self._transaction() as db:
+            await self._cross(db, raised, cleared, now)
+            for event in events:
+                await self._append_event(db, event, now)
+
+    @staticmethod
+    async def _cross(
+        db: aiosqlite.Connection, raised: Set[str], cleared: Set[str], now: datetime.datetime
+    ) -> None:
+        for subject in sorted(cleared):
+            await db.execute("DELETE FROM cost_alerts WHERE subject = ?", (subject,))
+        for subject in sorted(raised):
+            await db.execute(
+                "INSERT INTO cost_alerts (subject, since) VALUES (?, ?) ON CONFLICT (subject) DO NOTHING",
+                (subject, codec.ts(now)),
+            )
 
     # Reads ----------------------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@
   const KIND_TONE = {
     DriftDetected: "warn", DriftChanged: "warn", ResourceMissing: "bad", RemediationFailed: "bad",
     ProvisioningFailed: "bad", DriftResolved: "ok", RemediationSucceeded: "ok",
-    ProvisioningSucceeded: "ok", RemediationStarted: "info", ExpectedDrift: "info",
+    ProvisioningSucceeded: "ok", RemediationStarted: "info", ExpectedDrift: "info", CostAlert: "warn",
   };
 
   function badge(text, tone) {

@@ -49,6 +49,8 @@ _RETRIED = (
     "GetDeployment",
     "ListDriftEvents",
     "GetRemediationPolicy",
+    "GetCostBudget",
+    "GetCostSummary",
     "Provision",
     "Deprovision",
 )
@@ -448,6 +450,33 @@ class BrokerClient:
             self._stub.GetAdmissionPolicy, pb.GetAdmissionPolicyRequest(mode=mode)
         )
         return [json_format.MessageToDict(o) for o in reply.objects], reply.applied
+
+    async def set_cost_budget(self, namespace: str, monthly_budget: float | None) -> pb.CostBudget:
+        """Set a namespace's monthly cost budget; None removes the one set through the API.
+
+        Returns the budget in effect afterwards (a configured one, once the API's is removed).
+        """
+        budget = pb.CostBudget(namespace=namespace)
+        if monthly_budget is not None:
+            budget.monthly_budget = monthly_budget
+        reply: pb.SetCostBudgetResponse = await self._call(
+            self._stub.SetCostBudget, pb.SetCostBudgetRequest(budget=budget)
+        )
+        return reply.budget
+
+    async def get_cost_budget(self, namespace: str) -> pb.CostBudget:
+        """The budget in effect for a namespace (``monthly_budget`` unset when it has none)."""
+        reply: pb.GetCostBudgetResponse = await self._call(
+            self._stub.GetCostBudget, pb.GetCostBudgetRequest(namespace=namespace)
+        )
+        return reply.budget
+
+    async def get_cost_summary(self, namespace: str, *, max_drifts: int = 0) -> pb.GetCostSummaryResponse:
+        """A namespace's desired against actual monthly cost, its budget, and the costliest drifts."""
+        reply: pb.GetCostSummaryResponse = await self._call(
+            self._stub.GetCostSummary, pb.GetCostSummaryRequest(namespace=namespace, max_drifts=max_drifts)
+        )
+        return reply
 
     async def wait_ready(
         self,

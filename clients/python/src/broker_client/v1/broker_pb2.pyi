@@ -335,6 +335,11 @@ class _DriftEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DriftE
     """Expected drift (a newer patch version, say) appeared or changed: nothing to do, recorded so
     that the history tells every change of what runs.
     """
+    DRIFT_EVENT_KIND_COST_ALERT: _DriftEventKind.ValueType  # 18
+    """Drift raised a resource's estimated monthly cost above its desired cost by more than the
+    broker's cost-alert threshold, or the namespace's actual cost crossed its budget. Sent once per
+    crossing: again only after the cost went back below. (13 to 17 are taken by approval events.)
+    """
 
 class DriftEventKind(_DriftEventKind, metaclass=_DriftEventKindEnumTypeWrapper):
     """DriftEventKind names the kind of change a drift event reports."""
@@ -367,7 +372,36 @@ DRIFT_EVENT_KIND_EXPECTED_DRIFT: DriftEventKind.ValueType  # 12
 """Expected drift (a newer patch version, say) appeared or changed: nothing to do, recorded so
 that the history tells every change of what runs.
 """
+DRIFT_EVENT_KIND_COST_ALERT: DriftEventKind.ValueType  # 18
+"""Drift raised a resource's estimated monthly cost above its desired cost by more than the
+broker's cost-alert threshold, or the namespace's actual cost crossed its budget. Sent once per
+crossing: again only after the cost went back below. (13 to 17 are taken by approval events.)
+"""
 Global___DriftEventKind: _TypeAlias = DriftEventKind  # noqa: Y015
+
+class _CostBudgetSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CostBudgetSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CostBudgetSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COST_BUDGET_SOURCE_UNSPECIFIED: _CostBudgetSource.ValueType  # 0
+    """No budget applies to the namespace."""
+    COST_BUDGET_SOURCE_CONFIGURATION: _CostBudgetSource.ValueType  # 1
+    """The budget comes from the broker's configuration file (budgets)."""
+    COST_BUDGET_SOURCE_API: _CostBudgetSource.ValueType  # 2
+    """The budget was set through SetCostBudget; it overrides a configured one."""
+
+class CostBudgetSource(_CostBudgetSource, metaclass=_CostBudgetSourceEnumTypeWrapper):
+    """CostBudgetSource says where a namespace's budget comes from."""
+
+COST_BUDGET_SOURCE_UNSPECIFIED: CostBudgetSource.ValueType  # 0
+"""No budget applies to the namespace."""
+COST_BUDGET_SOURCE_CONFIGURATION: CostBudgetSource.ValueType  # 1
+"""The budget comes from the broker's configuration file (budgets)."""
+COST_BUDGET_SOURCE_API: CostBudgetSource.ValueType  # 2
+"""The budget was set through SetCostBudget; it overrides a configured one."""
+Global___CostBudgetSource: _TypeAlias = CostBudgetSource  # noqa: Y015
 
 class _RemediationMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -1710,3 +1744,319 @@ class GetAdmissionPolicyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAdmissionPolicyResponse: _TypeAlias = GetAdmissionPolicyResponse  # noqa: Y015
+
+@_typing.final
+class CostBudget(_message.Message):
+    """CostBudget is the monthly cost budget of one namespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    MONTHLY_BUDGET_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace the budget applies to: a DNS-1123 label."""
+    monthly_budget: _builtins.float
+    """MonthlyBudget is the most the namespace's resources should cost per month, in the price
+    table's currency: a finite number, 0 or more. Absent means no budget; in SetCostBudget, absent
+    removes the budget set through the API.
+    """
+    source: Global___CostBudgetSource.ValueType
+    """Source says where the budget in effect comes from; ignored in SetCostBudget."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        monthly_budget: _builtins.float | None = ...,
+        source: Global___CostBudgetSource.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_monthly_budget", b"_monthly_budget", "monthly_budget", b"monthly_budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_monthly_budget", b"_monthly_budget", "monthly_budget", b"monthly_budget", "namespace", b"namespace", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__monthly_budget: _TypeAlias = _typing.Literal["monthly_budget"]  # noqa: Y015
+    _WhichOneofArgType__monthly_budget: _TypeAlias = _typing.Literal["_monthly_budget", b"_monthly_budget"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__monthly_budget) -> _WhichOneofReturnType__monthly_budget | None: ...
+
+Global___CostBudget: _TypeAlias = CostBudget  # noqa: Y015
+
+@_typing.final
+class SetCostBudgetRequest(_message.Message):
+    """SetCostBudgetRequest sets one namespace's budget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___CostBudget:
+        """Budget is the budget to set; it replaces any budget set through the API for the namespace."""
+
+    def __init__(
+        self,
+        *,
+        budget: Global___CostBudget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCostBudgetRequest: _TypeAlias = SetCostBudgetRequest  # noqa: Y015
+
+@_typing.final
+class SetCostBudgetResponse(_message.Message):
+    """SetCostBudgetResponse is the budget in effect after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___CostBudget:
+        """Budget is the budget in effect for the namespace now."""
+
+    def __init__(
+        self,
+        *,
+        budget: Global___CostBudget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCostBudgetResponse: _TypeAlias = SetCostBudgetResponse  # noqa: Y015
+
+@_typing.final
+class GetCostBudgetRequest(_message.Message):
+    """GetCostBudgetRequest names a namespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace; required."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCostBudgetRequest: _TypeAlias = GetCostBudgetRequest  # noqa: Y015
+
+@_typing.final
+class GetCostBudgetResponse(_message.Message):
+    """GetCostBudgetResponse is the budget in effect."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___CostBudget:
+        """Budget is the budget in effect; monthly_budget is absent when the namespace has none."""
+
+    def __init__(
+        self,
+        *,
+        budget: Global___CostBudget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCostBudgetResponse: _TypeAlias = GetCostBudgetResponse  # noqa: Y015
+
+@_typing.final
+class ResourceCost(_message.Message):
+    """ResourceCost is the estimated monthly cost of one resource, desired against actual."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
+    RESOURCE_NAME_FIELD_NUMBER: _builtins.int
+    DESIRED_MONTHLY_COST_FIELD_NUMBER: _builtins.int
+    ACTUAL_MONTHLY_COST_FIELD_NUMBER: _builtins.int
+    deployment_id: _builtins.str
+    """DeploymentId identifies the deployment."""
+    resource_type: Global___ResourceType.ValueType
+    """ResourceType is the kind of resource."""
+    resource_name: _builtins.str
+    """ResourceName is the resource's name."""
+    desired_monthly_cost: _builtins.float
+    """DesiredMonthlyCost is the estimated monthly cost of the desired spec; absent when it cannot be
+    estimated (topics).
+    """
+    actual_monthly_cost: _builtins.float
+    """ActualMonthlyCost is the estimated monthly cost of what runs; absent when not observed."""
+    def __init__(
+        self,
+        *,
+        deployment_id: _builtins.str = ...,
+        resource_type: Global___ResourceType.ValueType = ...,
+        resource_name: _builtins.str = ...,
+        desired_monthly_cost: _builtins.float | None = ...,
+        actual_monthly_cost: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_actual_monthly_cost", b"_actual_monthly_cost", "_desired_monthly_cost", b"_desired_monthly_cost", "actual_monthly_cost", b"actual_monthly_cost", "desired_monthly_cost", b"desired_monthly_cost"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_actual_monthly_cost", b"_actual_monthly_cost", "_desired_monthly_cost", b"_desired_monthly_cost", "actual_monthly_cost", b"actual_monthly_cost", "deployment_id", b"deployment_id", "desired_monthly_cost", b"desired_monthly_cost", "resource_name", b"resource_name", "resource_type", b"resource_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__actual_monthly_cost: _TypeAlias = _typing.Literal["actual_monthly_cost"]  # noqa: Y015
+    _WhichOneofArgType__actual_monthly_cost: _TypeAlias = _typing.Literal["_actual_monthly_cost", b"_actual_monthly_cost"]  # noqa: Y015
+    _WhichOneofReturnType__desired_monthly_cost: _TypeAlias = _typing.Literal["desired_monthly_cost"]  # noqa: Y015
+    _WhichOneofArgType__desired_monthly_cost: _TypeAlias = _typing.Literal["_desired_monthly_cost", b"_desired_monthly_cost"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__actual_monthly_cost) -> _WhichOneofReturnType__actual_monthly_cost | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__desired_monthly_cost) -> _WhichOneofReturnType__desired_monthly_cost | None: ...
+
+Global___ResourceCost: _TypeAlias = ResourceCost  # noqa: Y015
+
+@_typing.final
+class CostDrift(_message.Message):
+    """CostDrift is one drift item that changes what a resource costs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
+    RESOURCE_NAME_FIELD_NUMBER: _builtins.int
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESIRED_FIELD_NUMBER: _builtins.int
+    ACTUAL_FIELD_NUMBER: _builtins.int
+    MONTHLY_COST_DELTA_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    deployment_id: _builtins.str
+    """DeploymentId identifies the deployment."""
+    resource_type: Global___ResourceType.ValueType
+    """ResourceType is the kind of resource."""
+    resource_name: _builtins.str
+    """ResourceName is the resource's name."""
+    rule_id: _builtins.str
+    """RuleId is the drift rule, for example "size.changed"."""
+    field: _builtins.str
+    """Field is the drifted field, for example "replicas"."""
+    desired: _builtins.str
+    """Desired is the desired value, rendered as text."""
+    actual: _builtins.str
+    """Actual is the observed value, rendered as text."""
+    monthly_cost_delta: _builtins.float
+    """MonthlyCostDelta is the actual value's estimated monthly cost minus the desired value's."""
+    message: _builtins.str
+    """Message is the drift item's human sentence."""
+    def __init__(
+        self,
+        *,
+        deployment_id: _builtins.str = ...,
+        resource_type: Global___ResourceType.ValueType = ...,
+        resource_name: _builtins.str = ...,
+        rule_id: _builtins.str = ...,
+        field: _builtins.str = ...,
+        desired: _builtins.str = ...,
+        actual: _builtins.str = ...,
+        monthly_cost_delta: _builtins.float = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "deployment_id", b"deployment_id", "desired", b"desired", "field", b"field", "message", b"message", "monthly_cost_delta", b"monthly_cost_delta", "resource_name", b"resource_name", "resource_type", b"resource_type", "rule_id", b"rule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CostDrift: _TypeAlias = CostDrift  # noqa: Y015
+
+@_typing.final
+class GetCostSummaryRequest(_message.Message):
+    """GetCostSummaryRequest names a namespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    MAX_DRIFTS_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace to summarise; required."""
+    max_drifts: _builtins.int
+    """MaxDrifts is how many of the costliest drifts to return, 1 to 100; 0 means 10."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        max_drifts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_drifts", b"max_drifts", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCostSummaryRequest: _TypeAlias = GetCostSummaryRequest  # noqa: Y015
+
+@_typing.final
+class GetCostSummaryResponse(_message.Message):
+    """GetCostSummaryResponse is a namespace's cost, desired against actual, and its budget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    DESIRED_MONTHLY_COST_FIELD_NUMBER: _builtins.int
+    ACTUAL_MONTHLY_COST_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    BUDGET_EXCEEDED_FIELD_NUMBER: _builtins.int
+    TOP_DRIFTS_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    COST_ALERT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace that was summarised."""
+    desired_monthly_cost: _builtins.float
+    """DesiredMonthlyCost is the summed estimated monthly cost of the desired specs."""
+    actual_monthly_cost: _builtins.float
+    """ActualMonthlyCost is the summed estimated monthly cost of what runs (resources not observed
+    count with nothing).
+    """
+    budget_exceeded: _builtins.bool
+    """BudgetExceeded is true when the actual monthly cost is above the budget."""
+    cost_alert_threshold: _builtins.float
+    """CostAlertThreshold is the fraction of a resource's desired cost by which drift may raise it
+    before a COST_ALERT event (0.2: more than 20 percent).
+    """
+    @_builtins.property
+    def budget(self) -> Global___CostBudget:
+        """Budget is the budget in effect; monthly_budget is absent when the namespace has none."""
+
+    @_builtins.property
+    def top_drifts(self) -> _containers.RepeatedCompositeFieldContainer[Global___CostDrift]:
+        """TopDrifts are the drift items that raise the cost most, costliest first; only items that raise it."""
+
+    @_builtins.property
+    def resources(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResourceCost]:
+        """Resources are the namespace's live resources with their costs, ordered by type and name."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        desired_monthly_cost: _builtins.float = ...,
+        actual_monthly_cost: _builtins.float = ...,
+        budget: Global___CostBudget | None = ...,
+        budget_exceeded: _builtins.bool = ...,
+        top_drifts: _abc.Iterable[Global___CostDrift] | None = ...,
+        resources: _abc.Iterable[Global___ResourceCost] | None = ...,
+        cost_alert_threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_monthly_cost", b"actual_monthly_cost", "budget", b"budget", "budget_exceeded", b"budget_exceeded", "cost_alert_threshold", b"cost_alert_threshold", "desired_monthly_cost", b"desired_monthly_cost", "namespace", b"namespace", "resources", b"resources", "top_drifts", b"top_drifts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCostSummaryResponse: _TypeAlias = GetCostSummaryResponse  # noqa: Y015

@@ -92,6 +92,21 @@ class BrokerServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyResponse.FromString,
                 _registered_method=True)
+        self.SetCostBudget = channel.unary_unary(
+                '/broker.v1.BrokerService/SetCostBudget',
+                request_serializer=broker_dot_v1_dot_broker__pb2.SetCostBudgetRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.SetCostBudgetResponse.FromString,
+                _registered_method=True)
+        self.GetCostBudget = channel.unary_unary(
+                '/broker.v1.BrokerService/GetCostBudget',
+                request_serializer=broker_dot_v1_dot_broker__pb2.GetCostBudgetRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.GetCostBudgetResponse.FromString,
+                _registered_method=True)
+        self.GetCostSummary = channel.unary_unary(
+                '/broker.v1.BrokerService/GetCostSummary',
+                request_serializer=broker_dot_v1_dot_broker__pb2.GetCostSummaryRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.GetCostSummaryResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -190,6 +205,30 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCostBudget(self, request, context):
+        """SetCostBudget sets the monthly cost budget of a namespace, or removes the one set through the
+        API (the configured budget, if any, applies again). A namespace whose estimated actual monthly
+        cost crosses its budget gets a COST_ALERT event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCostBudget(self, request, context):
+        """GetCostBudget returns the budget in effect for a namespace and where it comes from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCostSummary(self, request, context):
+        """GetCostSummary returns a namespace's desired against actual estimated monthly cost, its budget
+        and whether the actual cost exceeds it, and the drifts that cost most.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +281,21 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.GetAdmissionPolicy,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyResponse.SerializeToString,
+            ),
+            'SetCostBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCostBudget,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.SetCostBudgetRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.SetCostBudgetResponse.SerializeToString,
+            ),
+            'GetCostBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCostBudget,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.GetCostBudgetRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.GetCostBudgetResponse.SerializeToString,
+            ),
+            'GetCostSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCostSummary,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.GetCostSummaryRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.GetCostSummaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -522,6 +576,87 @@ class BrokerService:
             '/broker.v1.BrokerService/GetAdmissionPolicy',
             broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.GetAdmissionPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCostBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/SetCostBudget',
+            broker_dot_v1_dot_broker__pb2.SetCostBudgetRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.SetCostBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCostBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/GetCostBudget',
+            broker_dot_v1_dot_broker__pb2.GetCostBudgetRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.GetCostBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCostSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/GetCostSummary',
+            broker_dot_v1_dot_broker__pb2.GetCostSummaryRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.GetCostSummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

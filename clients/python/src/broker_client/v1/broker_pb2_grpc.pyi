@@ -84,6 +84,17 @@ class BrokerServiceStub:
     when prevention is on, and what teams that deploy through Git commit. It names namespaces, so
     it needs a principal granted every namespace.
     """
+    SetCostBudget: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SetCostBudgetRequest, _broker_pb2.SetCostBudgetResponse]
+    """SetCostBudget sets the monthly cost budget of a namespace, or removes the one set through the
+    API (the configured budget, if any, applies again). A namespace whose estimated actual monthly
+    cost crosses its budget gets a COST_ALERT event.
+    """
+    GetCostBudget: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetCostBudgetRequest, _broker_pb2.GetCostBudgetResponse]
+    """GetCostBudget returns the budget in effect for a namespace and where it comes from."""
+    GetCostSummary: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetCostSummaryRequest, _broker_pb2.GetCostSummaryResponse]
+    """GetCostSummary returns a namespace's desired against actual estimated monthly cost, its budget
+    and whether the actual cost exceeds it, and the drifts that cost most.
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -140,6 +151,17 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     generated from the drift rules and the remediation policies in effect: what the broker applies
     when prevention is on, and what teams that deploy through Git commit. It names namespaces, so
     it needs a principal granted every namespace.
+    """
+    SetCostBudget: _aio.UnaryUnaryMultiCallable[_broker_pb2.SetCostBudgetRequest, _broker_pb2.SetCostBudgetResponse]  # type: ignore[assignment]
+    """SetCostBudget sets the monthly cost budget of a namespace, or removes the one set through the
+    API (the configured budget, if any, applies again). A namespace whose estimated actual monthly
+    cost crosses its budget gets a COST_ALERT event.
+    """
+    GetCostBudget: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetCostBudgetRequest, _broker_pb2.GetCostBudgetResponse]  # type: ignore[assignment]
+    """GetCostBudget returns the budget in effect for a namespace and where it comes from."""
+    GetCostSummary: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetCostSummaryRequest, _broker_pb2.GetCostSummaryResponse]  # type: ignore[assignment]
+    """GetCostSummary returns a namespace's desired against actual estimated monthly cost, its budget
+    and whether the actual cost exceeds it, and the drifts that cost most.
     """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -254,6 +276,35 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         generated from the drift rules and the remediation policies in effect: what the broker applies
         when prevention is on, and what teams that deploy through Git commit. It names namespaces, so
         it needs a principal granted every namespace.
+        """
+
+    @_abc_1.abstractmethod
+    def SetCostBudget(
+        self,
+        request: _broker_pb2.SetCostBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.SetCostBudgetResponse, _abc.Awaitable[_broker_pb2.SetCostBudgetResponse]]:
+        """SetCostBudget sets the monthly cost budget of a namespace, or removes the one set through the
+        API (the configured budget, if any, applies again). A namespace whose estimated actual monthly
+        cost crosses its budget gets a COST_ALERT event.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCostBudget(
+        self,
+        request: _broker_pb2.GetCostBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetCostBudgetResponse, _abc.Awaitable[_broker_pb2.GetCostBudgetResponse]]:
+        """GetCostBudget returns the budget in effect for a namespace and where it comes from."""
+
+    @_abc_1.abstractmethod
+    def GetCostSummary(
+        self,
+        request: _broker_pb2.GetCostSummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetCostSummaryResponse, _abc.Awaitable[_broker_pb2.GetCostSummaryResponse]]:
+        """GetCostSummary returns a namespace's desired against actual estimated monthly cost, its budget
+        and whether the actual cost exceeds it, and the drifts that cost most.
         """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
