@@ -93,6 +93,7 @@ class Settings:
     remediate: bool = True
     remediation_base_delay: float = 1.0
     remediation_max_delay: float = 300.0
+    approval_ttl: float = 24 * 3600.0
     callback_max_backoff: float = 60.0
     event_retention: int = 100_000
     event_prune_interval: float = 600.0
@@ -377,6 +378,7 @@ class Broker:
             callback_check=callback_policy,
             on_accepted=self.provisioner.kick if self.provisioner else lambda deployment_id: None,
             on_desired_changed=self.detector.notify if self.detector else lambda deployment_id: None,
+            on_approved=self.detector.approved if self.detector else lambda deployment_id: None,
             hub=self.hub,
             watch_limits=settings.watch,
             prevention=prevention_of(settings),
@@ -522,6 +524,7 @@ class Broker:
                 remediator=remediator if settings.remediate else None,
                 resync_interval=settings.resync_interval,
                 on_started=self._started_up,
+                approval_ttl=settings.approval_ttl,
             ),
             prevention=guard,
         )

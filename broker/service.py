@@ -463,7 +463,11 @@ class BrokerService:
             self.policies.set(rule)
             if self._verdicts is not None:
                 self._verdicts.reevaluate(rule.namespace, rule.resource_type)
-            record(mode=rule.mode.value, ignore=",".join(sorted(rule.ignore_fields)))
+            record(
+                mode=rule.mode.value,
+                ignore=",".join(sorted(rule.ignore_fields)),
+                window=rule.window.describe() if rule.window is not None else "",
+            )
         return rule
 
     def admission_policy(
@@ -542,7 +546,8 @@ class BrokerService:
             violations.append(
                 errors.FieldViolation(
                     "remediation_id",
-                    f"{remediation_id[:80]!r} is not a remediation id (they look like 'rem-3f9c2a1b7d4e5f60')",
+                    f"{remediation_id[:80]!r} is not a remediation id "
+                    "(they look like 'rem-3f9c2a1b7d4e5f60')",
                 )
             )
         validation.check_request_id(request.request_id, violations)

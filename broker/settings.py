@@ -254,6 +254,12 @@ TABLE: tuple[Setting, ...] = (
         SECONDS,
         "the longest wait between remediations of a drift another actor keeps undoing",
     ),
+    Setting(
+        "approval_ttl",
+        "--approval-ttl",
+        SECONDS,
+        "how long a pending remediation (policy mode approve) waits for a decision before it expires",
+    ),
     Setting("tls_cert", "--tls-cert", FILE, "serve gRPC and HTTP over TLS with this certificate (PEM)"),
     Setting("tls_key", "--tls-key", FILE, "the certificate's private key (PEM)"),
     Setting(

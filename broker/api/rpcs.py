@@ -10,10 +10,9 @@ the one streaming RPC, has no /v1 path and is served by ``grpc_api`` itself.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-import datetime
 
 from broker_client.v1 import broker_pb2 as pb
 from google.protobuf import json_format, message, struct_pb2

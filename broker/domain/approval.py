@@ -32,7 +32,6 @@ import secrets
 from broker.domain import model
 
 
-
 class State(enum.Enum):
     """How far a proposal has come (stored as the value)."""
 

@@ -203,7 +203,9 @@ class Policies(Protocol):
 class Remediations(Protocol):
     """Pending remediations of policy mode approve (``broker.domain.approval``), with their events."""
 
-    async def propose_remediation(self, remediation: approval.Remediation, *, event: model.DriftEvent) -> None:
+    async def propose_remediation(
+        self, remediation: approval.Remediation, *, event: model.DriftEvent
+    ) -> None:
         """Store a new pending proposal and its event atomically.
 
         Any proposal of the same deployment still pending is superseded in the same transaction.

@@ -834,7 +834,9 @@ class Store:
 
     # Pending remediations ------------------------------------------------------------------------
 
-    async def propose_remediation(self, remediation: approval.Remediation, *, event: model.DriftEvent) -> None:
+    async def propose_remediation(
+        self, remediation: approval.Remediation, *, event: model.DriftEvent
+    ) -> None:
         """Store a new pending proposal and its event; older pending ones of the deployment are superseded."""
         now = codec.now()
         async with self._transaction() as tx:
@@ -891,7 +893,8 @@ class Store:
     async def get_remediation(self, namespace: str, remediation_id: str) -> approval.Remediation:
         """One proposal of a namespace; NotFound otherwise."""
         row = await self._fetchrow(
-            f"SELECT {codec.REMEDIATION_COLUMNS} FROM remediations WHERE namespace = $1 AND remediation_id = $2",
+            f"SELECT {codec.REMEDIATION_COLUMNS} FROM remediations "
+            "WHERE namespace = $1 AND remediation_id = $2",
             namespace,
             remediation_id,
         )
@@ -902,7 +905,10 @@ class Store:
     async def decision_replay(
         self, namespace: str, request_id: str, decision: approval.Decision, remediation_id: str
     ) -> approval.Remediation | None:
-        """The proposal a request_id already decided, None for a new one; AlreadyExists for another request."""
+        """The proposal a request_id already decided, None for a new one.
+
+        AlreadyExists when the request_id was used for another request.
+        """
         if not request_id:
             return None
         row = await self._fetchrow(

@@ -878,7 +878,9 @@ class Store:
 
     # Pending remediations ------------------------------------------------------------------------
 
-    async def propose_remediation(self, remediation: approval.Remediation, *, event: model.DriftEvent) -> None:
+    async def propose_remediation(
+        self, remediation: approval.Remediation, *, event: model.DriftEvent
+    ) -> None:
         """Store a new pending proposal and its event; older pending ones of the deployment are superseded."""
         now = codec.now()
         async with self._transaction() as db:
@@ -894,7 +896,8 @@ class Store:
                 ),
             )
             await db.execute(
-                f"INSERT INTO remediations ({codec.REMEDIATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO remediations ({codec.REMEDIATION_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     remediation.remediation_id,
                     remediation.deployment_id,
@@ -941,7 +944,8 @@ class Store:
         async with self._read() as db:
             row = await _one(
                 db,
-                f"SELECT {codec.REMEDIATION_COLUMNS} FROM remediations WHERE namespace = ? AND remediation_id = ?",
+                f"SELECT {codec.REMEDIATION_COLUMNS} FROM remediations "
+                "WHERE namespace = ? AND remediation_id = ?",
                 (namespace, remediation_id),
             )
         if row is None:
@@ -951,7 +955,10 @@ class Store:
     async def decision_replay(
         self, namespace: str, request_id: str, decision: approval.Decision, remediation_id: str
     ) -> approval.Remediation | None:
-        """The proposal a request_id already decided, None for a new one; AlreadyExists for another request."""
+        """The proposal a request_id already decided, None for a new one.
+
+        AlreadyExists when the request_id was used for another request.
+        """
         if not request_id:
             return None
         async with self._read() as db:
@@ -993,7 +1000,9 @@ class Store:
             )
             if cur.rowcount == 0:
                 row = await _one(
-                    db, "SELECT state FROM remediations WHERE remediation_id = ?", (remediation.remediation_id,)
+                    db,
+                    "SELECT state FROM remediations WHERE remediation_id = ?",
+                    (remediation.remediation_id,),
                 )
                 raise codec.not_pending(remediation.remediation_id, row["state"] if row else "gone")
             if request_id:
