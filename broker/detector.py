@@ -275,8 +275,8 @@ class Detector:
         clock: Callable[[], datetime.datetime] = _now,
     ) -> None:
         self._approval_ttl = datetime.timedelta(seconds=approval_ttl)
-        # Wall-clock time for maintenance windows and approval expiry (a test seam).
-        self._clock = clock
+        # Wall-clock time for maintenance windows and approval expiry: a test seam (tests move it).
+        self.clock = clock
         # The latest proposal of each deployment whose drift needs approval (any state): a new
         # one is made only when that drift changes, so a rejected one is not proposed again.
         self._proposals: dict[str, approval.Remediation] = {}
@@ -351,7 +351,7 @@ class Detector:
             wait = next_resync - time.monotonic()
             pending = [r.expire_time for r in self._proposals.values() if r.state is approval.State.PENDING]
             if pending:
-                wait = min(wait, max(0.0, (min(pending) - self._clock()).total_seconds()))
+                wait = min(wait, max(0.0, (min(pending) - self.clock()).total_seconds()))
             return wait
 
         await sweep()
@@ -450,7 +450,7 @@ class Detector:
         """Whether the remediation of ``auto`` waits for a maintenance window (and say so, once)."""
         deployment_id = deployment.deployment_id
         window = self._policies().rule_for(deployment.namespace, deployment.resource_type).window
-        now = self._clock()
+        now = self.clock()
         if window is None or window.is_open(now):
             self._deferred.pop(deployment_id, None)
             return False
@@ -503,7 +503,7 @@ class Detector:
             return
         if latest is not None and latest.fingerprint == approval.fingerprint(needs, deployment.generation):
             return
-        proposal = approval.propose(deployment, needs, now=self._clock(), ttl=self._approval_ttl)
+        proposal = approval.propose(deployment, needs, now=self.clock(), ttl=self._approval_ttl)
         supersedes = (
             f" (supersedes {latest.remediation_id})"
             if latest is not None and latest.state is approval.State.PENDING
@@ -523,7 +523,7 @@ class Detector:
 
     async def _decisions(self, everything: bool) -> None:
         """Expire proposals nobody decided in time; carry out approved ones."""
-        now = self._clock()
+        now = self.clock()
         for deployment_id, proposal in list(self._proposals.items()):
             if proposal.state is not approval.State.PENDING or proposal.expire_time > now:
                 continue

@@ -113,7 +113,16 @@ async def test_broker_get_prints_a_table_with_the_header_and_a_row_per_resource(
 
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "TYPE", "PHASE", "HEALTH", "DRIFT", "COST/MONTH", "DEPLOYMENT"]
+    assert lines[0].split() == [
+        "NAME",
+        "TYPE",
+        "PHASE",
+        "HEALTH",
+        "DRIFT",
+        "COST/MONTH",
+        "WINDOW",
+        "DEPLOYMENT",
+    ]
     [row] = [line for line in lines[1:] if line.strip()]
     assert row.startswith("orders-db ")
     assert row.endswith(deployment_id)
