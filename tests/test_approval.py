@@ -133,12 +133,28 @@ async def test_a_person_sees_a_pending_remediation_approves_it_from_the_cli_and_
     assert proposal["expireTime"] > proposal["createTime"]
     # Nothing happens before the approval: the hand edit stands.
     assert await kubectl.replicas("db-approve-cli") == 3
+    # The web view lists it too (read-only).
+    async with (
+        client_of(broker, PLATFORM_TOKEN) as viewer,
+        viewer.http.get(
+            "/ui/api/resources", params={"namespace": PLATFORM, "deploymentId": deployment_id}
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+        [resource] = (await response.json())["resources"]
+    shown = resource["pendingRemediations"]
+    assert shown["supported"] is True
+    [item] = shown["items"]
+    assert (item["remediationId"], item["field"], item["from"], item["to"]) == (
+        proposal["remediationId"], "replicas", "3", "1",
+    )  # fmt: skip
 
     code, out, err = await broker_cli(
         "approve", proposal["remediationId"], "--target", target, "--token", ONCALL_TOKEN, "-n", PLATFORM
     )
     assert code == 0, err
-    assert proposal["remediationId"] in out and "approved" in out
+    assert proposal["remediationId"] in out
+    assert "approved" in out
 
     assert await until(
         lambda: kubectl.replicas("db-approve-cli"), lambda r: r == 1, within=30, what="replicas back to 1"
@@ -200,7 +216,8 @@ async def test_the_same_with_grpcurl_and_an_approval_without_the_grant_is_refuse
     # platform may provision and set policies, but not approve.
     code, out, err = await grpcurl(broker, "ApproveRemediation", request, PLATFORM_TOKEN)
     assert code != 0
-    assert "PermissionDenied" in err and "approve" in err
+    assert "PermissionDenied" in err
+    assert "approve" in err
     assert await kubectl.replicas("db-approve-grpcurl") == 3
 
     code, out, err = await grpcurl(
@@ -324,7 +341,8 @@ async def test_bad_decision_requests_are_invalid_argument_and_unknown_ids_not_fo
                 metadata=oncall.auth,
             )
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "remediation_id" in (bad.value.details() or "") and "request_id" in (bad.value.details() or "")
+        assert "remediation_id" in (bad.value.details() or "")
+        assert "request_id" in (bad.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await oncall.stub.RejectRemediation(
                 pb.RejectRemediationRequest(namespace=PLATFORM, remediation_id="rem-0123456789abcdef"),
@@ -405,7 +423,8 @@ async def test_outside_its_maintenance_window_a_remediation_is_deferred_then_car
         )
         reply = await c.get_remediation_policy_window(PLATFORM, resource_type="database")
         assert reply.policy.maintenance_window.cron == "0 3 * * *"
-        assert reply.HasField("next_window_start") and reply.HasField("next_window_end")
+        assert reply.HasField("next_window_start")
+        assert reply.HasField("next_window_end")
 
 
 async def test_a_deferred_remediation_that_resolved_itself_is_not_carried_out(

@@ -398,7 +398,8 @@ async def test_a_proposal_is_stored_with_its_event_and_a_newer_one_supersedes_it
     assert [r.state for r in found] == [approval.State.SUPERSEDED, approval.State.PENDING]
     read = await store.get_remediation(NS, second.remediation_id)
     assert read.items == second.items
-    assert read.changes[0].from_value == "4" and read.changes[0].to_value == "1"
+    assert read.changes[0].from_value == "4"
+    assert read.changes[0].to_value == "1"
     assert read.changes[0].monthly_cost_delta == -12.5
     assert read.fingerprint == second.fingerprint
     pending = await store.list_remediations(namespace=None, states=frozenset({approval.State.PENDING}))
@@ -425,7 +426,9 @@ async def test_a_decision_is_made_once_and_replayed_on_its_request_id(store: por
     )
     assert (decided.state, decided.decided_by, decided.reason) == (approval.State.APPROVED, "oncall", "CHG-1")
     replay = await store.decision_replay(NS, "req-1", approval.Decision.APPROVE, r.remediation_id)
-    assert replay is not None and replay.state is approval.State.APPROVED and replay.decided_by == "oncall"
+    assert replay is not None
+    assert replay.state is approval.State.APPROVED
+    assert replay.decided_by == "oncall"
     with pytest.raises(errors.AlreadyExists):
         await store.decision_replay(NS, "req-1", approval.Decision.REJECT, r.remediation_id)
     with pytest.raises(errors.FailedPrecondition):
@@ -466,7 +469,8 @@ async def test_expiry_closes_only_a_pending_proposal_with_its_event(store: port.
         r.remediation_id, from_states=pending, to=approval.State.EXPIRED, reason="ttl", event=expired
     )
     read = await store.get_remediation(NS, r.remediation_id)
-    assert read.state is approval.State.EXPIRED and read.decide_time is not None
+    assert read.state is approval.State.EXPIRED
+    assert read.decide_time is not None
     assert [e.kind for e in await store.events_after(0, 100)].count(model.EventKind.REMEDIATION_EXPIRED) == 1
 
 
