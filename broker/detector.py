@@ -26,7 +26,8 @@ Where the policy says approve, the detector proposes a pending remediation inste
 changes or goes, expires it after the approval TTL (RemediationExpired), and carries an approved
 one out through the ``Remediator`` at once, inside or outside a maintenance window: the approval
 is a person's decision to act now. The detector runs on the leader only, so exactly one replica
-does each of these; an approval made on another replica is picked up by the leader's next sweep.
+does each of these; an approval made on another replica reaches the leader as its
+RemediationApproved event (read from the shared log), and each resync looks for approved ones.
 """
 
 from __future__ import annotations
@@ -312,6 +313,12 @@ class Detector:
         """A remediation of the deployment was approved: carry it out soon."""
         self._approved.add(deployment_id)
         self._wake.set()
+
+    def approvals_in(self, events: list[model.DriftEvent]) -> None:
+        """Events read from the log (any replica's): carry out the approvals among them soon."""
+        for event in events:
+            if event.kind is model.EventKind.REMEDIATION_APPROVED:
+                self.approved(event.deployment_id)
 
     async def run(self) -> None:
         """Evaluate dirty deployments as they come, and everything every ``resync_interval``."""

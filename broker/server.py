@@ -530,6 +530,8 @@ class Broker:
         )
         state.add_listener(parts.provisioner.notify)
         state.add_listener(parts.detector.notify)
+        # An approval made on any replica reaches the leader's detector through the log's tailer.
+        self.hub.observers.append(parts.detector.approvals_in)
         state.add_sync_listener(parts.detector.resync_now)
         state.add_sync_listener(lambda: self._listed(state))
         for name, worker in state.workers().items():

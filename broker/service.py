@@ -577,10 +577,13 @@ class BrokerService:
             deployment = await self._store.get_deployment(remediation.namespace, remediation.deployment_id)
             view = self._view(deployment)
             if decision is approval.Decision.APPROVE:
+                # The drift the proposal names, as observed now (whatever action this replica's
+                # copy of the policy gives it: the leader proposed it under mode approve).
+                named = {(i.rule_id, i.field) for i in remediation.items}
                 current = tuple(
                     i
                     for i in (view.evaluation.unexpected if view.evaluation is not None else ())
-                    if i.action is model.Action.APPROVAL_REQUIRED
+                    if (i.rule_id, i.field) in named
                 )
                 stale = approval.staleness(remediation, deployment, current)
                 if stale:

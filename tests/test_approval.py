@@ -20,8 +20,9 @@ import pytest
 from broker_client import errors as client_errors
 from broker_client.client import BrokerClient
 from broker_client.v1 import broker_pb2 as pb
-from conftest import ADMIN_TOKEN, PLATFORM_TOKEN
+from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, cluster_settings
 from test_client_cli import broker_cli
+from test_leader_election import elected
 from test_watch_support import PLATFORM, Kubectl, broker_on, client_of, error_info, until
 
 from broker import server
@@ -497,3 +498,50 @@ async def test_a_bad_maintenance_window_is_invalid_argument_naming_the_part(brok
         ) as response:
             assert response.status == 200, await response.text()
             assert (await response.json())["policy"]["mode"] == "Approve"
+
+
+async def test_with_two_replicas_an_approval_on_the_follower_is_carried_out_by_the_leader(
+    tmp_path: pathlib.Path,
+    approval_tokens: pathlib.Path,
+    sandbox_kubeconfig: pathlib.Path,
+    kubectl: Kubectl,
+    postgres_url: str,
+) -> None:
+    replicas = {}
+    for name in ("broker-a", "broker-b"):
+        settings = cluster_settings(
+            tmp_path / name,
+            approval_tokens,
+            sandbox_kubeconfig,
+            remediate=True,
+            store_url=postgres_url,
+            leader_election=elected(identity=name),
+        )
+        replicas[name] = server.Broker(settings)
+    try:
+        for b in replicas.values():
+            await b.start()
+        leader = await until(
+            lambda: asyncio.sleep(0, [b for b in replicas.values() if b.leader_only.running]),
+            lambda leading: len(leading) == 1,
+            within=20,
+            what="one replica to lead",
+        )
+        [follower] = [b for b in replicas.values() if b is not leader[0]]
+        deployment_id = await drifted_under_approval(leader[0], kubectl, "db-two-replicas")
+        # The follower lists what the leader proposed: the store is shared.
+        proposal = await one_pending(follower, deployment_id, field="replicas")
+        async with await connect(follower, ONCALL_TOKEN) as oncall:
+            approved = await oncall.approve_remediation(PLATFORM, proposal.remediation_id)
+        assert approved.state == pb.REMEDIATION_STATE_APPROVED
+        assert await until(
+            lambda: kubectl.replicas("db-two-replicas"),
+            lambda r: r == 1,
+            within=30,
+            what="replicas back to 1",
+        )
+        kinds = await kinds_of(follower, deployment_id)
+        assert kinds.count(K.DRIFT_EVENT_KIND_REMEDIATION_STARTED) == 1
+    finally:
+        for b in replicas.values():
+            await b.stop()

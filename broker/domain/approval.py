@@ -189,7 +189,7 @@ def staleness(
 ) -> str:
     """Why ``remediation`` no longer says what approving would do, or "" when it still does.
 
-    ``current`` are the drift items needing approval now observed on ``deployment``.
+    ``current`` are the drift items of the proposal's rules and fields now observed on ``deployment``.
     """
     if deployment.generation != remediation.generation:
         return (
