@@ -23,6 +23,14 @@ Everything is optional; what is left out keeps the documented defaults of ``brok
         resource_type: database
         mode: alert
         ignore_fields: [replicas]
+      - namespace: team-orders
+        mode: approve           # a person approves each remediation (broker approve ID)
+      - namespace: team-search
+        mode: auto
+        maintenance_window:     # automatic remediation only 02:00-04:00 Berlin time on weekdays
+          cron: "0 2 * * 1-5"
+          duration: 2h
+          time_zone: Europe/Berlin
 
 A file that does not follow this shape is a start-up error that names the offending key.
 """

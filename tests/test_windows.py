@@ -92,3 +92,23 @@ def test_mode_approve_turns_auto_remediation_into_approval_and_leaves_alerts_alo
     # Other namespaces keep the default table.
     other = policy.Policy(rules=(rule,)).apply("team-other", model.ResourceType.DATABASE, [scaled])
     assert [i.action for i in other] == [model.Action.AUTO_REMEDIATE]
+
+
+def test_the_config_file_takes_mode_approve_and_maintenance_windows(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from broker import config
+
+    path = tmp_path / "broker.yaml"
+    path.write_text(
+        "policies:\n"
+        "  - namespace: team-orders\n    mode: approve\n"
+        "  - namespace: team-search\n    maintenance_window: {cron: '0 2 * * 1-5', duration: 2h, "
+        "time_zone: Europe/Berlin}\n"
+    )
+    rules_ = config.load(path).rules.rules
+    assert [r.mode for r in rules_] == [policy.Mode.APPROVE, policy.Mode.AUTO]
+    assert rules_[1].window == windows.parse(cron="0 2 * * 1-5", duration="2h", time_zone="Europe/Berlin")
+    path.write_text(
+        "policies:\n  - namespace: x\n    maintenance_window: {cron: '0 2 * * *', duration: forever}\n"
+    )
+    with pytest.raises(ValueError, match=r"maintenance_window\.duration"):
+        config.load(path)
