@@ -55,6 +55,15 @@ VALID: dict[str, bytes] = {
     "/broker.v1.BrokerService/GetAdmissionPolicy": pb.GetAdmissionPolicyRequest(
         mode="deny"
     ).SerializeToString(),
+    "/broker.v1.BrokerService/ListPendingRemediations": pb.ListPendingRemediationsRequest(
+        namespace="team-platform", include_decided=True
+    ).SerializeToString(),
+    "/broker.v1.BrokerService/ApproveRemediation": pb.ApproveRemediationRequest(
+        namespace="team-platform", remediation_id="rem-0123456789abcdef", request_id="r-1"
+    ).SerializeToString(),
+    "/broker.v1.BrokerService/RejectRemediation": pb.RejectRemediationRequest(
+        namespace="team-platform", remediation_id="rem-0123456789abcdef", reason="no"
+    ).SerializeToString(),
     "/grpc.health.v1.Health/Check": health_pb2.HealthCheckRequest(service="").SerializeToString(),
 }
 STREAMING = {"/broker.v1.BrokerService/WatchDrift": pb.WatchDriftRequest().SerializeToString()}
