@@ -23,6 +23,7 @@ import signal
 import statistics
 import sys
 import time
+import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
@@ -176,6 +177,9 @@ class BrokerOptions:
     resync_interval: float = 60.0
     log_level: str = "info"
     profile: str = ""
+    # Trace allocations from the start (slow) and write where the live memory was allocated to
+    # this file at each SIGUSR1: a diagnosis, not a figure.
+    tracemalloc: str = ""
 
 
 async def spawn_broker(options: BrokerOptions, *, log_file: pathlib.Path) -> tuple[Child, int, int]:
@@ -236,6 +240,8 @@ async def _broker_child(options: BrokerOptions) -> None:
     from broker import logs, server, service
 
     pauses = GcPauses()
+    if options.tracemalloc:
+        tracemalloc.start(1)
 
     logs.configure(level=options.log_level, fmt="text")
     settings = server.Settings(
@@ -264,6 +270,8 @@ async def _broker_child(options: BrokerOptions) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+        if options.tracemalloc:
+            loop.add_signal_handler(signal.SIGUSR1, _write_allocations, pathlib.Path(options.tracemalloc))
         stats = asyncio.create_task(serve_stats(pauses))
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait({stats, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -309,6 +317,22 @@ class CpuMeter:
             f"{name} {used:.1f} s ({100 * used / self.wall:.0f} % of a core)"
             for name, used in self.used.items()
         )
+
+
+def _write_allocations(path: pathlib.Path) -> None:
+    """Where the live memory was allocated: by file, then the top lines."""
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    total = sum(s.size for s in snapshot.statistics("filename"))
+    lines = [f"live traced memory {total / 1e6:.1f} MB", "", "by file:"]
+    lines += [
+        f"  {s.size / 1e6:8.1f} MB {s.count:>9,} {s.traceback[0].filename}"
+        for s in snapshot.statistics("filename")[:25]
+    ]
+    lines += ["", "by line:"]
+    lines += [
+        f"  {s.size / 1e6:8.1f} MB {s.count:>9,} {s.traceback[0]}" for s in snapshot.statistics("lineno")[:50]
+    ]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _run_broker_child(options: BrokerOptions) -> None:

@@ -48,6 +48,11 @@ from broker.store import port
 
 log = logging.getLogger(__name__)
 
+# A re-evaluation that finds nothing changed keeps the verdict it confirms (its object, so reads
+# and their kept encodings stay as they are), unless the verdict's observation is older than this:
+# ``lastChecked`` lags the newest confirmation by at most this much.
+VERDICT_REFRESH = datetime.timedelta(minutes=5)
+
 # Which of some drift items an observation still shows: of the caches, or with the objects a
 # remediation just wrote in place of their cached copies.
 Remaining = Callable[[tuple[model.DriftItem, ...], observer.Written | None], tuple[model.DriftItem, ...]]
@@ -303,6 +308,10 @@ class Detector:
         # The verdict on each evaluated deployment, for the operation it was made for: what reads
         # show (the detector is the only evaluator), items with the time each was first seen.
         self._verdicts: dict[str, tuple[str, drift.Evaluation]] = {}
+        # When each namespace's verdicts last changed, on one counter (``version``).
+        self._changes = 0
+        self._changed_at: dict[str, int] = {}
+        self._forgotten_at = 0
 
     def notify(self, deployment_id: str) -> None:
         """An object of the deployment changed: evaluate it soon."""
@@ -377,6 +386,14 @@ class Detector:
             return None
         return kept[1]
 
+    def version(self, namespace: str) -> int:
+        """A number that changes whenever a verdict on a deployment of the namespace does."""
+        return max(self._changed_at.get(namespace, 0), self._forgotten_at)
+
+    def _changed(self, namespace: str) -> None:
+        self._changes += 1
+        self._changed_at[namespace] = self._changes
+
     def reevaluate(self, namespace: str, resource_type: model.ResourceType | None) -> None:
         """The policy of a namespace (and type) changed: evaluate its deployments now, not at resync."""
         for deployment_id, (ns, kind, _) in self._open.items():
@@ -400,13 +417,16 @@ class Detector:
         self._reported.clear()
         self._open.clear()
         self._verdicts.clear()
+        self._changes += 1
+        self._forgotten_at = self._changes
         self._dirty.clear()
         self._resync.clear()
 
     def _forget(self, deployment_id: str) -> None:
         self._reported.pop(deployment_id, None)
-        self._open.pop(deployment_id, None)
-        self._verdicts.pop(deployment_id, None)
+        opened = self._open.pop(deployment_id, None)
+        if self._verdicts.pop(deployment_id, None) is not None and opened is not None:
+            self._changed(opened[0])
 
     async def evaluate(self, deployment_id: str) -> None:
         """Compare one deployment with what was last reported and record any change."""
@@ -428,10 +448,7 @@ class Detector:
             if not written:
                 return
         self._reported[deployment_id] = (after, verdict.health)
-        self._verdicts[deployment_id] = (
-            deployment.last_operation.operation_id,
-            dataclasses.replace(verdict, items=after),
-        )
+        self._keep_verdict(deployment, dataclasses.replace(verdict, items=after))
         open_items = _unexpected(after)
         self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(open_items))
         if readable:
@@ -594,6 +611,19 @@ class Detector:
             lambda left, written: self._remaining(deployment, left, written, approved=True),
             keep=keep,
         )
+
+    def _keep_verdict(self, deployment: model.Deployment, verdict: drift.Evaluation) -> None:
+        operation_id = deployment.last_operation.operation_id
+        kept = self._verdicts.get(deployment.deployment_id)
+        if (
+            kept is not None
+            and kept[0] == operation_id
+            and verdict.checked_at - kept[1].checked_at < VERDICT_REFRESH
+            and dataclasses.replace(kept[1], checked_at=verdict.checked_at) == verdict
+        ):
+            return
+        self._verdicts[deployment.deployment_id] = (operation_id, verdict)
+        self._changed(deployment.namespace)
 
     def _remaining(
         self,

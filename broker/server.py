@@ -87,6 +87,7 @@ class Settings:
     kafka_cluster: str = "kafka"
     watch: service.WatchLimits = dataclasses.field(default_factory=service.WatchLimits)
     resync_interval: float = 60.0
+    metrics_interval: float = 15.0
     tls_cert: pathlib.Path | None = None
     tls_key: pathlib.Path | None = None
     tls_client_ca: pathlib.Path | None = None
@@ -236,6 +237,11 @@ def authenticator_for(settings: Settings) -> auth.Authenticator:
     raise ValueError("no authentication configured: pass --tokens FILE, or --insecure for local use only")
 
 
+# Full collections wait for start-up to be done (``Broker._suspend_full_collections``), this long at most.
+FULL_COLLECTIONS_SUSPENDED_FOR = 120.0
+_NEVER = 2**31 - 1  # a generation-2 threshold that is never reached
+
+
 class Broker:
     """One running broker; ``start`` binds its ports (0 picks free ones), ``stop`` drains it."""
 
@@ -243,6 +249,7 @@ class Broker:
         self.settings = settings
         self._freeze_heap = freeze_heap
         self._frozen_after_list = False
+        self._thresholds: tuple[int, int, int] | None = None  # while full collections are suspended
         self.authenticator = authenticator_for(settings)
         self.tls = Tls.from_settings(settings)
         self.grpc_port = 0
@@ -298,11 +305,37 @@ class Broker:
         seconds). Only a process that is the broker freezes: tests run many brokers in one.
         """
         if self._freeze_heap:
-            gc.collect()
-            gc.freeze()
-            log.info(
-                "start-up done; the heap that survived it is frozen", extra={"objects": gc.get_freeze_count()}
+            self._resume_full_collections("start-up done")
+
+    def _suspend_full_collections(self) -> None:
+        """Until start-up is done, only the young generations are collected.
+
+        Start-up builds what lives as long as the process (the caches' lists, a verdict per
+        deployment), and a growing heap triggers a full collection each time it grows by a
+        quarter, each walking all of it: at 10k resources over a dozen, the longest for seconds.
+        Young collections still free the short-lived cycles; what survives them is frozen when
+        start-up is done, or after ``FULL_COLLECTIONS_SUSPENDED_FOR`` at the latest (a follower
+        never sweeps).
+        """
+        if self._thresholds is None:
+            self._thresholds = gc.get_threshold()
+            young, middle, _ = self._thresholds
+            gc.set_threshold(young, middle, _NEVER)
+            asyncio.get_running_loop().call_later(
+                FULL_COLLECTIONS_SUSPENDED_FOR, self._resume_full_collections, "start-up took long"
             )
+
+    def _resume_full_collections(self, why: str) -> None:
+        thresholds, self._thresholds = self._thresholds, None
+        if thresholds is None:
+            return
+        gc.collect(1)  # the young generations only: cheap, and what they free is not frozen
+        gc.freeze()
+        gc.set_threshold(*thresholds)
+        log.info(
+            "the heap that survived start-up is frozen; full collections resume",
+            extra={"reason": why, "objects": gc.get_freeze_count()},
+        )
 
     def _listed(self, state: observer.ClusterState) -> None:
         """The caches' first list is in: freeze it at once, if asked to, not only after start-up.
@@ -343,6 +376,8 @@ class Broker:
 
     async def _start(self) -> None:
         settings = self.settings
+        if self._freeze_heap:
+            self._suspend_full_collections()
         grpc_host, grpc_port = split_addr(settings.grpc_addr)
         http_host, http_port = split_addr(settings.http_addr)
         if self.authenticator.insecure:
@@ -445,6 +480,8 @@ class Broker:
 
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self._cluster is None:
+            self._resume_full_collections("start-up done (no cluster)")
         log.info(
             "broker serving",
             extra={
@@ -490,7 +527,12 @@ class Broker:
             )
             return
         client = await kube_client.Client.connect(kubeconfig, context=context)
-        state = observer.ClusterState(client, catalog=settings.catalog, kafka_cluster=settings.kafka_cluster)
+        state = observer.ClusterState(
+            client,
+            catalog=settings.catalog,
+            kafka_cluster=settings.kafka_cluster,
+            metrics_interval=settings.metrics_interval,
+        )
         guard = None
         if prevention_of(settings).enabled:
             guard = prevention.Prevention(

@@ -7,15 +7,18 @@ mutating call. It knows nothing of gRPC, protobuf or HTTP.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, Callable, Hashable
+from typing import Any, Generic, Protocol, TypeVar
 
 from broker import auth, errors, events
 from broker.domain import admission, approval, drift, lifecycle, model, naming, policy, rules, validation
 from broker.domain import catalog as catalog_mod
 from broker.store import port
+
+T = TypeVar("T")
 
 audit_log = logging.getLogger("broker.audit")
 
@@ -134,6 +137,10 @@ class Verdicts(Protocol):
 
     def reevaluate(self, namespace: str, resource_type: model.ResourceType | None) -> None:
         """Evaluate a namespace's deployments (of a type) again now: their policy changed."""
+        ...
+
+    def version(self, namespace: str) -> int:
+        """A number that changes whenever a verdict on a deployment of the namespace does."""
         ...
 
 
@@ -266,6 +273,7 @@ class BrokerService:
         # the same object for an unchanged row) and its verdict are the same objects: an unchanged
         # resource costs a lookup, and the transports keep its encoding by the view's identity.
         self._views: dict[str, ResourceView] = {}
+        self._pages: _KeptPages[ResourceView] = _KeptPages()
 
     @property
     def shutting_down(self) -> bool:
@@ -356,12 +364,35 @@ class BrokerService:
             resource_name=model.ResourceName(request.resource_name) if request.resource_name else None,
             deployment_id=model.DeploymentId(request.deployment_id) if request.deployment_id else None,
         )
+        # A page is kept while the store has committed nothing and the detector changed no verdict
+        # of the namespace: the same object again, whose encoding the transports kept.
+        version = self._page_version(request.namespace)
+        key = (query, page)
+        kept = self._pages.get(key, version)
+        if kept is not None:
+            return kept
         deployments = await self._store.list_deployments(query, page)
-        return model.Page(
-            items=tuple(self._view(d) for d in deployments.items),
-            total=deployments.total,
-            next_token=deployments.next_token,
-        )
+        settled = True
+        views = []
+        for deployment in deployments.items:
+            view, reusable = self._view_of(deployment)
+            views.append(view)
+            settled = settled and reusable
+        result = model.Page(items=tuple(views), total=deployments.total, next_token=deployments.next_token)
+        if settled:
+            self._pages.put(key, version, result)
+        return result
+
+    def is_kept(self, page: model.Page[ResourceView]) -> bool:
+        """Whether a page read from ``get_resource_state`` will be handed out again while current."""
+        return self._pages.holds(page)
+
+    def _page_version(self, namespace: str) -> Hashable | None:
+        store_version = self._store.deployments_version()
+        if store_version is None:
+            return None
+        verdicts_version = self._verdicts.version(namespace) if self._verdicts is not None else 0
+        return (store_version, verdicts_version, self._cluster is None or self._cluster.synced)
 
     async def list_drift_events(
         self, principal: auth.Principal, request: EventsInput
@@ -720,6 +751,10 @@ class BrokerService:
         judged yet (being provisioned, failed, being deleted, or Ready a moment ago) is evaluated
         here, from the caches.
         """
+        return self._view_of(deployment)[0]
+
+    def _view_of(self, deployment: model.Deployment) -> tuple[ResourceView, bool]:
+        """The view, and whether it may be handed out again (False: evaluated here, live)."""
         evaluation = None
         phase = deployment.phase
         # Whether the cluster can be read is live: during an outage a kept verdict is not shown
@@ -732,7 +767,7 @@ class BrokerService:
         # A view evaluated here (no verdict yet) is never reused: its observation is live.
         reusable = evaluation is not None or not live or self._cluster is None
         if kept is not None and reusable and kept.deployment is deployment and kept.evaluation is evaluation:
-            return kept
+            return kept, True
         if evaluation is None and self._cluster is not None and live:
             evaluation = drift.evaluate(
                 deployment,
@@ -756,7 +791,50 @@ class BrokerService:
             self._views.pop(deployment.deployment_id, None)
         else:
             self._views[deployment.deployment_id] = view
-        return view
+        return view, reusable
+
+
+class _KeptPages(Generic[T]):
+    """The most recently read pages, each valid while the version it was read at is current.
+
+    Bounded by the items the pages hold (a page of one counts as two), so that thousands of
+    managers each polling its own resource are kept as well as a few polling whole namespaces.
+    """
+
+    def __init__(self, max_items: int = 20_000) -> None:
+        self._max_items = max_items
+        self._items = 0
+        self._keys: dict[int, Hashable] = {}  # by the identity of each kept page
+        self._pages: collections.OrderedDict[Hashable, tuple[Hashable, model.Page[T]]] = (
+            collections.OrderedDict()
+        )
+
+    def holds(self, page: model.Page[T]) -> bool:
+        """Whether ``page`` is one of the kept pages (handed out again while it is current)."""
+        key = self._keys.get(id(page))
+        return key is not None and self._pages[key][1] is page
+
+    def get(self, key: Hashable, version: Hashable | None) -> model.Page[T] | None:
+        kept = self._pages.get(key)
+        if version is None or kept is None or kept[0] != version:
+            return None
+        self._pages.move_to_end(key)
+        return kept[1]
+
+    def put(self, key: Hashable, version: Hashable | None, page: model.Page[T]) -> None:
+        if version is None:
+            return
+        self._drop(self._pages.pop(key, None))
+        self._pages[key] = (version, page)
+        self._keys[id(page)] = key
+        self._items += len(page.items) + 1
+        while self._items > self._max_items and len(self._pages) > 1:
+            self._drop(self._pages.popitem(last=False)[1])
+
+    def _drop(self, kept: tuple[Hashable, model.Page[T]] | None) -> None:
+        if kept is not None:
+            self._items -= len(kept[1].items) + 1
+            del self._keys[id(kept[1])]
 
 
 _SNAPSHOT_PHASES = tuple(p for p in model.Phase if p is not model.Phase.DELETED)

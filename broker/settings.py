@@ -212,6 +212,12 @@ TABLE: tuple[Setting, ...] = (
         "how often every deployment is re-evaluated, besides watch events",
     ),
     Setting(
+        "metrics_interval",
+        "--metrics-interval",
+        SECONDS,
+        "how often pod usage is read from metrics.k8s.io (metrics-server's own resolution is 15 s)",
+    ),
+    Setting(
         "kafka_cluster",
         "--kafka-cluster",
         NAME,

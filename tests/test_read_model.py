@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 from broker_client.v1 import broker_pb2 as pb
 from conftest import ADMIN_TOKEN, PLATFORM_TOKEN
-from test_store_contract import command
+from test_store_contract import NS, command
 from test_watch_support import PLATFORM, Kubectl, broker_on, client_of, until
 
-from broker import service
+from broker import auth, service
 from broker.api import encoded, seed_json
 from broker.domain import catalog, model
 from broker.store import sqlite
@@ -242,6 +242,17 @@ async def test_a_namespace_page_is_kept_encoded_and_follows_every_change(
         # what it can tell is that the kept parts follow the change below).
         again, _ = await both()
         assert again.SerializeToString() == first.SerializeToString()
+        # Evaluated again with nothing changed, a verdict stands as it was: the page is still current.
+        # (Usage moves once a minute: a second try is allowed for a minute that turned meanwhile.)
+        assert broker.detector is not None
+        for _ in range(2):
+            version = broker.detector.version(PLATFORM)
+            for deployment_id in ids:
+                await broker.detector.evaluate(deployment_id)
+            if broker.detector.version(PLATFORM) == version:
+                break
+        else:
+            raise AssertionError("re-evaluating unchanged resources changed their verdicts")
         await kubectl.scale("db-page-1", 3)
 
         async def drifted() -> pb.GetResourceStateResponse:
@@ -288,5 +299,80 @@ async def test_an_unchanged_view_reuses_its_encoding_and_a_changed_one_does_not(
         kept.page("ns", model.Page(items=(again,), total=1, next_token=""))
         assert kept._parts[deployment.deployment_id] is not part
         assert kept._parts[deployment.deployment_id].message.desired_spec.replicas == 3
+    finally:
+        await store.close()
+
+
+class _Verdicts:
+    """A detector stand-in that keeps no verdicts but says when they changed."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, int] = {}
+
+    def verdict(self, deployment: model.Deployment) -> None:
+        return None
+
+    def reevaluate(self, namespace: str, resource_type: model.ResourceType | None) -> None:
+        pass
+
+    def version(self, namespace: str) -> int:
+        return self.versions.get(namespace, 0)
+
+
+async def test_an_unchanged_page_is_answered_without_reading_the_store(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page is kept while nothing is committed and no verdict of its namespace changes."""
+    store = await sqlite.Store.open(tmp_path)
+    try:
+        verdicts = _Verdicts()
+        svc = service.BrokerService(store=store, catalog=catalog.DEFAULT_CATALOG, verdicts=verdicts)
+        listings = 0
+        list_deployments = store.list_deployments
+
+        async def counted(*args: object) -> model.Page[model.Deployment]:
+            nonlocal listings
+            listings += 1
+            return await list_deployments(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "list_deployments", counted)
+        principal = auth.Principal("admin", frozenset({NS}))
+        read = service.ResourceStateInput(namespace=NS)
+        await store.provision(command("db-a"))
+        first = await svc.get_resource_state(principal, read)
+        assert [v.deployment.resource_name for v in first.items] == ["db-a"]
+        assert svc.is_kept(first)
+        assert await svc.get_resource_state(principal, read) is first
+        assert listings == 1
+        kept = encoded.of(svc)
+        assert kept.page(NS, first, keep=True) is kept.page(NS, first, keep=True)
+
+        await store.provision(command("db-b"))  # a commit
+        second = await svc.get_resource_state(principal, read)
+        assert [v.deployment.resource_name for v in second.items] == ["db-a", "db-b"]
+        assert listings == 2
+        assert not svc.is_kept(first)
+        assert b"db-b" in kept.page(NS, second, keep=True).proto
+
+        verdicts.versions["other"] = 1  # another namespace's verdicts: this page stands
+        assert await svc.get_resource_state(principal, read) is second
+        verdicts.versions[NS] = 1
+        third = await svc.get_resource_state(principal, read)
+        assert third is not second
+        assert listings == 3
+        # Another query of the namespace is a page of its own.
+        one = await svc.get_resource_state(
+            principal, service.ResourceStateInput(namespace=NS, resource_name="db-b")
+        )
+        assert [v.deployment.resource_name for v in one.items] == ["db-b"]
+        assert await svc.get_resource_state(principal, read) is third
+
+        # Where other processes write too, the store cannot tell: every read lists.
+        monkeypatch.setattr(store, "deployments_version", lambda: None)
+        before = listings
+        fourth = await svc.get_resource_state(principal, read)
+        assert await svc.get_resource_state(principal, read) is not fourth
+        assert listings == before + 2
+        assert not svc.is_kept(fourth)
     finally:
         await store.close()

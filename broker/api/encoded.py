@@ -11,6 +11,7 @@ is the kept JSON of each resource spliced into the rendering of the rest.
 
 from __future__ import annotations
 
+import collections
 import json
 import weakref
 
@@ -27,19 +28,22 @@ _RESOURCES_TAG = b"\x0a"
 class Encoded:
     """A page of resources already encoded: protobuf bytes for gRPC, the seed's JSON on demand."""
 
-    __slots__ = ("_parts", "_rest", "proto")
+    __slots__ = ("_json", "_parts", "_rest", "proto")
 
     def __init__(self, parts: list[_Part], rest: pb.GetResourceStateResponse) -> None:
         self._parts = parts
         self._rest = rest
         self.proto = b"".join(p.framed for p in parts) + rest.SerializeToString()
+        self._json: bytes | None = None
 
     def json(self) -> bytes:
         """The response as the gateway answers it (the same document ``seed_json.render`` makes)."""
-        outer = seed_json.render(self._rest)
-        del outer["resources"]
-        resources = b", ".join(p.json() for p in self._parts)
-        return b'{"resources": [' + resources + b"], " + json.dumps(outer)[1:].encode()
+        if self._json is None:
+            outer = seed_json.render(self._rest)
+            del outer["resources"]
+            resources = b", ".join(p.json() for p in self._parts)
+            self._json = b'{"resources": [' + resources + b"], " + json.dumps(outer)[1:].encode()
+        return self._json
 
 
 class _Part:
@@ -62,10 +66,20 @@ class _Part:
 
 
 class Encodings:
-    """The kept encodings of one service's resources, by deployment id."""
+    """The kept encodings of one service's resources, by deployment id, and of its recent pages.
 
-    def __init__(self) -> None:
+    The service hands out the same page object while nothing on it changed, so a page's encoding
+    is kept by the page's identity too, within a budget of bytes (the JSON, when the gateway asks
+    for it, is about three times the protobuf).
+    """
+
+    def __init__(self, page_bytes: int = 16 << 20) -> None:
         self._parts: dict[str, _Part] = {}
+        self._page_bytes = page_bytes
+        self._kept_bytes = 0
+        self._pages: collections.OrderedDict[int, tuple[model.Page[service.ResourceView], Encoded]] = (
+            collections.OrderedDict()
+        )
 
     def __len__(self) -> int:
         return len(self._parts)
@@ -81,12 +95,27 @@ class Encodings:
                 self._parts[deployment_id] = part
         return part
 
-    def page(self, namespace: str, page: model.Page[service.ResourceView]) -> Encoded:
-        """The GetResourceStateResponse of a page, from the kept parts."""
+    def page(self, namespace: str, page: model.Page[service.ResourceView], *, keep: bool = False) -> Encoded:
+        """The GetResourceStateResponse of a page, made of the kept parts; kept whole if ``keep``."""
+        kept = self._pages.get(id(page))
+        if kept is not None and kept[0] is page and kept[1]._rest.namespace == namespace:
+            self._pages.move_to_end(id(page))
+            return kept[1]
         rest = pb.GetResourceStateResponse(
             total=page.total, namespace=namespace, next_page_token=page.next_token
         )
-        return Encoded([self._part(v) for v in page.items], rest)
+        made = Encoded([self._part(v) for v in page.items], rest)
+        if not keep:
+            return made
+        replaced = self._pages.pop(id(page), None)
+        if replaced is not None:
+            self._kept_bytes -= len(replaced[1].proto)
+        self._pages[id(page)] = (page, made)
+        self._kept_bytes += len(made.proto)
+        while self._kept_bytes > self._page_bytes and self._pages:
+            _, (_, evicted) = self._pages.popitem(last=False)
+            self._kept_bytes -= len(evicted.proto)
+        return made
 
 
 def _varint(value: int) -> bytes:

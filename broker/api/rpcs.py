@@ -59,7 +59,7 @@ async def _provision(svc: service.BrokerService, principal: auth.Principal, req:
 
 async def _resource_state(svc: service.BrokerService, principal: auth.Principal, req: Any) -> encoded.Encoded:
     page = await svc.get_resource_state(principal, convert.resource_state_input(req))
-    return encoded.of(svc).page(req.namespace, page)
+    return encoded.of(svc).page(req.namespace, page, keep=svc.is_kept(page))
 
 
 async def _deprovision(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:

@@ -352,7 +352,7 @@ class ClusterState:
         catalog: catalog_mod.Catalog,
         on_change: Callable[[str], None] = lambda deployment_id: None,
         kafka_cluster: str = "kafka",
-        metrics_interval: float = 5.0,
+        metrics_interval: float = 15.0,
     ) -> None:
         self.client = client
         self._catalog = catalog

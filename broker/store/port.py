@@ -62,6 +62,15 @@ class Deployments(Protocol):
         """Live deployments of a namespace matching a query, one page."""
         ...
 
+    def deployments_version(self) -> int | None:
+        """A number that changes after every commit that can change what ``list_deployments`` answers.
+
+        Read it before a listing: while it is unchanged, so is the listing, and a reader may answer
+        from what it kept. ``None`` when other processes write too, so that only the store itself
+        can tell (every listing must then be read).
+        """
+        ...
+
     async def live_deployments(
         self, phases: tuple[model.Phase, ...], namespaces: list[str] | None = None
     ) -> list[model.Deployment]:

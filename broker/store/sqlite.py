@@ -132,6 +132,8 @@ class Store:
         # One replica: no other process commits events, so nothing ever wakes these.
         self.wakers: list[Callable[[], None]] = []
         self._parsed = _Parsed()
+        # Counts committed write transactions: this process is the only writer (see ``_lock``).
+        self._version = 0
 
     @classmethod
     async def open(cls, data_dir: pathlib.Path) -> Store:
@@ -247,6 +249,7 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     await db.rollback()
                 raise errors.Unavailable(f"the store failed to commit: {type(e).__name__}") from e
+            self._version += 1
             # Still under the lock: listeners see events in commit order, which is sequence order.
             appended, self._appended = self._appended, []
             if appended:
@@ -1065,6 +1068,10 @@ class Store:
         """One deployment of a namespace, deleted ones included; NotFound otherwise."""
         async with self._read() as db:
             return await self._deployment(db, namespace, deployment_id)
+
+    def deployments_version(self) -> int:
+        """Committed write transactions so far (any of them may change a listing)."""
+        return self._version
 
     async def list_deployments(
         self, query: model.ResourceQuery, page: model.PageRequest
