@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import pathlib
 import shutil
 import sys
@@ -545,3 +546,27 @@ async def test_with_two_replicas_an_approval_on_the_follower_is_carried_out_by_t
     finally:
         for b in replicas.values():
             await b.stop()
+
+
+async def test_each_decision_writes_an_audit_line_with_the_approver(
+    broker: server.Broker, kubectl: Kubectl, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="broker.audit")
+    deployment_id = await drifted_under_approval(broker, kubectl, "db-audit")
+    proposal = await one_pending(broker, deployment_id, field="replicas")
+    caplog.clear()
+    async with (
+        await connect(broker, PLATFORM_TOKEN) as platform,
+        await connect(broker, ONCALL_TOKEN) as oncall,
+    ):
+        with pytest.raises(client_errors.BrokerError):
+            await platform.reject_remediation(PLATFORM, proposal.remediation_id)
+        await oncall.reject_remediation(PLATFORM, proposal.remediation_id, reason="planned")
+    lines = [r.audit for r in caplog.records if r.name == "broker.audit"]  # type: ignore[attr-defined]
+    assert [(a["principal"], a["action"], a["resource"], a["result"]) for a in lines] == [
+        ("platform", "RejectRemediation", proposal.remediation_id, "rejected"),
+        ("oncall", "RejectRemediation", proposal.remediation_id, "ok"),
+    ]
+    assert lines[0]["error"] == "APPROVAL_NOT_GRANTED"
+    assert lines[1]["deployment_id"] == deployment_id
+    assert lines[1]["outcome"] == "rejected"
