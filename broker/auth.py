@@ -6,6 +6,10 @@ The token file (``broker serve --tokens FILE``) is YAML::
       - name: db-manager                 # who, as written to the audit log
         token_sha256: 9f86d0...          # preferred: the file then holds no usable secret
         namespaces: [team-platform]
+      - name: jane                       # a person on call
+        token_sha256: 2c26b4...
+        namespaces: [team-platform]
+        approve: [team-platform]         # may approve or reject pending remediations there
       - name: platform-admin
         token: "a-long-random-string"    # plaintext is accepted too
         namespaces: ["*"]                # every namespace
@@ -14,6 +18,10 @@ Tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against ever
 early exit, so timing reveals neither a token nor which entry matched. A principal may use exactly
 the namespaces it is granted; checks happen before any lookup, so a caller learns nothing about
 namespaces it may not use (the answer is the same whether or not a resource exists there).
+
+Approving or rejecting a pending remediation (policy mode ``approve``) needs a grant of its own,
+``approve``: namespaces (or ``*``) where the principal may decide, each also in its
+``namespaces``. A manager that provisions is not thereby allowed to approve.
 """
 
 from __future__ import annotations
@@ -37,6 +45,24 @@ class Principal:
 
     name: str
     namespaces: frozenset[str]
+    approves: frozenset[str] = frozenset()
+
+    def may_approve(self, namespace: str) -> bool:
+        """Whether this principal may approve or reject remediations in ``namespace``."""
+        return self.may_use(namespace) and (ALL_NAMESPACES in self.approves or namespace in self.approves)
+
+    def require_approver(self, namespace: str) -> None:
+        """Raise PermissionDenied unless this principal holds the approve grant of ``namespace``.
+
+        Call after ``require(namespace)``: a principal not granted the namespace learns nothing more.
+        """
+        if not self.may_approve(namespace):
+            raise errors.PermissionDenied(
+                f"principal {self.name!r} may not approve or reject remediations in namespace "
+                f"{namespace!r}; ask an administrator to add it to the principal's 'approve' list in "
+                "the broker's token file",
+                reason="APPROVAL_NOT_GRANTED",
+            )
 
     def may_use(self, namespace: str) -> bool:
         """Whether this principal is granted ``namespace``."""
@@ -55,7 +81,11 @@ class Principal:
         return [ns for ns in namespaces if self.may_use(ns)]
 
 
-ANONYMOUS = Principal(name="anonymous (--insecure)", namespaces=frozenset({ALL_NAMESPACES}))
+ANONYMOUS = Principal(
+    name="anonymous (--insecure)",
+    namespaces=frozenset({ALL_NAMESPACES}),
+    approves=frozenset({ALL_NAMESPACES}),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +136,12 @@ class Authenticator:
                 raise ValueError(
                     f"{where} ({item['name']}): needs 'token_sha256' or a 'token' of at least 16 characters"
                 )
-            entries.append(_Entry(digest, Principal(item["name"], frozenset(namespaces))))
+            approves = item.get("approve", [])
+            if not isinstance(approves, list) or not all(isinstance(n, str) and n for n in approves):
+                raise ValueError(f"{where} ({item['name']}): 'approve' must be a list of names or '*'")
+            entries.append(
+                _Entry(digest, Principal(item["name"], frozenset(namespaces), approves=frozenset(approves)))
+            )
         return cls(entries, insecure=False)
 
     def authenticate(self, authorization: str | None) -> Principal:

@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     client_cli.add_costs_arguments(cost)
     budget = commands.add_parser("budget", help="show, set or remove a namespace's monthly cost budget")
     client_cli.add_budget_arguments(budget)
+    pending = commands.add_parser("pending", help="remediations waiting for approval (policy mode approve)")
+    client_cli.add_pending_arguments(pending)
+    approve = commands.add_parser("approve", help="approve a pending remediation: the broker carries it out")
+    client_cli.add_decision_arguments(approve)
+    reject = commands.add_parser("reject", help="reject a pending remediation: the drift stays")
+    client_cli.add_decision_arguments(reject)
     prevention = commands.add_parser(
         "admission-policy",
         help="print the drift-prevention ValidatingAdmissionPolicies and bindings (for GitOps)",
@@ -122,7 +128,16 @@ def main(argv: list[str] | None = None) -> int:
             from broker import demo  # pulls in the example manager and its Kubernetes client
 
             return demo.main(args.data_dir)
-        if args.command in ("get", "watch", "costs", "budget", "admission-policy"):
+        if args.command in (
+            "get",
+            "watch",
+            "costs",
+            "budget",
+            "admission-policy",
+            "pending",
+            "approve",
+            "reject",
+        ):
             return client_cli.run(args.command, args)
         if args.command == "sandbox":
             kube_sandbox = server.load_sandbox()  # the other commands do not need the sandbox

@@ -1,13 +1,16 @@
-"""``broker get``, ``watch``, ``costs``, ``budget`` and ``admission-policy``: the broker for people."""
+"""``broker get``, ``watch``, ``costs``, ``budget``, ``admission-policy``, ``pending``, ``approve`` and
+``reject``: the broker for people, over gRPC."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import signal
 import sys
+import uuid
 from collections.abc import Coroutine
 from typing import Any
 
@@ -56,6 +59,29 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="remove the budget set through the API (a configured one applies)",
     )
+
+
+def add_pending_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``pending``: those of ``get`` (connection, ``-n``), decided ones, an output format."""
+    flags.add_connection_flags(parser)
+    flags.add_namespace_flag(parser, repeatable=False, required=True, help="namespace")
+    parser.add_argument("--deployment", default="", help="only this deployment id")
+    parser.add_argument("--all", action="store_true", help="decided, expired and superseded ones too")
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``approve`` and ``reject``: those of ``get``, the remediation id, a reason."""
+    flags.add_connection_flags(parser)
+    flags.add_namespace_flag(parser, repeatable=False, required=True, help="namespace")
+    parser.add_argument("remediation_id", metavar="ID", help="the remediation id (broker pending lists them)")
+    parser.add_argument("--reason", default="", help="a note for the audit log and the event (a ticket, say)")
+    parser.add_argument(
+        "--request-id",
+        default="",
+        help="makes the call idempotent: a retry with the same id gets the first answer "
+        "(default: a new UUID)",
+    )
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
@@ -94,8 +120,19 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
 
+def _window(reply: pb.GetRemediationPolicyResponse, now: datetime.datetime) -> str:
+    """When automatic remediation may next run: ``open until 03:00Z``, ``next 02:00Z``, or ``always``."""
+    if not reply.HasField("next_window_start"):
+        return "always"
+    start = reply.next_window_start.ToDatetime(datetime.UTC)
+    end = reply.next_window_end.ToDatetime(datetime.UTC)
+    if start <= now < end:
+        return f"open until {end.strftime('%Y-%m-%d %H:%MZ')}"
+    return f"next {start.strftime('%Y-%m-%d %H:%MZ')}"
+
+
 async def get(args: argparse.Namespace) -> int:
-    """Print resource states as a table (or JSON)."""
+    """Print resource states as a table (or JSON), with each type's next maintenance window."""
     async with await BrokerClient.connect(args.target, token=args.token, tls=args.tls) as client:
         states = await client.get_resource_state(
             args.namespace, resource_type=args.type, resource_name=args.name
@@ -103,10 +140,15 @@ async def get(args: argparse.Namespace) -> int:
         summary = (
             await _summary_or_none(client, args.namespace) if args.output == "table" and states else None
         )
+        types = sorted({s.resource_type for s in states})
+        policies = {
+            t: await client.get_remediation_policy_window(args.namespace, resource_type=t) for t in types
+        }
     if args.output == "json":
         print(json.dumps([json_format.MessageToDict(s) for s in states], indent=2))
         return 0
-    rows = [["NAME", "TYPE", "PHASE", "HEALTH", "DRIFT", "COST/MONTH", "DEPLOYMENT"]]
+    now = datetime.datetime.now(datetime.UTC)
+    rows = [["NAME", "TYPE", "PHASE", "HEALTH", "DRIFT", "COST/MONTH", "WINDOW", "DEPLOYMENT"]]
     for s in states:
         unexpected = [i.message for i in s.drift_items if i.drift_class == pb.DRIFT_CLASS_UNEXPECTED]
         drift = "; ".join(unexpected) or ("expected only" if s.drift_items else "none")
@@ -118,6 +160,7 @@ async def get(args: argparse.Namespace) -> int:
                 _short(pb.HealthStatus, s.health_status, "HEALTH_STATUS_") if s.health_status else "-",
                 drift,
                 f"{s.estimated_monthly_cost:.2f}" if s.HasField("estimated_monthly_cost") else "-",
+                _window(policies[s.resource_type], now),
                 s.deployment_id,
             ]
         )
@@ -217,6 +260,68 @@ async def budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _change_line(c: pb.ProposedChange) -> str:
+    by = f" (changed by {c.changed_by})" if c.changed_by else ""
+    cost = f", {c.monthly_cost_delta:+.2f}/month" if c.HasField("monthly_cost_delta") else ""
+    return f"{c.field} {getattr(c, 'from') or '(missing)'} -> {c.to}{by}{cost}"
+
+
+def _print_remediations(remediations: list[pb.PendingRemediation], output: str) -> None:
+    if output == "json":
+        print(json.dumps([json_format.MessageToDict(r) for r in remediations], indent=2))
+        return
+    rows = [["ID", "RESOURCE", "STATE", "CHANGES", "COST/MONTH", "EXPIRES", "DECIDED BY"]]
+    for r in remediations:
+        rows.append(
+            [
+                r.remediation_id,
+                f"{_short(pb.ResourceType, r.resource_type, 'RESOURCE_TYPE_').lower()}/{r.resource_name}",
+                _short(pb.RemediationState, r.state, "REMEDIATION_STATE_"),
+                "; ".join(_change_line(c) for c in r.changes),
+                f"{r.monthly_cost_delta:+.2f}" if r.HasField("monthly_cost_delta") else "-",
+                r.expire_time.ToDatetime(datetime.UTC).strftime("%Y-%m-%d %H:%MZ"),
+                r.decided_by or "-",
+            ]
+        )
+    print(_table(rows))
+
+
+async def pending(args: argparse.Namespace) -> int:
+    """Print the remediations that wait for approval (JSON: a list of PendingRemediation)."""
+    async with await BrokerClient.connect(args.target, token=args.token, tls=args.tls) as client:
+        found = await client.list_pending_remediations(
+            args.namespace, deployment_id=args.deployment, include_decided=args.all
+        )
+    if not found and args.output == "table":
+        print(f"no pending remediations in namespace {args.namespace}")
+        return 0
+    _print_remediations(list(found), args.output)
+    return 0
+
+
+async def _decide(args: argparse.Namespace, *, approve: bool) -> int:
+    request_id = args.request_id or str(uuid.uuid4())
+    async with await BrokerClient.connect(args.target, token=args.token, tls=args.tls) as client:
+        decide = client.approve_remediation if approve else client.reject_remediation
+        decided = await decide(args.namespace, args.remediation_id, request_id=request_id, reason=args.reason)
+    if args.output == "json":
+        print(json.dumps(json_format.MessageToDict(decided), indent=2))
+        return 0
+    verb = "approved; the broker re-applies" if approve else "rejected; the drift stays:"
+    print(f"{decided.remediation_id} {verb} " + "; ".join(_change_line(c) for c in decided.changes))
+    return 0
+
+
+async def approve(args: argparse.Namespace) -> int:
+    """Approve one pending remediation; the broker carries it out."""
+    return await _decide(args, approve=True)
+
+
+async def reject(args: argparse.Namespace) -> int:
+    """Reject one pending remediation; the drift stays."""
+    return await _decide(args, approve=False)
+
+
 async def watch(args: argparse.Namespace) -> int:
     """Print drift events as they happen, until interrupted."""
     async with await BrokerClient.connect(args.target, token=args.token, tls=args.tls) as client:
@@ -244,6 +349,9 @@ def run(command: str, args: argparse.Namespace) -> int:
         "costs": costs,
         "budget": budget,
         "admission-policy": admission_policy,
+        "pending": pending,
+        "approve": approve,
+        "reject": reject,
     }
     try:
         return asyncio.run(_interruptible(commands[command](args)))

@@ -23,6 +23,14 @@ Everything is optional; what is left out keeps the documented defaults of ``brok
         resource_type: database
         mode: alert
         ignore_fields: [replicas]
+      - namespace: team-orders
+        mode: approve           # a person approves each remediation (broker approve ID)
+      - namespace: team-search
+        mode: auto
+        maintenance_window:     # automatic remediation only 02:00-04:00 Berlin time on weekdays
+          cron: "0 2 * * 1-5"
+          duration: 2h
+          time_zone: Europe/Berlin
     budgets:                    # monthly cost budget per namespace, in the prices' currency
       team-platform: 500        # SetCostBudget overrides it (and removing that brings it back)
 
@@ -39,7 +47,7 @@ import yaml
 
 from broker import errors, settings
 from broker.domain import catalog as catalog_mod
-from broker.domain import costs, drift, model, policy, quantity, validation
+from broker.domain import costs, drift, model, policy, quantity, validation, windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +142,7 @@ def _policies(items: Any, where: str) -> policy.Policy:
             resource_type = model.ResourceType(item["resource_type"]) if item.get("resource_type") else None
         except ValueError as e:
             raise ValueError(
-                f"{at}: {e} (mode: auto, alert, off; resource_type: database, cache, topic)"
+                f"{at}: {e} (mode: auto, alert, approve, off; resource_type: database, cache, topic)"
             ) from e
         ignore = item.get("ignore_fields") or []
         if not isinstance(ignore, list):
@@ -144,12 +152,24 @@ def _policies(items: Any, where: str) -> policy.Policy:
             raise ValueError(
                 f"{at}: unknown ignore_fields {', '.join(unknown)}; use {', '.join(sorted(drift.FIELDS))}"
             )
+        window = None
+        if item.get("maintenance_window") is not None:
+            raw_window = _mapping(item["maintenance_window"], f"{at}: maintenance_window")
+            try:
+                window = windows.parse(
+                    cron=str(raw_window.get("cron", "")),
+                    duration=str(raw_window.get("duration", "")),
+                    time_zone=str(raw_window.get("time_zone", "")),
+                )
+            except windows.WindowError as e:
+                raise ValueError(f"{at}: maintenance_window.{e.part}: {e}") from e
         rules.append(
             policy.Rule(
                 namespace=str(item.get("namespace", policy.ANY)),
                 resource_type=resource_type,
                 mode=mode,
                 ignore_fields=frozenset(str(f) for f in ignore),
+                window=window,
             )
         )
     return policy.Policy(rules=tuple(rules))

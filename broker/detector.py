@@ -21,6 +21,18 @@ event of the detector they are written by the leader only.
 Where the policy says auto-remediate, the ``Remediator`` re-applies the desired state, with an event
 for each attempt. When the same drift comes back soon after a remediation (another actor fighting
 the broker), each next attempt waits twice as long, up to a ceiling: no hot loop.
+
+Where the policy has a maintenance window and none is open, automatic remediation is deferred
+(one RemediationDeferred event per drift) and the deployment is evaluated again when the next
+window opens: the remediation then runs unless the drift resolved itself meanwhile.
+
+Where the policy says approve, the detector proposes a pending remediation instead
+(``broker.domain.approval``; a RemediationPendingApproval event), supersedes it when the drift
+changes or goes, expires it after the approval TTL (RemediationExpired), and carries an approved
+one out through the ``Remediator`` at once, inside or outside a maintenance window: the approval
+is a person's decision to act now. The detector runs on the leader only, so exactly one replica
+does each of these; an approval made on another replica reaches the leader as its
+RemediationApproved event (read from the shared log), and each resync looks for approved ones.
 """
 
 from __future__ import annotations
@@ -34,8 +46,8 @@ import time
 from collections.abc import Callable
 
 from broker import errors, workers
+from broker.domain import approval, costs, drift, lifecycle, model, policy, rules
 from broker.domain import catalog as catalog_mod
-from broker.domain import costs, drift, lifecycle, model, policy, rules
 from broker.kube import observer
 from broker.store import port
 
@@ -491,8 +503,21 @@ class Detector:
         startup_grace: float = 10.0,
         on_started: Callable[[], None] = lambda: None,
         cost_watch: CostWatch | None = None,
+        approval_ttl: float = 24 * 3600.0,
+        clock: Callable[[], datetime.datetime] = _now,
     ) -> None:
         self.costs = cost_watch
+        self._approval_ttl = datetime.timedelta(seconds=approval_ttl)
+        # Wall-clock time for maintenance windows and approval expiry: a test seam (tests move it).
+        self.clock = clock
+        # The latest proposal of each deployment whose drift needs approval (any state): a new
+        # one is made only when that drift changes, so a rejected one is not proposed again.
+        self._proposals: dict[str, approval.Remediation] = {}
+        # Approvals made here since the last sweep; a resync looks for every approved proposal.
+        self._approved: set[str] = set()
+        # Deferred remediations: the fingerprint of the drift each waits with, and its timer.
+        self._deferred: dict[str, str] = {}
+        self._window_timers: dict[str, asyncio.TimerHandle] = {}
         # Called once the first sweep is done: everything known at start-up has been evaluated.
         self._on_started = on_started
         self._store = store
@@ -522,11 +547,24 @@ class Detector:
         self._dirty.add(deployment_id)
         self._wake.set()
 
+    def approved(self, deployment_id: str) -> None:
+        """A remediation of the deployment was approved: carry it out soon."""
+        self._approved.add(deployment_id)
+        self._wake.set()
+
+    def approvals_in(self, events: list[model.DriftEvent]) -> None:
+        """Events read from the log (any replica's): carry out the approvals among them soon."""
+        for event in events:
+            if event.kind is model.EventKind.REMEDIATION_APPROVED:
+                self.approved(event.deployment_id)
+
     async def run(self) -> None:
         """Evaluate dirty deployments as they come, and everything every ``resync_interval``."""
         self._reported = await self._store.drift_states()
         if self.costs is not None:
             await self.costs.load()
+        for remediation in await self._store.list_remediations(namespace=None):
+            self._proposals[remediation.deployment_id] = remediation  # oldest first: the latest stays
         # At start the caches are still listing: evaluating now would report every resource
         # Unknown, then Healthy again a moment later. Wait for them (a cluster that stays
         # unreadable is then reported as such).
@@ -535,12 +573,17 @@ class Detector:
 
         async def sweep() -> float:
             nonlocal next_resync
-            if time.monotonic() >= next_resync:
+            everything = time.monotonic() >= next_resync
+            if everything:
                 with contextlib.suppress(errors.BrokerError):
                     self._resync.update(
                         (d.deployment_id, d) for d in await self._store.live_deployments(lifecycle.EVALUATED)
                     )
                 next_resync = time.monotonic() + self._resync_interval
+            try:
+                await self._decisions(everything)
+            except errors.BrokerError as e:
+                log.warning("pending remediations could not be settled", extra={"error": e.message})
             # A watch event must not wait behind a sweep of thousands: changes go first, and each
             # evaluation awaits the store, so a change arriving mid-sweep is picked next.
             while self._dirty or self._resync:
@@ -561,7 +604,11 @@ class Detector:
                     await self.costs.recheck()
                 except errors.BrokerError as e:
                     log.warning("cost budget check failed", extra={"error": e.message})
-            return next_resync - time.monotonic()
+            wait = next_resync - time.monotonic()
+            pending = [r.expire_time for r in self._proposals.values() if r.state is approval.State.PENDING]
+            if pending:
+                wait = min(wait, max(0.0, (min(pending) - self.clock()).total_seconds()))
+            return wait
 
         await sweep()
         if self.costs is not None:
@@ -610,6 +657,12 @@ class Detector:
 
     async def forget_all(self) -> None:
         """This replica stopped leading: what it concluded is the next leader's business now."""
+        for timer in self._window_timers.values():
+            timer.cancel()
+        self._window_timers.clear()
+        self._deferred.clear()
+        self._proposals.clear()
+        self._approved.clear()
         self._reported.clear()
         self._open.clear()
         self._verdicts.clear()
@@ -669,8 +722,13 @@ class Detector:
         self._keep_verdict(deployment, dataclasses.replace(verdict, items=after))
         open_items = _unexpected(after)
         self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(open_items))
+        if readable:
+            needs = tuple(i for i in open_items if i.action is model.Action.APPROVAL_REQUIRED)
+            await self._propose(dataclasses.replace(deployment, phase=phase), needs)
         auto = tuple(i for i in open_items if i.action is model.Action.AUTO_REMEDIATE)
         if readable and auto and self._remediator is not None:
+            if await self._deferring(dataclasses.replace(deployment, phase=phase), auto):
+                return
             reported_only = frozenset(
                 i.field for i in open_items if i.action is not model.Action.AUTO_REMEDIATE
             )
@@ -680,6 +738,150 @@ class Detector:
                 lambda items, written: self._remaining(deployment, items, written),
                 keep=reported_only,
             )
+        else:
+            self._deferred.pop(deployment_id, None)  # resolved by itself (or not automatic any more)
+
+    async def _deferring(self, deployment: model.Deployment, auto: tuple[model.DriftItem, ...]) -> bool:
+        """Whether the remediation of ``auto`` waits for a maintenance window (and say so, once)."""
+        deployment_id = deployment.deployment_id
+        window = self._policies().rule_for(deployment.namespace, deployment.resource_type).window
+        now = self.clock()
+        if window is None or window.is_open(now):
+            self._deferred.pop(deployment_id, None)
+            return False
+        start, end = window.current_or_next(now)
+        if deployment_id not in self._window_timers:
+            # Evaluate again once the window is open (a little after, so it is open by then).
+            delay = (start - now).total_seconds() + 0.2
+            self._window_timers[deployment_id] = asyncio.get_running_loop().call_later(
+                delay, self._window_opened, deployment_id
+            )
+        marker = approval.fingerprint(auto, deployment.generation)
+        if self._deferred.get(deployment_id) != marker:
+            self._deferred[deployment_id] = marker
+            await self._store.append_events(
+                [
+                    model.DriftEvent.about(
+                        deployment,
+                        model.EventKind.REMEDIATION_DEFERRED,
+                        f"Outside the maintenance window {window.describe()}: remediation deferred to "
+                        f"{start.isoformat(timespec='seconds')} "
+                        f"(open until {end.isoformat(timespec='seconds')}): "
+                        + "; ".join(i.message for i in auto),
+                        health=None,
+                        items=auto,
+                    )
+                ]
+            )
+        return True
+
+    def _window_opened(self, deployment_id: str) -> None:
+        self._window_timers.pop(deployment_id, None)
+        self.notify(deployment_id)
+
+    async def _propose(self, deployment: model.Deployment, needs: tuple[model.DriftItem, ...]) -> None:
+        """Propose a remediation of the drift needing approval, unless the latest proposal is for it."""
+        deployment_id = deployment.deployment_id
+        latest = self._proposals.get(deployment_id)
+        if not needs:
+            if latest is not None:
+                # The drift went (or stopped needing approval): what was proposed is moot.
+                if latest.state is approval.State.PENDING:
+                    await self._store.close_remediation(
+                        latest.remediation_id,
+                        from_states=frozenset({approval.State.PENDING}),
+                        to=approval.State.SUPERSEDED,
+                        reason="the drift it would undo is gone",
+                    )
+                if latest.state is not approval.State.APPROVED:
+                    del self._proposals[deployment_id]
+            return
+        if latest is not None and latest.fingerprint == approval.fingerprint(needs, deployment.generation):
+            return
+        proposal = approval.propose(deployment, needs, now=self.clock(), ttl=self._approval_ttl)
+        supersedes = (
+            f" (supersedes {latest.remediation_id})"
+            if latest is not None and latest.state is approval.State.PENDING
+            else ""
+        )
+        message = (
+            f"Remediation {proposal.remediation_id} waits for approval until "
+            f"{proposal.expire_time.isoformat(timespec='seconds')}{supersedes}: {proposal.summary()}"
+        )
+        await self._store.propose_remediation(
+            proposal,
+            event=approval.event(
+                proposal, model.EventKind.REMEDIATION_PENDING_APPROVAL, message, phase=deployment.phase
+            ),
+        )
+        self._proposals[deployment_id] = proposal
+
+    async def _decisions(self, everything: bool) -> None:
+        """Expire proposals nobody decided in time; carry out approved ones."""
+        now = self.clock()
+        for deployment_id, proposal in list(self._proposals.items()):
+            if proposal.state is not approval.State.PENDING or proposal.expire_time > now:
+                continue
+            expired = await self._store.close_remediation(
+                proposal.remediation_id,
+                from_states=frozenset({approval.State.PENDING}),
+                to=approval.State.EXPIRED,
+                reason=f"not decided within {self._approval_ttl}",
+                event=approval.event(
+                    proposal,
+                    model.EventKind.REMEDIATION_EXPIRED,
+                    f"Remediation {proposal.remediation_id} expired undecided after {self._approval_ttl}; "
+                    f"the drift stays: {proposal.summary()}",
+                    phase=model.Phase.DRIFT_DETECTED,
+                ),
+            )
+            # Expired, or decided meanwhile: either way no longer pending here.
+            state = approval.State.EXPIRED if expired else approval.State.SUPERSEDED
+            self._proposals[deployment_id] = dataclasses.replace(proposal, state=state)
+        if not (everything or self._approved):
+            return
+        self._approved.clear()
+        for proposal in await self._store.list_remediations(
+            namespace=None, states=frozenset({approval.State.APPROVED})
+        ):
+            await self._carry_out(proposal)
+
+    async def _carry_out(self, proposal: approval.Remediation) -> None:
+        """Re-apply what an approved proposal names, if its drift is still there."""
+        if self._remediator is None:
+            return  # a dry run (--no-remediation): the approval stays until remediation is on
+        self._proposals[proposal.deployment_id] = proposal
+        deployment = await self._store.deployment_by_id(proposal.deployment_id)
+        gone = deployment is None or deployment.phase not in lifecycle.EVALUATED
+        verdict = self._verdict(deployment) if deployment is not None and not gone else None
+        if verdict is not None and verdict.health is model.Health.UNKNOWN:
+            return  # the cluster cannot be read: try again at the next sweep
+        wanted = {(i.rule_id, i.field) for i in proposal.items}
+        items = tuple(i for i in verdict.unexpected if (i.rule_id, i.field) in wanted) if verdict else ()
+        if deployment is None or verdict is None or deployment.generation != proposal.generation or not items:
+            await self._store.close_remediation(
+                proposal.remediation_id,
+                from_states=frozenset({approval.State.APPROVED}),
+                to=approval.State.SUPERSEDED,
+                reason="approved, but the drift or the desired state changed before it was carried out",
+            )
+            self._proposals.pop(proposal.deployment_id, None)
+            return
+        if not await self._store.close_remediation(
+            proposal.remediation_id,
+            from_states=frozenset({approval.State.APPROVED}),
+            to=approval.State.APPLIED,
+            reason=proposal.reason,
+        ):
+            return
+        self._proposals[proposal.deployment_id] = dataclasses.replace(proposal, state=approval.State.APPLIED)
+        keep = frozenset(i.field for i in verdict.unexpected if (i.rule_id, i.field) not in wanted)
+        self._remediator.request(
+            deployment,
+            items,
+            lambda left, written: self._remaining(deployment, left, written, approved=True),
+            keep=keep,
+        )
 
     def _keep_verdict(self, deployment: model.Deployment, verdict: drift.Evaluation) -> None:
         operation_id = deployment.last_operation.operation_id
@@ -699,8 +901,11 @@ class Detector:
         deployment: model.Deployment,
         items: tuple[model.DriftItem, ...],
         written: observer.Written | None,
+        *,
+        approved: bool = False,
     ) -> tuple[model.DriftItem, ...]:
-        """Those of ``items`` (by rule and field) still shown as auto-remediable drift."""
+        """Those of ``items`` (by rule and field) still shown as auto-remediable drift (or as any
+        drift at all, for an ``approved`` remediation: a person decided it)."""
         observation = self._cluster.observe(deployment, written=written)
         verdict = drift.evaluate(deployment, observation, catalog=self._catalog, rules=self._policies())
         now = {(i.rule_id, i.field): i for i in verdict.unexpected}
@@ -708,7 +913,7 @@ class Detector:
             now[(i.rule_id, i.field)]
             for i in items
             if now.get((i.rule_id, i.field)) is not None
-            and now[(i.rule_id, i.field)].action is model.Action.AUTO_REMEDIATE
+            and (approved or now[(i.rule_id, i.field)].action is model.Action.AUTO_REMEDIATE)
         )
 
     def open_drifts(self) -> dict[tuple[str, str], int]:

@@ -129,6 +129,9 @@ class EventHub:
         self._wake = workers.Wakeup()
         # The newest sequence offered to the subscriptions.
         self.position = 0
+        self.observers: list[Callable[[list[model.DriftEvent]], None]] = []
+        """Called with every page the tailer reads, every replica's events (must not block): the
+        leader's detector learns of approvals made on other replicas this way."""
 
     def notify(self, events: list[model.DriftEvent] | None = None) -> None:
         """New events were committed: the tailer reads the log at once (a store listener)."""
@@ -173,6 +176,8 @@ class EventHub:
         for subscription in list(self._subscriptions):
             for event in events:
                 subscription.offer(event)
+        for observer in self.observers:
+            observer(events)
 
     def close_all(self) -> None:
         """Shutdown: end every subscription; their streams end resumably."""

@@ -99,6 +99,7 @@ class Settings:
     cost_alert_threshold: float = costs.DEFAULT_THRESHOLD
     # Monthly budgets per namespace from the --config file; SetCostBudget overrides them.
     budgets: dict[str, float] = dataclasses.field(default_factory=dict)
+    approval_ttl: float = 24 * 3600.0
     callback_max_backoff: float = 60.0
     event_retention: int = 100_000
     event_prune_interval: float = 600.0
@@ -433,6 +434,7 @@ class Broker:
             callback_check=callback_policy,
             on_accepted=self.provisioner.kick if self.provisioner else lambda deployment_id: None,
             on_desired_changed=self.detector.notify if self.detector else lambda deployment_id: None,
+            on_approved=self.detector.approved if self.detector else lambda deployment_id: None,
             hub=self.hub,
             watch_limits=settings.watch,
             prevention=prevention_of(settings),
@@ -594,12 +596,15 @@ class Broker:
                     budgets=lambda: self.budgets.current,
                     on_alert=lambda namespace, reason: self.metrics.count_cost_alert(namespace, reason.value),
                 ),
+                approval_ttl=settings.approval_ttl,
             ),
             prevention=guard,
         )
         self.budgets.listeners.append(parts.detector.budget_changed)
         state.add_listener(parts.provisioner.notify)
         state.add_listener(parts.detector.notify)
+        # An approval made on any replica reaches the leader's detector through the log's tailer.
+        self.hub.observers.append(parts.detector.approvals_in)
         state.add_sync_listener(parts.detector.resync_now)
         state.add_sync_listener(lambda: self._listed(state))
         for name, worker in state.workers().items():

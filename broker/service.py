@@ -14,7 +14,18 @@ from collections.abc import AsyncGenerator, Callable, Hashable
 from typing import Any, Protocol
 
 from broker import auth, errors, events
-from broker.domain import admission, costs, drift, lifecycle, model, naming, policy, rules, validation
+from broker.domain import (
+    admission,
+    approval,
+    costs,
+    drift,
+    lifecycle,
+    model,
+    naming,
+    policy,
+    rules,
+    validation,
+)
 from broker.domain import catalog as catalog_mod
 from broker.store import port
 
@@ -92,6 +103,25 @@ class PolicyInput:
 
     namespace: str
     resource_type: model.ResourceType | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RemediationsInput:
+    """Which proposed remediations to list, as a transport parsed the request."""
+
+    namespace: str
+    deployment_id: str = ""
+    include_decided: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionInput:
+    """An approval or rejection of one pending remediation, before validation."""
+
+    namespace: str
+    remediation_id: str
+    request_id: str = ""
+    reason: str = ""
 
 
 class ClusterView(Protocol):
@@ -266,7 +296,10 @@ class BrokerService:
         prevention: admission.Prevention | None = None,
         budgets: BudgetBook | None = None,
         cost_alert_threshold: float = costs.DEFAULT_THRESHOLD,
+        on_approved: Callable[[str], None] = lambda deployment_id: None,
     ) -> None:
+        # A remediation was approved: the leader's detector carries it out (see detector.py).
+        self._on_approved = on_approved
         self.prevention = prevention or admission.Prevention()
         self.budgets = budgets or BudgetBook()
         self.cost_alert_threshold = cost_alert_threshold
@@ -507,7 +540,11 @@ class BrokerService:
             self.policies.set(rule)
             if self._verdicts is not None:
                 self._verdicts.reevaluate(rule.namespace, rule.resource_type)
-            record(mode=rule.mode.value, ignore=",".join(sorted(rule.ignore_fields)))
+            record(
+                mode=rule.mode.value,
+                ignore=",".join(sorted(rule.ignore_fields)),
+                window=rule.window.describe() if rule.window is not None else "",
+            )
         return rule
 
     def admission_policy(
@@ -610,6 +647,107 @@ class BrokerService:
             threshold=self.cost_alert_threshold,
             max_drifts=request.max_drifts or costs.DEFAULT_MAX_DRIFTS,
         )
+
+    async def list_remediations(
+        self, principal: auth.Principal, request: RemediationsInput
+    ) -> list[approval.Remediation]:
+        """The proposed remediations of a namespace: pending ones first, then decided ones if asked."""
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(request.namespace, violations)
+        validation.check_deployment_id(request.deployment_id, violations, required=False)
+        validation.raise_if(violations)
+        principal.require(request.namespace)
+        found = await self._store.list_remediations(
+            namespace=request.namespace,
+            deployment_id=request.deployment_id or None,
+            states=None if request.include_decided else frozenset({approval.State.PENDING}),
+        )
+        pending = [r for r in found if r.state is approval.State.PENDING]
+        decided = sorted(
+            (r for r in found if r.state is not approval.State.PENDING),
+            key=lambda r: r.decide_time or r.create_time,
+            reverse=True,
+        )
+        return pending + decided
+
+    async def decide_remediation(
+        self, principal: auth.Principal, request: DecisionInput, decision: approval.Decision
+    ) -> approval.Remediation:
+        """Approve or reject a pending remediation; the approver is recorded and audited.
+
+        An approval is refused (FailedPrecondition) when the proposal is stale: the drift it was
+        made from is not what is observed now. A repeated request_id gets the first answer.
+        """
+        namespace, remediation_id = request.namespace, request.remediation_id
+        violations: list[errors.FieldViolation] = []
+        validation.check_namespace(namespace, violations)
+        if not remediation_id:
+            violations.append(errors.FieldViolation("remediation_id", "is required"))
+        elif not approval.is_id(remediation_id):
+            violations.append(
+                errors.FieldViolation(
+                    "remediation_id",
+                    f"{remediation_id[:80]!r} is not a remediation id "
+                    "(they look like 'rem-3f9c2a1b7d4e5f60')",
+                )
+            )
+        validation.check_request_id(request.request_id, violations)
+        if len(request.reason) > 500:
+            violations.append(errors.FieldViolation("reason", "must be at most 500 characters"))
+        validation.raise_if(violations)
+        action = "ApproveRemediation" if decision is approval.Decision.APPROVE else "RejectRemediation"
+        with _audited(principal, action, namespace, remediation_id) as record:
+            principal.require(namespace)
+            principal.require_approver(namespace)
+            replay = await self._store.decision_replay(
+                namespace, request.request_id, decision, remediation_id
+            )
+            if replay is not None:
+                record(deployment_id=replay.deployment_id, outcome="replayed")
+                return replay
+            remediation = await self._store.get_remediation(namespace, remediation_id)
+            record(deployment_id=remediation.deployment_id)
+            if remediation.state is not approval.State.PENDING:
+                detail = f" ({remediation.reason})" if remediation.reason else ""
+                by = f" by {remediation.decided_by}" if remediation.decided_by else ""
+                raise errors.FailedPrecondition(
+                    f"remediation {remediation_id} is {remediation.state.value}{by}{detail}; only a "
+                    "pending remediation can be approved or rejected",
+                    reason="REMEDIATION_NOT_PENDING",
+                )
+            deployment = await self._store.get_deployment(remediation.namespace, remediation.deployment_id)
+            view = self._view(deployment)
+            if decision is approval.Decision.APPROVE:
+                # The drift the proposal names, as observed now (whatever action this replica's
+                # copy of the policy gives it: the leader proposed it under mode approve).
+                named = {(i.rule_id, i.field) for i in remediation.items}
+                current = tuple(
+                    i
+                    for i in (view.evaluation.unexpected if view.evaluation is not None else ())
+                    if (i.rule_id, i.field) in named
+                )
+                stale = approval.staleness(remediation, deployment, current)
+                if stale:
+                    raise errors.FailedPrecondition(
+                        f"remediation {remediation_id} is stale and was not approved: {stale}; "
+                        "list the pending remediations again and decide on the current proposal",
+                        reason="REMEDIATION_STALE",
+                    )
+            who = f"{principal.name}" + (f": {request.reason}" if request.reason else "")
+            verb = "Approved" if decision is approval.Decision.APPROVE else "Rejected"
+            message = f"{verb} by {who}: {remediation.summary()}"
+            decided = await self._store.decide_remediation(
+                remediation,
+                decision=decision,
+                by=principal.name,
+                reason=request.reason,
+                request_id=request.request_id,
+                event=approval.event(remediation, decision.event_kind, message, phase=view.phase),
+            )
+            if decision is approval.Decision.APPROVE:
+                self._on_approved(remediation.deployment_id)
+            record(outcome=decided.state.value)
+        return decided
 
     async def watch(
         self, principal: auth.Principal, request: WatchInput, *, on_end: Callable[[], None] | None = None

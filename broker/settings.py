@@ -276,6 +276,12 @@ TABLE: tuple[Setting, ...] = (
         "a COST_ALERT when drift makes a resource cost more than this fraction above its desired cost "
         "(0.2: over 20 percent); namespace budgets are the budgets key of --config and SetCostBudget",
     ),
+    Setting(
+        "approval_ttl",
+        "--approval-ttl",
+        SECONDS,
+        "how long a pending remediation (policy mode approve) waits for a decision before it expires",
+    ),
     Setting("tls_cert", "--tls-cert", FILE, "serve gRPC and HTTP over TLS with this certificate (PEM)"),
     Setting("tls_key", "--tls-key", FILE, "the certificate's private key (PEM)"),
     Setting(

@@ -114,7 +114,16 @@ async def test_broker_get_prints_a_table_with_the_header_and_a_row_per_resource(
     assert code == 0, err
     table, _, costs = out.partition("\n\n")
     lines = table.splitlines()
-    assert lines[0].split() == ["NAME", "TYPE", "PHASE", "HEALTH", "DRIFT", "COST/MONTH", "DEPLOYMENT"]
+    assert lines[0].split() == [
+        "NAME",
+        "TYPE",
+        "PHASE",
+        "HEALTH",
+        "DRIFT",
+        "COST/MONTH",
+        "WINDOW",
+        "DEPLOYMENT",
+    ]
     [row] = [line for line in lines[1:] if line.strip()]
     # Below the table, the namespace's cost: desired against actual (3 replicas), and no budget.
     assert costs.strip() == "COST/MONTH  desired 45.50  actual 136.50  budget none"

@@ -64,6 +64,15 @@ VALID: dict[str, bytes] = {
     "/broker.v1.BrokerService/GetCostSummary": pb.GetCostSummaryRequest(
         namespace="team-platform", max_drifts=5
     ).SerializeToString(),
+    "/broker.v1.BrokerService/ListPendingRemediations": pb.ListPendingRemediationsRequest(
+        namespace="team-platform", include_decided=True
+    ).SerializeToString(),
+    "/broker.v1.BrokerService/ApproveRemediation": pb.ApproveRemediationRequest(
+        namespace="team-platform", remediation_id="rem-0123456789abcdef", request_id="r-1"
+    ).SerializeToString(),
+    "/broker.v1.BrokerService/RejectRemediation": pb.RejectRemediationRequest(
+        namespace="team-platform", remediation_id="rem-0123456789abcdef", reason="no"
+    ).SerializeToString(),
     "/grpc.health.v1.Health/Check": health_pb2.HealthCheckRequest(service="").SerializeToString(),
 }
 STREAMING = {"/broker.v1.BrokerService/WatchDrift": pb.WatchDriftRequest().SerializeToString()}

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from broker import errors
-from broker.domain import catalog, model, policy
+from broker.domain import approval, catalog, model, policy, windows
 from broker.store import port, postgres, sqlite
 
 
@@ -425,3 +425,133 @@ async def test_a_verdict_writes_its_cost_crossings_and_alerts_in_its_own_transac
     )
     assert await store.cost_alerts() == {subject}
     assert (await store.event_bounds())[1] == newest
+
+
+def replicas_item(actual: str) -> model.DriftItem:
+    return model.DriftItem(
+        rule_id="replicas.changed",
+        field="replicas",
+        desired="1",
+        actual=actual,
+        drift_class=model.DriftClass.UNEXPECTED,
+        severity=model.Severity.WARNING,
+        action=model.Action.APPROVAL_REQUIRED,
+        message=f"Replica count mismatch: desired=1, actual={actual}",
+        changed_by="kubectl-scale",
+        monthly_cost_delta=12.5,
+    )
+
+
+def proposal(deployment: model.Deployment, actual: str) -> approval.Remediation:
+    return approval.propose(
+        deployment,
+        (replicas_item(actual),),
+        now=datetime.datetime.now(datetime.UTC),
+        ttl=datetime.timedelta(hours=1),
+    )
+
+
+def pending_event(r: approval.Remediation) -> model.DriftEvent:
+    return approval.event(
+        r, model.EventKind.REMEDIATION_PENDING_APPROVAL, "waits", phase=model.Phase.DRIFT_DETECTED
+    )
+
+
+async def test_a_proposal_is_stored_with_its_event_and_a_newer_one_supersedes_it(store: port.Store) -> None:
+    deployment = await ready(store)
+    first = proposal(deployment, "3")
+    await store.propose_remediation(first, event=pending_event(first))
+    second = proposal(deployment, "4")
+    await store.propose_remediation(second, event=pending_event(second))
+
+    found = await store.list_remediations(namespace=NS)
+    assert [r.remediation_id for r in found] == [first.remediation_id, second.remediation_id]
+    assert [r.state for r in found] == [approval.State.SUPERSEDED, approval.State.PENDING]
+    read = await store.get_remediation(NS, second.remediation_id)
+    assert read.items == second.items
+    assert read.changes[0].from_value == "4"
+    assert read.changes[0].to_value == "1"
+    assert read.changes[0].monthly_cost_delta == -12.5
+    assert read.fingerprint == second.fingerprint
+    pending = await store.list_remediations(namespace=None, states=frozenset({approval.State.PENDING}))
+    assert [r.remediation_id for r in pending] == [second.remediation_id]
+    kinds = [e.kind for e in await store.events_after(0, 100)]
+    assert kinds.count(model.EventKind.REMEDIATION_PENDING_APPROVAL) == 2
+    with pytest.raises(errors.NotFound):
+        await store.get_remediation("team-other", second.remediation_id)
+
+
+async def test_a_decision_is_made_once_and_replayed_on_its_request_id(store: port.Store) -> None:
+    deployment = await ready(store)
+    r = proposal(deployment, "3")
+    await store.propose_remediation(r, event=pending_event(r))
+    assert await store.decision_replay(NS, "req-1", approval.Decision.APPROVE, r.remediation_id) is None
+
+    decided = await store.decide_remediation(
+        r,
+        decision=approval.Decision.APPROVE,
+        by="oncall",
+        reason="CHG-1",
+        request_id="req-1",
+        event=approval.event(r, model.EventKind.REMEDIATION_APPROVED, "ok", phase=model.Phase.DRIFT_DETECTED),
+    )
+    assert (decided.state, decided.decided_by, decided.reason) == (approval.State.APPROVED, "oncall", "CHG-1")
+    replay = await store.decision_replay(NS, "req-1", approval.Decision.APPROVE, r.remediation_id)
+    assert replay is not None
+    assert replay.state is approval.State.APPROVED
+    assert replay.decided_by == "oncall"
+    with pytest.raises(errors.AlreadyExists):
+        await store.decision_replay(NS, "req-1", approval.Decision.REJECT, r.remediation_id)
+    with pytest.raises(errors.FailedPrecondition):
+        await store.decide_remediation(
+            r,
+            decision=approval.Decision.REJECT,
+            by="someone",
+            reason="",
+            request_id="",
+            event=approval.event(
+                r, model.EventKind.REMEDIATION_REJECTED, "no", phase=model.Phase.DRIFT_DETECTED
+            ),
+        )
+    assert [e.kind for e in await store.events_after(0, 100)].count(model.EventKind.REMEDIATION_APPROVED) == 1
+    # Carried out once: the second close finds it applied already.
+    approved = frozenset({approval.State.APPROVED})
+    assert await store.close_remediation(
+        r.remediation_id, from_states=approved, to=approval.State.APPLIED, reason=""
+    )
+    assert not await store.close_remediation(
+        r.remediation_id, from_states=approved, to=approval.State.APPLIED, reason=""
+    )
+    assert (await store.get_remediation(NS, r.remediation_id)).state is approval.State.APPLIED
+
+
+async def test_expiry_closes_only_a_pending_proposal_with_its_event(store: port.Store) -> None:
+    deployment = await ready(store)
+    r = proposal(deployment, "3")
+    await store.propose_remediation(r, event=pending_event(r))
+    expired = approval.event(
+        r, model.EventKind.REMEDIATION_EXPIRED, "lapsed", phase=model.Phase.DRIFT_DETECTED
+    )
+    pending = frozenset({approval.State.PENDING})
+    assert await store.close_remediation(
+        r.remediation_id, from_states=pending, to=approval.State.EXPIRED, reason="ttl", event=expired
+    )
+    assert not await store.close_remediation(
+        r.remediation_id, from_states=pending, to=approval.State.EXPIRED, reason="ttl", event=expired
+    )
+    read = await store.get_remediation(NS, r.remediation_id)
+    assert read.state is approval.State.EXPIRED
+    assert read.decide_time is not None
+    assert [e.kind for e in await store.events_after(0, 100)].count(model.EventKind.REMEDIATION_EXPIRED) == 1
+
+
+async def test_a_policy_keeps_its_mode_approve_and_its_maintenance_window(store: port.Store) -> None:
+    window = windows.parse(cron="30 2 * * 1-5", duration="1h30m", time_zone="Europe/Berlin")
+    rule = policy.Rule(
+        namespace=NS, resource_type=model.ResourceType.CACHE, mode=policy.Mode.APPROVE, window=window
+    )
+    await store.set_policy(rule)
+    assert await store.policies() == [rule]
+    await store.set_policy(dataclasses.replace(rule, window=None))
+    assert await store.policies() == [dataclasses.replace(rule, window=None)]
+    assert await store.schema_version() >= 3

@@ -419,7 +419,8 @@ async def drive(
     cells = [await c.text_content() for c in await page.query_selector_all(f"{replicas} td")]
     assert cells[1:3] == ["1", "3"]
     await page.wait_for_selector('#timeline li[data-kind="DriftDetected"]', timeout=5000)
-    assert await page.get_attribute("#pending", "data-supported") == "false"
+    # Under the default policy nothing waits for approval, and the page says so.
+    assert await page.get_attribute("#pending", "data-supported") == "true"
     assert deployment in (await page.text_content(".facts") or "")
 
     # Anything a cluster actor writes is shown as text: a hostile field manager stays a string.

@@ -15,7 +15,7 @@ from broker_client.v1 import broker_pb2 as pb
 from google.protobuf import timestamp_pb2
 
 from broker import errors, service
-from broker.domain import costs, model, policy
+from broker.domain import approval, costs, model, policy, windows
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -63,11 +63,22 @@ ACTIONS = _EnumMap(model.Action, pb.RecommendedAction, "RECOMMENDED_ACTION_")
 EVENT_KINDS = _EnumMap(model.EventKind, pb.DriftEventKind, "DRIFT_EVENT_KIND_")
 MODES = _EnumMap(policy.Mode, pb.RemediationMode, "REMEDIATION_MODE_")
 BUDGET_SOURCES = _EnumMap(costs.Source, pb.CostBudgetSource, "COST_BUDGET_SOURCE_")
+REMEDIATION_STATES = _EnumMap(approval.State, pb.RemediationState, "REMEDIATION_STATE_")
 
 
 _ALL_MAPS = (RESOURCE_TYPES, PHASES, HEALTH, DATA_POLICIES, OPERATION_TYPES, OPERATION_STATES)
 _MAPS: dict[type[enum.Enum], _EnumMap] = {
-    m.domain: m for m in (*_ALL_MAPS, DRIFT_CLASSES, SEVERITIES, ACTIONS, EVENT_KINDS, MODES, BUDGET_SOURCES)
+    m.domain: m
+    for m in (
+        *_ALL_MAPS,
+        DRIFT_CLASSES,
+        SEVERITIES,
+        ACTIONS,
+        EVENT_KINDS,
+        MODES,
+        BUDGET_SOURCES,
+        REMEDIATION_STATES,
+    )
 }
 
 
@@ -365,22 +376,84 @@ def rule_from_proto(msg: pb.RemediationPolicy) -> policy.Rule:
         raise errors.InvalidArgument(
             [errors.FieldViolation("policy.mode", "is required", tuple(policy.Mode))]
         )
+    window = None
+    if msg.HasField("maintenance_window"):
+        w = msg.maintenance_window
+        try:
+            window = windows.parse(cron=w.cron, duration=w.duration, time_zone=w.time_zone)
+        except windows.WindowError as e:
+            raise errors.InvalidArgument(
+                [errors.FieldViolation(f"policy.maintenance_window.{e.part}", str(e))]
+            ) from e
     return policy.Rule(
         namespace=msg.namespace,
         resource_type=resource_type(msg.resource_type),
         mode=mode,
         ignore_fields=frozenset(msg.ignore_fields),
+        window=window,
     )
 
 
 def rule_to_proto(rule: policy.Rule) -> pb.RemediationPolicy:
     """The proto of a policy rule."""
-    return pb.RemediationPolicy(
+    message = pb.RemediationPolicy(
         namespace=rule.namespace,
         resource_type=RESOURCE_TYPES.to_proto(rule.resource_type),
         mode=MODES.to_proto(rule.mode),
         ignore_fields=sorted(rule.ignore_fields),
     )
+    if rule.window is not None:
+        message.maintenance_window.CopyFrom(
+            pb.MaintenanceWindow(
+                cron=rule.window.cron,
+                duration=windows.format_duration(rule.window.duration),
+                time_zone=rule.window.time_zone,
+            )
+        )
+    return message
+
+
+def policy_response(rule: policy.Rule, now: datetime.datetime) -> pb.GetRemediationPolicyResponse:
+    """The policy in effect, with its current or next maintenance window."""
+    response = pb.GetRemediationPolicyResponse(policy=rule_to_proto(rule))
+    if rule.window is not None:
+        start, end = rule.window.current_or_next(now)
+        response.next_window_start.CopyFrom(timestamp(start))
+        response.next_window_end.CopyFrom(timestamp(end))
+    return response
+
+
+def remediation_to_proto(r: approval.Remediation) -> pb.PendingRemediation:
+    """The proto of a proposed remediation: what it would change, field by field."""
+    message = pb.PendingRemediation(
+        remediation_id=r.remediation_id,
+        namespace=r.namespace,
+        deployment_id=r.deployment_id,
+        resource_type=RESOURCE_TYPES.to_proto(r.resource_type),
+        resource_name=r.resource_name,
+        state=REMEDIATION_STATES.to_proto(r.state),
+        generation=r.generation,
+        create_time=timestamp(r.create_time),
+        expire_time=timestamp(r.expire_time),
+        decided_by=r.decided_by,
+        reason=r.reason,
+    )
+    for change in r.changes:
+        proposed = message.changes.add(
+            rule_id=change.rule_id,
+            field=change.field,
+            to=change.to_value,
+            changed_by=change.changed_by,
+            message=change.message,
+        )
+        setattr(proposed, "from", change.from_value)  # "from" is a Python keyword
+        if change.monthly_cost_delta is not None:
+            proposed.monthly_cost_delta = change.monthly_cost_delta
+    if r.monthly_cost_delta is not None:
+        message.monthly_cost_delta = r.monthly_cost_delta
+    if r.decide_time is not None:
+        message.decide_time.CopyFrom(timestamp(r.decide_time))
+    return message
 
 
 def budget_input(msg: pb.CostBudget) -> service.BudgetInput:

@@ -10,6 +10,7 @@ the one streaming RPC, has no /v1 path and is served by ``grpc_api`` itself.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from google.protobuf import json_format, message, struct_pb2
 
 from broker import auth, service
 from broker.api import convert, encoded
+from broker.domain import approval
 
 # A handler answers a message, or a response it keeps encoded (``encoded.Encoded``).
 Handler = Callable[[service.BrokerService, auth.Principal, Any], Awaitable[message.Message | encoded.Encoded]]
@@ -90,7 +92,28 @@ async def _set_policy(svc: service.BrokerService, principal: auth.Principal, req
 
 async def _get_policy(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
     request = service.PolicyInput(req.namespace, convert.resource_type(req.resource_type))
-    return pb.GetRemediationPolicyResponse(policy=convert.rule_to_proto(svc.get_policy(principal, request)))
+    rule = svc.get_policy(principal, request)
+    return convert.policy_response(rule, datetime.datetime.now(datetime.UTC))
+
+
+async def _remediations(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    request = service.RemediationsInput(req.namespace, req.deployment_id, req.include_decided)
+    found = await svc.list_remediations(principal, request)
+    return pb.ListPendingRemediationsResponse(remediations=[convert.remediation_to_proto(r) for r in found])
+
+
+def _decision_input(req: Any) -> service.DecisionInput:
+    return service.DecisionInput(req.namespace, req.remediation_id, req.request_id, req.reason)
+
+
+async def _approve(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    decided = await svc.decide_remediation(principal, _decision_input(req), approval.Decision.APPROVE)
+    return pb.ApproveRemediationResponse(remediation=convert.remediation_to_proto(decided))
+
+
+async def _reject(svc: service.BrokerService, principal: auth.Principal, req: Any) -> message.Message:
+    decided = await svc.decide_remediation(principal, _decision_input(req), approval.Decision.REJECT)
+    return pb.RejectRemediationResponse(remediation=convert.remediation_to_proto(decided))
 
 
 async def _admission_policy(
@@ -172,6 +195,24 @@ TABLE: tuple[Rpc, ...] = (
     ),
     Rpc("GetCostBudget", pb.GetCostBudgetRequest, _get_budget, (Route("GET", "/v1/budgets"),)),
     Rpc("GetCostSummary", pb.GetCostSummaryRequest, _cost_summary, (Route("GET", "/v1/costs"),)),
+    Rpc(
+        "ListPendingRemediations",
+        pb.ListPendingRemediationsRequest,
+        _remediations,
+        (Route("GET", "/v1/remediations"),),
+    ),
+    Rpc(
+        "ApproveRemediation",
+        pb.ApproveRemediationRequest,
+        _approve,
+        (Route("POST", "/v1/remediations/{remediation_id}:approve", body=True),),
+    ),
+    Rpc(
+        "RejectRemediation",
+        pb.RejectRemediationRequest,
+        _reject,
+        (Route("POST", "/v1/remediations/{remediation_id}:reject", body=True),),
+    ),
 )
 STREAMING = frozenset({"WatchDrift"})
 

@@ -49,8 +49,8 @@ from aiohttp import web
 
 from broker import auth, errors, service
 from broker.api import convert, seed_json, status
+from broker.domain import approval, drift, model, validation
 from broker.domain import catalog as catalog_mod
-from broker.domain import drift, model, validation
 
 COOKIE = "broker_ui_token"
 COOKIE_PATH = "/ui"
@@ -92,16 +92,29 @@ def _static(name: str) -> bytes:
     return (importlib.resources.files("broker.api") / "ui_static" / name).read_bytes()
 
 
-def pending_remediations(view: service.ResourceView) -> dict[str, Any]:
-    """The remediations of a resource that wait for a person's approval.
+def pending_remediations(found: list[approval.Remediation]) -> dict[str, Any]:
+    """The remediations of a resource that wait for a person's approval (policy mode approve).
 
-    Approval mode (policy ``approve``) is not part of this broker yet, so there is nothing to list
-    and ``supported`` says so: the page then labels the section as not available rather than
-    showing an empty queue as if one existed. Once approvals are stored, this is the one place to
-    read them from.
+    Read-only: each change with its from and to values, who made the running value, the cost
+    delta, and when the proposal expires. Deciding stays with ``broker approve`` / ``broker
+    reject`` and the API, where the approve grant is checked.
     """
-    del view
-    return {"supported": False, "items": []}
+    items = [
+        {
+            "remediationId": r.remediation_id,
+            "field": change.field,
+            "from": change.from_value,
+            "to": change.to_value,
+            "changedBy": change.changed_by,
+            "monthlyCostDelta": change.monthly_cost_delta,
+            "message": change.message,
+            "expireTime": r.expire_time.isoformat(timespec="seconds"),
+        }
+        for r in found
+        if r.state is approval.State.PENDING
+        for change in r.changes
+    ]
+    return {"supported": True, "items": items}
 
 
 def desired_monthly_cost(spec: model.ResourceSpec, prices: catalog_mod.Prices) -> float | None:
@@ -253,11 +266,16 @@ class OperatorView:
             ),
         )
         body = seed_json.render(convert.resource_page_to_proto(namespace, page))
+        waiting: dict[str, list[approval.Remediation]] = collections.defaultdict(list)
+        for remediation in await self._service.list_remediations(
+            principal, service.RemediationsInput(namespace=namespace)
+        ):
+            waiting[remediation.deployment_id].append(remediation)
         for rendered, view in zip(body["resources"], page.items, strict=True):
             desired = desired_monthly_cost(view.deployment.desired_spec, self._prices)
             if desired is not None:
                 rendered["desiredMonthlyCost"] = desired
-            rendered["pendingRemediations"] = pending_remediations(view)
+            rendered["pendingRemediations"] = pending_remediations(waiting[view.deployment.deployment_id])
         return web.json_response(body)
 
     async def history(self, request: web.Request) -> web.StreamResponse:

@@ -225,6 +225,8 @@ class Action(enum.Enum):
     NONE = "None"
     AUTO_REMEDIATE = "AutoRemediate"
     ALERT_ONLY = "AlertOnly"
+    # Policy mode approve: re-applied once a person approves the pending remediation.
+    APPROVAL_REQUIRED = "ApprovalRequired"
 
 
 class EventKind(enum.Enum):
@@ -242,6 +244,11 @@ class EventKind(enum.Enum):
     PROVISIONING_FAILED = "ProvisioningFailed"
     DEPROVISIONED = "Deprovisioned"
     EXPECTED_DRIFT = "ExpectedDrift"
+    REMEDIATION_PENDING_APPROVAL = "RemediationPendingApproval"
+    REMEDIATION_APPROVED = "RemediationApproved"
+    REMEDIATION_REJECTED = "RemediationRejected"
+    REMEDIATION_EXPIRED = "RemediationExpired"
+    REMEDIATION_DEFERRED = "RemediationDeferred"
     COST_ALERT = "CostAlert"
 
 

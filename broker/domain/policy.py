@@ -1,10 +1,16 @@
-"""Remediation policy: per namespace and resource type, ``auto``, ``alert`` or ``off``, plus fields
-to ignore (like Flux's ``enabled`` / ``warn`` / ``disabled``).
+"""Remediation policy: per namespace and resource type, ``auto``, ``alert``, ``approve`` or ``off``,
+plus fields to ignore (like Flux's ``enabled`` / ``warn`` / ``disabled``, with a human gate) and
+a maintenance window.
 
 - ``auto``: the default table of ``broker.domain.drift`` applies: what it marks auto-remediate is
   re-applied by the broker.
 - ``alert``: nothing is changed automatically; auto-remediate items become alert-only.
+- ``approve``: what the table marks auto-remediate becomes approval-required: the broker proposes
+  the remediation and carries it out once a person approves it (``broker.domain.approval``).
 - ``off``: drift is not reported for the matching resources at all.
+
+A rule's ``window`` (``broker.domain.windows``) limits automatic remediation to its maintenance
+windows; outside them it is deferred. It does not hold back an approved remediation.
 
 The most specific rule wins: namespace and type, then namespace, then type, then the default.
 """
@@ -14,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from broker.domain import model
+from broker.domain import model, windows
 
 
 class Mode(enum.Enum):
@@ -23,6 +29,7 @@ class Mode(enum.Enum):
     AUTO = "auto"
     ALERT = "alert"
     OFF = "off"
+    APPROVE = "approve"
 
 
 ANY = "*"
@@ -36,6 +43,7 @@ class Rule:
     resource_type: model.ResourceType | None = None
     mode: Mode = Mode.AUTO
     ignore_fields: frozenset[str] = frozenset()
+    window: windows.Window | None = None
 
     def specificity(self) -> int:
         """Higher is more specific: namespace counts more than type."""
@@ -74,9 +82,10 @@ class Policy:
         if rule.mode is Mode.OFF:
             return []
         kept = [i for i in items if i.field not in rule.ignore_fields]
-        if rule.mode is Mode.ALERT:
+        instead = {Mode.ALERT: model.Action.ALERT_ONLY, Mode.APPROVE: model.Action.APPROVAL_REQUIRED}
+        if rule.mode in instead:
             kept = [
-                dataclasses.replace(i, action=model.Action.ALERT_ONLY)
+                dataclasses.replace(i, action=instead[rule.mode])
                 if i.action is model.Action.AUTO_REMEDIATE
                 else i
                 for i in kept

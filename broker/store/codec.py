@@ -22,7 +22,7 @@ import secrets
 from typing import Any, Protocol
 
 from broker import errors
-from broker.domain import model
+from broker.domain import approval, model, windows
 
 
 class Row(Protocol):
@@ -362,3 +362,92 @@ def event_position(query: model.EventQuery, after: tuple[str, str] | None) -> in
     if after is not None:
         position = max(position, int(after[1]) if after[1].isdigit() else 0)
     return position
+
+
+# Pending remediations ---------------------------------------------------------------------------
+
+REMEDIATION_COLUMNS = (
+    "remediation_id, deployment_id, namespace, state, payload, create_time, expire_time, "
+    "decided_by, decide_time, reason"
+)
+
+
+def remediation_payload(remediation: approval.Remediation) -> str:
+    """What a proposal says beyond its indexed columns: the resource, generation and drift items."""
+    return json.dumps(
+        {
+            "resource_type": remediation.resource_type.value,
+            "resource_name": remediation.resource_name,
+            "generation": remediation.generation,
+            "operation_id": remediation.operation_id,
+            "items": [item_to_dict(i) for i in remediation.items],
+        },
+        sort_keys=True,
+    )
+
+
+def remediation_from_row(row: Row) -> approval.Remediation:
+    """A proposal from its row."""
+    raw = json.loads(row["payload"])
+    return approval.Remediation(
+        remediation_id=row["remediation_id"],
+        deployment_id=model.DeploymentId(row["deployment_id"]),
+        namespace=model.Namespace(row["namespace"]),
+        resource_type=model.ResourceType(raw["resource_type"]),
+        resource_name=model.ResourceName(raw["resource_name"]),
+        generation=int(raw["generation"]),
+        operation_id=raw["operation_id"],
+        items=tuple(item_from_dict(i) for i in raw["items"]),
+        state=approval.State(row["state"]),
+        create_time=as_time(row["create_time"]),
+        expire_time=as_time(row["expire_time"]),
+        decided_by=row["decided_by"],
+        decide_time=as_time(row["decide_time"]) if row["decide_time"] is not None else None,
+        reason=row["reason"],
+    )
+
+
+def not_pending(remediation_id: str, state: str) -> errors.FailedPrecondition:
+    """The error for deciding a proposal that is no longer pending."""
+    return errors.FailedPrecondition(
+        f"remediation {remediation_id} is {state}, not pending: only a pending remediation can be "
+        "approved or rejected (list the pending ones with ListPendingRemediations)",
+        reason="REMEDIATION_NOT_PENDING",
+    )
+
+
+def decision_hash(decision: approval.Decision, remediation_id: str) -> str:
+    """The idempotency hash of a decision: the same request_id must decide the same way, once."""
+    return request_hash(decision.value, {"remediation_id": remediation_id})
+
+
+def decision_response(remediation_id: str) -> str:
+    """What an idempotency key of a decision remembers: which proposal it decided."""
+    return json.dumps({"remediation_id": remediation_id})
+
+
+def decided_remediation_id(response: str) -> str:
+    """The proposal an idempotency key of a decision names."""
+    return str(json.loads(response)["remediation_id"])
+
+
+def window_to_json(window: windows.Window | None) -> str:
+    """A policy's maintenance window as stored ("" for none)."""
+    if window is None:
+        return ""
+    return json.dumps(
+        {
+            "cron": window.cron,
+            "duration": windows.format_duration(window.duration),
+            "time_zone": window.time_zone,
+        },
+        sort_keys=True,
+    )
+
+
+def window_from_json(text: str) -> windows.Window | None:
+    """A stored maintenance window (None for "")."""
+    if not text:
+        return None
+    raw = json.loads(text)
+    return windows.parse(cron=raw["cron"], duration=raw["duration"], time_zone=raw["time_zone"])

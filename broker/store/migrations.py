@@ -9,9 +9,6 @@ migration is appended to both lists at once. The PostgreSQL dialect differs wher
 it can do better: times are ``TIMESTAMPTZ``, the identity and ordering columns use the ``"C"``
 collation (byte order, as SQLite compares text, so pages sort alike on both), and event sequences
 come from a one-row counter instead of ``AUTOINCREMENT`` (see ``broker.store.postgres``).
-
-Version 3 is left to the pending remediations of approval mode, which is built beside cost budgets
-(version 4); both adapters apply whatever versions are newer than the database's, in order.
 """
 
 from __future__ import annotations
@@ -112,6 +109,30 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             update_time   TEXT NOT NULL,
             PRIMARY KEY (namespace, resource_type)
         );
+        """,
+    ),
+    (
+        3,
+        "pending remediations (approval mode), maintenance windows of policies",
+        """
+        -- A policy's maintenance window as JSON (cron, duration, time zone); '' for none.
+        ALTER TABLE policies ADD COLUMN maintenance_window TEXT NOT NULL DEFAULT '';
+
+        -- Remediations proposed under policy mode approve, and what became of them.
+        CREATE TABLE remediations (
+            remediation_id TEXT PRIMARY KEY,
+            deployment_id  TEXT NOT NULL REFERENCES deployments (deployment_id),
+            namespace      TEXT NOT NULL,
+            state          TEXT NOT NULL,
+            payload        TEXT NOT NULL,
+            create_time    TEXT NOT NULL,
+            expire_time    TEXT NOT NULL,
+            decided_by     TEXT NOT NULL DEFAULT '',
+            decide_time    TEXT,
+            reason         TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX remediations_by_namespace ON remediations (namespace, create_time);
+        CREATE INDEX remediations_open ON remediations (deployment_id) WHERE state IN ('pending', 'approved');
         """,
     ),
     (
@@ -239,6 +260,30 @@ POSTGRESQL: tuple[tuple[int, str, str], ...] = (
             update_time   TIMESTAMPTZ NOT NULL,
             PRIMARY KEY (namespace, resource_type)
         );
+        """,
+    ),
+    (
+        3,
+        "pending remediations (approval mode), maintenance windows of policies",
+        """
+        -- A policy's maintenance window as JSON (cron, duration, time zone); '' for none.
+        ALTER TABLE policies ADD COLUMN maintenance_window TEXT NOT NULL DEFAULT '';
+
+        -- Remediations proposed under policy mode approve, and what became of them.
+        CREATE TABLE remediations (
+            remediation_id TEXT COLLATE "C" PRIMARY KEY,
+            deployment_id  TEXT COLLATE "C" NOT NULL REFERENCES deployments (deployment_id),
+            namespace      TEXT COLLATE "C" NOT NULL,
+            state          TEXT COLLATE "C" NOT NULL,
+            payload        TEXT NOT NULL,
+            create_time    TIMESTAMPTZ NOT NULL,
+            expire_time    TIMESTAMPTZ NOT NULL,
+            decided_by     TEXT NOT NULL DEFAULT '',
+            decide_time    TIMESTAMPTZ,
+            reason         TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX remediations_by_namespace ON remediations (namespace, create_time);
+        CREATE INDEX remediations_open ON remediations (deployment_id) WHERE state IN ('pending', 'approved');
         """,
     ),
     (

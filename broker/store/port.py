@@ -26,7 +26,7 @@ import datetime
 from collections.abc import Callable, Set
 from typing import Any, Protocol
 
-from broker.domain import model, policy
+from broker.domain import approval, model, policy
 
 Listener = Callable[[list[model.DriftEvent]], None]
 # Cost-alert subjects that went over, and those back below (``CostAlerts``).
@@ -246,8 +246,83 @@ class CostAlerts(Protocol):
         ...
 
 
+class Remediations(Protocol):
+    """Pending remediations of policy mode approve (``broker.domain.approval``), with their events."""
+
+    async def propose_remediation(
+        self, remediation: approval.Remediation, *, event: model.DriftEvent
+    ) -> None:
+        """Store a new pending proposal and its event atomically.
+
+        Any proposal of the same deployment still pending is superseded in the same transaction.
+        """
+        ...
+
+    async def list_remediations(
+        self,
+        *,
+        namespace: str | None,
+        deployment_id: str | None = None,
+        states: frozenset[approval.State] | None = None,
+    ) -> list[approval.Remediation]:
+        """Proposals of a namespace (or all), oldest first; ``states`` None means every state."""
+        ...
+
+    async def get_remediation(self, namespace: str, remediation_id: str) -> approval.Remediation:
+        """One proposal of a namespace; NotFound otherwise."""
+        ...
+
+    async def decision_replay(
+        self, namespace: str, request_id: str, decision: approval.Decision, remediation_id: str
+    ) -> approval.Remediation | None:
+        """The proposal a request_id already decided this way, None for a new request_id.
+
+        AlreadyExists when the request_id was used for another request.
+        """
+        ...
+
+    async def decide_remediation(
+        self,
+        remediation: approval.Remediation,
+        *,
+        decision: approval.Decision,
+        by: str,
+        reason: str,
+        request_id: str,
+        event: model.DriftEvent,
+    ) -> approval.Remediation:
+        """Approve or reject a pending proposal, with its event and request_id, atomically.
+
+        FailedPrecondition when it is no longer pending (decided, expired or superseded meanwhile).
+        """
+        ...
+
+    async def close_remediation(
+        self,
+        remediation_id: str,
+        *,
+        from_states: frozenset[approval.State],
+        to: approval.State,
+        reason: str,
+        event: model.DriftEvent | None = None,
+    ) -> bool:
+        """Move a proposal on from one of ``from_states`` (expired, superseded, applied), with an
+        optional event; False when it was in none of them."""
+        ...
+
+
 class Store(
-    Deployments, Operations, EventLog, Verdicts, Outbox, Retention, Policies, Budgets, CostAlerts, Protocol
+    Deployments,
+    Operations,
+    EventLog,
+    Verdicts,
+    Outbox,
+    Retention,
+    Policies,
+    Budgets,
+    CostAlerts,
+    Remediations,
+    Protocol,
 ):
     """Every concern, and the adapter's lifecycle."""
 
@@ -268,7 +343,7 @@ class Store(
         ...
 
 
-class DetectorStore(Deployments, EventLog, Verdicts, CostAlerts, Protocol):
+class DetectorStore(Deployments, EventLog, Verdicts, CostAlerts, Remediations, Protocol):
     """What the detector and the remediator use."""
 
 

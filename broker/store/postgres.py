@@ -56,7 +56,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from broker import errors
-from broker.domain import lifecycle, model, policy
+from broker.domain import approval, lifecycle, model, policy
 from broker.store import codec, migrations, port
 
 log = logging.getLogger(__name__)
@@ -804,26 +804,32 @@ class Store:
         """Store a remediation policy, replacing the one for the same namespace and type."""
         async with self._transaction() as tx:
             await tx.conn.execute(
-                "INSERT INTO policies (namespace, resource_type, mode, ignore_fields, update_time) "
-                "VALUES ($1, $2, $3, $4, $5) "
+                "INSERT INTO policies "
+                "(namespace, resource_type, mode, ignore_fields, maintenance_window, update_time) "
+                "VALUES ($1, $2, $3, $4, $5, $6) "
                 "ON CONFLICT (namespace, resource_type) DO UPDATE SET mode = excluded.mode, "
-                "ignore_fields = excluded.ignore_fields, update_time = excluded.update_time",
+                "ignore_fields = excluded.ignore_fields, maintenance_window = excluded.maintenance_window, "
+                "update_time = excluded.update_time",
                 rule.namespace,
                 rule.resource_type.value if rule.resource_type else "",
                 rule.mode.value,
                 json.dumps(sorted(rule.ignore_fields)),
+                codec.window_to_json(rule.window),
                 codec.now(),
             )
 
     async def policies(self) -> list[policy.Rule]:
         """Every stored remediation policy."""
-        rows = await self._fetch("SELECT namespace, resource_type, mode, ignore_fields FROM policies")
+        rows = await self._fetch(
+            "SELECT namespace, resource_type, mode, ignore_fields, maintenance_window FROM policies"
+        )
         return [
             policy.Rule(
                 namespace=r["namespace"],
                 resource_type=model.ResourceType(r["resource_type"]) if r["resource_type"] else None,
                 mode=policy.Mode(r["mode"]),
                 ignore_fields=frozenset(json.loads(r["ignore_fields"])),
+                window=codec.window_from_json(r["maintenance_window"]),
             )
             for r in rows
         ]
@@ -873,6 +879,170 @@ class Store:
                 sorted(raised),
                 now,
             )
+
+    # Pending remediations ------------------------------------------------------------------------
+
+    async def propose_remediation(
+        self, remediation: approval.Remediation, *, event: model.DriftEvent
+    ) -> None:
+        """Store a new pending proposal and its event; older pending ones of the deployment are superseded."""
+        now = codec.now()
+        async with self._transaction() as tx:
+            await tx.conn.execute(
+                "UPDATE remediations SET state = $1, decide_time = $2, reason = $3 "
+                "WHERE deployment_id = $4 AND state = $5",
+                approval.State.SUPERSEDED.value,
+                now,
+                f"superseded by {remediation.remediation_id}: the drift changed",
+                remediation.deployment_id,
+                approval.State.PENDING.value,
+            )
+            await tx.conn.execute(
+                f"INSERT INTO remediations ({codec.REMEDIATION_COLUMNS}) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                remediation.remediation_id,
+                remediation.deployment_id,
+                remediation.namespace,
+                remediation.state.value,
+                codec.remediation_payload(remediation),
+                remediation.create_time,
+                remediation.expire_time,
+                remediation.decided_by,
+                remediation.decide_time,
+                remediation.reason,
+            )
+            tx.events.append((event, now))
+
+    async def list_remediations(
+        self,
+        *,
+        namespace: str | None,
+        deployment_id: str | None = None,
+        states: frozenset[approval.State] | None = None,
+    ) -> list[approval.Remediation]:
+        """Proposals of a namespace (or every namespace), oldest first."""
+        where: list[str] = []
+        params: list[Any] = []
+        if namespace is not None:
+            params.append(namespace)
+            where.append(f"namespace = ${len(params)}")
+        if deployment_id:
+            params.append(deployment_id)
+            where.append(f"deployment_id = ${len(params)}")
+        if states is not None:
+            params.append(sorted(s.value for s in states))
+            where.append(f"state = ANY(${len(params)}::text[])")
+        sql = f"SELECT {codec.REMEDIATION_COLUMNS} FROM remediations"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = await self._fetch(sql + " ORDER BY create_time, remediation_id", *params)
+        return [codec.remediation_from_row(r) for r in rows]
+
+    async def get_remediation(self, namespace: str, remediation_id: str) -> approval.Remediation:
+        """One proposal of a namespace; NotFound otherwise."""
+        row = await self._fetchrow(
+            f"SELECT {codec.REMEDIATION_COLUMNS} FROM remediations "
+            "WHERE namespace = $1 AND remediation_id = $2",
+            namespace,
+            remediation_id,
+        )
+        if row is None:
+            raise errors.NotFound(f"remediation {remediation_id!r} not found in namespace {namespace!r}")
+        return codec.remediation_from_row(row)
+
+    async def decision_replay(
+        self, namespace: str, request_id: str, decision: approval.Decision, remediation_id: str
+    ) -> approval.Remediation | None:
+        """The proposal a request_id already decided, None for a new one.
+
+        AlreadyExists when the request_id was used for another request.
+        """
+        if not request_id:
+            return None
+        row = await self._fetchrow(
+            "SELECT request_hash, response FROM idempotency_keys WHERE namespace = $1 AND request_id = $2",
+            namespace,
+            request_id,
+        )
+        if row is None:
+            return None
+        if row["request_hash"] != codec.decision_hash(decision, remediation_id):
+            raise codec.reused_request_id(namespace, request_id)
+        return await self.get_remediation(namespace, codec.decided_remediation_id(row["response"]))
+
+    async def decide_remediation(
+        self,
+        remediation: approval.Remediation,
+        *,
+        decision: approval.Decision,
+        by: str,
+        reason: str,
+        request_id: str,
+        event: model.DriftEvent,
+    ) -> approval.Remediation:
+        """Approve or reject a pending proposal with its event and request_id, in one transaction."""
+        now = codec.now()
+        async with self._transaction() as tx:
+            status = await tx.conn.execute(
+                "UPDATE remediations SET state = $1, decided_by = $2, decide_time = $3, reason = $4 "
+                "WHERE remediation_id = $5 AND state = $6",
+                decision.state.value,
+                by,
+                now,
+                reason,
+                remediation.remediation_id,
+                approval.State.PENDING.value,
+            )
+            if _count(status) == 0:
+                state = await tx.conn.fetchval(
+                    "SELECT state FROM remediations WHERE remediation_id = $1", remediation.remediation_id
+                )
+                raise codec.not_pending(remediation.remediation_id, state or "gone")
+            if request_id:
+                # Concurrent decisions with one request_id: the second waits on the key and fails.
+                await tx.conn.execute(
+                    "INSERT INTO idempotency_keys "
+                    "(namespace, request_id, method, request_hash, deployment_id, response, create_time) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    remediation.namespace,
+                    request_id,
+                    decision.value,
+                    codec.decision_hash(decision, remediation.remediation_id),
+                    remediation.deployment_id,
+                    codec.decision_response(remediation.remediation_id),
+                    now,
+                )
+            tx.events.append((event, now))
+        return dataclasses.replace(
+            remediation, state=decision.state, decided_by=by, decide_time=now, reason=reason
+        )
+
+    async def close_remediation(
+        self,
+        remediation_id: str,
+        *,
+        from_states: frozenset[approval.State],
+        to: approval.State,
+        reason: str,
+        event: model.DriftEvent | None = None,
+    ) -> bool:
+        """Move a proposal on (expired, superseded, applied), with an optional event."""
+        now = codec.now()
+        async with self._transaction() as tx:
+            status = await tx.conn.execute(
+                "UPDATE remediations SET state = $1, reason = $2, decide_time = COALESCE(decide_time, $3) "
+                "WHERE remediation_id = $4 AND state = ANY($5::text[])",
+                to.value,
+                reason,
+                now,
+                remediation_id,
+                sorted(s.value for s in from_states),
+            )
+            if _count(status) == 0:
+                return False
+            if event is not None:
+                tx.events.append((event, now))
+            return True
 
     # Reads ----------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from typing import Any
 import aiosqlite
 
 from broker import errors
-from broker.domain import lifecycle, model, policy
+from broker.domain import approval, lifecycle, model, policy
 from broker.store import codec, migrations, port
 
 log = logging.getLogger(__name__)
@@ -846,15 +846,18 @@ class Store:
         """Store a remediation policy, replacing the one for the same namespace and type."""
         async with self._transaction() as db:
             await db.execute(
-                "INSERT INTO policies (namespace, resource_type, mode, ignore_fields, update_time) "
-                "VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO policies "
+                "(namespace, resource_type, mode, ignore_fields, maintenance_window, update_time) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (namespace, resource_type) DO UPDATE SET mode = excluded.mode, "
-                "ignore_fields = excluded.ignore_fields, update_time = excluded.update_time",
+                "ignore_fields = excluded.ignore_fields, maintenance_window = excluded.maintenance_window, "
+                "update_time = excluded.update_time",
                 (
                     rule.namespace,
                     rule.resource_type.value if rule.resource_type else "",
                     rule.mode.value,
                     json.dumps(sorted(rule.ignore_fields)),
+                    codec.window_to_json(rule.window),
                     codec.ts(codec.now()),
                 ),
             )
@@ -864,7 +867,7 @@ class Store:
         async with self._read() as db:
             rows = list(
                 await db.execute_fetchall(
-                    "SELECT namespace, resource_type, mode, ignore_fields FROM policies"
+                    "SELECT namespace, resource_type, mode, ignore_fields, maintenance_window FROM policies"
                 )
             )
         return [
@@ -873,6 +876,7 @@ class Store:
                 resource_type=model.ResourceType(r["resource_type"]) if r["resource_type"] else None,
                 mode=policy.Mode(r["mode"]),
                 ignore_fields=frozenset(json.loads(r["ignore_fields"])),
+                window=codec.window_from_json(r["maintenance_window"]),
             )
             for r in rows
         ]
@@ -923,6 +927,179 @@ class Store:
                 "INSERT INTO cost_alerts (subject, since) VALUES (?, ?) ON CONFLICT (subject) DO NOTHING",
                 (subject, codec.ts(now)),
             )
+
+    # Pending remediations ------------------------------------------------------------------------
+
+    async def propose_remediation(
+        self, remediation: approval.Remediation, *, event: model.DriftEvent
+    ) -> None:
+        """Store a new pending proposal and its event; older pending ones of the deployment are superseded."""
+        now = codec.now()
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE remediations SET state = ?, decide_time = ?, reason = ? "
+                "WHERE deployment_id = ? AND state = ?",
+                (
+                    approval.State.SUPERSEDED.value,
+                    codec.ts(now),
+                    f"superseded by {remediation.remediation_id}: the drift changed",
+                    remediation.deployment_id,
+                    approval.State.PENDING.value,
+                ),
+            )
+            await db.execute(
+                f"INSERT INTO remediations ({codec.REMEDIATION_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    remediation.remediation_id,
+                    remediation.deployment_id,
+                    remediation.namespace,
+                    remediation.state.value,
+                    codec.remediation_payload(remediation),
+                    codec.ts(remediation.create_time),
+                    codec.ts(remediation.expire_time),
+                    remediation.decided_by,
+                    codec.ts(remediation.decide_time) if remediation.decide_time else None,
+                    remediation.reason,
+                ),
+            )
+            await self._append_event(db, event, now)
+
+    async def list_remediations(
+        self,
+        *,
+        namespace: str | None,
+        deployment_id: str | None = None,
+        states: frozenset[approval.State] | None = None,
+    ) -> list[approval.Remediation]:
+        """Proposals of a namespace (or every namespace), oldest first."""
+        where, params = [], []
+        if namespace is not None:
+            where.append("namespace = ?")
+            params.append(namespace)
+        if deployment_id:
+            where.append("deployment_id = ?")
+            params.append(deployment_id)
+        if states is not None:
+            chosen = sorted(s.value for s in states)
+            where.append(f"state IN ({_marks(tuple(chosen))})")
+            params.extend(chosen)
+        sql = f"SELECT {codec.REMEDIATION_COLUMNS} FROM remediations"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        async with self._read() as db:
+            rows = list(await db.execute_fetchall(sql + " ORDER BY create_time, remediation_id", params))
+        return [codec.remediation_from_row(r) for r in rows]
+
+    async def get_remediation(self, namespace: str, remediation_id: str) -> approval.Remediation:
+        """One proposal of a namespace; NotFound otherwise."""
+        async with self._read() as db:
+            row = await _one(
+                db,
+                f"SELECT {codec.REMEDIATION_COLUMNS} FROM remediations "
+                "WHERE namespace = ? AND remediation_id = ?",
+                (namespace, remediation_id),
+            )
+        if row is None:
+            raise errors.NotFound(f"remediation {remediation_id!r} not found in namespace {namespace!r}")
+        return codec.remediation_from_row(row)
+
+    async def decision_replay(
+        self, namespace: str, request_id: str, decision: approval.Decision, remediation_id: str
+    ) -> approval.Remediation | None:
+        """The proposal a request_id already decided, None for a new one.
+
+        AlreadyExists when the request_id was used for another request.
+        """
+        if not request_id:
+            return None
+        async with self._read() as db:
+            row = await _one(
+                db,
+                "SELECT request_hash, response FROM idempotency_keys WHERE namespace = ? AND request_id = ?",
+                (namespace, request_id),
+            )
+        if row is None:
+            return None
+        if row["request_hash"] != codec.decision_hash(decision, remediation_id):
+            raise codec.reused_request_id(namespace, request_id)
+        return await self.get_remediation(namespace, codec.decided_remediation_id(row["response"]))
+
+    async def decide_remediation(
+        self,
+        remediation: approval.Remediation,
+        *,
+        decision: approval.Decision,
+        by: str,
+        reason: str,
+        request_id: str,
+        event: model.DriftEvent,
+    ) -> approval.Remediation:
+        """Approve or reject a pending proposal with its event and request_id, in one transaction."""
+        now = codec.now()
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE remediations SET state = ?, decided_by = ?, decide_time = ?, reason = ? "
+                "WHERE remediation_id = ? AND state = ?",
+                (
+                    decision.state.value,
+                    by,
+                    codec.ts(now),
+                    reason,
+                    remediation.remediation_id,
+                    approval.State.PENDING.value,
+                ),
+            )
+            if cur.rowcount == 0:
+                row = await _one(
+                    db,
+                    "SELECT state FROM remediations WHERE remediation_id = ?",
+                    (remediation.remediation_id,),
+                )
+                raise codec.not_pending(remediation.remediation_id, row["state"] if row else "gone")
+            if request_id:
+                await db.execute(
+                    "INSERT INTO idempotency_keys "
+                    "(namespace, request_id, method, request_hash, deployment_id, response, create_time) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        remediation.namespace,
+                        request_id,
+                        decision.value,
+                        codec.decision_hash(decision, remediation.remediation_id),
+                        remediation.deployment_id,
+                        codec.decision_response(remediation.remediation_id),
+                        codec.ts(now),
+                    ),
+                )
+            await self._append_event(db, event, now)
+        return dataclasses.replace(
+            remediation, state=decision.state, decided_by=by, decide_time=now, reason=reason
+        )
+
+    async def close_remediation(
+        self,
+        remediation_id: str,
+        *,
+        from_states: frozenset[approval.State],
+        to: approval.State,
+        reason: str,
+        event: model.DriftEvent | None = None,
+    ) -> bool:
+        """Move a proposal on (expired, superseded, applied), with an optional event."""
+        now = codec.now()
+        chosen = sorted(s.value for s in from_states)
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE remediations SET state = ?, reason = ?, decide_time = COALESCE(decide_time, ?) "
+                f"WHERE remediation_id = ? AND state IN ({_marks(tuple(chosen))})",
+                (to.value, reason, codec.ts(now), remediation_id, *chosen),
+            )
+            if cur.rowcount == 0:
+                return False
+            if event is not None:
+                await self._append_event(db, event, now)
+            return True
 
     # Reads ----------------------------------------------------------------------------------------
 

@@ -430,7 +430,16 @@
     return h(
       "ul",
       { id: "pending", "data-supported": "true" },
-      pending.items.map((p) => h("li", null, shown(p.field), ": ", shown(p.desired), " → ", shown(p.actual), " ", shown(p.message))),
+      pending.items.map((p) =>
+        h(
+          "li",
+          { "data-remediation": p.remediationId },
+          shown(p.remediationId), " ", shown(p.field), ": ", shown(p.from), " → ", shown(p.to),
+          p.changedBy ? ` (changed by ${p.changedBy})` : "",
+          typeof p.monthlyCostDelta === "number" ? `, ${p.monthlyCostDelta >= 0 ? "+" : ""}${money(p.monthlyCostDelta)}/month` : "",
+          `, expires ${p.expireTime}`,
+        ),
+      ),
     );
   }
 

@@ -128,7 +128,7 @@ def resource_type_number(value: EnumArg | None, *, required: bool = False) -> pb
 
 
 def remediation_mode_number(value: EnumArg) -> pb.RemediationMode.ValueType:
-    """A remediation mode from its name ("auto", "alert", "off") or proto value."""
+    """A remediation mode from its name ("auto", "alert", "approve", "off") or proto value."""
     return pb.RemediationMode.ValueType(
         _enum_number(
             value, pb.RemediationMode.DESCRIPTOR, prefix="REMEDIATION_MODE_", what="mode", required=True
@@ -413,20 +413,70 @@ class BrokerClient:
         mode: EnumArg,
         resource_type: EnumArg | None = None,
         ignore_fields: Iterable[str] = (),
+        maintenance_window: pb.MaintenanceWindow | None = None,
     ) -> pb.RemediationPolicy:
-        """Set auto / alert / off for a namespace (and type), with fields to ignore."""
+        """Set auto / alert / approve / off for a namespace (and type), with fields to ignore and
+        an optional maintenance window (``pb.MaintenanceWindow(cron=..., duration=..., time_zone=...)``)."""
+        policy = pb.RemediationPolicy(
+            namespace=namespace,
+            resource_type=resource_type_number(resource_type),
+            mode=remediation_mode_number(mode),
+            ignore_fields=list(ignore_fields),
+        )
+        if maintenance_window is not None:
+            policy.maintenance_window.CopyFrom(maintenance_window)
         reply: pb.SetRemediationPolicyResponse = await self._call(
-            self._stub.SetRemediationPolicy,
-            pb.SetRemediationPolicyRequest(
-                policy=pb.RemediationPolicy(
-                    namespace=namespace,
-                    resource_type=resource_type_number(resource_type),
-                    mode=remediation_mode_number(mode),
-                    ignore_fields=list(ignore_fields),
-                )
-            ),
+            self._stub.SetRemediationPolicy, pb.SetRemediationPolicyRequest(policy=policy)
         )
         return reply.policy
+
+    async def get_remediation_policy_window(
+        self, namespace: str, *, resource_type: EnumArg | None = None
+    ) -> pb.GetRemediationPolicyResponse:
+        """The policy in effect with its current or next maintenance window (when it has one)."""
+        reply: pb.GetRemediationPolicyResponse = await self._call(
+            self._stub.GetRemediationPolicy,
+            pb.GetRemediationPolicyRequest(
+                namespace=namespace, resource_type=resource_type_number(resource_type)
+            ),
+        )
+        return reply
+
+    async def list_pending_remediations(
+        self, namespace: str, *, deployment_id: str = "", include_decided: bool = False
+    ) -> Sequence[pb.PendingRemediation]:
+        """The remediations of a namespace that wait for approval (and decided ones, if asked)."""
+        reply: pb.ListPendingRemediationsResponse = await self._call(
+            self._stub.ListPendingRemediations,
+            pb.ListPendingRemediationsRequest(
+                namespace=namespace, deployment_id=deployment_id, include_decided=include_decided
+            ),
+        )
+        return list(reply.remediations)
+
+    async def approve_remediation(
+        self, namespace: str, remediation_id: str, *, request_id: str = "", reason: str = ""
+    ) -> pb.PendingRemediation:
+        """Approve a pending remediation (needs the approve grant); the broker then carries it out."""
+        reply: pb.ApproveRemediationResponse = await self._call(
+            self._stub.ApproveRemediation,
+            pb.ApproveRemediationRequest(
+                namespace=namespace, remediation_id=remediation_id, request_id=request_id, reason=reason
+            ),
+        )
+        return reply.remediation
+
+    async def reject_remediation(
+        self, namespace: str, remediation_id: str, *, request_id: str = "", reason: str = ""
+    ) -> pb.PendingRemediation:
+        """Reject a pending remediation (needs the approve grant); the drift stays."""
+        reply: pb.RejectRemediationResponse = await self._call(
+            self._stub.RejectRemediation,
+            pb.RejectRemediationRequest(
+                namespace=namespace, remediation_id=remediation_id, request_id=request_id, reason=reason
+            ),
+        )
+        return reply.remediation
 
     async def get_remediation_policy(
         self, namespace: str, *, resource_type: EnumArg | None = None

@@ -287,6 +287,8 @@ class _RecommendedActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rec
     """The broker re-applies the desired state."""
     RECOMMENDED_ACTION_ALERT_ONLY: _RecommendedAction.ValueType  # 3
     """Operators are told; nothing is changed automatically."""
+    RECOMMENDED_ACTION_APPROVAL_REQUIRED: _RecommendedAction.ValueType  # 4
+    """The broker re-applies the desired state once a person approves it (policy mode approve)."""
 
 class RecommendedAction(_RecommendedAction, metaclass=_RecommendedActionEnumTypeWrapper):
     """RecommendedAction is what the policy says should happen about a drift item."""
@@ -299,6 +301,8 @@ RECOMMENDED_ACTION_AUTO_REMEDIATE: RecommendedAction.ValueType  # 2
 """The broker re-applies the desired state."""
 RECOMMENDED_ACTION_ALERT_ONLY: RecommendedAction.ValueType  # 3
 """Operators are told; nothing is changed automatically."""
+RECOMMENDED_ACTION_APPROVAL_REQUIRED: RecommendedAction.ValueType  # 4
+"""The broker re-applies the desired state once a person approves it (policy mode approve)."""
 Global___RecommendedAction: _TypeAlias = RecommendedAction  # noqa: Y015
 
 class _DriftEventKind:
@@ -335,6 +339,16 @@ class _DriftEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DriftE
     """Expected drift (a newer patch version, say) appeared or changed: nothing to do, recorded so
     that the history tells every change of what runs.
     """
+    DRIFT_EVENT_KIND_REMEDIATION_PENDING_APPROVAL: _DriftEventKind.ValueType  # 13
+    """Drift under policy mode approve became a pending remediation that waits for a person."""
+    DRIFT_EVENT_KIND_REMEDIATION_APPROVED: _DriftEventKind.ValueType  # 14
+    """A person approved a pending remediation; the broker carries it out."""
+    DRIFT_EVENT_KIND_REMEDIATION_REJECTED: _DriftEventKind.ValueType  # 15
+    """A person rejected a pending remediation; the drift stays."""
+    DRIFT_EVENT_KIND_REMEDIATION_EXPIRED: _DriftEventKind.ValueType  # 16
+    """A pending remediation was not decided in time and lapsed."""
+    DRIFT_EVENT_KIND_REMEDIATION_DEFERRED: _DriftEventKind.ValueType  # 17
+    """A remediation waits for the next maintenance window of its policy."""
     DRIFT_EVENT_KIND_COST_ALERT: _DriftEventKind.ValueType  # 18
     """Drift raised a resource's estimated monthly cost above its desired cost by more than the
     broker's cost-alert threshold, or the namespace's actual cost crossed its budget. Sent once per
@@ -372,6 +386,16 @@ DRIFT_EVENT_KIND_EXPECTED_DRIFT: DriftEventKind.ValueType  # 12
 """Expected drift (a newer patch version, say) appeared or changed: nothing to do, recorded so
 that the history tells every change of what runs.
 """
+DRIFT_EVENT_KIND_REMEDIATION_PENDING_APPROVAL: DriftEventKind.ValueType  # 13
+"""Drift under policy mode approve became a pending remediation that waits for a person."""
+DRIFT_EVENT_KIND_REMEDIATION_APPROVED: DriftEventKind.ValueType  # 14
+"""A person approved a pending remediation; the broker carries it out."""
+DRIFT_EVENT_KIND_REMEDIATION_REJECTED: DriftEventKind.ValueType  # 15
+"""A person rejected a pending remediation; the drift stays."""
+DRIFT_EVENT_KIND_REMEDIATION_EXPIRED: DriftEventKind.ValueType  # 16
+"""A pending remediation was not decided in time and lapsed."""
+DRIFT_EVENT_KIND_REMEDIATION_DEFERRED: DriftEventKind.ValueType  # 17
+"""A remediation waits for the next maintenance window of its policy."""
 DRIFT_EVENT_KIND_COST_ALERT: DriftEventKind.ValueType  # 18
 """Drift raised a resource's estimated monthly cost above its desired cost by more than the
 broker's cost-alert threshold, or the namespace's actual cost crossed its budget. Sent once per
@@ -417,6 +441,10 @@ class _RemediationModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Remed
     """Drift is reported and alerted, never changed automatically."""
     REMEDIATION_MODE_OFF: _RemediationMode.ValueType  # 3
     """Drift is not reported at all."""
+    REMEDIATION_MODE_APPROVE: _RemediationMode.ValueType  # 4
+    """Drift the default policy marks auto-remediate becomes a pending remediation that is re-applied
+    only once a person approves it.
+    """
 
 class RemediationMode(_RemediationMode, metaclass=_RemediationModeEnumTypeWrapper):
     """RemediationMode says what the broker does about drift."""
@@ -429,7 +457,93 @@ REMEDIATION_MODE_ALERT: RemediationMode.ValueType  # 2
 """Drift is reported and alerted, never changed automatically."""
 REMEDIATION_MODE_OFF: RemediationMode.ValueType  # 3
 """Drift is not reported at all."""
+REMEDIATION_MODE_APPROVE: RemediationMode.ValueType  # 4
+"""Drift the default policy marks auto-remediate becomes a pending remediation that is re-applied
+only once a person approves it.
+"""
 Global___RemediationMode: _TypeAlias = RemediationMode  # noqa: Y015
+
+class _RemediationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RemediationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RemediationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REMEDIATION_STATE_UNSPECIFIED: _RemediationState.ValueType  # 0
+    """The state is not known."""
+    REMEDIATION_STATE_PENDING: _RemediationState.ValueType  # 1
+    """The remediation waits for a person's decision."""
+    REMEDIATION_STATE_APPROVED: _RemediationState.ValueType  # 2
+    """A person approved it; the broker is carrying it out."""
+    REMEDIATION_STATE_REJECTED: _RemediationState.ValueType  # 3
+    """A person rejected it."""
+    REMEDIATION_STATE_EXPIRED: _RemediationState.ValueType  # 4
+    """Nobody decided before it expired."""
+    REMEDIATION_STATE_SUPERSEDED: _RemediationState.ValueType  # 5
+    """The drift changed or went away before a decision: the proposal no longer says what would
+    change, and a newer one (if any) replaces it.
+    """
+    REMEDIATION_STATE_APPLIED: _RemediationState.ValueType  # 6
+    """The broker carried the approved remediation out (its outcome is in the event log)."""
+
+class RemediationState(_RemediationState, metaclass=_RemediationStateEnumTypeWrapper):
+    """RemediationState is how far a proposed remediation has come."""
+
+REMEDIATION_STATE_UNSPECIFIED: RemediationState.ValueType  # 0
+"""The state is not known."""
+REMEDIATION_STATE_PENDING: RemediationState.ValueType  # 1
+"""The remediation waits for a person's decision."""
+REMEDIATION_STATE_APPROVED: RemediationState.ValueType  # 2
+"""A person approved it; the broker is carrying it out."""
+REMEDIATION_STATE_REJECTED: RemediationState.ValueType  # 3
+"""A person rejected it."""
+REMEDIATION_STATE_EXPIRED: RemediationState.ValueType  # 4
+"""Nobody decided before it expired."""
+REMEDIATION_STATE_SUPERSEDED: RemediationState.ValueType  # 5
+"""The drift changed or went away before a decision: the proposal no longer says what would
+change, and a newer one (if any) replaces it.
+"""
+REMEDIATION_STATE_APPLIED: RemediationState.ValueType  # 6
+"""The broker carried the approved remediation out (its outcome is in the event log)."""
+Global___RemediationState: _TypeAlias = RemediationState  # noqa: Y015
+
+@_typing.final
+class MaintenanceWindow(_message.Message):
+    """MaintenanceWindow says when automatic remediation may run: windows open at the times of a cron
+    expression and stay open for a duration. Outside them remediation is deferred to the next one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRON_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    cron: _builtins.str
+    """Cron is a five-field cron expression (minute hour day-of-month month day-of-week), for example
+    "0 2 * * *" for every day at 02:00.
+    """
+    duration: _builtins.str
+    """Duration is how long each window stays open, as a number with a unit: "90m", "2h", "1h30m"; at
+    most 7 days.
+    """
+    time_zone: _builtins.str
+    """TimeZone is the IANA time zone the cron expression is read in, for example "Europe/Berlin";
+    empty means UTC.
+    """
+    def __init__(
+        self,
+        *,
+        cron: _builtins.str = ...,
+        duration: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "duration", b"duration", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaintenanceWindow: _TypeAlias = MaintenanceWindow  # noqa: Y015
 
 @_typing.final
 class TopicSpec(_message.Message):
@@ -1503,6 +1617,7 @@ class RemediationPolicy(_message.Message):
     RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     IGNORE_FIELDS_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_WINDOW_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Namespace is the namespace the policy applies to."""
     resource_type: Global___ResourceType.ValueType
@@ -1513,6 +1628,12 @@ class RemediationPolicy(_message.Message):
     def ignore_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """IgnoreFields are compared fields whose drift is not reported, for example "replicas"."""
 
+    @_builtins.property
+    def maintenance_window(self) -> Global___MaintenanceWindow:
+        """MaintenanceWindow limits automatic remediation to its windows; absent means at any time.
+        Approved remediations are carried out at once: a person's approval is the decision to act.
+        """
+
     def __init__(
         self,
         *,
@@ -1520,10 +1641,11 @@ class RemediationPolicy(_message.Message):
         resource_type: Global___ResourceType.ValueType = ...,
         mode: Global___RemediationMode.ValueType = ...,
         ignore_fields: _abc.Iterable[_builtins.str] | None = ...,
+        maintenance_window: Global___MaintenanceWindow | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["maintenance_window", b"maintenance_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_fields", b"ignore_fields", "mode", b"mode", "namespace", b"namespace", "resource_type", b"resource_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_fields", b"ignore_fields", "maintenance_window", b"maintenance_window", "mode", b"mode", "namespace", b"namespace", "resource_type", b"resource_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1674,18 +1796,32 @@ class GetRemediationPolicyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POLICY_FIELD_NUMBER: _builtins.int
+    NEXT_WINDOW_START_FIELD_NUMBER: _builtins.int
+    NEXT_WINDOW_END_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def policy(self) -> Global___RemediationPolicy:
         """Policy is the most specific policy that applies (the default when none was set)."""
+
+    @_builtins.property
+    def next_window_start(self) -> _timestamp_pb2.Timestamp:
+        """NextWindowStart is when the current or next maintenance window opens (in the past while one
+        is open); absent when the policy has no window.
+        """
+
+    @_builtins.property
+    def next_window_end(self) -> _timestamp_pb2.Timestamp:
+        """NextWindowEnd is when that window closes; absent when the policy has no window."""
 
     def __init__(
         self,
         *,
         policy: Global___RemediationPolicy | None = ...,
+        next_window_start: _timestamp_pb2.Timestamp | None = ...,
+        next_window_end: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_window_end", b"next_window_end", "next_window_start", b"next_window_start", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_window_end", b"next_window_end", "next_window_start", b"next_window_start", "policy", b"policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2060,3 +2196,310 @@ class GetCostSummaryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCostSummaryResponse: _TypeAlias = GetCostSummaryResponse  # noqa: Y015
+
+@_typing.final
+class ProposedChange(_message.Message):
+    """ProposedChange is one field a pending remediation would set back to its desired value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    FROM_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    CHANGED_BY_FIELD_NUMBER: _builtins.int
+    MONTHLY_COST_DELTA_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """RuleId is the drift rule that found the difference, for example "replicas.changed"."""
+    field: _builtins.str
+    """Field is the field that would change, for example "replicas"."""
+    to: _builtins.str
+    """To is the desired value the remediation would apply, rendered as text."""
+    changed_by: _builtins.str
+    """ChangedBy is the field manager that made the running value, for example "kubectl-scale", when
+    the cluster records it.
+    """
+    monthly_cost_delta: _builtins.float
+    """MonthlyCostDelta is the estimated monthly cost change of the remediation (desired minus
+    running), in the price table's currency; absent when it cannot be estimated.
+    """
+    message: _builtins.str
+    """Message is the drift's human sentence, for example "Replica count mismatch: desired=1, actual=3"."""
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+        field: _builtins.str = ...,
+        to: _builtins.str = ...,
+        changed_by: _builtins.str = ...,
+        monthly_cost_delta: _builtins.float | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_monthly_cost_delta", b"_monthly_cost_delta", "monthly_cost_delta", b"monthly_cost_delta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_monthly_cost_delta", b"_monthly_cost_delta", "changed_by", b"changed_by", "field", b"field", "from", b"from", "message", b"message", "monthly_cost_delta", b"monthly_cost_delta", "rule_id", b"rule_id", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__monthly_cost_delta: _TypeAlias = _typing.Literal["monthly_cost_delta"]  # noqa: Y015
+    _WhichOneofArgType__monthly_cost_delta: _TypeAlias = _typing.Literal["_monthly_cost_delta", b"_monthly_cost_delta"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__monthly_cost_delta) -> _WhichOneofReturnType__monthly_cost_delta | None: ...
+
+Global___ProposedChange: _TypeAlias = ProposedChange  # noqa: Y015
+
+@_typing.final
+class PendingRemediation(_message.Message):
+    """PendingRemediation is a remediation the broker proposes and a person approves or rejects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMEDIATION_ID_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
+    RESOURCE_NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    MONTHLY_COST_DELTA_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    remediation_id: _builtins.str
+    """RemediationId identifies the proposal, for example "rem-3f9c2a1b7d4e5f60"."""
+    namespace: _builtins.str
+    """Namespace is the namespace of the resource."""
+    deployment_id: _builtins.str
+    """DeploymentId identifies the deployment the remediation is for."""
+    resource_type: Global___ResourceType.ValueType
+    """ResourceType is the kind of resource."""
+    resource_name: _builtins.str
+    """ResourceName is the resource's name."""
+    state: Global___RemediationState.ValueType
+    """State is how far the proposal has come."""
+    monthly_cost_delta: _builtins.float
+    """MonthlyCostDelta is the summed estimated monthly cost change of the changes; absent when none
+    of them can be estimated.
+    """
+    generation: _builtins.int
+    """Generation is the desired-spec generation the remediation would apply."""
+    decided_by: _builtins.str
+    """DecidedBy is the principal that approved or rejected it; empty before a decision."""
+    reason: _builtins.str
+    """Reason is the approver's note, or why the broker closed the proposal."""
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProposedChange]:
+        """Changes are what the remediation would change, field by field."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """CreateTime is when the broker proposed the remediation."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """ExpireTime is when a proposal nobody decided lapses."""
+
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """DecideTime is when it was approved, rejected, expired or superseded; absent before."""
+
+    def __init__(
+        self,
+        *,
+        remediation_id: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        deployment_id: _builtins.str = ...,
+        resource_type: Global___ResourceType.ValueType = ...,
+        resource_name: _builtins.str = ...,
+        state: Global___RemediationState.ValueType = ...,
+        changes: _abc.Iterable[Global___ProposedChange] | None = ...,
+        monthly_cost_delta: _builtins.float | None = ...,
+        generation: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        decided_by: _builtins.str = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_monthly_cost_delta", b"_monthly_cost_delta", "create_time", b"create_time", "decide_time", b"decide_time", "expire_time", b"expire_time", "monthly_cost_delta", b"monthly_cost_delta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_monthly_cost_delta", b"_monthly_cost_delta", "changes", b"changes", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "deployment_id", b"deployment_id", "expire_time", b"expire_time", "generation", b"generation", "monthly_cost_delta", b"monthly_cost_delta", "namespace", b"namespace", "reason", b"reason", "remediation_id", b"remediation_id", "resource_name", b"resource_name", "resource_type", b"resource_type", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__monthly_cost_delta: _TypeAlias = _typing.Literal["monthly_cost_delta"]  # noqa: Y015
+    _WhichOneofArgType__monthly_cost_delta: _TypeAlias = _typing.Literal["_monthly_cost_delta", b"_monthly_cost_delta"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__monthly_cost_delta) -> _WhichOneofReturnType__monthly_cost_delta | None: ...
+
+Global___PendingRemediation: _TypeAlias = PendingRemediation  # noqa: Y015
+
+@_typing.final
+class ListPendingRemediationsRequest(_message.Message):
+    """ListPendingRemediationsRequest selects the remediations of one namespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_DECIDED_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace to read; required."""
+    deployment_id: _builtins.str
+    """DeploymentId filters by deployment; empty matches all."""
+    include_decided: _builtins.bool
+    """IncludeDecided lists decided, expired and superseded proposals too, newest first after the
+    pending ones; by default only pending ones are listed.
+    """
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        deployment_id: _builtins.str = ...,
+        include_decided: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "include_decided", b"include_decided", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingRemediationsRequest: _TypeAlias = ListPendingRemediationsRequest  # noqa: Y015
+
+@_typing.final
+class ListPendingRemediationsResponse(_message.Message):
+    """ListPendingRemediationsResponse holds the matching remediations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMEDIATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def remediations(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingRemediation]:
+        """Remediations are the matching proposals, oldest pending first."""
+
+    def __init__(
+        self,
+        *,
+        remediations: _abc.Iterable[Global___PendingRemediation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["remediations", b"remediations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingRemediationsResponse: _TypeAlias = ListPendingRemediationsResponse  # noqa: Y015
+
+@_typing.final
+class ApproveRemediationRequest(_message.Message):
+    """ApproveRemediationRequest approves one pending remediation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    REMEDIATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace of the remediation; required."""
+    remediation_id: _builtins.str
+    """RemediationId identifies the remediation; required."""
+    request_id: _builtins.str
+    """RequestId makes the request idempotent: a retry with the same id gets the first answer."""
+    reason: _builtins.str
+    """Reason is a note for the audit log and the event, for example a change ticket; optional."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        remediation_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "reason", b"reason", "remediation_id", b"remediation_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveRemediationRequest: _TypeAlias = ApproveRemediationRequest  # noqa: Y015
+
+@_typing.final
+class ApproveRemediationResponse(_message.Message):
+    """ApproveRemediationResponse is the remediation after the approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMEDIATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def remediation(self) -> Global___PendingRemediation:
+        """Remediation is the approved remediation."""
+
+    def __init__(
+        self,
+        *,
+        remediation: Global___PendingRemediation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["remediation", b"remediation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["remediation", b"remediation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveRemediationResponse: _TypeAlias = ApproveRemediationResponse  # noqa: Y015
+
+@_typing.final
+class RejectRemediationRequest(_message.Message):
+    """RejectRemediationRequest rejects one pending remediation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    REMEDIATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace is the namespace of the remediation; required."""
+    remediation_id: _builtins.str
+    """RemediationId identifies the remediation; required."""
+    request_id: _builtins.str
+    """RequestId makes the request idempotent: a retry with the same id gets the first answer."""
+    reason: _builtins.str
+    """Reason is a note for the audit log and the event; optional."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        remediation_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "reason", b"reason", "remediation_id", b"remediation_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectRemediationRequest: _TypeAlias = RejectRemediationRequest  # noqa: Y015
+
+@_typing.final
+class RejectRemediationResponse(_message.Message):
+    """RejectRemediationResponse is the remediation after the rejection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMEDIATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def remediation(self) -> Global___PendingRemediation:
+        """Remediation is the rejected remediation."""
+
+    def __init__(
+        self,
+        *,
+        remediation: Global___PendingRemediation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["remediation", b"remediation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["remediation", b"remediation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectRemediationResponse: _TypeAlias = RejectRemediationResponse  # noqa: Y015

@@ -107,6 +107,21 @@ class BrokerServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.GetCostSummaryRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.GetCostSummaryResponse.FromString,
                 _registered_method=True)
+        self.ListPendingRemediations = channel.unary_unary(
+                '/broker.v1.BrokerService/ListPendingRemediations',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ListPendingRemediationsRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ListPendingRemediationsResponse.FromString,
+                _registered_method=True)
+        self.ApproveRemediation = channel.unary_unary(
+                '/broker.v1.BrokerService/ApproveRemediation',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ApproveRemediationRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ApproveRemediationResponse.FromString,
+                _registered_method=True)
+        self.RejectRemediation = channel.unary_unary(
+                '/broker.v1.BrokerService/RejectRemediation',
+                request_serializer=broker_dot_v1_dot_broker__pb2.RejectRemediationRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.RejectRemediationResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -229,6 +244,32 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPendingRemediations(self, request, context):
+        """ListPendingRemediations lists the remediations of a namespace that wait for a person's decision
+        (policy mode approve): what each would change, field by field, and when it expires. Decided
+        ones are listed too when asked for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveRemediation(self, request, context):
+        """ApproveRemediation approves one pending remediation; the broker then re-applies the desired
+        state of the fields it names. It needs the approve grant of the namespace, is idempotent on
+        request_id, and is refused with FAILED_PRECONDITION when the drift changed since the proposal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectRemediation(self, request, context):
+        """RejectRemediation rejects one pending remediation: the drift stays, reported as it is. It needs
+        the approve grant of the namespace and is idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -296,6 +337,21 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.GetCostSummary,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.GetCostSummaryRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.GetCostSummaryResponse.SerializeToString,
+            ),
+            'ListPendingRemediations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPendingRemediations,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ListPendingRemediationsRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ListPendingRemediationsResponse.SerializeToString,
+            ),
+            'ApproveRemediation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveRemediation,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ApproveRemediationRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ApproveRemediationResponse.SerializeToString,
+            ),
+            'RejectRemediation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectRemediation,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.RejectRemediationRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.RejectRemediationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -657,6 +713,87 @@ class BrokerService:
             '/broker.v1.BrokerService/GetCostSummary',
             broker_dot_v1_dot_broker__pb2.GetCostSummaryRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.GetCostSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPendingRemediations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/ListPendingRemediations',
+            broker_dot_v1_dot_broker__pb2.ListPendingRemediationsRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ListPendingRemediationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveRemediation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/ApproveRemediation',
+            broker_dot_v1_dot_broker__pb2.ApproveRemediationRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ApproveRemediationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectRemediation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.BrokerService/RejectRemediation',
+            broker_dot_v1_dot_broker__pb2.RejectRemediationRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.RejectRemediationResponse.FromString,
             options,
             channel_credentials,
             insecure,

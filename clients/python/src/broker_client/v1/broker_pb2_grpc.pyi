@@ -95,6 +95,20 @@ class BrokerServiceStub:
     """GetCostSummary returns a namespace's desired against actual estimated monthly cost, its budget
     and whether the actual cost exceeds it, and the drifts that cost most.
     """
+    ListPendingRemediations: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListPendingRemediationsRequest, _broker_pb2.ListPendingRemediationsResponse]
+    """ListPendingRemediations lists the remediations of a namespace that wait for a person's decision
+    (policy mode approve): what each would change, field by field, and when it expires. Decided
+    ones are listed too when asked for.
+    """
+    ApproveRemediation: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ApproveRemediationRequest, _broker_pb2.ApproveRemediationResponse]
+    """ApproveRemediation approves one pending remediation; the broker then re-applies the desired
+    state of the fields it names. It needs the approve grant of the namespace, is idempotent on
+    request_id, and is refused with FAILED_PRECONDITION when the drift changed since the proposal.
+    """
+    RejectRemediation: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RejectRemediationRequest, _broker_pb2.RejectRemediationResponse]
+    """RejectRemediation rejects one pending remediation: the drift stays, reported as it is. It needs
+    the approve grant of the namespace and is idempotent on request_id.
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -162,6 +176,20 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     GetCostSummary: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetCostSummaryRequest, _broker_pb2.GetCostSummaryResponse]  # type: ignore[assignment]
     """GetCostSummary returns a namespace's desired against actual estimated monthly cost, its budget
     and whether the actual cost exceeds it, and the drifts that cost most.
+    """
+    ListPendingRemediations: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListPendingRemediationsRequest, _broker_pb2.ListPendingRemediationsResponse]  # type: ignore[assignment]
+    """ListPendingRemediations lists the remediations of a namespace that wait for a person's decision
+    (policy mode approve): what each would change, field by field, and when it expires. Decided
+    ones are listed too when asked for.
+    """
+    ApproveRemediation: _aio.UnaryUnaryMultiCallable[_broker_pb2.ApproveRemediationRequest, _broker_pb2.ApproveRemediationResponse]  # type: ignore[assignment]
+    """ApproveRemediation approves one pending remediation; the broker then re-applies the desired
+    state of the fields it names. It needs the approve grant of the namespace, is idempotent on
+    request_id, and is refused with FAILED_PRECONDITION when the drift changed since the proposal.
+    """
+    RejectRemediation: _aio.UnaryUnaryMultiCallable[_broker_pb2.RejectRemediationRequest, _broker_pb2.RejectRemediationResponse]  # type: ignore[assignment]
+    """RejectRemediation rejects one pending remediation: the drift stays, reported as it is. It needs
+    the approve grant of the namespace and is idempotent on request_id.
     """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -305,6 +333,38 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.GetCostSummaryResponse, _abc.Awaitable[_broker_pb2.GetCostSummaryResponse]]:
         """GetCostSummary returns a namespace's desired against actual estimated monthly cost, its budget
         and whether the actual cost exceeds it, and the drifts that cost most.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPendingRemediations(
+        self,
+        request: _broker_pb2.ListPendingRemediationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListPendingRemediationsResponse, _abc.Awaitable[_broker_pb2.ListPendingRemediationsResponse]]:
+        """ListPendingRemediations lists the remediations of a namespace that wait for a person's decision
+        (policy mode approve): what each would change, field by field, and when it expires. Decided
+        ones are listed too when asked for.
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveRemediation(
+        self,
+        request: _broker_pb2.ApproveRemediationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ApproveRemediationResponse, _abc.Awaitable[_broker_pb2.ApproveRemediationResponse]]:
+        """ApproveRemediation approves one pending remediation; the broker then re-applies the desired
+        state of the fields it names. It needs the approve grant of the namespace, is idempotent on
+        request_id, and is refused with FAILED_PRECONDITION when the drift changed since the proposal.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectRemediation(
+        self,
+        request: _broker_pb2.RejectRemediationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.RejectRemediationResponse, _abc.Awaitable[_broker_pb2.RejectRemediationResponse]]:
+        """RejectRemediation rejects one pending remediation: the drift stays, reported as it is. It needs
+        the approve grant of the namespace and is idempotent on request_id.
         """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
