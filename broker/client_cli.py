@@ -59,6 +59,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="remove the budget set through the API (a configured one applies)",
     )
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
 def add_pending_arguments(parser: argparse.ArgumentParser) -> None:
