@@ -527,6 +527,8 @@ class Broker:
         )
         state.add_listener(parts.provisioner.notify)
         state.add_listener(parts.detector.notify)
+        # Work accepted by another replica: the leader's provisioner and detector hear of it now.
+        self.store.changed += [parts.provisioner.kick, parts.detector.notify]
         state.add_sync_listener(parts.detector.resync_now)
         state.add_sync_listener(lambda: self._listed(state))
         for name, worker in state.workers().items():

@@ -70,7 +70,14 @@ class Deployments(Protocol):
 
 
 class Operations(Protocol):
-    """The work a provisioning worker carries out."""
+    """The work a provisioning worker carries out.
+
+    ``changed`` are called with a deployment's id when any replica's commit gave it new work (a
+    Provision or Deprovision that changed something, accepted drift), so that the leader's workers
+    start at once wherever the request landed; on SQLite, one replica, the service tells its own.
+    """
+
+    changed: list[Callable[[str], None]]
 
     async def unfinished(self) -> list[model.Deployment]:
         """Deployments whose last operation is accepted or in progress."""

@@ -131,6 +131,8 @@ class Store:
         self.listeners: list[Callable[[list[model.DriftEvent]], None]] = []
         # One replica: no other process commits events, so nothing ever wakes these.
         self.wakers: list[Callable[[], None]] = []
+        # Nor gives a deployment work: the service kicks this process's workers itself.
+        self.changed: list[Callable[[str], None]] = []
         self._parsed = _Parsed()
 
     @classmethod
