@@ -383,6 +383,7 @@ class Broker:
         )
         self.metrics.add_collector(metrics.ScrapeCollector(self._scrape))
         self.supervisor.start("event-retention", self._prune_events())
+        self.supervisor.start("policy-refresh", self._refresh_policies())
 
         server = grpc.aio.server(
             options=GRPC_OPTIONS,
@@ -586,6 +587,20 @@ class Broker:
             "http_connections": (self.http_connections.open, dict(self.http_connections.refused)),
             "open_drifts": self.detector.open_drifts() if self.detector else {},
         }
+
+    async def _refresh_policies(self) -> None:
+        """Read the stored policies again whenever a replica set one (PostgreSQL's notification),
+        and every ``resync_interval`` in case a notification was lost: a policy set through any
+        replica is in force on the leader's detector and in every replica's reads."""
+        wake = workers.Wakeup()
+        self.store.policy_listeners.append(wake.set)
+
+        async def refresh() -> None:
+            with contextlib.suppress(errors.BrokerError):
+                if self.policies.replace(await self.store.policies()) and self.detector is not None:
+                    self.detector.resync_now()
+
+        await workers.run_forever(refresh, interval=self.settings.resync_interval, wake=wake)
 
     async def _prune_events(self) -> None:
         """Keep the event log to ``event_retention`` entries (resumes older than that get OUT_OF_RANGE),

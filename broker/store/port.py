@@ -196,7 +196,13 @@ class Retention(Protocol):
 
 
 class Policies(Protocol):
-    """Remediation policies set through the API."""
+    """Remediation policies set through the API.
+
+    ``policy_listeners`` are called when any replica's commit set a policy (PostgreSQL), so that
+    every replica reads them again; on SQLite, one replica, the service puts its own in effect.
+    """
+
+    policy_listeners: list[Callable[[], None]]
 
     async def set_policy(self, rule: policy.Rule) -> None:
         """Store a rule (replacing the one for its namespace and type)."""

@@ -127,6 +127,8 @@ NOTIFY_CHANNEL = "broker_events"
 # And on this one: a commit that gave a deployment new work (a Provision or Deprovision that changed
 # something, an accepted drift) NOTIFYs it with the deployment id, for the leader's workers.
 CHANGED_CHANNEL = "broker_deployments"
+# And on this one: a commit that set a remediation policy NOTIFYs it, so every replica reads them again.
+POLICIES_CHANNEL = "broker_policies"
 
 
 class Store:
@@ -139,6 +141,7 @@ class Store:
         self.listeners: list[port.Listener] = []
         self.wakers: list[Callable[[], None]] = []
         self.changed: list[Callable[[str], None]] = []
+        self.policy_listeners: list[Callable[[], None]] = []
         self._notified: asyncpg.Connection[asyncpg.Record] | None = None
 
     @classmethod
@@ -178,6 +181,7 @@ class Store:
         )
         await self._notified.add_listener(NOTIFY_CHANNEL, self._woken)
         await self._notified.add_listener(CHANGED_CHANNEL, self._deployment_changed)
+        await self._notified.add_listener(POLICIES_CHANNEL, self._policies_changed)
 
     def _woken(self, *_: object) -> None:
         for wake in self.wakers:
@@ -188,6 +192,10 @@ class Store:
         # now, not at their next full sweep. A lost notification costs that latency, never the work.
         for changed in self.changed:
             changed(str(payload))
+
+    def _policies_changed(self, *_: object) -> None:
+        for listener in self.policy_listeners:
+            listener()
 
     @staticmethod
     async def _announce(tx: _Tx, deployment_id: str) -> None:
@@ -833,6 +841,8 @@ class Store:
                 json.dumps(sorted(rule.ignore_fields)),
                 codec.now(),
             )
+            # Delivered at commit: every replica (this one too) reads the policies again.
+            await tx.conn.execute("SELECT pg_notify($1, $2)", POLICIES_CHANNEL, rule.namespace)
 
     async def policies(self) -> list[policy.Rule]:
         """Every stored remediation policy."""

@@ -133,6 +133,7 @@ class Store:
         self.wakers: list[Callable[[], None]] = []
         # Nor gives a deployment work: the service kicks this process's workers itself.
         self.changed: list[Callable[[str], None]] = []
+        self.policy_listeners: list[Callable[[], None]] = []
         self._parsed = _Parsed()
 
     @classmethod
