@@ -21,6 +21,7 @@ the broker), each next attempt waits twice as long, up to a ceiling: no hot loop
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -259,6 +260,7 @@ class Detector:
         remediator: Remediator | None,
         resync_interval: float = 60.0,
         startup_grace: float = 10.0,
+        catch_up_window: float = 30.0,
         on_started: Callable[[], None] = lambda: None,
     ) -> None:
         # Called once the first sweep is done: everything known at start-up has been evaluated.
@@ -270,8 +272,16 @@ class Detector:
         self._policies = policies
         self._remediator = remediator
         self._resync_interval = resync_interval
-        self._dirty: set[str] = set()  # changed in the cluster: evaluated first
+        # Changed in the cluster: evaluated first, in the order they came.
+        self._dirty: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._resync: set[str] = set()  # the periodic sweep, evaluated when nothing else waits
+        # While this replica does not run the detector (it follows a leader): the deployments whose
+        # objects changed in the last ``catch_up_window`` seconds, oldest first, with when. A new
+        # leader evaluates them before everything else, newest first: what changed while nobody
+        # led (since the old leader died) is reported at once, not somewhere in a sweep of all.
+        self._catch_up_window = catch_up_window
+        self._recent: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._running = False
         self._wake = workers.Wakeup()
         self._reported: dict[str, tuple[tuple[model.DriftItem, ...], model.Health]] = {}
         self._open: dict[str, tuple[str, str, int]] = {}
@@ -280,12 +290,32 @@ class Detector:
         self._verdicts: dict[str, tuple[str, drift.Evaluation]] = {}
 
     def notify(self, deployment_id: str) -> None:
-        """An object of the deployment changed: evaluate it soon."""
-        self._dirty.add(deployment_id)
+        """An object of the deployment changed: evaluate it soon (or first, once this replica leads)."""
+        if not self._running:
+            now = time.monotonic()
+            self._recent.pop(deployment_id, None)
+            self._recent[deployment_id] = now
+            while self._recent and next(iter(self._recent.values())) < now - self._catch_up_window:
+                self._recent.popitem(last=False)
+            return
+        self._dirty[deployment_id] = None
         self._wake.set()
 
     async def run(self) -> None:
         """Evaluate dirty deployments as they come, and everything every ``resync_interval``."""
+        try:
+            await self._run()
+        finally:
+            self._running = False
+
+    async def _run(self) -> None:
+        # Changed lately, while another replica led (or nobody did): first, newest first.
+        horizon = time.monotonic() - self._catch_up_window
+        for deployment_id, at in reversed(self._recent.items()):
+            if at >= horizon:
+                self._dirty[deployment_id] = None
+        self._recent.clear()
+        self._running = True
         self._reported = await self._store.drift_states()
         # At start the caches are still listing: evaluating now would report every resource
         # Unknown, then Healthy again a moment later. Wait for them (a cluster that stays
@@ -304,7 +334,7 @@ class Detector:
             # A watch event must not wait behind a sweep of thousands: changes go first, and each
             # evaluation awaits the store, so a change arriving mid-sweep is picked next.
             while self._dirty or self._resync:
-                deployment_id = self._dirty.pop() if self._dirty else self._resync.pop()
+                deployment_id = self._dirty.popitem(last=False)[0] if self._dirty else self._resync.pop()
                 self._resync.discard(deployment_id)
                 try:
                     await self.evaluate(deployment_id)
@@ -334,7 +364,7 @@ class Detector:
         """The policy of a namespace (and type) changed: evaluate its deployments now, not at resync."""
         for deployment_id, (ns, kind, _) in self._open.items():
             if namespace in (ns, policy.ANY) and (resource_type is None or kind == resource_type.value):
-                self._dirty.add(deployment_id)
+                self._dirty[deployment_id] = None
         self._wake.set()
 
     def resync_now(self) -> None:
@@ -349,6 +379,7 @@ class Detector:
         self._verdicts.clear()
         self._dirty.clear()
         self._resync.clear()
+        self._recent.clear()
 
     def _forget(self, deployment_id: str) -> None:
         self._reported.pop(deployment_id, None)

@@ -522,6 +522,9 @@ class Broker:
                 policies=lambda: self.policies.current,
                 remediator=remediator if settings.remediate else None,
                 resync_interval=settings.resync_interval,
+                # A new leader first evaluates what changed since the old one could have seen it:
+                # at most a lease duration and a few retries before it took over.
+                catch_up_window=2 * settings.leader_election.lease_duration,
                 on_started=self._started_up,
             ),
             prevention=guard,

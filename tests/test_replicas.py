@@ -28,16 +28,25 @@ NS = "team-platform"
 FAST = dict(lease_duration=3, renew_deadline=2, retry_period=0.25)
 
 
-def elected(identity: str) -> lease.ElectionSettings:
-    return lease.ElectionSettings(enabled=True, namespace="default", identity=identity, **FAST)  # type: ignore[arg-type]
+def elected(identity: str, **timing: float) -> lease.ElectionSettings:
+    return lease.ElectionSettings(enabled=True, namespace="default", identity=identity, **{**FAST, **timing})  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
 async def replica(
-    tmp_path: pathlib.Path, tokens_file: pathlib.Path, kubeconfig: pathlib.Path, url: str, identity: str
+    tmp_path: pathlib.Path,
+    tokens_file: pathlib.Path,
+    kubeconfig: pathlib.Path,
+    url: str,
+    identity: str,
+    **timing: float,
 ) -> AsyncIterator[tuple[server.Broker, broker_pb2_grpc.BrokerServiceStub]]:
     settings = cluster_settings(
-        tmp_path / identity, tokens_file, kubeconfig, store_url=url, leader_election=elected(identity)
+        tmp_path / identity,
+        tokens_file,
+        kubeconfig,
+        store_url=url,
+        leader_election=elected(identity, **timing),
     )
     broker = server.Broker(settings)
     await broker.start()
@@ -185,3 +194,47 @@ async def test_a_policy_set_through_one_replica_is_in_force_on_the_other(pair, s
         what="compared again",
     )
     assert replicas_drift(seen)[0].recommended_action == pb.RECOMMENDED_ACTION_ALERT_ONLY
+
+
+async def test_a_new_leader_evaluates_what_changed_while_it_followed_before_everything_else(
+    tmp_path, tokens_file, sandbox, sandbox_kubeconfig, postgres_url
+) -> None:
+    """The takeover's first sweep takes every deployment; a hand edit made while another replica
+    led (or nobody did) goes first, not wherever it falls among them."""
+    names = [f"db-{i:02d}" for i in range(20)]
+    timing = {"lease_duration": 20}  # the catch-up window is twice that: no test can outwait it
+    async with contextlib.AsyncExitStack() as first:
+        a, _ = await first.enter_async_context(
+            replica(tmp_path, tokens_file, sandbox_kubeconfig, postgres_url, "replica-a", **timing)
+        )
+        await until(lambda: asyncio.sleep(0, a.leader_only.running), bool, within=20, what="a to lead")
+        async with replica(
+            tmp_path, tokens_file, sandbox_kubeconfig, postgres_url, "replica-b", **timing
+        ) as (
+            b,
+            follower,
+        ):
+            for name in names:
+                await provision_ready(follower, name)
+            await scale_by_hand(sandbox, "db-07", 3)
+            drifted = await until(
+                lambda: state(follower, "db-07"),
+                lambda s: bool(replicas_drift(s)),
+                within=15,
+                what="b to see it",
+            )
+            assert b.detector is not None
+            evaluated: list[str] = []
+            evaluate = b.detector.evaluate
+
+            async def recorded(deployment_id: str) -> None:
+                evaluated.append(deployment_id)
+                await evaluate(deployment_id)
+
+            b.detector.evaluate = recorded  # type: ignore[method-assign]
+            await first.aclose()  # a stops cleanly and releases the lease: b takes over at its next retry
+            await until(
+                lambda: asyncio.sleep(0, len(evaluated) >= len(names)), bool, within=30, what="b's sweep"
+            )
+            assert b.leader_only.running
+            assert evaluated[0] == drifted.deployment_id
