@@ -516,10 +516,18 @@ async def _scenario(
     behind = [i for i, r in enumerate(roamers) if r.last < newest]
 
     double = resumed = 0
+    doubled: list[str] = []
     for name in scaled + canaries:
         completed, interrupted = remediations(log, ids[name])
         double += max(0, completed - 1)
         resumed += interrupted
+        if completed > 1:
+            story = [
+                f"{e.sequence} {K.Name(e.kind).removeprefix('DRIFT_EVENT_KIND_')}: {e.message[:80]}"
+                for e in log
+                if e.deployment_id == ids[name]
+            ]
+            doubled.append(f"{name}: " + " | ".join(story))
     succeeded_at = {e.deployment_id: e for e in log if e.kind == K.DRIFT_EVENT_KIND_PROVISIONING_SUCCEEDED}
     in_flight_done = sum(1 for n in in_flight_at_kill if acknowledged[n] in succeeded_at and n in ready)
     ready_after = [
@@ -561,7 +569,7 @@ async def _scenario(
     if behind:
         problems.append(f"subscribers {behind} did not catch up to sequence {newest}")
     if double:
-        problems.append(f"{double} double remediations")
+        problems.append(f"{double} double remediations: {'; '.join(doubled[:3])}")
     if still_drifted:
         problems.append(f"not back at desired replicas in the cluster: {still_drifted[:5]}")
     if not_ready or cluster_not_ready:
