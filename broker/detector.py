@@ -38,6 +38,7 @@ RemediationApproved event (read from the shared log), and each resync looks for 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -205,17 +206,22 @@ class Remediator:
     ) -> None:
         what = "; ".join(i.message for i in items)
         if delay:
-            await self._event(
-                deployment,
-                model.EventKind.REMEDIATION_STARTED,
-                f"Drift came back {fight.attempts} time(s) soon after remediation; backing off {delay:g}s "
-                f"before re-applying: {what}",
-                items,
-            )
+            # Announced once the wait is over and the drift is still there: a request made from a
+            # cache that had not yet seen the last remediation's own write (its watch event was
+            # still on the way) finds nothing left, and must not leave a REMEDIATION_STARTED that
+            # nothing follows (chaos failover: 5-7 of 18 hand edits under load).
             await asyncio.sleep(delay)
             items = remaining(items, None)
             if not items:
                 return  # resolved by itself (or no longer auto-remediable) while we waited
+            what = "; ".join(i.message for i in items)
+            await self._event(
+                deployment,
+                model.EventKind.REMEDIATION_STARTED,
+                f"Drift came back {fight.attempts} time(s) soon after remediation; re-applying after "
+                f"backing off {delay:g}s: {what}",
+                items,
+            )
         else:
             await self._event(
                 deployment,
@@ -501,6 +507,7 @@ class Detector:
         remediator: Remediator | None,
         resync_interval: float = 60.0,
         startup_grace: float = 10.0,
+        catch_up_window: float = 30.0,
         on_started: Callable[[], None] = lambda: None,
         cost_watch: CostWatch | None = None,
         approval_ttl: float = 24 * 3600.0,
@@ -527,10 +534,18 @@ class Detector:
         self._policies = policies
         self._remediator = remediator
         self._resync_interval = resync_interval
-        self._dirty: set[str] = set()  # changed in the cluster: evaluated first
+        # Changed in the cluster: evaluated first, in the order they came.
+        self._dirty: collections.OrderedDict[str, None] = collections.OrderedDict()
         # The periodic sweep, evaluated when nothing else waits: with the row the sweep listed
         # (None: read it again), so that a sweep of thousands is one read, not one per deployment.
         self._resync: dict[str, model.Deployment | None] = {}
+        # While this replica does not run the detector (it follows a leader): the deployments whose
+        # objects changed in the last ``catch_up_window`` seconds, oldest first, with when. A new
+        # leader evaluates them before everything else, newest first: what changed while nobody
+        # led (since the old leader died) is reported at once, not somewhere in a sweep of all.
+        self._catch_up_window = catch_up_window
+        self._recent: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._running = False
         self._wake = workers.Wakeup()
         self._reported: dict[str, tuple[tuple[model.DriftItem, ...], model.Health]] = {}
         self._open: dict[str, tuple[str, str, int]] = {}
@@ -543,8 +558,15 @@ class Detector:
         self._forgotten_at = 0
 
     def notify(self, deployment_id: str) -> None:
-        """An object of the deployment changed: evaluate it soon."""
-        self._dirty.add(deployment_id)
+        """An object of the deployment changed: evaluate it soon (or first, once this replica leads)."""
+        if not self._running:
+            now = time.monotonic()
+            self._recent.pop(deployment_id, None)
+            self._recent[deployment_id] = now
+            while self._recent and next(iter(self._recent.values())) < now - self._catch_up_window:
+                self._recent.popitem(last=False)
+            return
+        self._dirty[deployment_id] = None
         self._wake.set()
 
     def approved(self, deployment_id: str) -> None:
@@ -560,6 +582,19 @@ class Detector:
 
     async def run(self) -> None:
         """Evaluate dirty deployments as they come, and everything every ``resync_interval``."""
+        try:
+            await self._run()
+        finally:
+            self._running = False
+
+    async def _run(self) -> None:
+        # Changed lately, while another replica led (or nobody did): first, newest first.
+        horizon = time.monotonic() - self._catch_up_window
+        for deployment_id, at in reversed(self._recent.items()):
+            if at >= horizon:
+                self._dirty[deployment_id] = None
+        self._recent.clear()
+        self._running = True
         self._reported = await self._store.drift_states()
         if self.costs is not None:
             await self.costs.load()
@@ -589,7 +624,7 @@ class Detector:
             while self._dirty or self._resync:
                 listed = None
                 if self._dirty:
-                    deployment_id = self._dirty.pop()  # changed: its row is read afresh
+                    deployment_id = self._dirty.popitem(last=False)[0]  # changed: its row is read afresh
                     self._resync.pop(deployment_id, None)
                 else:
                     deployment_id, listed = self._resync.popitem()
@@ -641,7 +676,7 @@ class Detector:
         """The policy of a namespace (and type) changed: evaluate its deployments now, not at resync."""
         for deployment_id, (ns, kind, _) in self._open.items():
             if namespace in (ns, policy.ANY) and (resource_type is None or kind == resource_type.value):
-                self._dirty.add(deployment_id)
+                self._dirty[deployment_id] = None
         self._wake.set()
 
     def budget_changed(self, namespace: str) -> None:
@@ -672,6 +707,7 @@ class Detector:
         self._resync.clear()
         if self.costs is not None:
             self.costs.clear()
+        self._recent.clear()
 
     def _forget(self, deployment_id: str) -> None:
         self._reported.pop(deployment_id, None)
@@ -694,6 +730,13 @@ class Detector:
             self._forget(deployment_id)
             return
         verdict = self._verdict(deployment)
+        if listed is not None and verdict.unexpected:
+            # Drift leads to action (a remediation, a proposal): never on a row that moved on
+            # since the sweep listed it (the store hands out the same object for an unchanged row).
+            fresh = await self._store.deployment_by_id(deployment_id)
+            if fresh is not listed:
+                await self.evaluate(deployment_id)
+                return
         before, health_before = self._reported.get(deployment_id, ((), None))
         readable = verdict.health is not model.Health.UNKNOWN
         after = _keep_detect_times(before, verdict.items) if readable else before

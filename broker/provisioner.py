@@ -82,11 +82,15 @@ class Provisioner:
         self._kicked: set[str] = set()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        self._running = False
 
     def kick(self, deployment_id: str) -> None:
-        """New work was accepted for a deployment."""
-        self._kicked.add(deployment_id)
-        self._wake.set()
+        """New work was accepted for a deployment (here or, on PostgreSQL, by any replica)."""
+        # A replica that does not lead hears of every deployment's work and must not keep it:
+        # when it starts leading, the first pick-up reads every unfinished operation anyway.
+        if self._running:
+            self._kicked.add(deployment_id)
+            self._wake.set()
 
     def notify(self, deployment_id: str) -> None:
         """An object of the deployment changed in the cluster."""
@@ -121,9 +125,12 @@ class Provisioner:
                 if task is None or task.done():
                     self._in_flight[key] = asyncio.create_task(self._carry_out(deployment), name=f"op-{key}")
 
+        self._running = True
         try:
             await workers.run_forever(pick_up, interval=self._poll_interval, wake=self._wake)
         finally:
+            self._running = False
+            self._kicked.clear()
             await workers.cancel_and_wait(self._in_flight.values())
 
     async def _carry_out(self, deployment: model.Deployment) -> None:

@@ -443,6 +443,7 @@ class Broker:
         )
         self.metrics.add_collector(metrics.ScrapeCollector(self._scrape))
         self.supervisor.start("event-retention", self._prune_events())
+        self.supervisor.start("policy-refresh", self._refresh_policies())
 
         server = grpc.aio.server(
             options=GRPC_OPTIONS,
@@ -588,6 +589,9 @@ class Broker:
                 policies=lambda: self.policies.current,
                 remediator=remediator if settings.remediate else None,
                 resync_interval=settings.resync_interval,
+                # A new leader first evaluates what changed since the old one could have seen it:
+                # at most a lease duration and a few retries before it took over.
+                catch_up_window=2 * settings.leader_election.lease_duration,
                 on_started=self._started_up,
                 cost_watch=detection.CostWatch(
                     store=self.store,
@@ -605,6 +609,8 @@ class Broker:
         state.add_listener(parts.detector.notify)
         # An approval made on any replica reaches the leader's detector through the log's tailer.
         self.hub.observers.append(parts.detector.approvals_in)
+        # Work accepted by another replica: the leader's provisioner and detector hear of it now.
+        self.store.changed += [parts.provisioner.kick, parts.detector.notify]
         state.add_sync_listener(parts.detector.resync_now)
         state.add_sync_listener(lambda: self._listed(state))
         for name, worker in state.workers().items():
@@ -668,6 +674,20 @@ class Broker:
                 if (b := self.budgets.current.budget_for(ns)).monthly is not None
             },
         }
+
+    async def _refresh_policies(self) -> None:
+        """Read the stored policies again whenever a replica set one (PostgreSQL's notification),
+        and every ``resync_interval`` in case a notification was lost: a policy set through any
+        replica is in force on the leader's detector and in every replica's reads."""
+        wake = workers.Wakeup()
+        self.store.policy_listeners.append(wake.set)
+
+        async def refresh() -> None:
+            with contextlib.suppress(errors.BrokerError):
+                if self.policies.replace(await self.store.policies()) and self.detector is not None:
+                    self.detector.resync_now()
+
+        await workers.run_forever(refresh, interval=self.settings.resync_interval, wake=wake)
 
     async def _prune_events(self) -> None:
         """Keep the event log to ``event_retention`` entries (resumes older than that get OUT_OF_RANGE),

@@ -183,6 +183,7 @@ class PolicyBook:
     """The remediation policy in effect: configured rules, overridden by rules set through the API."""
 
     def __init__(self, configured: policy.Policy, stored: list[policy.Rule] | None = None) -> None:
+        self._configured = configured
         self.current = configured
         for rule in stored or ():
             self.current = self.current.with_rule(rule)
@@ -194,6 +195,19 @@ class PolicyBook:
         self.current = self.current.with_rule(rule)
         for listener in self.listeners:
             listener()
+
+    def replace(self, stored: list[policy.Rule]) -> bool:
+        """Put the stored rules in effect over the configured ones (as read again from a store that
+        other replicas write too); whether that changed anything."""
+        current = self._configured
+        for rule in stored:
+            current = current.with_rule(rule)
+        if current == self.current:
+            return False
+        self.current = current
+        for listener in self.listeners:
+            listener()
+        return True
 
 
 class BudgetBook:
@@ -885,7 +899,8 @@ class BrokerService:
                 catalog=self._catalog,
                 rules=self.policies.current,
             )
-        phase = lifecycle.shown_phase(phase, evaluation.items if evaluation is not None else None)
+        judged = evaluation is not None and evaluation.health is not model.Health.UNKNOWN
+        phase = lifecycle.shown_phase(phase, evaluation.items if judged and evaluation is not None else None)
         view = ResourceView(
             deployment=deployment,
             phase=phase,

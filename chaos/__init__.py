@@ -12,7 +12,8 @@ Scenarios (``chaos.scenarios.SCENARIOS``), each with a full and a short size:
 - ``api-pause``: the cluster API refuses connections while workloads are changed behind it;
 - ``callback-receiver-down``: the manager's callback endpoint is down, and the broker is killed;
 - ``slow-consumer``: a WatchDrift subscriber that never reads, next to normal ones;
-- ``sigterm-drain``: SIGTERM with unary calls and streams in flight.
+- ``sigterm-drain``: SIGTERM with unary calls and streams in flight;
+- ``failover``: three replicas on one PostgreSQL, their leader SIGKILLed under load.
 
 ``python -m chaos`` runs them (full size by default, ``--short`` for the test-suite size);
 ``tests/test_chaos.py`` runs every one at the short size.

@@ -10,6 +10,7 @@ from typing import Any
 from chaos import (
     api_pause,
     callback_receiver_down,
+    failover,
     harness,
     resume_under_churn,
     sigkill_under_load,
@@ -90,6 +91,27 @@ SCENARIOS: dict[str, Scenario] = {
             sigterm_drain.run,
             full={"callers": 16, "streams": 5, "warm_up": 5.0, "grace": 10.0, "resources": 10},
             short={"callers": 16, "streams": 3, "warm_up": 2.0, "grace": 5.0, "resources": 4},
+        ),
+        Scenario(
+            failover.NAME,
+            failover.run,
+            # client-go's lease timings at full size; shorter ones keep the test quick (goal: 10 s).
+            # About 2 Provisions a second: as many as 2 shared cores provision steadily beside three
+            # replicas, PostgreSQL and the sandbox (at 6 a second the backlog grew without end).
+            full={"kills": 2, "workers": 3, "pace": 1.5, "warm_up": 20.0, "between_kills": 20.0, "pool": 16},
+            short={
+                "lease_duration": 5,
+                "renew_deadline": 3.5,
+                "retry_period": 0.5,
+                "kills": 1,
+                "workers": 2,
+                "pace": 0.5,
+                "warm_up": 4.0,
+                "after": 3.0,
+                "pool": 6,
+                "scale_every": 1.0,
+                "subscribers_per_replica": 1,
+            },
         ),
     )
 }

@@ -8,17 +8,30 @@ from __future__ import annotations
 import pathlib
 import sqlite3
 import sys
+from typing import Any
 
 import pytest
+from broker_client.v1 import broker_pb2 as pb
 
 # chaos/ is a top-level folder of the repository, not an installed package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from chaos import harness, resume_under_churn, scenarios, slow_consumer
+from chaos import failover, harness, resume_under_churn, scenarios, slow_consumer
+
+K = pb.DriftEventKind
+
+# failover starts PostgreSQL, a sandbox and three brokers one after the other, then waits out a lease.
+LONGER = {failover.NAME: 360}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.timeout(LONGER[n])) if n in LONGER else n
+        for n in scenarios.SCENARIOS
+    ],
+)
 async def test_the_scenario_meets_its_goals(name: str, tmp_path: pathlib.Path) -> None:
     result = await scenarios.SCENARIOS[name](tmp_path, short=True)
 
@@ -73,6 +86,46 @@ def test_the_integrity_check_reports_a_damaged_file_and_dangling_references(tmp_
     damaged[4096 * 3 : 4096 * 3 + 2000] = b"\xab" * 2000
     db.write_bytes(bytes(damaged))
     assert harness.integrity_check(db) != "ok"
+
+
+def _event(sequence: int, kind: int, deployment_id: str = "d1") -> Any:
+    return pb.DriftEvent(sequence=sequence, kind=kind, deployment_id=deployment_id)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "expected"),
+    [
+        ([], (0, 0)),
+        ([K.DRIFT_EVENT_KIND_REMEDIATION_STARTED, K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED], (1, 0)),
+        # the leader died between starting and finishing; the next one did it again: resumed, not double
+        (
+            [
+                K.DRIFT_EVENT_KIND_REMEDIATION_STARTED,
+                K.DRIFT_EVENT_KIND_REMEDIATION_STARTED,
+                K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED,
+            ],
+            (1, 1),
+        ),
+        # two that ran to their end: a double remediation
+        (
+            [
+                K.DRIFT_EVENT_KIND_REMEDIATION_STARTED,
+                K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED,
+                K.DRIFT_EVENT_KIND_REMEDIATION_STARTED,
+                K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED,
+            ],
+            (2, 0),
+        ),
+        ([K.DRIFT_EVENT_KIND_REMEDIATION_STARTED], (0, 1)),
+    ],
+)
+def test_remediations_are_counted_per_deployment_completed_apart_from_interrupted(
+    kinds: list[int], expected: tuple[int, int]
+) -> None:
+    log = [_event(i + 1, kind) for i, kind in enumerate(kinds)]
+    log.append(_event(len(log) + 1, K.DRIFT_EVENT_KIND_REMEDIATION_SUCCEEDED, "d2"))  # another's
+
+    assert failover.remediations(log, "d1") == expected
 
 
 def test_latency_pairs_each_edit_with_the_event_naming_its_value() -> None:

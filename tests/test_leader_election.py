@@ -81,7 +81,12 @@ class Electors:
         self._clients: list[kube_client.Client] = []
 
     async def start(
-        self, identity: str, *, kubeconfig: pathlib.Path | None = None, release: bool = True
+        self,
+        identity: str,
+        *,
+        kubeconfig: pathlib.Path | None = None,
+        release: bool = True,
+        timing: lease.Timing = FAST,
     ) -> tuple[lease.LeaderElector, asyncio.Task[None]]:
         client = await kube_client.Client.connect(kubeconfig or self.kubeconfig)
         self._clients.append(client)
@@ -99,7 +104,7 @@ class Electors:
             namespace=NAMESPACE,
             name=LEASE,
             identity=identity,
-            timing=FAST,
+            timing=timing,
             release_on_cancel=release,
             on_started_leading=lambda: trace.add(identity, "started leading"),
             on_stopped_leading=lambda reason: trace.add(identity, f"stopped leading: {reason}"),
@@ -315,6 +320,27 @@ async def test_a_leader_stopped_without_release_is_replaced_only_after_its_lease
     taken = history.first_of("replica-b")
     assert taken["leaseTransitions"] == history.last_of("replica-a")["leaseTransitions"] + 1 == 1
     assert taken["acquireTime"] == taken["renewTime"] > history.last_of("replica-a")["renewTime"]
+
+
+async def test_a_candidate_tries_again_when_the_lease_it_saw_expires_not_a_jittered_retry_later(
+    electors,
+) -> None:
+    # A retry period long next to the lease: client-go's next jittered retry after the expiry comes
+    # up to 2.2 retry periods (5.3 s) later; this candidate wakes at the expiry itself.
+    slow = lease.Timing(lease_duration=3, renew_deadline=2.9, retry_period=2.4)
+    a, a_task = await electors.start("replica-a", release=False, timing=slow)
+    await eventually(lambda: a.is_leader, what="a to lead")
+    b, _ = await electors.start("replica-b", timing=slow)
+    await eventually(lambda: b.leader == "replica-a", what="b to see a's lease")
+    await stop(a_task)  # as if the process died: nothing released
+    seen_last = b.observed_at
+    while not b.is_leader:
+        if b.leader == "replica-a":
+            seen_last = b.observed_at  # when b first saw a's last renewal
+        await asyncio.sleep(0.01)
+    started = electors.trace.when("replica-b", "started leading")
+    assert started >= seen_last + slow.lease_duration  # the lease was expired by b's clock
+    assert started - (seen_last + slow.lease_duration) < 0.3
 
 
 async def test_a_restarted_replica_takes_its_unreleased_lease_back_at_once(electors, history) -> None:

@@ -77,13 +77,19 @@ async def test_a_database_is_still_ready_after_the_broker_restarts_in_sandbox_mo
                 metadata=bearer(PLATFORM_TOKEN),
             )
             deployment_id = reply.deployment_id
-            # Ready, as the detector judged it: a state read before its first verdict is evaluated
-            # from the caches and carries no detect times, which the detector's always do.
+            # Judged by the detector, not only Ready: a read just before its first verdict is
+            # evaluated on the spot and has no first-seen times (detect_time), which the items
+            # after the restart, restored from the store, do have (a race that failed under load).
             ready = await until(
                 lambda: _state(stub, deployment_id),
-                lambda s: _ready_and_healthy(s) and all(i.HasField("detect_time") for i in s.drift_items),
+                lambda s: (
+                    _ready_and_healthy(s)
+                    and s is not None
+                    and bool(s.drift_items)
+                    and all(i.HasField("detect_time") for i in s.drift_items)
+                ),
                 within=30,
-                what="the database to be Ready, judged by the detector",
+                what="the database to be Ready and judged by the detector",
             )
             assert ready is not None
             items_before = list(ready.drift_items)

@@ -211,3 +211,36 @@ async def test_a_commit_on_one_replica_wakes_the_fan_out_of_another(postgres_url
     finally:
         await a.close()
         await b.close()
+
+
+async def test_work_accepted_on_one_replica_is_announced_to_the_others_with_its_deployment(
+    postgres_url: str,
+) -> None:
+    """A Provision or Deprovision that changed something, committed by replica A, reaches B's
+    ``changed`` (the leader's provisioner) at once; one that changed nothing is not announced."""
+    a, b = await postgres.Store.open(postgres_url), await postgres.Store.open(postgres_url)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    b.changed.append(heard.put_nowait)
+    try:
+        created = await a.provision(command("db-announced"))
+        assert await asyncio.wait_for(heard.get(), 10) == created.deployment_id
+        again = await a.provision(command("db-announced"))  # the same spec: nothing to do
+        assert not again.changed
+        updated = await a.provision(command("db-announced", replicas=2))
+        assert await asyncio.wait_for(heard.get(), 10) == created.deployment_id
+        assert updated.generation == 2
+        deleted = await a.deprovision(
+            model.DeprovisionCommand(
+                namespace=NS,
+                deployment_id=created.deployment_id,
+                data_policy=model.DataPolicy.KEEP,
+                request_id="",
+            )
+        )
+        assert deleted.changed
+        assert await asyncio.wait_for(heard.get(), 10) == created.deployment_id
+        await asyncio.sleep(0.2)
+        assert heard.empty()  # the unchanged Provision announced nothing
+    finally:
+        await a.close()
+        await b.close()

@@ -95,7 +95,13 @@ def phase_of_verdict(items: tuple[model.DriftItem, ...]) -> model.Phase:
 
 
 def shown_phase(stored: model.Phase, items: tuple[model.DriftItem, ...] | None) -> model.Phase:
-    """The phase a read shows: a Ready deployment with unexpected drift open is DriftDetected."""
-    if stored is model.Phase.READY and items is not None:
+    """The phase a read shows: of a running deployment, the one its current verdict implies.
+
+    ``items`` are those of a verdict on a readable cluster (None: none, or the cluster cannot be
+    read, and the stored phase stands). Ready with unexpected drift open is DriftDetected, and
+    DriftDetected whose drift is gone is Ready: a replica that does not lead evaluates its own
+    caches and may see a change before the leader has recorded its phase.
+    """
+    if stored in (model.Phase.READY, model.Phase.DRIFT_DETECTED) and items is not None:
         return phase_of_verdict(items)
     return stored

@@ -25,6 +25,11 @@ Several replicas campaign for one Lease; the one that holds it runs the work tha
   deadline when a renewal round begins, up to a retry period after the last success; counting from
   the success itself stops sooner and keeps the whole margin.) A leader that reads the record and
   finds another holder stops at once.
+- **Retry at expiry.** A candidate retries every retry period with client-go's jitter, except that
+  when it saw another holder's record it also wakes when that record expires by its clock, if that
+  comes first. client-go only looks at its next jittered retry, up to ``2.2 * retry_period`` later
+  (4.4 s by default); whoever tries first still needs the record unchanged for a whole lease
+  duration, so this shortens a takeover after a crash without shortening anyone's lease.
 - **Release on a clean stop** (``ReleaseOnCancel``): cancelling ``run`` stops the work first, then
   writes the record with an empty holder and ``leaseDurationSeconds: 1``, so another replica takes
   over at its next retry instead of after a lease duration.
@@ -58,6 +63,10 @@ log = logging.getLogger(__name__)
 
 JITTER_FACTOR = 1.2
 """Retries to acquire wait ``retry_period * (1 + random() * JITTER_FACTOR)``, as in client-go."""
+
+EXPIRY_MARGIN = 0.01
+"""A candidate that saw another's lease retries this long after it expires, if that comes before its
+next jittered retry (see :meth:`LeaderElector._acquire`)."""
 
 SERVICE_ACCOUNT_NAMESPACE = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -256,6 +265,11 @@ class LeaderElector:
         return self._renewed_at
 
     @property
+    def observed_at(self) -> float:
+        """Loop time at which the last record seen was first seen (its expiry counts from there)."""
+        return self._observed_at
+
+    @property
     def record(self) -> Record | None:
         """The last record seen."""
         return self._observed
@@ -286,9 +300,15 @@ class LeaderElector:
         log.info("campaigning for the leader lease", extra=self._extra())
         while True:
             sent = loop.time()
-            if await self._try_acquire_or_renew() is Attempt.HELD:
+            attempt = await self._try_acquire_or_renew()
+            if attempt is Attempt.HELD:
                 return sent
             wait = self.timing.retry_period * (1 + random.random() * JITTER_FACTOR)  # noqa: S311
+            observed = self._observed
+            if attempt is Attempt.TAKEN and observed is not None:
+                # Try again when the holder's record expires by our clock, if that comes first.
+                expires = self._observed_at + observed.lease_duration_seconds
+                wait = min(wait, max(0.0, expires - loop.time()) + EXPIRY_MARGIN)
             await asyncio.sleep(wait)
 
     async def _lead(self, lead: Lead | None, renewed_at: float) -> None:

@@ -81,7 +81,14 @@ class Deployments(Protocol):
 
 
 class Operations(Protocol):
-    """The work a provisioning worker carries out."""
+    """The work a provisioning worker carries out.
+
+    ``changed`` are called with a deployment's id when any replica's commit gave it new work (a
+    Provision or Deprovision that changed something, accepted drift), so that the leader's workers
+    start at once wherever the request landed; on SQLite, one replica, the service tells its own.
+    """
+
+    changed: list[Callable[[str], None]]
 
     async def unfinished(self) -> list[model.Deployment]:
         """Deployments whose last operation is accepted or in progress."""
@@ -205,7 +212,13 @@ class Retention(Protocol):
 
 
 class Policies(Protocol):
-    """Remediation policies set through the API."""
+    """Remediation policies set through the API.
+
+    ``policy_listeners`` are called when any replica's commit set a policy (PostgreSQL), so that
+    every replica reads them again; on SQLite, one replica, the service puts its own in effect.
+    """
+
+    policy_listeners: list[Callable[[], None]]
 
     async def set_policy(self, rule: policy.Rule) -> None:
         """Store a rule (replacing the one for its namespace and type)."""

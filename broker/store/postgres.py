@@ -124,6 +124,11 @@ class _Tx:
 
 # Replicas LISTEN on this channel; a commit that appended events NOTIFYs it with its last sequence.
 NOTIFY_CHANNEL = "broker_events"
+# And on this one: a commit that gave a deployment new work (a Provision or Deprovision that changed
+# something, an accepted drift) NOTIFYs it with the deployment id, for the leader's workers.
+CHANGED_CHANNEL = "broker_deployments"
+# And on this one: a commit that set a remediation policy NOTIFYs it, so every replica reads them again.
+POLICIES_CHANNEL = "broker_policies"
 
 
 class Store:
@@ -135,6 +140,8 @@ class Store:
         self._append_lock = asyncio.Lock()
         self.listeners: list[port.Listener] = []
         self.wakers: list[Callable[[], None]] = []
+        self.changed: list[Callable[[str], None]] = []
+        self.policy_listeners: list[Callable[[], None]] = []
         self._notified: asyncpg.Connection[asyncpg.Record] | None = None
 
     @classmethod
@@ -173,10 +180,27 @@ class Store:
             url, server_settings={"application_name": "resource-broker-listen"}
         )
         await self._notified.add_listener(NOTIFY_CHANNEL, self._woken)
+        await self._notified.add_listener(CHANGED_CHANNEL, self._deployment_changed)
+        await self._notified.add_listener(POLICIES_CHANNEL, self._policies_changed)
 
     def _woken(self, *_: object) -> None:
         for wake in self.wakers:
             wake()
+
+    def _deployment_changed(self, _conn: object, _pid: object, _channel: object, payload: object) -> None:
+        # Work accepted by any replica (this one too) reaches the leader's provisioner and detector
+        # now, not at their next full sweep. A lost notification costs that latency, never the work.
+        for changed in self.changed:
+            changed(str(payload))
+
+    def _policies_changed(self, *_: object) -> None:
+        for listener in self.policy_listeners:
+            listener()
+
+    @staticmethod
+    async def _announce(tx: _Tx, deployment_id: str) -> None:
+        """NOTIFY every replica, at commit, that a deployment has new work (``changed``)."""
+        await tx.conn.execute("SELECT pg_notify($1, $2)", CHANGED_CHANNEL, deployment_id)
 
     async def close(self) -> None:
         """Close the listening connection and the pool; safe to call twice."""
@@ -338,6 +362,8 @@ class Store:
                 result = await self._update(tx, codec.deployment_from_row(row), command, now)
             if command.request_id:
                 await self._remember(tx, command, "provision", request_hash, result, now)
+            if result.changed:
+                await self._announce(tx, result.deployment_id)
             return result
 
     async def _replay(
@@ -494,6 +520,8 @@ class Store:
                 )
             if command.request_id:
                 await self._remember(tx, command, "deprovision", request_hash, result, now)
+            if result.changed:
+                await self._announce(tx, result.deployment_id)
             return result
 
     # Operations, the event log and the callback outbox ---------------------------------------------
@@ -704,6 +732,7 @@ class Store:
                 now,
                 deployment.deployment_id,
             )
+            await self._announce(tx, deployment.deployment_id)
             return True
 
     async def record_evaluation(
@@ -817,6 +846,8 @@ class Store:
                 codec.window_to_json(rule.window),
                 codec.now(),
             )
+            # Delivered at commit: every replica (this one too) reads the policies again.
+            await tx.conn.execute("SELECT pg_notify($1, $2)", POLICIES_CHANNEL, rule.namespace)
 
     async def policies(self) -> list[policy.Rule]:
         """Every stored remediation policy."""

@@ -131,6 +131,9 @@ class Store:
         self.listeners: list[Callable[[list[model.DriftEvent]], None]] = []
         # One replica: no other process commits events, so nothing ever wakes these.
         self.wakers: list[Callable[[], None]] = []
+        # Nor gives a deployment work: the service kicks this process's workers itself.
+        self.changed: list[Callable[[str], None]] = []
+        self.policy_listeners: list[Callable[[], None]] = []
         self._parsed = _Parsed()
         # Counts committed write transactions: this process is the only writer (see ``_lock``).
         self._version = 0
