@@ -732,11 +732,14 @@ class Detector:
         verdict = self._verdict(deployment)
         if listed is not None and verdict.unexpected:
             # Drift leads to action (a remediation, a proposal): never on a row that moved on
-            # since the sweep listed it (the store hands out the same object for an unchanged row).
+            # since the sweep listed it.
             fresh = await self._store.deployment_by_id(deployment_id)
-            if fresh is not listed:
-                await self.evaluate(deployment_id)
+            if fresh is None or fresh.phase not in lifecycle.EVALUATED:
+                self._forget(deployment_id)
                 return
+            if fresh != listed:
+                deployment = fresh
+                verdict = self._verdict(deployment)
         before, health_before = self._reported.get(deployment_id, ((), None))
         readable = verdict.health is not model.Health.UNKNOWN
         after = _keep_detect_times(before, verdict.items) if readable else before

@@ -676,9 +676,10 @@ class Broker:
         }
 
     async def _refresh_policies(self) -> None:
-        """Read the stored policies again whenever a replica set one (PostgreSQL's notification),
-        and every ``resync_interval`` in case a notification was lost: a policy set through any
-        replica is in force on the leader's detector and in every replica's reads."""
+        """Read the stored policies and cost budgets again whenever a replica set one (PostgreSQL's
+        notification), and every ``resync_interval`` in case a notification was lost: a policy or
+        budget set through any replica is in force on the leader's detector and in every replica's
+        reads."""
         wake = workers.Wakeup()
         self.store.policy_listeners.append(wake.set)
 
@@ -686,6 +687,11 @@ class Broker:
             with contextlib.suppress(errors.BrokerError):
                 if self.policies.replace(await self.store.policies()) and self.detector is not None:
                     self.detector.resync_now()
+                # Cost budgets set through another replica, likewise (each change is judged anew).
+                stored, known = await self.store.budgets(), self.budgets.current.stored
+                for namespace in sorted(stored.keys() | known.keys()):
+                    if stored.get(namespace) != known.get(namespace):
+                        self.budgets.set(namespace, stored.get(namespace))
 
         await workers.run_forever(refresh, interval=self.settings.resync_interval, wake=wake)
 

@@ -238,3 +238,35 @@ async def test_a_new_leader_evaluates_what_changed_while_it_followed_before_ever
             )
             assert b.leader_only.running
             assert evaluated[0] == drifted.deployment_id
+
+
+async def test_a_cost_budget_set_through_one_replica_is_in_force_on_the_other(pair) -> None:
+    leader, follower = pair
+
+    async def budget(stub: broker_pb2_grpc.BrokerServiceStub) -> pb.CostBudget:
+        reply = await stub.GetCostBudget(
+            pb.GetCostBudgetRequest(namespace=NS), metadata=bearer(ADMIN_TOKEN), timeout=10
+        )
+        return reply.budget
+
+    await follower.SetCostBudget(
+        pb.SetCostBudgetRequest(budget=pb.CostBudget(namespace=NS, monthly_budget=123.0)),
+        metadata=bearer(ADMIN_TOKEN),
+        timeout=10,
+    )
+    # Set through the follower, in force on the leader (whose detector raises the alerts).
+    seen = await until(
+        lambda: budget(leader), lambda b: b.HasField("monthly_budget"), within=15, what="the leader's budget"
+    )
+    assert seen.monthly_budget == 123.0
+    assert seen.source == pb.COST_BUDGET_SOURCE_API
+    # Removed through the leader, gone on the follower too.
+    await leader.SetCostBudget(
+        pb.SetCostBudgetRequest(budget=pb.CostBudget(namespace=NS)), metadata=bearer(ADMIN_TOKEN), timeout=10
+    )
+    await until(
+        lambda: budget(follower),
+        lambda b: not b.HasField("monthly_budget"),
+        within=15,
+        what="the budget removed on the follower",
+    )

@@ -69,8 +69,8 @@ class Encodings:
     """The kept encodings of one service's resources, by deployment id, and of its recent pages.
 
     The service hands out the same page object while nothing on it changed, so a page's encoding
-    is kept by the page's identity too, within a budget of bytes (the JSON, when the gateway asks
-    for it, is about three times the protobuf).
+    is kept by the page's identity too, within a budget of bytes. Each page counts as four times
+    its protobuf: the JSON, made when the gateway asks for it and then kept, is about three times it.
     """
 
     def __init__(self, page_bytes: int = 16 << 20) -> None:
@@ -109,13 +109,17 @@ class Encodings:
             return made
         replaced = self._pages.pop(id(page), None)
         if replaced is not None:
-            self._kept_bytes -= len(replaced[1].proto)
+            self._kept_bytes -= _weight(replaced[1])
         self._pages[id(page)] = (page, made)
-        self._kept_bytes += len(made.proto)
+        self._kept_bytes += _weight(made)
         while self._kept_bytes > self._page_bytes and self._pages:
             _, (_, evicted) = self._pages.popitem(last=False)
-            self._kept_bytes -= len(evicted.proto)
+            self._kept_bytes -= _weight(evicted)
         return made
+
+
+def _weight(page: Encoded) -> int:
+    return 4 * len(page.proto)
 
 
 def _varint(value: int) -> bytes:

@@ -49,7 +49,7 @@ from aiohttp import web
 
 from broker import auth, errors, service
 from broker.api import convert, seed_json, status
-from broker.domain import approval, drift, model, validation
+from broker.domain import approval, costs, model, validation
 from broker.domain import catalog as catalog_mod
 
 COOKIE = "broker_ui_token"
@@ -117,13 +117,6 @@ def pending_remediations(found: list[approval.Remediation]) -> dict[str, Any]:
     return {"supported": True, "items": items}
 
 
-def desired_monthly_cost(spec: model.ResourceSpec, prices: catalog_mod.Prices) -> float | None:
-    """What the desired spec would cost a month, by the same price table as the actual cost."""
-    if spec.resources is None:
-        return None  # topics: the price table has no figures for them
-    return round(drift.monthly_cost(spec.resources, spec.replicas or 1, prices), 2)
-
-
 class OperatorView:
     """The /ui sub-application: pages, static files, JSON for the page and its event stream."""
 
@@ -136,7 +129,7 @@ class OperatorView:
     ) -> None:
         self._service = service
         self._auth = authenticator
-        self._prices = catalog.prices
+        self._catalog = catalog
         self._files = {name: _static(name) for name in STATIC_TYPES}
         self._index = _static("index.html")
         self._login = _static("login.html")
@@ -272,7 +265,7 @@ class OperatorView:
         ):
             waiting[remediation.deployment_id].append(remediation)
         for rendered, view in zip(body["resources"], page.items, strict=True):
-            desired = desired_monthly_cost(view.deployment.desired_spec, self._prices)
+            desired = costs.desired_cost(view.deployment, self._catalog)
             if desired is not None:
                 rendered["desiredMonthlyCost"] = desired
             rendered["pendingRemediations"] = pending_remediations(waiting[view.deployment.deployment_id])

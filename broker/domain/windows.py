@@ -76,7 +76,10 @@ def parse_duration(text: str) -> datetime.timedelta:
             f"{text[:40]!r} is not a duration: write a number with a unit, such as 30m, 2h, 1h30m or 1d"
         )
     days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    value = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    try:
+        value = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    except OverflowError:
+        value = MAX_DURATION + datetime.timedelta(seconds=1)  # far past the longest: refused below
     if value <= datetime.timedelta(0):
         raise ValueError("the duration must be longer than zero")
     if value > MAX_DURATION:
@@ -114,12 +117,19 @@ def parse(*, cron: str, duration: str, time_zone: str) -> Window:
     zone = time_zone.strip() or "UTC"
     try:
         zoneinfo.ZoneInfo(zone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as e:  # OSError: "Europe", a directory
         raise WindowError(
             "time_zone",
             f"{zone[:60]!r} is not an IANA time zone; use a name such as 'UTC' or 'Europe/Berlin'",
         ) from e
-    return Window(cron=cron, duration=length, time_zone=zone)
+    window = Window(cron=cron, duration=length, time_zone=zone)
+    try:
+        window.current_or_next(datetime.datetime.now(datetime.UTC))
+    except (croniter.CroniterError, ValueError) as e:  # valid fields that never fire: 30 February
+        raise WindowError(
+            "cron", f"{cron[:80]!r} never fires (no such date); write one that does, such as '0 2 * * *'"
+        ) from e
+    return window
 
 
 class WindowError(ValueError):

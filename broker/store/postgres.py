@@ -223,8 +223,8 @@ class Store:
                         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
                         "description TEXT NOT NULL, applied_time TIMESTAMPTZ NOT NULL)"
                     )
-                    current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-                    if version <= int(current):
+                    # Every version not applied yet (not only those above the newest; see SQLite's).
+                    if await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", version):
                         continue
                     await conn.execute(sql)
                     await conn.execute(
@@ -868,6 +868,8 @@ class Store:
     async def set_budget(self, namespace: str, monthly: float | None) -> None:
         """Store a namespace's budget, replacing its earlier one; None removes it."""
         async with self._transaction() as tx:
+            # Budgets go with policies: every replica reads both again (``policy_listeners``).
+            await tx.conn.execute("SELECT pg_notify($1, $2)", POLICIES_CHANNEL, namespace)
             if monthly is None:
                 await tx.conn.execute("DELETE FROM cost_budgets WHERE namespace = $1", namespace)
                 return

@@ -194,10 +194,11 @@ class Store:
             "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_time TEXT NOT NULL)"
         )
         await db.commit()
-        row = await _one(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-        current = int(row[0]) if row else 0
+        # Every version not applied yet, in order (not only those above the newest: a database
+        # may have been made by a build that had a later version but not an earlier one).
+        applied = {int(r[0]) for r in await db.execute_fetchall("SELECT version FROM schema_migrations")}
         for version, description, sql in migrations.MIGRATIONS:
-            if version <= current:
+            if version in applied:
                 continue
             # executescript would COMMIT first and run outside our transaction; run each statement.
             await db.execute("BEGIN IMMEDIATE")
