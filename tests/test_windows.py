@@ -66,6 +66,10 @@ def test_durations_read_back_as_written(text: str, seconds: int) -> None:
         ("0 2 * * *", "8d", "", "duration", "7 days"),
         ("0 2 * * *", "2h", "Mars/Olympus", "time_zone", "IANA"),
         ("0 2 * * *", "2h", "../../etc/passwd", "time_zone", "IANA"),
+        ("0 2 * * *", "2h", "Europe", "time_zone", "IANA"),  # a directory of zones, not one
+        ("0 2 * * *", "2h", "A" * 300, "time_zone", "IANA"),
+        ("0 2 * * *", "9999999999999d", "", "duration", "7 days"),  # past what a timedelta holds
+        ("0 0 30 2 *", "2h", "", "cron", "never fires"),  # 30 February
     ],
 )
 def test_bad_windows_name_the_part_and_how_to_write_it(
