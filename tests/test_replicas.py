@@ -22,6 +22,7 @@ from broker_client.v1 import broker_pb2_grpc
 from conftest import ADMIN_TOKEN, bearer, cluster_settings, until
 
 from broker import server
+from broker.domain import model
 from broker.kube import lease
 
 NS = "team-platform"
@@ -227,9 +228,9 @@ async def test_a_new_leader_evaluates_what_changed_while_it_followed_before_ever
             evaluated: list[str] = []
             evaluate = b.detector.evaluate
 
-            async def recorded(deployment_id: str) -> None:
+            async def recorded(deployment_id: str, listed: model.Deployment | None = None) -> None:
                 evaluated.append(deployment_id)
-                await evaluate(deployment_id)
+                await evaluate(deployment_id, listed)
 
             b.detector.evaluate = recorded  # type: ignore[method-assign]
             await first.aclose()  # a stops cleanly and releases the lease: b takes over at its next retry
