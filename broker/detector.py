@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # ``lastChecked`` lags the newest confirmation by at most this much.
 VERDICT_REFRESH = datetime.timedelta(minutes=5)
 
+# How soon an approval that found another remediation of its deployment under way is tried again.
+APPROVAL_RETRY_DELAY = 2.0
+
 # Which of some drift items an observation still shows: of the caches, or with the objects a
 # remediation just wrote in place of their cached copies.
 Remaining = Callable[[tuple[model.DriftItem, ...], observer.Written | None], tuple[model.DriftItem, ...]]
@@ -162,6 +165,11 @@ class Remediator:
         self._fight_window = fight_window
         self._fights: dict[str, _Fight] = {}
         self.attempts = 0
+
+    def busy(self, deployment_id: str) -> bool:
+        """Whether a remediation of the deployment is scheduled or running (a request would wait)."""
+        fight = self._fights.get(deployment_id)
+        return fight is not None and fight.task is not None and not fight.task.done()
 
     def delay_for(self, fight: _Fight, now: float) -> float:
         """How long to wait before the next attempt: 0 at first, doubling while the drift returns."""
@@ -912,6 +920,11 @@ class Detector:
                 reason="approved, but the drift or the desired state changed before it was carried out",
             )
             self._proposals.pop(proposal.deployment_id, None)
+            return
+        if self._remediator.busy(proposal.deployment_id):
+            # Another remediation of it is running or backing off: the approval stays APPROVED
+            # (not marked applied without running) and is tried again shortly.
+            asyncio.get_running_loop().call_later(APPROVAL_RETRY_DELAY, self.approved, proposal.deployment_id)
             return
         if not await self._store.close_remediation(
             proposal.remediation_id,

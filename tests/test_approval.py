@@ -570,3 +570,39 @@ async def test_each_decision_writes_an_audit_line_with_the_approver(
     assert lines[0]["error"] == "APPROVAL_NOT_GRANTED"
     assert lines[1]["deployment_id"] == deployment_id
     assert lines[1]["outcome"] == "rejected"
+
+
+async def test_an_approval_waits_for_a_remediation_under_way_instead_of_being_lost(
+    broker: server.Broker, kubectl: Kubectl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Approved while another remediation of the resource runs: it stays approved, then happens."""
+    deployment_id = await drifted_under_approval(broker, kubectl, "db-busy")
+    proposal = await one_pending(broker, deployment_id, field="replicas")
+    remediator = broker.remediator
+    assert remediator is not None
+    busy = True
+    real_busy = remediator.busy
+    monkeypatch.setattr(remediator, "busy", lambda deployment: busy or real_busy(deployment))
+    async with client_of(broker, ONCALL_TOKEN) as oncall:
+        await oncall.stub.ApproveRemediation(
+            pb.ApproveRemediationRequest(namespace=PLATFORM, remediation_id=proposal.remediation_id),
+            metadata=oncall.auth,
+        )
+
+    async def decided() -> list[pb.PendingRemediation]:
+        async with await connect(broker, PLATFORM_TOKEN) as c:
+            return list(
+                await c.list_pending_remediations(PLATFORM, deployment_id=deployment_id, include_decided=True)
+            )
+
+    # Tried while "busy" (the retry comes every couple of seconds): still approved, nothing applied.
+    await asyncio.sleep(5)
+    (still,) = [r for r in await decided() if r.remediation_id == proposal.remediation_id]
+    assert still.state == pb.REMEDIATION_STATE_APPROVED
+    assert await kubectl.replicas("db-busy") == 3
+    busy = False
+    assert await until(
+        lambda: kubectl.replicas("db-busy"), lambda r: r == 1, within=30, what="replicas back to 1"
+    )
+    (done,) = [r for r in await decided() if r.remediation_id == proposal.remediation_id]
+    assert done.state == pb.REMEDIATION_STATE_APPLIED
