@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # ``lastChecked`` lags the newest confirmation by at most this much.
 VERDICT_REFRESH = datetime.timedelta(minutes=5)
 
+# How soon a sweep whose listing of every deployment failed (the store unavailable) tries again.
+SWEEP_RETRY_DELAY = 5.0
+
 # How soon an approval that found another remediation of its deployment under way is tried again.
 APPROVAL_RETRY_DELAY = 2.0
 
@@ -613,16 +616,21 @@ class Detector:
         # unreadable is then reported as such).
         await self._cluster.wait_synced(self._startup_grace)
         next_resync = 0.0
+        everything_listed = False  # a sweep's listing of every deployment succeeded
 
         async def sweep() -> float:
-            nonlocal next_resync
+            nonlocal next_resync, everything_listed
             everything = time.monotonic() >= next_resync
             if everything:
-                with contextlib.suppress(errors.BrokerError):
+                try:
                     self._resync.update(
                         (d.deployment_id, d) for d in await self._store.live_deployments(lifecycle.EVALUATED)
                     )
-                next_resync = time.monotonic() + self._resync_interval
+                    everything_listed = True
+                    next_resync = time.monotonic() + self._resync_interval
+                except errors.BrokerError as e:
+                    log.warning("the sweep could not list the deployments", extra={"error": e.message})
+                    next_resync = time.monotonic() + min(self._resync_interval, SWEEP_RETRY_DELAY)
             try:
                 await self._decisions(everything)
             except errors.BrokerError as e:
@@ -653,7 +661,12 @@ class Detector:
                 wait = min(wait, max(0.0, (min(pending) - self.clock()).total_seconds()))
             return wait
 
-        await sweep()
+        # Start-up is done once everything was listed and evaluated: until then, cost crossings are
+        # not judged (a total of nothing is no crossing) and the heap is not frozen.
+        wait = await sweep()
+        while not everything_listed:
+            await asyncio.sleep(max(0.0, wait))
+            wait = await sweep()
         if self.costs is not None:
             with contextlib.suppress(errors.BrokerError):  # judged again at the next sweep
                 await self.costs.start()

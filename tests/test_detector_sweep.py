@@ -1,0 +1,56 @@
+"""The detector's start-up sweep: start-up is done only once everything was listed and evaluated."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+
+import pytest
+
+from broker import detector, errors
+from broker.domain import catalog, policy
+from broker.store import sqlite
+
+
+class _SyncedCluster:
+    """A cluster whose caches are listed at once (the sweep here has nothing to observe)."""
+
+    async def wait_synced(self, grace: float) -> bool:
+        return True
+
+
+async def test_start_up_waits_for_a_sweep_whose_listing_succeeded(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await sqlite.Store.open(tmp_path)
+    monkeypatch.setattr(detector, "SWEEP_RETRY_DELAY", 0.05)
+    failures = 2
+    live = store.live_deployments
+
+    async def flaky(*args: object, **kwargs: object) -> object:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise errors.Unavailable("the store failed to read: OperationalError")
+        return await live(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "live_deployments", flaky)
+    started = asyncio.Event()
+    watcher = detector.Detector(
+        store=store,
+        cluster=_SyncedCluster(),  # type: ignore[arg-type]
+        catalog=catalog.DEFAULT_CATALOG,
+        policies=policy.Policy,
+        remediator=None,
+        resync_interval=600.0,
+        on_started=started.set,
+    )
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        # Started only after the listing worked: both failed tries came first.
+        assert failures == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
