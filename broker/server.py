@@ -697,22 +697,30 @@ class Broker:
 
     async def _prune_events(self) -> None:
         """Keep the event log to ``event_retention`` entries (resumes older than that get OUT_OF_RANGE),
-        idempotency keys for ``request_id_retention`` and delivered callbacks for
-        ``delivered_callback_retention``: nothing the broker keeps grows without bound."""
+        idempotency keys and decided remediations for ``request_id_retention`` and delivered
+        callbacks for ``delivered_callback_retention``: nothing the broker keeps grows without bound."""
 
         async def prune() -> None:
             with contextlib.suppress(errors.BrokerError):
                 pruned = await self.store.prune_events(keep=self.settings.event_retention)
                 now = datetime.datetime.now(datetime.UTC)
+                keys_before = now - datetime.timedelta(seconds=self.settings.request_id_retention)
                 keys, deliveries = await self.store.prune_history(
-                    keys_before=now - datetime.timedelta(seconds=self.settings.request_id_retention),
+                    keys_before=keys_before,
                     deliveries_before=now
                     - datetime.timedelta(seconds=self.settings.delivered_callback_retention),
                 )
-                if pruned or keys or deliveries:
+                # Decided proposals go with the request ids that could replay their decisions.
+                remediations = await self.store.prune_remediations(decided_before=keys_before)
+                if pruned or keys or deliveries or remediations:
                     log.info(
-                        "pruned the event log, request ids and delivered callbacks",
-                        extra={"events": pruned, "request_ids": keys, "deliveries": deliveries},
+                        "pruned the event log, request ids, delivered callbacks and decided remediations",
+                        extra={
+                            "events": pruned,
+                            "request_ids": keys,
+                            "deliveries": deliveries,
+                            "remediations": remediations,
+                        },
                     )
 
         await workers.run_forever(prune, interval=self.settings.event_prune_interval)

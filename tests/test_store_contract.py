@@ -481,6 +481,19 @@ async def test_a_proposal_is_stored_with_its_event_and_a_newer_one_supersedes_it
         await store.get_remediation("team-other", second.remediation_id)
 
 
+async def test_decided_proposals_are_pruned_and_open_ones_kept(store: port.Store) -> None:
+    deployment = await ready(store)
+    first = proposal(deployment, "3")
+    await store.propose_remediation(first, event=pending_event(first))
+    second = proposal(deployment, "4")  # supersedes the first: decided now
+    await store.propose_remediation(second, event=pending_event(second))
+    now = datetime.datetime.now(datetime.UTC)
+    assert await store.prune_remediations(decided_before=now - datetime.timedelta(hours=1)) == 0
+    assert await store.prune_remediations(decided_before=now + datetime.timedelta(seconds=5)) == 1
+    found = await store.list_remediations(namespace=NS)
+    assert [(r.remediation_id, r.state) for r in found] == [(second.remediation_id, approval.State.PENDING)]
+
+
 async def test_a_decision_is_made_once_and_replayed_on_its_request_id(store: port.Store) -> None:
     deployment = await ready(store)
     r = proposal(deployment, "3")

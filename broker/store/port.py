@@ -310,6 +310,13 @@ class Remediations(Protocol):
         """
         ...
 
+    async def prune_remediations(self, *, decided_before: datetime.datetime) -> int:
+        """Forget proposals decided (rejected, expired, superseded, applied) before this time.
+
+        Pending and approved ones are kept whatever their age; the event log keeps the history.
+        """
+        ...
+
     async def close_remediation(
         self,
         remediation_id: str,

@@ -829,6 +829,16 @@ class Store:
             )
             return _count(keys), _count(deliveries)
 
+    async def prune_remediations(self, *, decided_before: datetime.datetime) -> int:
+        """Delete proposals decided before the given time (never pending or approved ones)."""
+        async with self._transaction() as tx:
+            status = await tx.conn.execute(
+                "DELETE FROM remediations WHERE state <> ALL($1::text[]) AND decide_time < $2",
+                [approval.State.PENDING.value, approval.State.APPROVED.value],
+                decided_before,
+            )
+            return _count(status)
+
     async def set_policy(self, rule: policy.Rule) -> None:
         """Store a remediation policy, replacing the one for the same namespace and type."""
         async with self._transaction() as tx:

@@ -846,6 +846,15 @@ class Store:
             )
             return int(keys.rowcount), int(deliveries.rowcount)
 
+    async def prune_remediations(self, *, decided_before: datetime.datetime) -> int:
+        """Delete proposals decided before the given time (never pending or approved ones)."""
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "DELETE FROM remediations WHERE state NOT IN (?, ?) AND decide_time < ?",
+                (approval.State.PENDING.value, approval.State.APPROVED.value, codec.ts(decided_before)),
+            )
+            return int(cur.rowcount)
+
     async def set_policy(self, rule: policy.Rule) -> None:
         """Store a remediation policy, replacing the one for the same namespace and type."""
         async with self._transaction() as db:
