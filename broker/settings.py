@@ -343,7 +343,8 @@ TABLE: tuple[Setting, ...] = (
         "request_id_retention",
         "--request-id-retention",
         SECONDS,
-        "how long a request_id (and a decided remediation) is remembered; a retry after that is a new request",
+        "how long a request_id (and a decided remediation) is remembered; a retry after that is a "
+        "new request",
     ),
     Setting(
         "delivered_callback_retention",
