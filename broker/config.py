@@ -25,6 +25,10 @@ Everything is optional; what is left out keeps the documented defaults of ``brok
         ignore_fields: [replicas]
       - namespace: team-orders
         mode: approve           # a person approves each remediation (broker approve ID)
+      - namespace: team-billing
+        mode: auto
+        rule_modes:             # a drift rule with a mode of its own (rule ids: the README's table)
+          replicas.changed: approve
       - namespace: team-search
         mode: auto
         maintenance_window:     # automatic remediation only 02:00-04:00 Berlin time on weekdays
@@ -48,6 +52,7 @@ import yaml
 from broker import errors, settings
 from broker.domain import catalog as catalog_mod
 from broker.domain import costs, drift, model, policy, quantity, validation, windows
+from broker.domain import rules as drift_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +168,17 @@ def _policies(items: Any, where: str) -> policy.Policy:
                 )
             except windows.WindowError as e:
                 raise ValueError(f"{at}: maintenance_window.{e.part}: {e}") from e
+        rule_modes: dict[str, policy.Mode] = {}
+        for rule_id, rule_mode in _mapping(item.get("rule_modes") or {}, f"{at}: rule_modes").items():
+            if str(rule_id) not in drift_rules.BY_ID:
+                raise ValueError(
+                    f"{at}: rule_modes: unknown drift rule {rule_id}; "
+                    f"use {', '.join(sorted(drift_rules.BY_ID))}"
+                )
+            try:
+                rule_modes[str(rule_id)] = policy.Mode(str(rule_mode))
+            except ValueError as e:
+                raise ValueError(f"{at}: rule_modes.{rule_id}: {e} (auto, alert, approve, off)") from e
         rules.append(
             policy.Rule(
                 namespace=str(item.get("namespace", policy.ANY)),
@@ -170,6 +186,7 @@ def _policies(items: Any, where: str) -> policy.Policy:
                 mode=mode,
                 ignore_fields=frozenset(str(f) for f in ignore),
                 window=window,
+                rule_modes=tuple(sorted(rule_modes.items())),
             )
         )
     return policy.Policy(rules=tuple(rules))

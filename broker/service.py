@@ -542,6 +542,14 @@ class BrokerService:
                     f"unknown fields {', '.join(unknown)}; use {', '.join(sorted(drift.FIELDS))}",
                 )
             )
+        unknown_rules = sorted(r for r, _ in rule.rule_modes if r not in rules.BY_ID)
+        if unknown_rules:
+            violations.append(
+                errors.FieldViolation(
+                    "policy.rule_modes",
+                    f"unknown drift rules {', '.join(unknown_rules)}; use {', '.join(sorted(rules.BY_ID))}",
+                )
+            )
         validation.raise_if(violations)
         with _audited(
             principal,
@@ -558,6 +566,7 @@ class BrokerService:
                 mode=rule.mode.value,
                 ignore=",".join(sorted(rule.ignore_fields)),
                 window=rule.window.describe() if rule.window is not None else "",
+                rule_modes=",".join(f"{r}={m.value}" for r, m in rule.rule_modes),
             )
         return rule
 

@@ -606,3 +606,60 @@ async def test_an_approval_waits_for_a_remediation_under_way_instead_of_being_lo
     )
     (done,) = [r for r in await decided() if r.remediation_id == proposal.remediation_id]
     assert done.state == pb.REMEDIATION_STATE_APPLIED
+
+
+async def test_one_drift_rule_under_approval_in_a_namespace_that_remediates_the_rest(
+    broker: server.Broker, kubectl: Kubectl
+) -> None:
+    """Mode auto for the namespace, approve for replicas.changed alone, set through the gateway."""
+    async with client_of(broker, PLATFORM_TOKEN) as platform:
+        deployment_id = await platform.provision("db-rule-mode")
+        await platform.wait_ready(deployment_id)
+        async with platform.http.put(
+            "/v1/policies",
+            json={"namespace": PLATFORM, "resourceType": "database", "mode": "REMEDIATION_MODE_AUTO",
+                  "ruleModes": [{"ruleId": "replicas.changed", "mode": "REMEDIATION_MODE_APPROVE"}]},
+        ) as response:  # fmt: skip
+            assert response.status == 200, await response.text()
+            assert (await response.json())["policy"]["ruleModes"] == [
+                {"ruleId": "replicas.changed", "mode": "Approve"}
+            ]
+        read = await platform.stub.GetRemediationPolicy(
+            pb.GetRemediationPolicyRequest(namespace=PLATFORM, resource_type=pb.RESOURCE_TYPE_DATABASE),
+            metadata=platform.auth,
+        )
+        assert [(m.rule_id, m.mode) for m in read.policy.rule_modes] == [
+            ("replicas.changed", pb.REMEDIATION_MODE_APPROVE)
+        ]
+        # An unknown rule, or a rule without a mode, is INVALID_ARGUMENT naming the field.
+        for entry, field in (
+            (pb.RuleMode(rule_id="replicas.moved", mode=pb.REMEDIATION_MODE_ALERT), "policy.rule_modes"),
+            (pb.RuleMode(rule_id="replicas.changed"), "policy.rule_modes[0].mode"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await platform.stub.SetRemediationPolicy(
+                    pb.SetRemediationPolicyRequest(
+                        policy=pb.RemediationPolicy(
+                            namespace=PLATFORM, mode=pb.REMEDIATION_MODE_AUTO, rule_modes=[entry]
+                        )
+                    ),
+                    metadata=platform.auth,
+                )
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert field in (bad.value.details() or "")
+    # A scale by hand waits for a person; it is not re-applied.
+    await kubectl.scale("db-rule-mode", 3)
+    proposal = await one_pending(broker, deployment_id, field="replicas")
+    assert [c.rule_id for c in proposal.changes] == ["replicas.changed"]
+    assert await kubectl.replicas("db-rule-mode") == 3
+    # The namespace's own mode still holds for the other rules: a label the broker owns, changed
+    # by hand, is re-applied at once.
+    await kubectl.run(
+        "label", "statefulset", "db-rule-mode", "app.kubernetes.io/managed-by=someone", "--overwrite"
+    )
+    assert await until(
+        lambda: kubectl.run("get", "statefulset", "db-rule-mode", "-o", "jsonpath={.metadata.labels}"),
+        lambda out: "someone" not in str(out),
+        within=30,
+        what="the broker's label re-applied",
+    )

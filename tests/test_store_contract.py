@@ -568,3 +568,16 @@ async def test_a_policy_keeps_its_mode_approve_and_its_maintenance_window(store:
     await store.set_policy(dataclasses.replace(rule, window=None))
     assert await store.policies() == [dataclasses.replace(rule, window=None)]
     assert await store.schema_version() >= 3
+
+
+async def test_a_policy_keeps_the_modes_of_its_drift_rules(store: port.Store) -> None:
+    rule = policy.Rule(
+        namespace=NS,
+        mode=policy.Mode.AUTO,
+        rule_modes=(("replicas.changed", policy.Mode.APPROVE), ("size.changed", policy.Mode.OFF)),
+    )
+    await store.set_policy(rule)
+    assert await store.policies() == [rule]
+    await store.set_policy(dataclasses.replace(rule, rule_modes=()))
+    assert await store.policies() == [dataclasses.replace(rule, rule_modes=())]
+    assert await store.schema_version() >= 5

@@ -116,3 +116,45 @@ def test_the_config_file_takes_mode_approve_and_maintenance_windows(tmp_path) ->
     )
     with pytest.raises(ValueError, match=r"maintenance_window\.duration"):
         config.load(path)
+
+
+def test_a_drift_rule_may_have_a_mode_of_its_own() -> None:
+    scaled = rules.item("replicas.changed", "replicas", 1, 3, message="Replica count mismatch")
+    labelled = rules.item("config.changed", "config", "a", "b", message="Env changed")
+    resized = rules.item("size.changed", "size", "small", "large", message="Size mismatch")
+    rule = policy.Rule(
+        namespace="team-platform",
+        mode=policy.Mode.AUTO,
+        rule_modes=(("replicas.changed", policy.Mode.APPROVE), ("size.changed", policy.Mode.OFF)),
+    )
+    items = policy.Policy(rules=(rule,)).apply(
+        "team-platform", model.ResourceType.DATABASE, [scaled, labelled, resized]
+    )
+    # replicas: approval; labels: the policy's auto; size: not reported at all.
+    assert [(i.rule_id, i.action) for i in items] == [
+        ("replicas.changed", model.Action.APPROVAL_REQUIRED),
+        ("config.changed", model.Action.AUTO_REMEDIATE),
+    ]
+    # A policy that is off everywhere but for one rule reports that rule only.
+    only = policy.Rule(
+        namespace="team-platform", mode=policy.Mode.OFF, rule_modes=(("replicas.changed", policy.Mode.ALERT),)
+    )
+    items = policy.Policy(rules=(only,)).apply(
+        "team-platform", model.ResourceType.DATABASE, [scaled, labelled]
+    )
+    assert [(i.rule_id, i.action) for i in items] == [("replicas.changed", model.Action.ALERT_ONLY)]
+
+
+def test_the_config_file_takes_rule_modes_and_refuses_unknown_rules(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from broker import config
+
+    path = tmp_path / "broker.yaml"
+    path.write_text("policies:\n  - namespace: team-billing\n    rule_modes: {replicas.changed: approve}\n")
+    (rule,) = config.load(path).rules.rules
+    assert rule.rule_modes == (("replicas.changed", policy.Mode.APPROVE),)
+    path.write_text("policies:\n  - namespace: x\n    rule_modes: {replicas.moved: approve}\n")
+    with pytest.raises(ValueError, match=r"unknown drift rule replicas\.moved"):
+        config.load(path)
+    path.write_text("policies:\n  - namespace: x\n    rule_modes: {replicas.changed: sometimes}\n")
+    with pytest.raises(ValueError, match=r"rule_modes\.replicas\.changed"):
+        config.load(path)

@@ -385,12 +385,21 @@ def rule_from_proto(msg: pb.RemediationPolicy) -> policy.Rule:
             raise errors.InvalidArgument(
                 [errors.FieldViolation(f"policy.maintenance_window.{e.part}", str(e))]
             ) from e
+    rule_modes: dict[str, policy.Mode] = {}
+    for index, entry in enumerate(msg.rule_modes):
+        entry_mode = MODES.to_domain(entry.mode, policy.Mode)
+        if entry_mode is None:
+            raise errors.InvalidArgument(
+                [errors.FieldViolation(f"policy.rule_modes[{index}].mode", "is required", tuple(policy.Mode))]
+            )
+        rule_modes[entry.rule_id] = entry_mode
     return policy.Rule(
         namespace=msg.namespace,
         resource_type=resource_type(msg.resource_type),
         mode=mode,
         ignore_fields=frozenset(msg.ignore_fields),
         window=window,
+        rule_modes=tuple(sorted(rule_modes.items())),
     )
 
 
@@ -401,6 +410,7 @@ def rule_to_proto(rule: policy.Rule) -> pb.RemediationPolicy:
         resource_type=RESOURCE_TYPES.to_proto(rule.resource_type),
         mode=MODES.to_proto(rule.mode),
         ignore_fields=sorted(rule.ignore_fields),
+        rule_modes=[pb.RuleMode(rule_id=r, mode=MODES.to_proto(m)) for r, m in rule.rule_modes],
     )
     if rule.window is not None:
         message.maintenance_window.CopyFrom(

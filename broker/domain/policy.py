@@ -44,6 +44,12 @@ class Rule:
     mode: Mode = Mode.AUTO
     ignore_fields: frozenset[str] = frozenset()
     window: windows.Window | None = None
+    # Drift rules with a mode of their own (rule id, mode), sorted by rule id.
+    rule_modes: tuple[tuple[str, Mode], ...] = ()
+
+    def mode_for(self, rule_id: str) -> Mode:
+        """The mode of one drift rule: its own, or the policy's."""
+        return dict(self.rule_modes).get(rule_id, self.mode)
 
     def specificity(self) -> int:
         """Higher is more specific: namespace counts more than type."""
@@ -79,15 +85,15 @@ class Policy:
     ) -> list[model.DriftItem]:
         """The items as the policy has them: ignored fields dropped, actions adjusted to the mode."""
         rule = self.rule_for(namespace, resource_type)
-        if rule.mode is Mode.OFF:
+        if rule.mode is Mode.OFF and not rule.rule_modes:
             return []
-        kept = [i for i in items if i.field not in rule.ignore_fields]
         instead = {Mode.ALERT: model.Action.ALERT_ONLY, Mode.APPROVE: model.Action.APPROVAL_REQUIRED}
-        if rule.mode in instead:
-            kept = [
-                dataclasses.replace(i, action=instead[rule.mode])
-                if i.action is model.Action.AUTO_REMEDIATE
-                else i
-                for i in kept
-            ]
+        kept = []
+        for item in items:
+            mode = rule.mode_for(item.rule_id)
+            if mode is Mode.OFF or item.field in rule.ignore_fields:
+                continue
+            if mode in instead and item.action is model.Action.AUTO_REMEDIATE:
+                item = dataclasses.replace(item, action=instead[mode])
+            kept.append(item)
         return kept

@@ -22,7 +22,7 @@ import secrets
 from typing import Any, Protocol
 
 from broker import errors
-from broker.domain import approval, model, windows
+from broker.domain import approval, model, policy, windows
 
 
 class Row(Protocol):
@@ -429,6 +429,34 @@ def decision_response(remediation_id: str) -> str:
 def decided_remediation_id(response: str) -> str:
     """The proposal an idempotency key of a decision names."""
     return str(json.loads(response)["remediation_id"])
+
+
+POLICY_COLUMNS = "namespace, resource_type, mode, ignore_fields, maintenance_window, rule_modes"
+
+
+def policy_values(rule: policy.Rule) -> tuple[str, str, str, str, str, str]:
+    """A policy rule as the values of ``POLICY_COLUMNS``."""
+    return (
+        rule.namespace,
+        rule.resource_type.value if rule.resource_type else "",
+        rule.mode.value,
+        json.dumps(sorted(rule.ignore_fields)),
+        window_to_json(rule.window),
+        json.dumps({r: m.value for r, m in rule.rule_modes}, sort_keys=True) if rule.rule_modes else "",
+    )
+
+
+def rule_from_row(row: Row) -> policy.Rule:
+    """A policy rule from a row of ``POLICY_COLUMNS``."""
+    modes = json.loads(row["rule_modes"]) if row["rule_modes"] else {}
+    return policy.Rule(
+        namespace=row["namespace"],
+        resource_type=model.ResourceType(row["resource_type"]) if row["resource_type"] else None,
+        mode=policy.Mode(row["mode"]),
+        ignore_fields=frozenset(json.loads(row["ignore_fields"])),
+        window=window_from_json(row["maintenance_window"]),
+        rule_modes=tuple(sorted((r, policy.Mode(m)) for r, m in modes.items())),
+    )
 
 
 def window_to_json(window: windows.Window | None) -> str:

@@ -154,6 +154,14 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        5,
+        "a mode per drift rule in policies",
+        """
+        -- The policy's drift rules with a mode of their own, as JSON ({"replicas.changed": "approve"}).
+        ALTER TABLE policies ADD COLUMN rule_modes TEXT NOT NULL DEFAULT '';
+        """,
+    ),
 )
 
 
@@ -303,6 +311,14 @@ POSTGRESQL: tuple[tuple[int, str, str], ...] = (
             subject     TEXT COLLATE "C" PRIMARY KEY,
             since       TIMESTAMPTZ NOT NULL
         );
+        """,
+    ),
+    (
+        5,
+        "a mode per drift rule in policies",
+        """
+        -- The policy's drift rules with a mode of their own, as JSON ({"replicas.changed": "approve"}).
+        ALTER TABLE policies ADD COLUMN rule_modes TEXT NOT NULL DEFAULT '';
         """,
     ),
 )

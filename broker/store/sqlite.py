@@ -859,40 +859,18 @@ class Store:
         """Store a remediation policy, replacing the one for the same namespace and type."""
         async with self._transaction() as db:
             await db.execute(
-                "INSERT INTO policies "
-                "(namespace, resource_type, mode, ignore_fields, maintenance_window, update_time) "
-                "VALUES (?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO policies ({codec.POLICY_COLUMNS}, update_time) VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (namespace, resource_type) DO UPDATE SET mode = excluded.mode, "
                 "ignore_fields = excluded.ignore_fields, maintenance_window = excluded.maintenance_window, "
-                "update_time = excluded.update_time",
-                (
-                    rule.namespace,
-                    rule.resource_type.value if rule.resource_type else "",
-                    rule.mode.value,
-                    json.dumps(sorted(rule.ignore_fields)),
-                    codec.window_to_json(rule.window),
-                    codec.ts(codec.now()),
-                ),
+                "rule_modes = excluded.rule_modes, update_time = excluded.update_time",
+                (*codec.policy_values(rule), codec.ts(codec.now())),
             )
 
     async def policies(self) -> list[policy.Rule]:
         """Every stored remediation policy."""
         async with self._read() as db:
-            rows = list(
-                await db.execute_fetchall(
-                    "SELECT namespace, resource_type, mode, ignore_fields, maintenance_window FROM policies"
-                )
-            )
-        return [
-            policy.Rule(
-                namespace=r["namespace"],
-                resource_type=model.ResourceType(r["resource_type"]) if r["resource_type"] else None,
-                mode=policy.Mode(r["mode"]),
-                ignore_fields=frozenset(json.loads(r["ignore_fields"])),
-                window=codec.window_from_json(r["maintenance_window"]),
-            )
-            for r in rows
-        ]
+            rows = list(await db.execute_fetchall(f"SELECT {codec.POLICY_COLUMNS} FROM policies"))
+        return [codec.rule_from_row(r) for r in rows]
 
     async def set_budget(self, namespace: str, monthly: float | None) -> None:
         """Store a namespace's budget, replacing its earlier one; None removes it."""

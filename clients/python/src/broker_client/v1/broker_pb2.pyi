@@ -1618,6 +1618,7 @@ class RemediationPolicy(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     IGNORE_FIELDS_FIELD_NUMBER: _builtins.int
     MAINTENANCE_WINDOW_FIELD_NUMBER: _builtins.int
+    RULE_MODES_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Namespace is the namespace the policy applies to."""
     resource_type: Global___ResourceType.ValueType
@@ -1634,6 +1635,12 @@ class RemediationPolicy(_message.Message):
         Approved remediations are carried out at once: a person's approval is the decision to act.
         """
 
+    @_builtins.property
+    def rule_modes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleMode]:
+        """RuleModes give single drift rules a mode of their own, for example approve for
+        "replicas.changed" in a namespace whose mode is auto; the other rules keep the policy's mode.
+        """
+
     def __init__(
         self,
         *,
@@ -1642,14 +1649,41 @@ class RemediationPolicy(_message.Message):
         mode: Global___RemediationMode.ValueType = ...,
         ignore_fields: _abc.Iterable[_builtins.str] | None = ...,
         maintenance_window: Global___MaintenanceWindow | None = ...,
+        rule_modes: _abc.Iterable[Global___RuleMode] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["maintenance_window", b"maintenance_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_fields", b"ignore_fields", "maintenance_window", b"maintenance_window", "mode", b"mode", "namespace", b"namespace", "resource_type", b"resource_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_fields", b"ignore_fields", "maintenance_window", b"maintenance_window", "mode", b"mode", "namespace", b"namespace", "resource_type", b"resource_type", "rule_modes", b"rule_modes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemediationPolicy: _TypeAlias = RemediationPolicy  # noqa: Y015
+
+@_typing.final
+class RuleMode(_message.Message):
+    """RuleMode is the mode of one drift rule within a policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """RuleId is the drift rule, for example "replicas.changed" (the README's rules table lists them)."""
+    mode: Global___RemediationMode.ValueType
+    """Mode is what the broker does about that rule's drift; required."""
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+        mode: Global___RemediationMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "rule_id", b"rule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuleMode: _TypeAlias = RuleMode  # noqa: Y015
 
 @_typing.final
 class AcceptDriftRequest(_message.Message):
