@@ -325,6 +325,50 @@ class CpuMeter:
         )
 
 
+async def provision_over(
+    targets: Sequence[str], resources: Sequence[Sequence[str]], concurrency: int
+) -> dict[str, Any]:
+    """Provision every (namespace, name) as a small database through the real stubs of ``targets``
+    (calls spread over them in turn), ``concurrency`` in flight; how long until all were accepted."""
+    import grpc
+    from broker_client.v1 import broker_pb2 as pb
+    from broker_client.v1 import broker_pb2_grpc
+
+    pending = [(str(namespace), str(name)) for namespace, name in resources]
+    failures: list[str] = []
+    channels = [grpc.aio.insecure_channel(t) for t in targets]
+    stubs = [broker_pb2_grpc.BrokerServiceStub(c) for c in channels]
+    turn = 0
+
+    async def worker() -> None:
+        nonlocal turn
+        while pending:
+            namespace, name = pending.pop()
+            turn += 1
+            try:
+                await stubs[turn % len(stubs)].Provision(
+                    pb.ProvisionRequest(
+                        namespace=namespace,
+                        resource_type=pb.RESOURCE_TYPE_DATABASE,
+                        resource_name=name,
+                        spec=pb.ResourceSpec(engine="postgresql", version="15", size="small", replicas=1),
+                        request_id=f"bench-{namespace}-{name}",
+                    ),
+                    timeout=60,
+                )
+            except grpc.aio.AioRpcError as e:
+                failures.append(f"{name}: {e.code().name} {e.details()}")
+
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    finally:
+        for channel in channels:
+            await channel.close()
+    return {"accepted_s": elapsed, "failed": len(failures), "failures": failures[:5]}
+
+
 def _write_allocations(path: pathlib.Path) -> None:
     """Where the live memory was allocated: by file, then the top lines."""
     snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])

@@ -110,39 +110,9 @@ async def _reads(cmd: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _provisions(cmd: dict[str, Any]) -> dict[str, Any]:
-    pending = list(cmd["names"])
-    failures: list[str] = []
-    channels = [grpc.aio.insecure_channel(t) for t in cmd["targets"]]
-    stubs = [broker_pb2_grpc.BrokerServiceStub(c) for c in channels]
-    turn = 0
-    try:
-
-        async def worker() -> None:
-            nonlocal turn
-            while pending:
-                name = pending.pop()
-                turn += 1
-                try:
-                    await stubs[turn % len(stubs)].Provision(
-                        pb.ProvisionRequest(
-                            namespace=NAMESPACE,
-                            resource_type=pb.RESOURCE_TYPE_DATABASE,
-                            resource_name=name,
-                            spec=pb.ResourceSpec(engine="postgresql", version="15", size="small", replicas=1),
-                            request_id=f"bench-{name}",
-                        ),
-                        timeout=60,
-                    )
-                except grpc.aio.AioRpcError as e:
-                    failures.append(f"{name}: {e.code().name} {e.details()}")
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(cmd["concurrency"])))
-        elapsed = time.perf_counter() - started
-    finally:
-        for channel in channels:
-            await channel.close()
-    return {"accepted_s": elapsed, "failed": len(failures), "failures": failures[:5]}
+    return await _common.provision_over(
+        cmd["targets"], [(NAMESPACE, name) for name in cmd["names"]], cmd["concurrency"]
+    )
 
 
 async def _load_child() -> None:

@@ -63,7 +63,6 @@ import aiohttp
 import grpc
 from aiohttp import web
 from broker_client.v1 import broker_pb2 as pb
-from broker_client.v1 import broker_pb2_grpc
 
 GRPC_METHOD = "/broker.v1.BrokerService/GetResourceState"
 ECHO_METHOD = "/bench.v1.EchoService/Echo"
@@ -156,32 +155,7 @@ def _load_result(latencies: list[float], elapsed: float, size: int) -> dict[str,
 
 async def _provision_load(cmd: dict[str, Any]) -> dict[str, Any]:
     """Provision every (namespace, name) through the real stub, ``concurrency`` calls in flight."""
-    pending = [tuple(x) for x in cmd["resources"]]
-    failures: list[str] = []
-    async with grpc.aio.insecure_channel(cmd["target"]) as channel:
-        stub = broker_pb2_grpc.BrokerServiceStub(channel)
-
-        async def worker() -> None:
-            while pending:
-                namespace, name = pending.pop()
-                try:
-                    await stub.Provision(
-                        pb.ProvisionRequest(
-                            namespace=namespace,
-                            resource_type=pb.RESOURCE_TYPE_DATABASE,
-                            resource_name=name,
-                            spec=pb.ResourceSpec(engine="postgresql", version="15", size="small", replicas=1),
-                            request_id=f"bench-{namespace}-{name}",
-                        ),
-                        timeout=60,
-                    )
-                except grpc.aio.AioRpcError as e:
-                    failures.append(f"{name}: {e.code().name} {e.details()}")
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(cmd["concurrency"])))
-        elapsed = time.perf_counter() - started
-    return {"accepted_s": elapsed, "failures": failures[:5], "failed": len(failures)}
+    return await _common.provision_over([cmd["target"]], cmd["resources"], cmd["concurrency"])
 
 
 async def _load_child() -> None:
