@@ -563,6 +563,11 @@ class Detector:
         # The verdict on each evaluated deployment, for the operation it was made for: what reads
         # show (the detector is the only evaluator), items with the time each was first seen.
         self._verdicts: dict[str, tuple[str, drift.Evaluation]] = {}
+        # When a change of each dirty deployment was first noticed, and of each being evaluated now:
+        # the first detection time of drift it brought. Their kept verdicts may be older than what
+        # the caches already show (``verdict``).
+        self._noticed: dict[str, datetime.datetime] = {}
+        self._evaluating: dict[str, datetime.datetime] = {}
         # When each namespace's verdicts last changed, on one counter (``version``).
         self._changes = 0
         self._changed_at: dict[str, int] = {}
@@ -578,6 +583,10 @@ class Detector:
                 self._recent.popitem(last=False)
             return
         self._dirty[deployment_id] = None
+        self._noticed.setdefault(deployment_id, _now())
+        opened = self._open.get(deployment_id)
+        if opened is not None:
+            self._changed(opened[0])  # its kept verdict is not shown as it is any more (``verdict``)
         self._wake.set()
 
     def approved(self, deployment_id: str) -> None:
@@ -679,11 +688,25 @@ class Detector:
         )
 
     def verdict(self, deployment: model.Deployment) -> drift.Evaluation | None:
-        """The last verdict on a deployment, if it was made for its current operation."""
-        kept = self._verdicts.get(deployment.deployment_id)
+        """The verdict on a deployment, if one was made for its current operation.
+
+        A deployment whose objects changed since is evaluated again soon, and that evaluation
+        awaits the store before its verdict is kept: until then the kept verdict is older than the
+        caches, and a read that showed the change (live, or through another page) must not be
+        followed by one that shows the world before it. Such a deployment's verdict is provisional:
+        what the caches say now, with the first detection times of its drift kept.
+        """
+        deployment_id = deployment.deployment_id
+        kept = self._verdicts.get(deployment_id)
         if kept is None or kept[0] != deployment.last_operation.operation_id:
             return None
-        return kept[1]
+        noticed = self._evaluating.get(deployment_id) or self._noticed.get(deployment_id)
+        if noticed is None:
+            return kept[1]
+        verdict = self._verdict(deployment)
+        if verdict.health is model.Health.UNKNOWN:
+            return dataclasses.replace(verdict, items=kept[1].items)
+        return dataclasses.replace(verdict, items=_keep_detect_times(kept[1].items, verdict.items, noticed))
 
     def version(self, namespace: str) -> int:
         """A number that changes whenever a verdict on a deployment of the namespace does."""
@@ -698,6 +721,8 @@ class Detector:
         for deployment_id, (ns, kind, _) in self._open.items():
             if namespace in (ns, policy.ANY) and (resource_type is None or kind == resource_type.value):
                 self._dirty[deployment_id] = None
+                self._noticed.setdefault(deployment_id, _now())  # shown under the new policy at once
+                self._changed(ns)
         self._wake.set()
 
     def budget_changed(self, namespace: str) -> None:
@@ -725,6 +750,7 @@ class Detector:
         self._changes += 1
         self._forgotten_at = self._changes
         self._dirty.clear()
+        self._noticed.clear()
         self._resync.clear()
         if self.costs is not None:
             self.costs.clear()
@@ -732,6 +758,7 @@ class Detector:
 
     def _forget(self, deployment_id: str) -> None:
         self._reported.pop(deployment_id, None)
+        self._noticed.pop(deployment_id, None)
         opened = self._open.pop(deployment_id, None)
         if self._verdicts.pop(deployment_id, None) is not None and opened is not None:
             self._changed(opened[0])
@@ -745,6 +772,17 @@ class Detector:
         is harmless: the store refuses to record an evaluation of it (a superseded operation), and
         whatever changed it asked for a fresh evaluation too.
         """
+        noticed = self._noticed.pop(deployment_id, None) or _now()
+        self._evaluating[deployment_id] = noticed
+        try:
+            await self._evaluate(deployment_id, listed, noticed)
+        finally:
+            if self._evaluating.get(deployment_id) is noticed:
+                del self._evaluating[deployment_id]
+
+    async def _evaluate(
+        self, deployment_id: str, listed: model.Deployment | None, noticed: datetime.datetime
+    ) -> None:
         deployment = listed if listed is not None else await self._store.deployment_by_id(deployment_id)
         if deployment is None or deployment.phase not in lifecycle.EVALUATED:
             # Deprovisioned (or provisioning again): its drift is nobody's business any more.
@@ -763,7 +801,7 @@ class Detector:
                 verdict = self._verdict(deployment)
         before, health_before = self._reported.get(deployment_id, ((), None))
         readable = verdict.health is not model.Health.UNKNOWN
-        after = _keep_detect_times(before, verdict.items) if readable else before
+        after = _keep_detect_times(before, verdict.items, noticed) if readable else before
         events = changes(deployment, before, after, health_before, verdict.health)
         phase = lifecycle.phase_of_verdict(after)
         # Cost alerts go with the verdict they judge, in its transaction.
@@ -997,9 +1035,8 @@ class Detector:
 
 
 def _keep_detect_times(
-    before: tuple[model.DriftItem, ...], after: tuple[model.DriftItem, ...]
+    before: tuple[model.DriftItem, ...], after: tuple[model.DriftItem, ...], noticed: datetime.datetime
 ) -> tuple[model.DriftItem, ...]:
-    """Items as now observed, keeping when each was first seen."""
+    """Items as now observed, keeping when each was first seen (new ones: when their change was)."""
     first_seen = {_key(i): i.detect_time for i in before}
-    now = _now()
-    return tuple(dataclasses.replace(i, detect_time=first_seen.get(_key(i)) or now) for i in after)
+    return tuple(dataclasses.replace(i, detect_time=first_seen.get(_key(i)) or noticed) for i in after)

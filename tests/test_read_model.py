@@ -7,10 +7,12 @@ not flap health through Unknown; and a message never contradicts the health next
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import pathlib
 import shutil
+from typing import Any
 
 import aiohttp
 import pytest
@@ -164,6 +166,84 @@ async def test_a_restart_does_not_flap_health_through_unknown(
         await broker.detector.evaluate(deployment_id)  # as a resync would
         later = [e for e in await manager.events(PLATFORM, deployment_id=deployment_id) if e.sequence > last]
         assert [e for e in later if e.kind == K.DRIFT_EVENT_KIND_HEALTH_CHANGED] == [], later
+
+
+async def test_reads_never_go_back_to_a_world_before_a_change_they_showed(
+    tmp_path: pathlib.Path,
+    tokens_file: pathlib.Path,
+    sandbox: Any,
+    sandbox_kubeconfig: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A verdict kept after its evaluation awaited the store is older than a change that came meanwhile.
+
+    The detector judges a crash, and while it records that, the pod heals and reads show it
+    Healthy. Once the crash's verdict is kept, reads must not show Unhealthy again: the pod is
+    healed, and the detector is already judging that.
+    """
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, **SLOW_RESYNC) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-mono")
+        await manager.wait_ready(deployment_id)
+        record = broker.store.record_evaluation
+        entered: asyncio.Queue[None] = asyncio.Queue()
+        permits: asyncio.Queue[None] = asyncio.Queue()
+
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            entered.put_nowait(None)
+            await permits.get()
+            return await record(*args, **kwargs)
+
+        monkeypatch.setattr(broker.store, "record_evaluation", gated)
+
+        async def health() -> int:
+            state = await manager.state(deployment_id)
+            assert state is not None
+            return state.health_status
+
+        async def namespace_health() -> list[int]:
+            reply = await manager.stub.GetResourceState(
+                pb.GetResourceStateRequest(namespace=PLATFORM), metadata=manager.auth
+            )
+            return [r.health_status for r in reply.resources]
+
+        assert await namespace_health() == [pb.HEALTH_STATUS_HEALTHY]  # a page kept
+        try:
+            sandbox.faults.crash_pod(namespace=PLATFORM, name="db-mono-0")
+            await asyncio.wait_for(entered.get(), 10)  # the crash is being recorded
+            # Shown at once, by every read: the kept page of the namespace is not current any more.
+            assert await health() == pb.HEALTH_STATUS_UNHEALTHY
+            assert await namespace_health() == [pb.HEALTH_STATUS_UNHEALTHY]
+            sandbox.faults.heal_pod(namespace=PLATFORM, name="db-mono-0")
+            await until(health, lambda h: h == pb.HEALTH_STATUS_HEALTHY, within=10, what="the heal shown")
+            permits.put_nowait(None)  # the crash's verdict is kept; the heal's evaluation records next
+            await asyncio.wait_for(entered.get(), 10)
+            assert await health() == pb.HEALTH_STATUS_HEALTHY
+            async with manager.http.get(  # the gateway: a page of its own
+                "/v1/resources", params={"namespace": PLATFORM, "deploymentId": deployment_id}
+            ) as r:
+                assert r.status == 200
+                assert (await r.json())["resources"][0]["healthStatus"] == "Healthy"
+        finally:
+            for _ in range(4):
+                permits.put_nowait(None)
+        detector = broker.detector
+        assert detector is not None
+        await until(
+            lambda: _kept_health(detector, broker, deployment_id),
+            lambda h: h is model.Health.HEALTHY,
+            within=10,
+            what="the heal's verdict kept",
+        )
+        assert await health() == pb.HEALTH_STATUS_HEALTHY
+
+
+async def _kept_health(detector: Any, broker: Any, deployment_id: str) -> model.Health | None:
+    deployment = await broker.store.deployment_by_id(deployment_id)
+    verdict = detector.verdict(deployment)
+    return verdict.health if verdict is not None else None
 
 
 async def test_the_message_never_contradicts_the_health(
