@@ -70,6 +70,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 CLIENT_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE)]
 # The goals of issue 12, as ratios to the baselines of the same run where they can be.
 GOAL_PROVISION_S = 60.0  # 10,000 provisions to Ready
+GOAL_RSS_KB = 10.0  # broker RSS per managed resource
 GOAL_ONE_QPS = 0.6  # one resource: broker / echo QPS
 GOAL_P99_RATIO = 1.5  # one resource, 16 in flight: broker p99 / echo p99
 GOAL_NAMESPACE_QPS = 0.5  # namespace of 1,000: broker / cached bytes QPS
@@ -464,6 +465,19 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+async def _idle_rss(kubeconfig: pathlib.Path, tmp: pathlib.Path) -> float:
+    """The RSS of a broker started on the cluster before anything is managed: the same-run baseline."""
+    broker, _, _ = await _common.spawn_broker(
+        _common.BrokerOptions(kubeconfig=str(kubeconfig), data_dir=str(tmp / "idle-data")),
+        log_file=tmp / "idle-broker.log",
+    )
+    try:
+        await asyncio.sleep(3)  # past its start-up (nothing to list or evaluate)
+        return float((await broker.ask({"op": "stats"}))["rss"])
+    finally:
+        await broker.stop()
+
+
 async def _main(args: argparse.Namespace) -> None:
     from kube_sandbox import Sandbox, profiles
 
@@ -489,6 +503,8 @@ async def _main(args: argparse.Namespace) -> None:
     children: list[_common.Child] = []
     try:
         kubeconfig = sandbox.write_kubeconfig(tmp / "sandbox.kubeconfig")
+        idle_rss = await _idle_rss(kubeconfig, tmp)
+        print(f"baseline: a broker managing nothing, on the same cluster, has RSS {idle_rss / 1e6:.0f} MB")
         per_namespace_api = args.provision // args.namespaces
         bulk = [
             (_namespace(i, args.namespace_size), _name(i))
@@ -528,7 +544,17 @@ async def _main(args: argparse.Namespace) -> None:
             startup_s=evaluated_s,
             startup_rss_mb=startup["rss"] / 1e6,
             rss_per_resource_kb=startup["rss"] / 1e3 / max(1, len(bulk)),
+            # Above the same broker managing nothing (the interpreter, its libraries, the servers).
+            rss_above_idle_kb=(startup["rss"] - idle_rss) / 1e3 / max(1, len(bulk)),
             startup_full_gcs=startup["gc"]["gen2"]["count"],
+        )
+        print(
+            f"RSS after start-up {startup['rss'] / 1e6:.0f} MB: "
+            f"{args.figures['rss_per_resource_kb']:.1f} KB per resource in all, "
+            f"{args.figures['rss_above_idle_kb']:.1f} KB above the idle broker; "
+            f"goal <= {GOAL_RSS_KB:.0f} KB: "
+            f"{_common.verdict(args.figures['rss_per_resource_kb'] <= GOAL_RSS_KB)} in all, "
+            f"{_common.verdict(args.figures['rss_above_idle_kb'] <= GOAL_RSS_KB)} above idle"
         )
         if args.tracemalloc:
             os.kill(broker.pid, signal.SIGUSR1)
@@ -826,6 +852,7 @@ def main() -> None:
 # The scaling table: figure key, heading, format.
 _SCALE_COLUMNS = (
     ("rss_per_resource_kb", "RSS/resource", "{:,.0f} KB"),
+    ("rss_above_idle_kb", "above idle/resource", "{:,.1f} KB"),
     ("startup_s", "start-up", "{:,.0f} s"),
     ("startup_full_gcs", "full GCs at start", "{:,.0f}"),
     ("longest_full_gc_ms", "longest full GC", "{:,.0f} ms"),

@@ -16,7 +16,7 @@ from test_e2e_drift import Manager, item_of
 from test_e2e_drift import manager as manager
 
 from broker.domain import catalog, drift, model, naming, policy
-from broker.kube import observer
+from broker.kube import entries, observer
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -49,7 +49,7 @@ def pod(spec_image: str, status_image: str) -> dict[str, Any]:
     ],
 )
 def test_the_pods_spec_image_is_read_whatever_the_runtime_reports(status_image: str) -> None:
-    observed = observer._pod(pod("postgres:15.2", status_image), None)
+    observed = observer._pod(entries.pod(pod("postgres:15.2", status_image)), None)
     assert observed.image == "postgres:15.2"
 
 

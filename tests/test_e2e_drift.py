@@ -560,7 +560,7 @@ async def test_who_scaled_stays_known_when_the_statefulset_controller_updates_th
     await until(
         lambda: asyncio.sleep(0, informer.get(NS, "db-attribution")),
         # The cache keeps only what the broker reads (no status): caught up when its version is.
-        lambda s: s is not None and s["metadata"]["resourceVersion"] == sts["metadata"]["resourceVersion"],
+        lambda s: s is not None and s.resource_version == sts["metadata"]["resourceVersion"],
         within=10,
         what="the broker's cache to hold the controller's status write",
     )

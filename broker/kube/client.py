@@ -309,11 +309,12 @@ class Client:
             return False
         return True
 
-    async def list(
+    async def pages(
         self, kind: str, *, label_selector: str = "", namespace: str | None = None, limit: int = 500
-    ) -> tuple[list[JsonDict], str]:
-        """Every matching object (following ``continue``) and the list's resourceVersion."""
-        items: list[JsonDict] = []
+    ) -> AsyncIterator[tuple[list[JsonDict], str]]:
+        """The matching objects a page at a time (following ``continue``), each with the list's
+        resourceVersion (final with the last page): a reader that keeps little of each object never
+        holds the whole list."""
         token = ""
         while True:
             query: list[tuple[str, Any]] = [("limit", limit)]
@@ -322,11 +323,24 @@ class Client:
             if token:
                 query.append(("continue", token))
             page = await self._json("GET", self.path(kind, namespace), what=f"list {kind}", query=query)
-            items.extend(page.get("items") or [])
             meta = page.get("metadata") or {}
             token = meta.get("continue") or ""
+            yield page.get("items") or [], str(meta.get("resourceVersion", ""))
             if not token:
-                return items, str(meta.get("resourceVersion", ""))
+                return
+
+    async def list(
+        self, kind: str, *, label_selector: str = "", namespace: str | None = None, limit: int = 500
+    ) -> tuple[list[JsonDict], str]:
+        """Every matching object (following ``continue``) and the list's resourceVersion."""
+        items: list[JsonDict] = []
+        resource_version = ""
+        async for page, version in self.pages(
+            kind, label_selector=label_selector, namespace=namespace, limit=limit
+        ):
+            items.extend(page)
+            resource_version = version
+        return items, resource_version
 
     async def watch(
         self, kind: str, *, label_selector: str, resource_version: str, timeout_seconds: int

@@ -6,7 +6,9 @@ resourceVersion with bookmarks, re-watch from the last seen version when a watch
 ``410 Gone``, and back off with jitter when the API cannot be reached. ``synced`` is set after the
 first complete list, and cleared while the cache cannot be trusted (the API is unreachable).
 
-Changes are reported to ``on_change(kind, event_type, obj)``; the loop itself holds no policy.
+The cache holds what ``project`` makes of each object as it arrives (a page of a list at a time,
+a watch event): a record of the fields its readers read, not the object. Changes are reported to
+``on_change(kind, event_type, record)``; the loop itself holds no policy.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Iterator
+from typing import Generic, Protocol, TypeVar
 
 from broker import errors
 from broker.kube import client as kube_client
@@ -22,7 +25,20 @@ from broker.kube import client as kube_client
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
-OnChange = Callable[[str, str, kube_client.JsonDict], None]
+
+
+class Cached(Protocol):
+    """What a cache keeps of an object: at least where it is and which version it is."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def resource_version(self) -> str: ...
+
+
+R = TypeVar("R", bound=Cached)
 
 
 def key_of(obj: kube_client.JsonDict) -> Key:
@@ -50,8 +66,8 @@ class Backoff:
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
 
 
-class Informer:
-    """The cache of one kind, kept current by list and watch."""
+class Informer(Generic[R]):
+    """The cache of one kind, kept current by list and watch, holding records of type ``R``."""
 
     def __init__(
         self,
@@ -59,12 +75,12 @@ class Informer:
         kind: str,
         *,
         label_selector: str,
-        on_change: OnChange,
+        on_change: Callable[[str, str, R], None],
         watch_timeout: int = 300,
         backoff: Backoff | None = None,
-        index_label: str = "",
+        project: Callable[[kube_client.JsonDict], R],
+        index: Callable[[R], str] | None = None,
         on_sync: Callable[[str, bool], None] = lambda kind, synced: None,
-        project: Callable[[kube_client.JsonDict], kube_client.JsonDict] = lambda obj: obj,
     ) -> None:
         self.kind = kind
         # What of each object is kept: the cache holds only the fields its readers read.
@@ -76,43 +92,43 @@ class Informer:
         self._on_change = on_change
         self._watch_timeout = watch_timeout
         self._backoff = backoff or Backoff()
-        self._objects: dict[Key, kube_client.JsonDict] = {}
-        self._index_label = index_label
+        self._objects: dict[Key, R] = {}
+        self._index_of = index
         self._index: dict[str, set[Key]] = {}
         self.synced = asyncio.Event()
         self.reconnects = 0
         self.relists = 0
         self.last_error = ""
 
-    def get(self, namespace: str, name: str) -> kube_client.JsonDict | None:
-        """The cached object, or None."""
+    def get(self, namespace: str, name: str) -> R | None:
+        """The cached record, or None."""
         return self._objects.get((namespace, name))
 
-    def values(self) -> Iterator[kube_client.JsonDict]:
-        """Every cached object."""
+    def values(self) -> Iterator[R]:
+        """Every cached record."""
         return iter(list(self._objects.values()))
 
     def __len__(self) -> int:
         return len(self._objects)
 
-    def indexed(self, value: str) -> list[kube_client.JsonDict]:
-        """The cached objects whose ``index_label`` has ``value`` (e.g. all pods of a deployment)."""
+    def indexed(self, value: str) -> list[R]:
+        """The cached records whose ``index`` is ``value`` (e.g. all pods of a deployment)."""
         return [self._objects[k] for k in sorted(self._index.get(value, ())) if k in self._objects]
 
-    def _label_value(self, obj: kube_client.JsonDict) -> str:
-        return str(((obj.get("metadata") or {}).get("labels") or {}).get(self._index_label, ""))
-
-    def _put(self, key: Key, obj: kube_client.JsonDict) -> None:
+    def _put(self, key: Key, record: R) -> None:
         self._drop(key)
-        obj = self._project(obj)
-        self._objects[key] = obj
-        if self._index_label:
-            self._index.setdefault(self._label_value(obj), set()).add(key)
+        self._objects[key] = record
+        if self._index_of is not None:
+            self._index.setdefault(self._index_of(record), set()).add(key)
 
-    def _drop(self, key: Key) -> kube_client.JsonDict | None:
+    def _drop(self, key: Key) -> R | None:
         old = self._objects.pop(key, None)
-        if old is not None and self._index_label:
-            self._index.get(self._label_value(old), set()).discard(key)
+        if old is not None and self._index_of is not None:
+            values = self._index.get(self._index_of(old))
+            if values is not None:
+                values.discard(key)
+                if not values:
+                    del self._index[self._index_of(old)]
         return old
 
     async def run(self) -> None:
@@ -149,16 +165,20 @@ class Informer:
                 resource_version = ""
 
     async def _relist(self) -> str:
-        items, resource_version = await self._client.list(self.kind, label_selector=self._selector)
+        # Each page is reduced to records as it comes: the whole list is never held as JSON.
+        fresh: dict[Key, R] = {}
+        resource_version = ""
+        async for items, version in self._client.pages(self.kind, label_selector=self._selector):
+            for obj in items:
+                record = self._project(obj)
+                fresh[record.namespace, record.name] = record
+            resource_version = version
         self.relists += 1
-        fresh = {key_of(o): o for o in items}
         gone = [self._objects[k] for k in self._objects.keys() - fresh.keys()]
         changed = [
             o
             for k, o in fresh.items()
-            if k not in self._objects
-            or self._objects[k].get("metadata", {}).get("resourceVersion")
-            != o.get("metadata", {}).get("resourceVersion")
+            if k not in self._objects or self._objects[k].resource_version != o.resource_version
         ]
         self._objects = {}
         self._index = {}
@@ -168,10 +188,10 @@ class Informer:
         if not self.synced.is_set():
             self.synced.set()
             self._on_sync(self.kind, True)
-        for obj in gone:
-            self._on_change(self.kind, "DELETED", obj)
-        for obj in changed:
-            self._on_change(self.kind, "MODIFIED", obj)
+        for record in gone:
+            self._on_change(self.kind, "DELETED", record)
+        for record in changed:
+            self._on_change(self.kind, "MODIFIED", record)
         return resource_version
 
     async def _watch(self, resource_version: str) -> str:
@@ -185,13 +205,14 @@ class Informer:
             resource_version = str(meta.get("resourceVersion") or resource_version)
             if event_type == "BOOKMARK":
                 continue
-            key = key_of(obj)
+            record = self._project(obj)
+            key = (record.namespace, record.name)
             if event_type == "DELETED":
                 # Deleted, or no longer selected (labels changed): listeners learn of it as the
-                # object they knew, so they can tell whose it was.
+                # record they knew, so they can tell whose it was.
                 old = self._drop(key)
-                self._on_change(self.kind, event_type, old or obj)
+                self._on_change(self.kind, event_type, old or record)
                 continue
-            self._put(key, obj)
-            self._on_change(self.kind, event_type, obj)
+            self._put(key, record)
+            self._on_change(self.kind, event_type, record)
         return resource_version

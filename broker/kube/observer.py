@@ -11,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import datetime
 import decimal
-import json
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from broker import errors, workers
 from broker.domain import catalog as catalog_mod
-from broker.domain import drift, model, naming, quantity
+from broker.domain import drift, model, naming
 from broker.kube import client as kube_client
+from broker.kube import entries, manifests
 from broker.kube import informer as informer_mod
-from broker.kube import manifests
 
 log = logging.getLogger(__name__)
 
@@ -33,72 +32,9 @@ TOPIC_KINDS = ("KafkaTopic",)
 # The objects a deployment is looked up by name: kept as strays when relabelled out of the selection.
 STRAY_KINDS = frozenset({"StatefulSet", "Service", "Secret", "KafkaTopic"})
 
-# Which part of an object's managedFields (fieldsV1) attributes a compared field: the subtree to
-# look in, and the key that must appear inside it. Scoped so that, say, the controller's
-# status.replicas never counts as a change of spec.replicas.
-_CONTAINER = ("f:spec", "f:template", "f:spec", "f:containers")
-_STS_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "replicas": (("f:spec",), '"f:replicas"'),
-    "image": (_CONTAINER, '"f:image"'),
-    "resources": (_CONTAINER, '"f:resources"'),
-    "env": (_CONTAINER, '"f:env"'),
-    "storage": (("f:spec",), '"f:volumeClaimTemplates"'),
-    "labels": (("f:metadata",), '"f:labels"'),
-}
-_TOPIC_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "partitions": (("f:spec",), '"f:partitions"'),
-    "retention_ms": (("f:spec",), '"f:retention.ms"'),
-    "replicas": (("f:spec",), '"f:replicas"'),
-    "labels": (("f:metadata",), '"f:labels"'),
-}
-_SECRET_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "data": ((), '"f:data"'),
-}
 
-
-def field_managers(obj: JsonDict, fields: Mapping[str, tuple[tuple[str, ...], str]]) -> dict[str, str]:
-    """For each compared field, the latest manager other than the broker that set it.
-
-    Entries of the status subresource are skipped: they record controllers reporting, not changes
-    of what was asked for.
-    """
-    entries = sorted(
-        (
-            e
-            for e in (obj.get("metadata") or {}).get("managedFields") or []
-            if e.get("manager") != kube_client.FIELD_MANAGER and e.get("subresource") != "status"
-        ),
-        key=lambda e: str(e.get("time") or ""),
-    )
-    found: dict[str, str] = {}
-    for entry in entries:
-        for field, (path, marker) in fields.items():
-            subtree: Any = entry.get("fieldsV1") or {}
-            for step in path:
-                subtree = subtree.get(step) if isinstance(subtree, dict) else None
-            if subtree and marker in json.dumps(subtree):
-                found[field] = str(entry.get("manager", ""))
-    return found
-
-
-def _env(container: JsonDict) -> dict[str, str]:
-    """A container's environment, each value rendered so that two equal settings compare equal."""
-    rendered = {}
-    for var in container.get("env") or []:
-        ref = ((var.get("valueFrom") or {}).get("secretKeyRef")) or {}
-        value = f"secret {ref.get('name')}/{ref.get('key')}" if ref else str(var.get("value", ""))
-        rendered[str(var.get("name"))] = value
-    return rendered
-
-
-def _first_container(obj: JsonDict) -> JsonDict:
-    containers = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or [{}]
-    return dict(containers[0])
-
-
-def config_changes(live: JsonDict, want: dict[str, str]) -> tuple[str, ...]:
-    """Differences in the broker-owned configuration (container env) between live and desired."""
-    have = _env(_first_container(live))
+def config_changes(have: Mapping[str, str], want: Mapping[str, str]) -> tuple[str, ...]:
+    """Differences in the broker-owned configuration (rendered container env), live against desired."""
     changes = [f"env {name} added" for name in sorted(have.keys() - want.keys())]
     changes += [f"env {name} removed" for name in sorted(want.keys() - have.keys())]
     changes += [
@@ -107,123 +43,62 @@ def config_changes(live: JsonDict, want: dict[str, str]) -> tuple[str, ...]:
     return tuple(changes)
 
 
-def _integer(value: Any, field: str, unreadable: dict[str, str], default: int) -> int:
-    """A whole number from a watched object; a value that is not one is noted, never raised.
-
-    Objects in the cluster are anyone's to edit (a CRD without a schema takes "three" for a
-    partition count): what cannot be read is an observation of its own, ``unreadable``.
-    """
-    if value is None:
-        return default
-    try:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(value)
-        return int(value)
-    except (TypeError, ValueError):
-        unreadable[field] = repr(value)[:80]
-        return default
-
-
-def _quantity(value: Any) -> decimal.Decimal | None:
-    try:
-        return quantity.parse(str(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _pod(obj: JsonDict, usage: tuple[decimal.Decimal, decimal.Decimal] | None) -> drift.PodObservation:
-    """One pod; its image is the one its spec asks for.
-
-    ``status.containerStatuses[].image`` is the runtime's spelling (kube-apiserver documents it as
-    possibly "resolved by the runtime": another tag sharing the digest, ``latest``, a digest
-    reference), so versions are read from the spec, which the kubelet ran.
-    """
-    status = obj.get("status") or {}
-    spec_containers = (obj.get("spec") or {}).get("containers") or [{}]
-    containers = status.get("containerStatuses") or [{}]
-    first = containers[0]
-    waiting = ((first.get("state") or {}).get("waiting") or {}).get("reason", "")
-    finished = (((first.get("lastState") or {}).get("terminated")) or {}).get("finishedAt")
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
-    )
+def _pod(pod: entries.Pod, usage: tuple[decimal.Decimal, decimal.Decimal] | None) -> drift.PodObservation:
+    """One pod, with its usage when metrics are served."""
     return drift.PodObservation(
-        name=str((obj.get("metadata") or {}).get("name", "")),
-        phase=str(status.get("phase", "")),
-        ready=ready,
-        restart_count=sum(_integer(c.get("restartCount"), "restartCount", {}, 0) for c in containers),
-        waiting_reason=str(waiting),
-        image=str(spec_containers[0].get("image") or first.get("image", "")),
+        name=pod.name,
+        phase=pod.phase,
+        ready=pod.ready,
+        restart_count=pod.restart_count,
+        waiting_reason=pod.waiting_reason,
+        image=pod.image,
         cpu_usage=usage[0] if usage else None,
         memory_usage=usage[1] if usage else None,
-        last_restart=_time(finished),
+        last_restart=pod.last_restart,
     )
 
 
-def _time(value: Any) -> datetime.datetime | None:
-    try:
-        return datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
-    except ValueError:
-        return None
-
-
-def _workload(obj: JsonDict, desired_env: dict[str, str]) -> drift.WorkloadObservation:
-    spec = obj.get("spec") or {}
-    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
-    resources = containers[0].get("resources") or {}
-    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
-    claims = spec.get("volumeClaimTemplates") or [{}]
-    storage = (((claims[0].get("spec") or {}).get("resources") or {}).get("requests") or {}).get(
-        "storage", ""
-    )
-    unreadable: dict[str, str] = {}
+def _workload(sts: entries.Workload, desired_env: dict[str, str]) -> drift.WorkloadObservation:
     return drift.WorkloadObservation(
-        replicas=_integer(spec.get("replicas"), "replicas", unreadable, 1),
-        image=str(containers[0].get("image", "")),
+        replicas=sts.replicas,
+        image=sts.image,
         resources=model.ComputeResources(
-            cpu_request=str(requests.get("cpu", "")),
-            cpu_limit=str(limits.get("cpu", "")),
-            memory_request=str(requests.get("memory", "")),
-            memory_limit=str(limits.get("memory", "")),
-            storage=str(storage),
+            cpu_request=sts.cpu_request,
+            cpu_limit=sts.cpu_limit,
+            memory_request=sts.memory_request,
+            memory_limit=sts.memory_limit,
+            storage=sts.storage,
         ),
-        labels=dict((obj.get("metadata") or {}).get("labels") or {}),
-        field_managers=field_managers(obj, _STS_FIELDS),
-        config_changes=config_changes(obj, desired_env),
-        unreadable=unreadable,
+        labels=dict(sts.labels),
+        field_managers=dict(sts.field_managers),
+        config_changes=config_changes(sts.env, desired_env),
+        unreadable=dict(sts.unreadable),
     )
 
 
-def _topic(obj: JsonDict) -> drift.TopicObservation:
-    spec = obj.get("spec") or {}
-    conditions = (obj.get("status") or {}).get("conditions") or []
-    ready = next((c.get("status") == "True" for c in conditions if c.get("type") == "Ready"), None)
-    unreadable: dict[str, str] = {}
-    config: JsonDict = spec["config"] if isinstance(spec.get("config"), dict) else {}
+def _topic(topic: entries.Topic) -> drift.TopicObservation:
     return drift.TopicObservation(
-        partitions=_integer(spec.get("partitions"), "partitions", unreadable, 0),
-        replicas=_integer(spec.get("replicas"), "replicas", unreadable, 0),
-        retention_ms=_integer(config.get("retention.ms"), "retention_ms", unreadable, 0),
-        ready=ready,
-        labels=dict((obj.get("metadata") or {}).get("labels") or {}),
-        field_managers=field_managers(obj, _TOPIC_FIELDS),
-        unreadable=unreadable,
+        partitions=topic.partitions,
+        replicas=topic.replicas,
+        retention_ms=topic.retention_ms,
+        ready=topic.ready,
+        labels=dict(topic.labels),
+        field_managers=dict(topic.field_managers),
+        unreadable=dict(topic.unreadable),
     )
 
 
-def _labels(obj: JsonDict) -> dict[str, str]:
-    return dict((obj.get("metadata") or {}).get("labels") or {})
+E = TypeVar("E", entries.Workload, entries.Secret, entries.Topic, entries.Named)
 
 
-def _owner(obj: JsonDict) -> str:
-    """The deployment an object belongs to: the broker's annotation, else (older objects) its label."""
-    annotations = (obj.get("metadata") or {}).get("annotations") or {}
-    return str(annotations.get(manifests.OWNER_ANNOTATION) or _labels(obj).get(naming.LABEL_DEPLOYMENT) or "")
+def _owned(kind: type[E], record: entries.Entry | None, deployment_id: str) -> E | None:
+    """The record if it is of ``kind`` and belongs to this deployment (a namesake of another does not)."""
+    return record if isinstance(record, kind) and record.owner == deployment_id else None
 
 
 def _keep_workload_fields(manifest: JsonDict, live: JsonDict, keep: frozenset[str]) -> None:
     """Put the live values of the kept drift fields into a StatefulSet manifest about to be applied."""
-    want, have = _first_container(manifest), _first_container(live)
+    want, have = entries.first_container(manifest), entries.first_container(live)
     if keep & {"version", "engine"} and have.get("image"):
         want["image"] = have["image"]
     if "size" in keep and have.get("resources"):
@@ -247,101 +122,6 @@ def _keep_topic_fields(manifest: JsonDict, live: JsonDict, keep: frozenset[str])
         spec.setdefault("config", {})["retention.ms"] = live_retention
 
 
-# Projections: what the caches keep of each object. With tens of thousands of managed objects the
-# caches are most of the broker's memory, and whole objects (managedFields bodies, full pod specs)
-# are mostly what the broker never reads. Each keeps what ``observe`` and the writes read.
-
-
-def _meta(obj: JsonDict, *, managed_fields: bool = False) -> JsonDict:
-    meta = obj.get("metadata") or {}
-    kept = {
-        k: meta[k] for k in ("name", "namespace", "labels", "annotations", "resourceVersion") if k in meta
-    }
-    if meta.get("deletionTimestamp"):
-        kept["deletionTimestamp"] = meta["deletionTimestamp"]
-    if managed_fields:
-        # Who else changed a field: the broker's own entries and status reports are never read.
-        kept["managedFields"] = [
-            e
-            for e in meta.get("managedFields") or []
-            if e.get("manager") != kube_client.FIELD_MANAGER and e.get("subresource") != "status"
-        ]
-    return kept
-
-
-def _project_metadata(obj: JsonDict) -> JsonDict:
-    return {"kind": obj.get("kind"), "metadata": _meta(obj)}
-
-
-def _project_statefulset(obj: JsonDict) -> JsonDict:
-    spec = obj.get("spec") or {}
-    container = _first_container(obj)
-    claims = spec.get("volumeClaimTemplates") or [{}]
-    storage = (((claims[0].get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
-    kept_container = {k: container[k] for k in ("name", "image", "resources", "env") if k in container}
-    kept_spec: JsonDict = {"template": {"spec": {"containers": [kept_container]}}}
-    if "replicas" in spec:
-        kept_spec["replicas"] = spec["replicas"]
-    if storage is not None:
-        kept_spec["volumeClaimTemplates"] = [{"spec": {"resources": {"requests": {"storage": storage}}}}]
-    return {"kind": obj.get("kind"), "metadata": _meta(obj, managed_fields=True), "spec": kept_spec}
-
-
-def _project_pod(obj: JsonDict) -> JsonDict:
-    spec_containers = (obj.get("spec") or {}).get("containers") or [{}]
-    status = obj.get("status") or {}
-    statuses = [
-        {k: c[k] for k in ("image", "imageID", "restartCount", "state", "lastState") if k in c}
-        for c in status.get("containerStatuses") or []
-    ]
-    return {
-        "kind": obj.get("kind"),
-        "metadata": _meta(obj),
-        "spec": {"containers": [{"image": spec_containers[0].get("image", "")}]},
-        "status": {
-            "phase": status.get("phase", ""),
-            "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"],
-            "containerStatuses": statuses,
-        },
-    }
-
-
-def _project_secret(obj: JsonDict) -> JsonDict:
-    # The data is kept (a few short keys) to tell a changed Secret; it never leaves the process.
-    return {
-        "kind": obj.get("kind"),
-        "metadata": _meta(obj, managed_fields=True),
-        "data": obj.get("data") or {},
-    }
-
-
-def _project_claim(obj: JsonDict) -> JsonDict:
-    capacity = ((obj.get("status") or {}).get("capacity") or {}).get("storage")
-    kept: JsonDict = {"kind": obj.get("kind"), "metadata": _meta(obj)}
-    if capacity is not None:
-        kept["status"] = {"capacity": {"storage": capacity}}
-    return kept
-
-
-def _project_topic(obj: JsonDict) -> JsonDict:
-    status = obj.get("status") or {}
-    return {
-        "kind": obj.get("kind"),
-        "metadata": _meta(obj, managed_fields=True),
-        "spec": obj.get("spec") or {},
-        "status": {"conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]},
-    }
-
-
-PROJECTIONS: dict[str, Callable[[JsonDict], JsonDict]] = {
-    "StatefulSet": _project_statefulset,
-    "Pod": _project_pod,
-    "Secret": _project_secret,
-    "PersistentVolumeClaim": _project_claim,
-    "KafkaTopic": _project_topic,
-}
-
-
 class ClusterState:
     """Caches of the managed objects, observations built from them, and the broker's writes."""
 
@@ -360,29 +140,29 @@ class ClusterState:
         self._sync_listeners: list[Callable[[], None]] = []
         self._kafka_cluster = kafka_cluster
         self._metrics_interval = metrics_interval
-        self.informers = {
+        self.informers: dict[str, informer_mod.Informer[entries.Entry]] = {
             kind: informer_mod.Informer(
                 client,
                 kind,
                 label_selector=naming.SELECTOR,
                 on_change=self._changed,
-                index_label=naming.LABEL_DEPLOYMENT,
+                project=entries.PROJECTIONS.get(kind, entries.named),
+                index=entries.owner_of,
                 on_sync=self._sync_changed,
-                project=PROJECTIONS.get(kind, _project_metadata),
             )
             for kind in (*WORKLOAD_KINDS, *TOPIC_KINDS)
         }
         self._metrics: dict[tuple[str, str], tuple[decimal.Decimal, decimal.Decimal]] = {}
         self._env_cache: dict[str, tuple[int, dict[str, str]]] = {}
         # Objects relabelled out of the selection, by (kind, namespace, name), as last looked up.
-        self._strays: dict[tuple[str, str, str], JsonDict] = {}
+        self._strays: dict[tuple[str, str, str], entries.Entry] = {}
         self._lookups: set[asyncio.Task[None]] = set()
         self.metrics_available = False
 
-    def _changed(self, kind: str, event_type: str, obj: JsonDict) -> None:
-        deployment_id = _owner(obj)
+    def _changed(self, kind: str, event_type: str, record: entries.Entry) -> None:
+        deployment_id = record.owner
         if kind in STRAY_KINDS:
-            key = (kind, *informer_mod.key_of(obj))
+            key = (kind, record.namespace, record.name)
             if event_type == "DELETED":
                 # Deleted, or relabelled out of the selection: a lookup by name tells which.
                 lookup = asyncio.create_task(self._look_for_stray(key, deployment_id))
@@ -421,7 +201,7 @@ class ClusterState:
                 for entry in (obj.get("metadata") or {}).get("managedFields") or []
             )
             if written_by_broker and self.informers[kind].get(namespace, name) is None:
-                self._strays[key] = obj
+                self._strays[key] = entries.project(kind, obj)
             else:
                 self._strays.pop(key, None)
         if deployment_id:
@@ -430,7 +210,7 @@ class ClusterState:
     async def _refresh_strays(self) -> None:
         """Strays have no watch: look each up again (a deleted one goes, a changed one updates)."""
         for key, obj in list(self._strays.items()):
-            await self._look_for_stray(key, _owner(obj))
+            await self._look_for_stray(key, obj.owner)
 
     def add_listener(self, on_change: Callable[[str], None]) -> None:
         """Also tell ``on_change`` (by deployment id) when any of a deployment's objects changes."""
@@ -481,8 +261,8 @@ class ClusterState:
                 for item in items:
                     cpu = mem = decimal.Decimal(0)
                     for c in item.get("containers") or []:
-                        cpu += _quantity((c.get("usage") or {}).get("cpu")) or 0
-                        mem += _quantity((c.get("usage") or {}).get("memory")) or 0
+                        cpu += entries.parse_quantity((c.get("usage") or {}).get("cpu")) or 0
+                        mem += entries.parse_quantity((c.get("usage") or {}).get("memory")) or 0
                     fresh[informer_mod.key_of(item)] = (cpu, mem)
                 self._metrics = fresh
                 self.metrics_available = True
@@ -495,7 +275,7 @@ class ClusterState:
             changed = previous.keys() | self._metrics.keys()
             if was_available == self.metrics_available:
                 changed = {k for k in changed if previous.get(k) != self._metrics.get(k)}
-            owners = {_owner(pod) for ns, name in changed if (pod := self.informers["Pod"].get(ns, name))}
+            owners = {pod.owner for ns, name in changed if (pod := self.informers["Pod"].get(ns, name))}
             for deployment_id in sorted(owners - {""}):
                 self._notify(deployment_id)
 
@@ -513,51 +293,38 @@ class ClusterState:
         if not self.synced:
             return drift.Observation(readable=False, observed_at=now)
         ns, name, dep_id = deployment.namespace, deployment.resource_name, deployment.deployment_id
-        written = written or {}
+        fresh = {kind: entries.project(kind, obj) for kind, obj in (written or {}).items()}
 
-        def current(kind: str, obj_name: str) -> JsonDict | None:
-            found = written.get(kind) or self.informers[kind].get(ns, obj_name)
+        def current(kind: str, obj_name: str) -> entries.Entry | None:
+            found = fresh.get(kind) or self.informers[kind].get(ns, obj_name)
             return found if found is not None else self._strays.get((kind, ns, obj_name))
 
         if deployment.resource_type is model.ResourceType.TOPIC:
-            topic = self._owned(current("KafkaTopic", name), dep_id)
+            topic = _owned(entries.Topic, current("KafkaTopic", name), dep_id)
             return drift.Observation(readable=True, observed_at=now, topic=_topic(topic) if topic else None)
-        sts = self._owned(current("StatefulSet", name), dep_id)
-        secret = self._owned(current("Secret", naming.secret_name(deployment.resource_type, name)), dep_id)
-        secret_changed = False
-        secret_changed_by = ""
-        if secret is not None:
-            recorded = ((secret.get("metadata") or {}).get("annotations") or {}).get(
-                manifests.CHECKSUM_ANNOTATION
-            )
-            secret_changed = recorded is not None and recorded != manifests.data_checksum(
-                secret.get("data") or {}
-            )
-            secret_changed_by = field_managers(secret, _SECRET_FIELDS).get("data", "")
+        sts = _owned(entries.Workload, current("StatefulSet", name), dep_id)
+        secret = _owned(
+            entries.Secret, current("Secret", naming.secret_name(deployment.resource_type, name)), dep_id
+        )
         pods = tuple(
-            _pod(p, self._metrics.get(informer_mod.key_of(p)))
+            _pod(p, self._metrics.get((p.namespace, p.name)))
             for p in self.informers["Pod"].indexed(dep_id)
-            if (p.get("metadata") or {}).get("deletionTimestamp") is None
+            if isinstance(p, entries.Pod) and not p.deleting
         )
         capacity = None
-        claims = self.informers["PersistentVolumeClaim"].indexed(dep_id)
+        claims = [
+            c for c in self.informers["PersistentVolumeClaim"].indexed(dep_id) if isinstance(c, entries.Claim)
+        ]
         if claims:
-            capacity = sum(
-                (
-                    _quantity(((c.get("status") or {}).get("capacity") or {}).get("storage"))
-                    or decimal.Decimal(0)
-                    for c in claims
-                ),
-                decimal.Decimal(0),
-            )
+            capacity = sum((c.capacity or decimal.Decimal(0) for c in claims), decimal.Decimal(0))
         return drift.Observation(
             readable=True,
             observed_at=now,
             workload=_workload(sts, self._desired_env(deployment)) if sts else None,
-            service_present=self._owned(current("Service", name), dep_id) is not None,
+            service_present=_owned(entries.Named, current("Service", name), dep_id) is not None,
             secret_present=secret is not None,
-            secret_changed=secret_changed,
-            secret_changed_by=secret_changed_by,
+            secret_changed=secret is not None and secret.changed,
+            secret_changed_by=secret.changed_by if secret is not None else "",
             pods=pods,
             storage_capacity=capacity,
             metrics_available=self.metrics_available,
@@ -567,14 +334,17 @@ class ClusterState:
         """The container env the broker applies, built once per deployment generation (a hot path)."""
         cached = self._env_cache.get(deployment.deployment_id)
         if cached is None or cached[0] != deployment.generation:
-            env = _env(_first_container(manifests.statefulset(deployment, self._catalog)))
+            env = entries.env(entries.first_container(manifests.statefulset(deployment, self._catalog)))
             cached = self._env_cache[deployment.deployment_id] = (deployment.generation, env)
         return cached[1]
 
-    @staticmethod
-    def _owned(obj: JsonDict | None, deployment_id: str) -> JsonDict | None:
-        """The object if it belongs to this deployment (a namesake of another deployment does not)."""
-        return obj if obj is not None and _owner(obj) == deployment_id else None
+    async def _live(self, kind: str, namespace: str, name: str, deployment_id: str) -> JsonDict | None:
+        """The object as the API server has it now, if it is the deployment's."""
+        try:
+            obj = await self.client.get(kind, namespace, name)
+        except errors.NotFound:
+            return None
+        return obj if entries.owner(obj) == deployment_id else None
 
     # Writing ---------------------------------------------------------------------------------------
 
@@ -591,28 +361,27 @@ class ClusterState:
         password would lock the application out of its data. ``keep`` names drift fields (``version``,
         ``engine``, ``size``, ``replicas``, ``config``, ``partitions``, ``retention_ms``) whose live
         values are applied instead of the desired ones: remediating one field must not undo drift the
-        policy says only to report. Container env the broker does not set is removed with a JSON
-        patch, since apply cannot take away a field another manager owns. Returns the objects as
-        the API server answered the last write of each.
+        policy says only to report; those values are read from the API server (the caches keep only
+        what observing needs). Container env the broker does not set is removed with a JSON patch,
+        since apply cannot take away a field another manager owns. Returns the objects as the API
+        server answered the last write of each.
         """
         ns, name, dep_id = deployment.namespace, deployment.resource_name, deployment.deployment_id
         if deployment.resource_type is model.ResourceType.TOPIC:
             topic = manifests.kafka_topic(deployment, kafka_cluster=self._kafka_cluster)
-            live = self._owned(self.informers["KafkaTopic"].get(ns, name), dep_id)
-            if live is not None and keep:
+            if keep and (live := await self._live("KafkaTopic", ns, name, dep_id)) is not None:
                 _keep_topic_fields(topic, live, keep)
             return {"KafkaTopic": await self.client.apply(topic)}
         secret_name = naming.secret_name(deployment.resource_type, name)
         secret = self.informers["Secret"].get(ns, secret_name)
-        if create_secret and self._owned(secret, dep_id) is None:
+        if create_secret and _owned(entries.Secret, secret, dep_id) is None:
             try:
                 await self.client.get("Secret", ns, secret_name)
             except errors.NotFound:
                 await self.client.create(manifests.secret(deployment, self._catalog))
         service = await self.client.apply(manifests.service(deployment, self._catalog))
         sts = manifests.statefulset(deployment, self._catalog)
-        live = self._owned(self.informers["StatefulSet"].get(ns, name), dep_id)
-        if live is not None and keep:
+        if keep and (live := await self._live("StatefulSet", ns, name, dep_id)) is not None:
             _keep_workload_fields(sts, live, keep)
         applied = await self.client.apply(sts)
         if "config" not in keep:
@@ -621,8 +390,9 @@ class ClusterState:
 
     async def _drop_foreign_env(self, live: JsonDict, wanted: JsonDict) -> JsonDict:
         """Set the container env to exactly the broker's when another manager added or changed some."""
-        want_env = _first_container(wanted).get("env") or []
-        if not config_changes(live, _env(_first_container(wanted))):
+        want_env = entries.first_container(wanted).get("env") or []
+        have = entries.env(entries.first_container(live))
+        if not config_changes(have, entries.env(entries.first_container(wanted))):
             return live
         meta = live.get("metadata") or {}
         return await self.client.json_patch(
@@ -646,7 +416,7 @@ class ClusterState:
         await self.client.delete("Secret", ns, naming.secret_name(deployment.resource_type, name))
         if data_policy is model.DataPolicy.DELETE:
             for claim in self.informers["PersistentVolumeClaim"].indexed(deployment.deployment_id):
-                await self.client.delete("PersistentVolumeClaim", ns, str(claim["metadata"]["name"]))
+                await self.client.delete("PersistentVolumeClaim", ns, claim.name)
 
     def gone(self, deployment: model.Deployment) -> bool:
         """Whether none of the deployment's main objects remains in the caches."""
