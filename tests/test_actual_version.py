@@ -49,7 +49,7 @@ def pod(spec_image: str, status_image: str) -> dict[str, Any]:
     ],
 )
 def test_the_pods_spec_image_is_read_whatever_the_runtime_reports(status_image: str) -> None:
-    observed = observer._pod(entries.pod(pod("postgres:15.2", status_image)), None)
+    observed = observer._pod(entries.project("Pod", pod("postgres:15.2", status_image)), None)  # type: ignore[arg-type]
     assert observed.image == "postgres:15.2"
 
 

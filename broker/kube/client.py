@@ -13,10 +13,11 @@ import dataclasses
 import json
 import logging
 import pathlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, TypeVar
 
 import aiohttp
+import msgspec
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client import exceptions as k8s_exceptions
@@ -28,6 +29,35 @@ log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "resource-broker"
 JsonDict = dict[str, Any]
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListPage(Generic[T]):
+    """One page of a list: its items (as the page's decoder made them), version and continue token."""
+
+    items: list[T]
+    resource_version: str
+    continue_token: str
+
+
+def json_page(body: bytes) -> ListPage[JsonDict]:
+    """A list page with its items as JSON objects."""
+    page = json.loads(body)
+    meta = page.get("metadata") or {}
+    return ListPage(
+        page.get("items") or [], str(meta.get("resourceVersion", "")), str(meta.get("continue") or "")
+    )
+
+
+class _Envelope(msgspec.Struct):
+    """A watch event with its object still undecoded (an ERROR event's is a Status)."""
+
+    type: str = ""
+    object: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"{}"))
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +254,15 @@ class Client:
             raise translate(failure, what, body=body)
         return response
 
+    async def _bytes(self, method: str, path: str, *, what: str, **kw: Any) -> bytes:
+        response = await self._call(method, path, what=what, **kw)
+        try:
+            return await response.read()
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise translate(e, what) from e
+        finally:
+            response.release()
+
     async def _json(self, method: str, path: str, *, what: str, **kw: Any) -> JsonDict:
         response = await self._call(method, path, what=what, **kw)
         try:
@@ -310,11 +349,16 @@ class Client:
         return True
 
     async def pages(
-        self, kind: str, *, label_selector: str = "", namespace: str | None = None, limit: int = 500
-    ) -> AsyncIterator[tuple[list[JsonDict], str]]:
-        """The matching objects a page at a time (following ``continue``), each with the list's
-        resourceVersion (final with the last page): a reader that keeps little of each object never
-        holds the whole list."""
+        self,
+        kind: str,
+        *,
+        decode: Callable[[bytes], ListPage[T]],
+        label_selector: str = "",
+        namespace: str | None = None,
+        limit: int = 500,
+    ) -> AsyncIterator[ListPage[T]]:
+        """The matching objects a page at a time (following ``continue``), each page's body given
+        to ``decode``: a reader that keeps little of each object never holds the whole list."""
         token = ""
         while True:
             query: list[tuple[str, Any]] = [("limit", limit)]
@@ -322,10 +366,14 @@ class Client:
                 query.append(("labelSelector", label_selector))
             if token:
                 query.append(("continue", token))
-            page = await self._json("GET", self.path(kind, namespace), what=f"list {kind}", query=query)
-            meta = page.get("metadata") or {}
-            token = meta.get("continue") or ""
-            yield page.get("items") or [], str(meta.get("resourceVersion", ""))
+            what = f"list {kind}"
+            body = await self._bytes("GET", self.path(kind, namespace), what=what, query=query)
+            try:
+                page = decode(body)
+            except ValueError as e:
+                raise translate(e, what) from e
+            yield page
+            token = page.continue_token
             if not token:
                 return
 
@@ -335,17 +383,24 @@ class Client:
         """Every matching object (following ``continue``) and the list's resourceVersion."""
         items: list[JsonDict] = []
         resource_version = ""
-        async for page, version in self.pages(
-            kind, label_selector=label_selector, namespace=namespace, limit=limit
+        async for page in self.pages(
+            kind, decode=json_page, label_selector=label_selector, namespace=namespace, limit=limit
         ):
-            items.extend(page)
-            resource_version = version
+            items.extend(page.items)
+            resource_version = page.resource_version
         return items, resource_version
 
     async def watch(
-        self, kind: str, *, label_selector: str, resource_version: str, timeout_seconds: int
-    ) -> AsyncIterator[tuple[str, JsonDict]]:
-        """Watch events (type, object) after ``resource_version``, bookmarks included.
+        self,
+        kind: str,
+        *,
+        decode: Callable[[bytes], T],
+        label_selector: str,
+        resource_version: str,
+        timeout_seconds: int,
+    ) -> AsyncIterator[tuple[str, T]]:
+        """Watch events (type, object as ``decode`` makes it of its JSON) after ``resource_version``,
+        bookmarks included.
 
         Raises Expired when the server answers 410 Gone, as a status or as an ERROR event.
         """
@@ -363,15 +418,14 @@ class Client:
             async for line in response.content:
                 if not line.strip():
                     continue
-                event = json.loads(line)
-                kind_of_event = event.get("type", "")
-                obj = event.get("object") or {}
-                if kind_of_event == "ERROR":
-                    code = int(obj.get("code") or 0)
-                    if code == 410:
-                        raise Expired(f"{what}: {obj.get('message', 'resourceVersion too old')}")
-                    raise errors.Unavailable(f"{what}: {str(obj.get('message', 'error event'))[:300]}")
-                yield kind_of_event, obj
+                event = _ENVELOPE.decode(line)
+                if event.type == "ERROR":
+                    status = msgspec.json.decode(event.object)
+                    status = status if isinstance(status, dict) else {}
+                    if int(status.get("code") or 0) == 410:
+                        raise Expired(f"{what}: {status.get('message', 'resourceVersion too old')}")
+                    raise errors.Unavailable(f"{what}: {str(status.get('message', 'error event'))[:300]}")
+                yield event.type, decode(bytes(event.object))
         except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             raise translate(e, what) from e
         finally:

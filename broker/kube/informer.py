@@ -78,13 +78,16 @@ class Informer(Generic[R]):
         on_change: Callable[[str, str, R], None],
         watch_timeout: int = 300,
         backoff: Backoff | None = None,
-        project: Callable[[kube_client.JsonDict], R],
+        decode: Callable[[bytes], R],
+        decode_page: Callable[[bytes], kube_client.ListPage[R]],
         index: Callable[[R], str] | None = None,
         on_sync: Callable[[str, bool], None] = lambda kind, synced: None,
     ) -> None:
         self.kind = kind
-        # What of each object is kept: the cache holds only the fields its readers read.
-        self._project = project
+        # What of each object is kept: the cache holds only the fields its readers read, decoded
+        # from each event's and each page's JSON.
+        self._decode = decode
+        self._decode_page = decode_page
         # Told when the cache becomes trustworthy (listed) or stops being so (the watch failed).
         self._on_sync = on_sync
         self._client = client
@@ -168,11 +171,12 @@ class Informer(Generic[R]):
         # Each page is reduced to records as it comes: the whole list is never held as JSON.
         fresh: dict[Key, R] = {}
         resource_version = ""
-        async for items, version in self._client.pages(self.kind, label_selector=self._selector):
-            for obj in items:
-                record = self._project(obj)
+        async for page in self._client.pages(
+            self.kind, decode=self._decode_page, label_selector=self._selector
+        ):
+            for record in page.items:
                 fresh[record.namespace, record.name] = record
-            resource_version = version
+            resource_version = page.resource_version
         self.relists += 1
         gone = [self._objects[k] for k in self._objects.keys() - fresh.keys()]
         changed = [
@@ -195,17 +199,16 @@ class Informer(Generic[R]):
         return resource_version
 
     async def _watch(self, resource_version: str) -> str:
-        async for event_type, obj in self._client.watch(
+        async for event_type, record in self._client.watch(
             self.kind,
+            decode=self._decode,
             label_selector=self._selector,
             resource_version=resource_version,
             timeout_seconds=self._watch_timeout,
         ):
-            meta = obj.get("metadata") or {}
-            resource_version = str(meta.get("resourceVersion") or resource_version)
+            resource_version = record.resource_version or resource_version
             if event_type == "BOOKMARK":
                 continue
-            record = self._project(obj)
             key = (record.namespace, record.name)
             if event_type == "DELETED":
                 # Deleted, or no longer selected (labels changed): listeners learn of it as the

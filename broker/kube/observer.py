@@ -146,7 +146,8 @@ class ClusterState:
                 kind,
                 label_selector=naming.SELECTOR,
                 on_change=self._changed,
-                project=entries.PROJECTIONS.get(kind, entries.named),
+                decode=entries.kind(kind).decode,
+                decode_page=entries.kind(kind).page,
                 index=entries.owner_of,
                 on_sync=self._sync_changed,
             )
@@ -256,14 +257,11 @@ class ClusterState:
             await self._refresh_strays()
             previous, was_available = self._metrics, self.metrics_available
             try:
-                items, _ = await self.client.list("PodMetrics", label_selector=naming.SELECTOR)
                 fresh: dict[tuple[str, str], tuple[decimal.Decimal, decimal.Decimal]] = {}
-                for item in items:
-                    cpu = mem = decimal.Decimal(0)
-                    for c in item.get("containers") or []:
-                        cpu += entries.parse_quantity((c.get("usage") or {}).get("cpu")) or 0
-                        mem += entries.parse_quantity((c.get("usage") or {}).get("memory")) or 0
-                    fresh[informer_mod.key_of(item)] = (cpu, mem)
+                async for page in self.client.pages(
+                    "PodMetrics", decode=entries.USAGE.page, label_selector=naming.SELECTOR
+                ):
+                    fresh.update(((u.namespace, u.name), (u.cpu, u.memory)) for u in page.items)
                 self._metrics = fresh
                 self.metrics_available = True
             except errors.NotFound:
