@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Hashable
 from typing import Any, Protocol
 
-from broker import auth, errors, events
+from broker import auth, errors, events, paging
 from broker.domain import (
     admission,
     approval,
@@ -415,7 +415,7 @@ class BrokerService:
         validation.check_namespace(request.namespace, violations)
         validation.check_resource_name(request.resource_name, violations, required=False)
         validation.check_deployment_id(request.deployment_id, violations, required=False)
-        page = validation.page_request(request.page_size, request.page_token, violations)
+        size = validation.page_size(request.page_size, violations)
         validation.raise_if(violations)
         principal.require(request.namespace)
         query = model.ResourceQuery(
@@ -425,12 +425,14 @@ class BrokerService:
             deployment_id=model.DeploymentId(request.deployment_id) if request.deployment_id else None,
         )
         # A page is kept while the store has committed nothing and the detector changed no verdict
-        # of the namespace: the same object again, whose encoding the transports kept.
+        # of the namespace: the same object again, whose encoding the transports kept. Kept by the
+        # token as given: only a token that decoded is ever kept, and a kept page decodes none.
         version = self._page_version(request.namespace)
-        key = (query, page)
+        key = (query, size, request.page_token)
         kept = self._pages.get(key, version)
         if kept is not None:
             return kept
+        page = model.PageRequest(size=size, after=paging.position(query, request.page_token))
         deployments = await self._store.list_deployments(query, page)
         settled = True
         views = []
@@ -438,7 +440,11 @@ class BrokerService:
             view, reusable = self._view_of(deployment)
             views.append(view)
             settled = settled and reusable
-        result = model.Page(items=tuple(views), total=deployments.total, next_token=deployments.next_token)
+        result = model.Page(
+            items=tuple(views),
+            total=deployments.total,
+            next_token=paging.token(query, deployments.next_after),
+        )
         if settled:
             self._pages.put(key, version, result)
         return result
@@ -464,7 +470,7 @@ class BrokerService:
         validation.check_resource_name(request.resource_name, violations, required=False)
         if request.after_sequence is not None and request.after_sequence < 0:
             violations.append(errors.FieldViolation("after_sequence", "must not be negative"))
-        page = validation.page_request(request.page_size, request.page_token, violations)
+        size = validation.page_size(request.page_size, violations)
         validation.raise_if(violations)
         principal.require(request.namespace)
         query = model.EventQuery(
@@ -475,7 +481,11 @@ class BrokerService:
             resource_name=model.ResourceName(request.resource_name) if request.resource_name else None,
             after_sequence=request.after_sequence or 0,
         )
-        return await self._store.list_events(query, page)
+        page = model.PageRequest(size=size, after=paging.position(query, request.page_token))
+        listed = await self._store.list_events(query, page)
+        return model.Page(
+            items=listed.items, total=listed.total, next_token=paging.token(query, listed.next_after)
+        )
 
     async def accept_drift(
         self, principal: auth.Principal, request: AcceptDriftInput

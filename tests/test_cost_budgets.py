@@ -187,7 +187,7 @@ async def store(tmp_path: pathlib.Path) -> AsyncIterator[port.Store]:
 async def cost_alerts(store: port.Store) -> list[model.DriftEvent]:
     page = await store.list_events(
         model.EventQuery(namespace=model.Namespace(NS), kinds=frozenset({model.EventKind.COST_ALERT})),
-        model.PageRequest(100, ""),
+        model.PageRequest(100),
     )
     return list(page.items)
 

@@ -4,6 +4,7 @@ and reading the desired state back (GetDeployment, GetResourceState with filters
 from __future__ import annotations
 
 import asyncio
+import base64
 import pathlib
 import re
 
@@ -15,6 +16,7 @@ from conftest import ADMIN_TOKEN, PLATFORM_TOKEN, RunningBroker, bearer, until
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from broker.domain import model
 from broker.kube import client as kube_client
 
 NS = "team-platform"
@@ -518,14 +520,63 @@ async def test_a_page_token_from_another_namespace_is_invalid_argument(stub):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_a_made_up_page_token_is_invalid_argument(stub):
-    err = await rpc_error(resource_state(stub, page_token="not-a-token"))
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("not-a-token", id="words"),
+        pytest.param("A" * 4096, id="too-long"),
+        pytest.param(base64.urlsafe_b64encode(b"[" * 100_000).decode(), id="deeply-nested"),
+        pytest.param(base64.urlsafe_b64encode(b'["q", "after"]').decode(), id="a-list"),
+    ],
+)
+async def test_a_made_up_page_token_is_invalid_argument(stub, token):
+    err = await rpc_error(resource_state(stub, page_token=token))
 
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "page_token" in err.details()
 
 
 # Drift history ------------------------------------------------------------------------------------
+
+
+async def test_drift_event_pages_visit_every_event_once_and_their_tokens_fit_only_their_query(
+    stub, running_broker: RunningBroker
+):
+    reply = await stub.Provision(db_request(), metadata=AUTH)
+    store = running_broker.broker.store
+    deployment = await store.deployment_by_id(reply.deployment_id)
+    assert deployment is not None
+    await store.append_events(
+        [
+            model.DriftEvent.about(deployment, model.EventKind.REMEDIATION_FAILED, f"event {i}", health=None)
+            for i in range(5)
+        ]
+    )
+    kinds = [pb.DRIFT_EVENT_KIND_REMEDIATION_FAILED]
+
+    async def events(**fields: object) -> pb.ListDriftEventsResponse:
+        return await stub.ListDriftEvents(pb.ListDriftEventsRequest(namespace=NS, **fields), metadata=AUTH)
+
+    seen: list[str] = []
+    token = ""
+    for _ in range(10):
+        page = await events(kinds=kinds, page_size=2, page_token=token)
+        seen.extend(e.message for e in page.events)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"event {i}" for i in range(5)]
+
+    first = await events(kinds=kinds, page_size=2)
+    assert first.next_page_token
+    for fields in (
+        {"page_token": first.next_page_token},  # the kinds dropped
+        {"kinds": kinds, "after_sequence": 1, "page_token": first.next_page_token},
+        {"kinds": kinds, "page_token": "not-a-token"},
+    ):
+        err = await rpc_error(events(**fields))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in err.details()
 
 
 async def test_list_drift_events_is_empty_before_anything_was_observed(stub):

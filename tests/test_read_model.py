@@ -429,7 +429,7 @@ async def test_an_unchanged_page_is_answered_without_reading_the_store(
         listings = 0
         list_deployments = store.list_deployments
 
-        async def counted(*args: object) -> model.Page[model.Deployment]:
+        async def counted(*args: object) -> model.Listing[model.Deployment]:
             nonlocal listings
             listings += 1
             return await list_deployments(*args)  # type: ignore[arg-type]

@@ -189,7 +189,7 @@ async def test_reads_see_every_commit_while_other_reads_run(tmp_path: pathlib.Pa
     async def poll() -> None:
         query = model.ResourceQuery(namespace=model.Namespace("team-platform"))
         while not stop.is_set():
-            await store.list_deployments(query, model.PageRequest(size=100, token=""))
+            await store.list_deployments(query, model.PageRequest(size=100))
 
     pollers = [asyncio.create_task(poll()) for _ in range(4)]
     try:

@@ -206,7 +206,7 @@ async def test_pruning_keeps_the_newest_and_says_how_many_went(store: port.Store
     oldest, still_newest = await store.event_bounds()
     assert still_newest == newest
     assert oldest == newest - 3
-    listed = await store.list_events(model.EventQuery(namespace=NS), model.PageRequest(size=100, token=""))
+    listed = await store.list_events(model.EventQuery(namespace=NS), model.PageRequest(size=100))
     assert [e.sequence for e in listed.items] == list(range(oldest, newest + 1))
 
 
@@ -244,20 +244,22 @@ async def test_pages_list_by_type_and_name_in_byte_order_whatever_the_database_c
     store: port.Store,
 ) -> None:
     """Byte order, as SQLite compares text; a linguistic collation (the test cluster's default is
-    ICU en-US) would put ``a-b`` before ``B``. Page tokens continue exactly where a page ended."""
+    ICU en-US) would put ``a-b`` before ``B``. A page continues exactly where the one before ended:
+    after the position of its last item."""
     for name in ("b", "B", "a-b", "a1", "A"):
         await store.provision(command(name))
     pages: list[list[str]] = []
-    token = ""
+    after: model.Position | None = None
     while True:
         page = await store.list_deployments(
-            model.ResourceQuery(namespace=NS), model.PageRequest(size=2, token=token)
+            model.ResourceQuery(namespace=NS), model.PageRequest(size=2, after=after)
         )
         assert page.total == 5
         pages.append([d.resource_name for d in page.items])
-        token = page.next_token
-        if not token:
+        after = page.next_after
+        if after is None:
             break
+        assert after == ("database", page.items[-1].resource_name)
     assert pages == [["A", "B"], ["a-b", "a1"], ["b"]]
 
 
@@ -272,18 +274,45 @@ async def test_events_list_by_namespace_and_kind_in_pages(store: port.Store) -> 
         events=[model.DriftEvent.about(deployment, model.EventKind.DRIFT_RESOLVED, "resolved", health=None)],
     )
     query = model.EventQuery(namespace=NS, kinds=frozenset({model.EventKind.REMEDIATION_FAILED}))
-    first = await store.list_events(query, model.PageRequest(size=3, token=""))
-    second = await store.list_events(query, model.PageRequest(size=3, token=first.next_token))
+    first = await store.list_events(query, model.PageRequest(size=3))
+    assert first.next_after == ("seq", str(first.items[-1].sequence))
+    second = await store.list_events(query, model.PageRequest(size=3, after=first.next_after))
     assert [e.message for e in first.items + second.items] == [f"event {i}" for i in range(5)]
-    assert second.next_token == ""
-    with pytest.raises(errors.InvalidArgument):  # a token of another query
-        await store.list_events(
-            model.EventQuery(namespace=NS), model.PageRequest(size=3, token=first.next_token)
-        )
+    assert second.next_after is None
     other = await store.list_events(
-        model.EventQuery(namespace=model.Namespace("team-other")), model.PageRequest(size=10, token="")
+        model.EventQuery(namespace=model.Namespace("team-other")), model.PageRequest(size=10)
     )
     assert other.items == ()
+
+
+async def test_a_made_up_position_is_answered_never_refused(store: port.Store) -> None:
+    """Positions come back from callers (inside page tokens, which only the service checks), so
+    a listing answers any short printable-ASCII one: before everything, past everything, or past
+    the range of a sequence column."""
+    deployment = await ready(store)
+    await store.append_events([event_about(deployment, i) for i in range(3)])
+    resources, log = model.ResourceQuery(namespace=NS), model.EventQuery(namespace=NS)
+
+    async def names(after: model.Position) -> list[str]:
+        return [
+            d.resource_name
+            for d in (await store.list_deployments(resources, model.PageRequest(10, after))).items
+        ]
+
+    async def messages(after: model.Position) -> list[str]:
+        return [e.message for e in (await store.list_events(log, model.PageRequest(10, after))).items]
+
+    assert await names(("", "")) == await names((" ", "~")) == ["db"]
+    assert await names(("~", "~")) == []
+    everything = [f"event {i}" for i in range(3)]
+    assert (
+        await messages(("seq", "-1"))
+        == await messages(("x", "y"))
+        == await messages(("seq", ""))
+        == everything
+    )
+    assert await messages(("seq", "0")) == everything
+    assert await messages(("seq", "9" * 19)) == await messages(("seq", "9" * 100)) == []
 
 
 async def test_deprovision_is_idempotent_and_a_deleted_name_can_be_provisioned_again(
@@ -383,7 +412,7 @@ async def test_cost_alert_crossings_and_their_events_are_written_together(store:
     ]
     listed = await store.list_events(
         model.EventQuery(namespace=NS, kinds=frozenset({model.EventKind.COST_ALERT})),
-        model.PageRequest(10, ""),
+        model.PageRequest(10),
     )
     assert [e.sequence for e in listed.items] == [events[0].sequence]
     # Raising a subject already over changes nothing; clearing forgets it, with no event.

@@ -146,7 +146,7 @@ async def test_two_replicas_provisioning_one_resource_at_once_make_one_deploymen
         )
         count = await replicas[0].count_deployments()
         listed = await replicas[1].list_deployments(
-            model.ResourceQuery(namespace=NS), model.PageRequest(size=10, token="")
+            model.ResourceQuery(namespace=NS), model.PageRequest(size=10)
         )
     finally:
         for store in replicas:

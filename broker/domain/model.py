@@ -187,12 +187,28 @@ class ResourceQuery:
     deployment_id: DeploymentId | None = None
 
 
+# Where a listing stands: the text of its order columns at the last item read ((type, name) of a
+# deployment; ("seq", sequence) of an event). The store makes and takes them; only the service
+# turns them into page tokens (``broker.paging``).
+Position = tuple[str, str]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PageRequest:
-    """A page size and the opaque token of the page to read ("" for the first page)."""
+    """A page size and the position the page starts after (``None`` for the first page)."""
 
     size: int
-    token: str
+    after: Position | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Listing(Generic[T]):
+    """One page as the store reads it: items, the total across pages, and the position to continue
+    after (``None`` at the end)."""
+
+    items: tuple[T, ...]
+    total: int
+    next_after: Position | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -124,11 +124,11 @@ def _callback_url_problem(value: str) -> str | None:
     return addresses.host_problem(parsed.hostname, bracketed=parsed.netloc.startswith("["))
 
 
-def page_request(size: int, token: str, violations: list[errors.FieldViolation]) -> model.PageRequest:
-    """A page request with the default size filled in; sizes outside 0..1000 are violations."""
+def page_size(size: int, violations: list[errors.FieldViolation]) -> int:
+    """A page size with the default filled in; sizes outside 0..1000 are violations."""
     if size < 0 or size > MAX_PAGE_SIZE:
         violations.append(errors.FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
-    return model.PageRequest(size=size or DEFAULT_PAGE_SIZE, token=token)
+    return size or DEFAULT_PAGE_SIZE
 
 
 def raise_if(violations: list[errors.FieldViolation]) -> None:

@@ -1,11 +1,12 @@
-"""What every store adapter writes and reads the same way: encodings, ids, page tokens, guards.
+"""What every store adapter writes and reads the same way: encodings, ids, positions, guards.
 
 The SQLite and the PostgreSQL adapters keep the same rows in their own SQL dialects; how a spec,
-an operation, a drift item, an event's payload or an idempotent answer becomes text, and how a page
-token is made and checked, is decided once, here, so the two cannot drift apart. What a request
-does to a deployment (phases, generations, which phases a verdict may change) is the lifecycle's
-decision (``broker.domain.lifecycle``); the SQL of an adapter takes those decisions, and the
-unfinished operation states below, as parameters and decides nothing of its own.
+an operation, a drift item, an event's payload or an idempotent answer becomes text, and where an
+event listing continues, is decided once, here, so the two cannot drift apart. Page tokens are not
+the store's: the service makes them of the positions listings return (``broker.paging``). What a
+request does to a deployment (phases, generations, which phases a verdict may change) is the
+lifecycle's decision (``broker.domain.lifecycle``); the SQL of an adapter takes those decisions,
+and the unfinished operation states below, as parameters and decides nothing of its own.
 
 A row is anything indexable by column name (``sqlite3.Row``, ``asyncpg.Record``); a time column is
 ISO text on SQLite and a ``datetime`` on PostgreSQL, and ``as_time`` reads both.
@@ -13,7 +14,6 @@ ISO text on SQLite and a ``datetime`` on PostgreSQL, and ``as_time`` reads both.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import hashlib
@@ -318,49 +318,27 @@ def event_from_row(row: Row) -> model.DriftEvent:
     )
 
 
-def query_key(query: model.ResourceQuery | model.EventQuery) -> str:
-    """A digest of a query's filters by name, so a page token only fits the query that made it."""
-    fields = {
-        k: sorted(x.value for x in v) if isinstance(v, frozenset) else getattr(v, "value", v)
-        for k, v in dataclasses.asdict(query).items()
-    }
-    return hashlib.sha256(json.dumps([type(query).__name__, fields], sort_keys=True).encode()).hexdigest()[
-        :16
-    ]
+def position_of(item: model.Deployment | model.DriftEvent) -> model.Position:
+    """Where a listing continues after ``item``: the text of the columns it is ordered by."""
+    if isinstance(item, model.DriftEvent):
+        return "seq", str(item.sequence)
+    return item.resource_type.value, item.resource_name
 
 
-def encode_page_token(key: str, last: tuple[str, str]) -> str:
-    """An opaque token: the query's digest and the position after which the next page starts."""
-    raw = json.dumps({"q": key, "after": list(last)}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+# The largest sequence a column holds (SQLite INTEGER, PostgreSQL BIGINT).
+_MAX_SEQUENCE = 2**63 - 1
 
 
-def decode_page_token(token: str, key: str) -> tuple[str, str] | None:
-    """The position of a token made for the query of digest ``key``; InvalidArgument otherwise."""
-    if not token:
-        return None
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = raw["after"]
-        if raw["q"] != key or len(after) != 2:
-            raise ValueError("token of another query")
-        return str(after[0]), str(after[1])
-    except (ValueError, KeyError, TypeError) as e:
-        raise errors.InvalidArgument(
-            [
-                errors.FieldViolation(
-                    "page_token",
-                    "is not a token this query returned; repeat the query without it, with the same filters",
-                )
-            ]
-        ) from e
+def event_position(query: model.EventQuery, after: model.Position | None) -> int:
+    """The sequence an event listing starts after: the query's, or further on by a position.
 
-
-def event_position(query: model.EventQuery, after: tuple[str, str] | None) -> int:
-    """The sequence an event listing starts after: the query's, or further on by its page token."""
+    A position comes back from a caller inside a page token (short printable ASCII, no more, see
+    ``broker.paging``), so it may be made up: one that is not ``("seq", digits)`` starts nowhere
+    further, one past the column's range at its end.
+    """
     position = query.after_sequence
-    if after is not None:
-        position = max(position, int(after[1]) if after[1].isdigit() else 0)
+    if after is not None and after[1].isascii() and after[1].isdigit():
+        position = max(position, min(int(after[1]), _MAX_SEQUENCE))
     return position
 
 

@@ -6,6 +6,11 @@ suite (``tests/test_store_contract.py``, parametrized over the adapters). ``brok
 is the adapter of one replica, ``broker.store.postgres`` the adapter of several; what both write
 the same way is ``broker.store.codec``.
 
+Listings (``list_deployments``, ``list_events``) page by position: a page starts after
+``page.after`` and its ``next_after`` is where the next one starts (``None`` at the end). Positions
+come back from callers inside page tokens, which the service makes and checks (``broker.paging``),
+so an adapter answers any short printable-ASCII position, including one it never made.
+
 The event log's visibility contract, which every adapter keeps:
 
 * sequences are strictly increasing, and an event is visible (to ``events_after``, ``list_events``
@@ -60,8 +65,8 @@ class Deployments(Protocol):
 
     async def list_deployments(
         self, query: model.ResourceQuery, page: model.PageRequest
-    ) -> model.Page[model.Deployment]:
-        """Live deployments of a namespace matching a query, one page."""
+    ) -> model.Listing[model.Deployment]:
+        """Live deployments of a namespace matching a query, one page by (type, name) position."""
         ...
 
     def deployments_version(self) -> int | None:
@@ -139,8 +144,8 @@ class EventLog(Protocol):
 
     async def list_events(
         self, query: model.EventQuery, page: model.PageRequest
-    ) -> model.Page[model.DriftEvent]:
-        """Events of a namespace matching a query, oldest first, one page."""
+    ) -> model.Listing[model.DriftEvent]:
+        """Events of a namespace matching a query, oldest first, one page by sequence position."""
         ...
 
     async def prune_events(self, *, keep: int) -> int:

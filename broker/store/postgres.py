@@ -1103,7 +1103,7 @@ class Store:
 
     async def list_deployments(
         self, query: model.ResourceQuery, page: model.PageRequest
-    ) -> model.Page[model.Deployment]:
+    ) -> model.Listing[model.Deployment]:
         """The live (not deleted) deployments matching a query, ordered by type and name."""
         params = _Params()
         where = [
@@ -1116,14 +1116,13 @@ class Store:
             where.append(f"d.resource_name = {params.add(query.resource_name)}")
         if query.deployment_id is not None:
             where.append(f"d.deployment_id = {params.add(query.deployment_id)}")
-        key = codec.query_key(query)
-        after = codec.decode_page_token(page.token, key)
         total_row = await self._fetchrow(
             f"SELECT COUNT(*) FROM deployments d WHERE {' AND '.join(where)}", *params.values
         )
-        if after is not None:
+        if page.after is not None:
+            after_type, after_name = page.after
             where.append(
-                f"(d.resource_type, d.resource_name) > ({params.add(after[0])}, {params.add(after[1])})"
+                f"(d.resource_type, d.resource_name) > ({params.add(after_type)}, {params.add(after_name)})"
             )
         limit = params.add(page.size + 1)
         rows = await self._fetch(
@@ -1133,15 +1132,15 @@ class Store:
             *params.values,
         )
         items = tuple(codec.deployment_from_row(r) for r in rows[: page.size])
-        next_token = ""
-        if len(rows) > page.size:
-            last = items[-1]
-            next_token = codec.encode_page_token(key, (last.resource_type.value, last.resource_name))
-        return model.Page(items=items, total=int(total_row[0]) if total_row else 0, next_token=next_token)
+        return model.Listing(
+            items=items,
+            total=int(total_row[0]) if total_row else 0,
+            next_after=codec.position_of(items[-1]) if len(rows) > page.size else None,
+        )
 
     async def list_events(
         self, query: model.EventQuery, page: model.PageRequest
-    ) -> model.Page[model.DriftEvent]:
+    ) -> model.Listing[model.DriftEvent]:
         """Events of a namespace (optionally one deployment and some kinds), oldest first."""
         params = _Params()
         where = [f"namespace = {params.add(query.namespace)}"]
@@ -1153,8 +1152,7 @@ class Store:
             where.append(f"resource_type = {params.add(query.resource_type.value)}")
         if query.resource_name is not None:
             where.append(f"resource_name = {params.add(query.resource_name)}")
-        key = codec.query_key(query)
-        position = codec.event_position(query, codec.decode_page_token(page.token, key))
+        position = codec.event_position(query, page.after)
         if position:
             where.append(f"sequence > {params.add(position)}")
         limit = params.add(page.size + 1)
@@ -1164,11 +1162,12 @@ class Store:
             *params.values,
         )
         items = tuple(codec.event_from_row(r) for r in rows[: page.size])
-        next_token = ""
-        if len(rows) > page.size:
-            next_token = codec.encode_page_token(key, ("seq", str(items[-1].sequence)))
         # The log is not counted (a scan nobody asked for: ListDriftEvents reports no total).
-        return model.Page(items=items, total=len(items), next_token=next_token)
+        return model.Listing(
+            items=items,
+            total=len(items),
+            next_after=codec.position_of(items[-1]) if len(rows) > page.size else None,
+        )
 
 
 def _conforms(store: Store) -> port.Store:

@@ -1115,7 +1115,7 @@ class Store:
 
     async def list_deployments(
         self, query: model.ResourceQuery, page: model.PageRequest
-    ) -> model.Page[model.Deployment]:
+    ) -> model.Listing[model.Deployment]:
         """The live (not deleted) deployments matching a query, ordered by type and name."""
         where = ["d.namespace = ?", "d.phase != ?"]
         params: list[Any] = [query.namespace, model.Phase.DELETED.value]
@@ -1128,8 +1128,6 @@ class Store:
         if query.deployment_id is not None:
             where.append("d.deployment_id = ?")
             params.append(query.deployment_id)
-        query_key = codec.query_key(query)
-        after = codec.decode_page_token(page.token, query_key)
         async with self._read() as db:
             total_row = await _one(
                 db,
@@ -1138,9 +1136,9 @@ class Store:
             )
             page_where = list(where)
             page_params = list(params)
-            if after is not None:
+            if page.after is not None:
                 page_where.append("(d.resource_type, d.resource_name) > (?, ?)")
-                page_params.extend(after)
+                page_params.extend(page.after)
             rows = list(
                 await db.execute_fetchall(
                     f"SELECT {codec.DEPLOYMENT_COLUMNS} FROM deployments d "
@@ -1150,15 +1148,15 @@ class Store:
                 )
             )
         items = tuple(self._parsed.deployment(r) for r in rows[: page.size])
-        next_token = ""
-        if len(rows) > page.size:
-            last = items[-1]
-            next_token = codec.encode_page_token(query_key, (last.resource_type.value, last.resource_name))
-        return model.Page(items=items, total=int(total_row[0]) if total_row else 0, next_token=next_token)
+        return model.Listing(
+            items=items,
+            total=int(total_row[0]) if total_row else 0,
+            next_after=codec.position_of(items[-1]) if len(rows) > page.size else None,
+        )
 
     async def list_events(
         self, query: model.EventQuery, page: model.PageRequest
-    ) -> model.Page[model.DriftEvent]:
+    ) -> model.Listing[model.DriftEvent]:
         """Events of a namespace (optionally one deployment and some kinds), oldest first."""
         where = ["namespace = ?"]
         params: list[Any] = [query.namespace]
@@ -1175,8 +1173,7 @@ class Store:
         if query.resource_name is not None:
             where.append("resource_name = ?")
             params.append(query.resource_name)
-        query_key = codec.query_key(query)
-        position = codec.event_position(query, codec.decode_page_token(page.token, query_key))
+        position = codec.event_position(query, page.after)
         if position:
             where.append("sequence > ?")
             params.append(position)
@@ -1189,11 +1186,12 @@ class Store:
                 )
             )
         items = tuple(codec.event_from_row(r) for r in rows[: page.size])
-        next_token = ""
-        if len(rows) > page.size:
-            next_token = codec.encode_page_token(query_key, ("seq", str(items[-1].sequence)))
         # The log is not counted (a scan nobody asked for: ListDriftEvents reports no total).
-        return model.Page(items=items, total=len(items), next_token=next_token)
+        return model.Listing(
+            items=items,
+            total=len(items),
+            next_after=codec.position_of(items[-1]) if len(rows) > page.size else None,
+        )
 
     async def count_deployments(self) -> int:
         """How many deployments exist, deleted ones included (for tests and metrics)."""
