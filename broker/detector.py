@@ -61,6 +61,9 @@ VERDICT_REFRESH = datetime.timedelta(minutes=5)
 
 # How soon a sweep whose listing of every deployment failed (the store unavailable) tries again.
 SWEEP_RETRY_DELAY = 5.0
+# The longest a sweep holds the event loop before letting other work run (an evaluation that finds
+# nothing new awaits nothing: a sweep of 10,000 would otherwise hold it for seconds).
+SWEEP_SLICE = 0.005
 
 # How soon an approval that found another remediation of its deployment under way is tried again.
 APPROVAL_RETRY_DELAY = 2.0
@@ -644,9 +647,15 @@ class Detector:
                 await self._decisions(everything)
             except errors.BrokerError as e:
                 log.warning("pending remediations could not be settled", extra={"error": e.message})
-            # A watch event must not wait behind a sweep of thousands: changes go first, and each
-            # evaluation awaits the store, so a change arriving mid-sweep is picked next.
+            # A watch event must not wait behind a sweep of thousands: changes go first, and a
+            # change arriving mid-sweep is picked next. Evaluations that find nothing new never
+            # wait for anything, so the sweep gives the loop back every SWEEP_SLICE seconds: calls
+            # and streams are served between its slices.
+            slice_ends = time.perf_counter() + SWEEP_SLICE
             while self._dirty or self._resync:
+                if time.perf_counter() >= slice_ends:
+                    await asyncio.sleep(0)
+                    slice_ends = time.perf_counter() + SWEEP_SLICE
                 listed = None
                 if self._dirty:
                     deployment_id = self._dirty.popitem(last=False)[0]  # changed: its row is read afresh

@@ -54,3 +54,59 @@ async def test_start_up_waits_for_a_sweep_whose_listing_succeeded(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
+
+
+async def test_a_sweep_gives_the_loop_back_between_slices(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluations that find nothing new await nothing: the sweep itself lets other work run."""
+    store = await sqlite.Store.open(tmp_path)
+    monkeypatch.setattr(detector, "SWEEP_SLICE", 0.0)  # a slice of one evaluation
+    evaluated: list[str] = []
+    ticks: list[int] = []  # how many evaluations had run whenever another task got the loop
+
+    watcher = detector.Detector(
+        store=store,
+        cluster=_SyncedCluster(),  # type: ignore[arg-type]
+        catalog=catalog.DEFAULT_CATALOG,
+        policies=policy.Policy,
+        remediator=None,
+        resync_interval=600.0,
+    )
+
+    swept = asyncio.Event()
+
+    async def evaluate(deployment_id: str, listed: object = None) -> None:
+        evaluated.append(deployment_id)  # nothing new: returns without awaiting anything
+        if len(evaluated) == 50:
+            swept.set()
+
+    async def listed(phases: object) -> list[object]:
+        return [_Listed(f"deploy-{i:04d}") for i in range(50)]
+
+    monkeypatch.setattr(watcher, "evaluate", evaluate)
+    monkeypatch.setattr(store, "live_deployments", listed)
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(len(evaluated))
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(ticker())
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(swept.wait(), 10)
+        # The other task ran in the middle of the sweep, not only before and after it.
+        assert any(0 < n < 50 for n in ticks), ticks[:20]
+    finally:
+        for t in (task, other):
+            t.cancel()
+        await asyncio.gather(task, other, return_exceptions=True)
+        await store.close()
+
+
+class _Listed:
+    """A row as the sweep lists it: only its id is read before evaluating it."""
+
+    def __init__(self, deployment_id: str) -> None:
+        self.deployment_id = deployment_id
