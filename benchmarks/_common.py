@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -233,12 +233,12 @@ class GcPauses:
         return summary
 
 
-async def serve_stats(pauses: GcPauses) -> None:
+async def serve_stats(pauses: GcPauses, extra: Callable[[], dict[str, Any]] = dict) -> None:
     """The child side of a server under test: answer ``{"op": "stats"}`` until stdin closes."""
     reader = await stdin_lines()
     while line := await reader.readline():
         if json.loads(line).get("op") == "stats":
-            answer({"gc": pauses.summary(), "rss": rss_bytes(os.getpid())})
+            answer({"gc": pauses.summary(), "rss": rss_bytes(os.getpid()), **extra()})
 
 
 async def _broker_child(options: BrokerOptions) -> None:
@@ -278,7 +278,7 @@ async def _broker_child(options: BrokerOptions) -> None:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         if options.tracemalloc:
             loop.add_signal_handler(signal.SIGUSR1, _write_allocations, pathlib.Path(options.tracemalloc))
-        stats = asyncio.create_task(serve_stats(pauses))
+        stats = asyncio.create_task(serve_stats(pauses, lambda: {"startup_s": broker.startup_seconds}))
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait({stats, waiter}, return_when=asyncio.FIRST_COMPLETED)
         stats.cancel()

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -68,6 +68,13 @@ class Metrics:
             "COST_ALERT events, by namespace and reason: cost_raised (drift raised a resource's cost past "
             "the threshold) or over_budget (the namespace's actual cost crossed its budget).",
             ["namespace", "reason"],
+            registry=self.registry,
+        )
+
+        self.startup = Gauge(
+            "broker_startup_seconds",
+            "From the start of the process's broker to the end of its start-up: the caches listed and "
+            "every deployment evaluated once (on a follower: until it first led). 0 until then.",
             registry=self.registry,
         )
 

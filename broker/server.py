@@ -21,6 +21,7 @@ import pathlib
 import secrets
 import signal
 import ssl
+import time
 from typing import Any
 
 import grpc
@@ -268,6 +269,9 @@ class Broker:
         self._freeze_heap = freeze_heap
         self._frozen_after_list = False
         self._thresholds: tuple[int, int, int] | None = None  # while full collections are suspended
+        self._started_at = time.monotonic()
+        # From the start to the first evaluation of everything (None until then).
+        self.startup_seconds: float | None = None
         self.authenticator = authenticator_for(settings)
         self.tls = Tls.from_settings(settings)
         self.grpc_port = 0
@@ -323,6 +327,10 @@ class Broker:
         garbage collection never walks it again (at 10k resources one walk stopped the broker for
         seconds). Only a process that is the broker freezes: tests run many brokers in one.
         """
+        if self.startup_seconds is None:
+            self.startup_seconds = time.monotonic() - self._started_at
+            self.metrics.startup.set(self.startup_seconds)
+            log.info("start-up done", extra={"seconds": round(self.startup_seconds, 2)})
         if self._freeze_heap:
             self._resume_full_collections("start-up done")
 
@@ -388,6 +396,7 @@ class Broker:
 
         If any step fails, everything started so far is stopped again before the error propagates.
         """
+        self._started_at = time.monotonic()
         try:
             await self._start()
         except BaseException:

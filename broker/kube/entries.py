@@ -277,7 +277,7 @@ class _TopicObject(_Object):
 # look in, and the key that must appear inside it. Scoped so that, say, the controller's
 # status.replicas never counts as a change of spec.replicas.
 _CONTAINER = ("f:spec", "f:template", "f:spec", "f:containers")
-STS_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+_STS_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "replicas": (("f:spec",), '"f:replicas"'),
     "image": (_CONTAINER, '"f:image"'),
     "resources": (_CONTAINER, '"f:resources"'),
@@ -285,13 +285,13 @@ STS_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "storage": (("f:spec",), '"f:volumeClaimTemplates"'),
     "labels": (("f:metadata",), '"f:labels"'),
 }
-TOPIC_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+_TOPIC_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "partitions": (("f:spec",), '"f:partitions"'),
     "retention_ms": (("f:spec",), '"f:retention.ms"'),
     "replicas": (("f:spec",), '"f:replicas"'),
     "labels": (("f:metadata",), '"f:labels"'),
 }
-SECRET_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+_SECRET_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "data": ((), '"f:data"'),
 }
 
@@ -431,7 +431,7 @@ def _claim(obj: _ClaimObject) -> Claim:
 def _secret(obj: _SecretObject) -> Secret:
     recorded = (obj.metadata.annotations or {}).get(manifests.CHECKSUM_ANNOTATION)
     changed = recorded is not None and recorded != manifests.data_checksum(obj.data or {})
-    managers = dict(_field_managers(obj.metadata, SECRET_FIELDS))
+    managers = dict(_field_managers(obj.metadata, _SECRET_FIELDS))
     return Secret(*_head(obj.metadata), changed=changed, changed_by=managers.get("data", ""))
 
 
@@ -455,7 +455,7 @@ def _workload(obj: _StatefulSetObject) -> Workload:
         memory_limit=sys.intern(limits.get("memory", "")),
         storage=sys.intern((claim_resources.requests or {}).get("storage", "")),
         env=_env(container),
-        field_managers=_field_managers(obj.metadata, STS_FIELDS),
+        field_managers=_field_managers(obj.metadata, _STS_FIELDS),
         unreadable=_pairs(unreadable),
     )
 
@@ -481,7 +481,7 @@ def _topic(obj: _TopicObject) -> Topic:
             ),
             None,
         ),
-        field_managers=_field_managers(obj.metadata, TOPIC_FIELDS),
+        field_managers=_field_managers(obj.metadata, _TOPIC_FIELDS),
         unreadable=_pairs(unreadable),
     )
 

@@ -41,12 +41,6 @@ class Cached(Protocol):
 R = TypeVar("R", bound=Cached)
 
 
-def key_of(obj: kube_client.JsonDict) -> Key:
-    """An object's cache key."""
-    meta = obj.get("metadata") or {}
-    return str(meta.get("namespace", "")), str(meta.get("name", ""))
-
-
 class Backoff:
     """Exponential backoff with full jitter, reset after a success."""
 
@@ -97,7 +91,8 @@ class Informer(Generic[R]):
         self._backoff = backoff or Backoff()
         self._objects: dict[Key, R] = {}
         self._index_of = index
-        self._index: dict[str, set[Key]] = {}
+        # By index value, the keys of its records: a tuple, since most values have one or two.
+        self._index: dict[str, tuple[Key, ...]] = {}
         self.synced = asyncio.Event()
         self.reconnects = 0
         self.relists = 0
@@ -122,16 +117,18 @@ class Informer(Generic[R]):
         self._drop(key)
         self._objects[key] = record
         if self._index_of is not None:
-            self._index.setdefault(self._index_of(record), set()).add(key)
+            value = self._index_of(record)
+            self._index[value] = (*self._index.get(value, ()), key)
 
     def _drop(self, key: Key) -> R | None:
         old = self._objects.pop(key, None)
         if old is not None and self._index_of is not None:
-            values = self._index.get(self._index_of(old))
-            if values is not None:
-                values.discard(key)
-                if not values:
-                    del self._index[self._index_of(old)]
+            value = self._index_of(old)
+            keys = tuple(k for k in self._index.get(value, ()) if k != key)
+            if keys:
+                self._index[value] = keys
+            else:
+                self._index.pop(value, None)
         return old
 
     async def run(self) -> None:
