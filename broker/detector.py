@@ -466,11 +466,11 @@ class CostWatch:
         subject = costs.namespace_subject(namespace)
         actual = round(self._totals.get(namespace, (0.0, 0.0))[1], 2)
         budget = self._budgets().budget_for(namespace)
-        members = [self._costs[d] for d in self._by_namespace.get(namespace, ())]
         crossing = costs.cross(was_over=subject in self._over, now_over=costs.over_budget(actual, budget))
+        members = self._by_namespace.get(namespace, ())  # judged on every verdict: listed only to alert
         if crossing.alert and members and budget.monthly is not None:
             # The event is about the deployment whose verdict crossed the line, else the costliest.
-            costliest = max(members, key=lambda c: c.actual or 0.0)
+            costliest = max((self._costs[d] for d in members), key=lambda c: c.actual or 0.0)
             about = self._costs[cause] if cause is not None else costliest
             plan.raised.add(subject)
             message = costs.budget_message(

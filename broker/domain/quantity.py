@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import decimal
+import functools
 import re
 
 _QUANTITY = re.compile(
@@ -24,8 +25,12 @@ _DECIMAL = {
 GIB = decimal.Decimal(2**30)
 
 
+@functools.lru_cache(maxsize=4096)
 def parse(text: str) -> decimal.Decimal:
-    """The value of a quantity in base units (cores, bytes); ValueError for anything else."""
+    """The value of a quantity in base units (cores, bytes); ValueError for anything else.
+
+    Kept per text (a Decimal is immutable): every evaluation compares the same few quantities.
+    """
     match = _QUANTITY.match(text.strip())
     if not match:
         raise ValueError(f"{text!r} is not a Kubernetes quantity")

@@ -243,12 +243,18 @@ def deployment_from_row(row: Row) -> model.Deployment:
 
 
 def item_to_dict(item: model.DriftItem) -> dict[str, Any]:
-    """A drift item as JSON-ready values."""
+    """A drift item as JSON-ready values (every field is a plain value: no deep copy needed)."""
     return {
-        **dataclasses.asdict(item),
+        "rule_id": item.rule_id,
+        "field": item.field,
+        "desired": item.desired,
+        "actual": item.actual,
         "drift_class": item.drift_class.value,
         "severity": item.severity.value,
         "action": item.action.value,
+        "message": item.message,
+        "changed_by": item.changed_by,
+        "monthly_cost_delta": item.monthly_cost_delta,
         "detect_time": ts(item.detect_time) if item.detect_time else None,
     }
 
