@@ -331,7 +331,8 @@ def _env(container: _Container) -> dict[str, str]:
     rendered = {}
     for var in container.env or ():
         ref = var.valueFrom.secretKeyRef if var.valueFrom is not None else None
-        value = f"secret {ref.name}/{ref.key}" if ref is not None else var.value or ""
+        # Plain values are mostly the same in every deployment (paths, ports): shared.
+        value = f"secret {ref.name}/{ref.key}" if ref is not None else sys.intern(var.value or "")
         rendered[sys.intern(var.name)] = value
     return rendered
 

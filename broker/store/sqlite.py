@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -94,26 +95,28 @@ class _Parsed:
     Reads are mostly of rows that did not change since the last read (every manager polls); parsing
     a row (its spec's JSON, timestamps, enums) costs far more than comparing it with the row it was
     parsed from. The same row gives the same object, so readers further up (the views, their
-    encodings) can tell "unchanged" by identity. Deleted deployments are not kept.
+    encodings) can tell "unchanged" by identity. A row is remembered by a 128-bit digest of its
+    values, not the values (its JSON text would be kept twice). Deleted deployments are not kept.
     """
 
     __slots__ = ("_rows",)
 
     def __init__(self) -> None:
-        self._rows: dict[str, tuple[tuple[Any, ...], model.Deployment]] = {}
+        self._rows: dict[str, tuple[bytes, model.Deployment]] = {}
 
     def deployment(self, row: sqlite3.Row) -> model.Deployment:
         """The deployment of a row of ``codec.DEPLOYMENT_COLUMNS``."""
         values = tuple(row)
         deployment_id = values[0]
+        digest = hashlib.blake2b(repr(values).encode(), digest_size=16).digest()
         kept = self._rows.get(deployment_id)
-        if kept is not None and kept[0] == values:
+        if kept is not None and kept[0] == digest:
             return kept[1]
         deployment = codec.deployment_from_row(row)
         if deployment.phase is model.Phase.DELETED:
             self._rows.pop(deployment_id, None)
         else:
-            self._rows[deployment_id] = (values, deployment)
+            self._rows[deployment_id] = (digest, deployment)
         return deployment
 
 
