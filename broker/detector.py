@@ -571,6 +571,9 @@ class Detector:
         # the caches already show (``verdict``).
         self._noticed: dict[str, datetime.datetime] = {}
         self._evaluating: dict[str, datetime.datetime] = {}
+        # The provisional verdict of each of those, made by the first read after its change (from
+        # the row it was made for): later reads reuse it until the next change or the kept verdict.
+        self._provisional: dict[str, tuple[model.Deployment, drift.Evaluation]] = {}
         # When each namespace's verdicts last changed, on one counter (``version``).
         self._changes = 0
         self._changed_at: dict[str, int] = {}
@@ -586,7 +589,9 @@ class Detector:
                 self._recent.popitem(last=False)
             return
         self._dirty[deployment_id] = None
-        self._noticed.setdefault(deployment_id, _now())
+        # An evaluation under way already saw the caches: drift it finds is dated from its start.
+        self._noticed.setdefault(deployment_id, self._evaluating.get(deployment_id) or _now())
+        self._provisional.pop(deployment_id, None)
         opened = self._open.get(deployment_id)
         if opened is not None:
             self._changed(opened[0])  # its kept verdict is not shown as it is any more (``verdict``)
@@ -712,10 +717,20 @@ class Detector:
         noticed = self._evaluating.get(deployment_id) or self._noticed.get(deployment_id)
         if noticed is None:
             return kept[1]
+        made = self._provisional.get(deployment_id)
+        if made is not None and (made[0] is deployment or made[0] == deployment):
+            return made[1]
         verdict = self._verdict(deployment)
         if verdict.health is model.Health.UNKNOWN:
-            return dataclasses.replace(verdict, items=kept[1].items)
-        return dataclasses.replace(verdict, items=_keep_detect_times(kept[1].items, verdict.items, noticed))
+            verdict = dataclasses.replace(verdict, items=kept[1].items)
+        else:
+            verdict = dataclasses.replace(
+                verdict, items=_keep_detect_times(kept[1].items, verdict.items, noticed)
+            )
+        if dataclasses.replace(kept[1], checked_at=verdict.checked_at) == verdict:
+            verdict = kept[1]  # nothing new: the kept verdict, as its evaluation will conclude
+        self._provisional[deployment_id] = (deployment, verdict)
+        return verdict
 
     def version(self, namespace: str) -> int:
         """A number that changes whenever a verdict on a deployment of the namespace does."""
@@ -731,6 +746,7 @@ class Detector:
             if namespace in (ns, policy.ANY) and (resource_type is None or kind == resource_type.value):
                 self._dirty[deployment_id] = None
                 self._noticed.setdefault(deployment_id, _now())  # shown under the new policy at once
+                self._provisional.pop(deployment_id, None)
                 self._changed(ns)
         self._wake.set()
 
@@ -760,6 +776,7 @@ class Detector:
         self._forgotten_at = self._changes
         self._dirty.clear()
         self._noticed.clear()
+        self._provisional.clear()
         self._resync.clear()
         if self.costs is not None:
             self.costs.clear()
@@ -768,6 +785,7 @@ class Detector:
     def _forget(self, deployment_id: str) -> None:
         self._reported.pop(deployment_id, None)
         self._noticed.pop(deployment_id, None)
+        self._provisional.pop(deployment_id, None)
         opened = self._open.pop(deployment_id, None)
         if self._verdicts.pop(deployment_id, None) is not None and opened is not None:
             self._changed(opened[0])
@@ -785,6 +803,11 @@ class Detector:
         self._evaluating[deployment_id] = noticed
         try:
             await self._evaluate(deployment_id, listed, noticed)
+        except BaseException:
+            # Not concluded: reads stay provisional (never back to the verdict before the change)
+            # until an evaluation concludes, at the next change or sweep.
+            self._noticed.setdefault(deployment_id, noticed)
+            raise
         finally:
             if self._evaluating.get(deployment_id) is noticed:
                 del self._evaluating[deployment_id]
@@ -1004,6 +1027,8 @@ class Detector:
 
     def _keep_verdict(self, deployment: model.Deployment, verdict: drift.Evaluation) -> None:
         operation_id = deployment.last_operation.operation_id
+        if deployment.deployment_id not in self._noticed:  # no change since this evaluation saw it
+            self._provisional.pop(deployment.deployment_id, None)
         kept = self._verdicts.get(deployment.deployment_id)
         if (
             kept is not None

@@ -222,3 +222,40 @@ def test_pod_usage_is_summed_over_containers() -> None:
     (usage,) = entries.USAGE.page(body).items
     assert (usage.namespace, usage.name) == ("team-a", "db-0")
     assert (str(usage.cpu), int(usage.memory)) == ("0.500", 128 * 2**20)
+
+
+def test_no_input_fails_a_page_or_an_event() -> None:
+    """Odd objects a lax cluster could hold: each is read as far as it can be, none stops the cache."""
+    out_of_range = {"metadata": meta("data-db-0"), "status": {"capacity": {"storage": "1e9999999"}}}
+    claim = entries.kind("PersistentVolumeClaim").decode(json.dumps(out_of_range).encode())
+    assert isinstance(claim, entries.Claim)
+    assert (claim.name, claim.capacity) == ("data-db-0", None)
+    odd_managers = statefulset()
+    odd_managers["metadata"]["managedFields"] = 5
+    workload = entries.kind("StatefulSet").decode(json.dumps(odd_managers).encode())
+    assert (workload.name, workload.owner) == ("db", OWNER)
+    not_an_object = b'{"metadata": {"resourceVersion": "3"}, "items": [7, {"metadata": {"name": "ok"}}]}'
+    page = entries.kind("Service").page(not_an_object)
+    assert [r.name for r in page.items] == ["ok"]  # the unreadable item has no name to cache it under
+    assert entries.kind("Pod").decode(b"[1, 2]").name == ""
+
+
+def test_usage_figures_do_not_evict_the_catalog_quantities_from_the_cache() -> None:
+    from broker.domain import quantity
+
+    quantity.parse("512Mi")
+    hits = quantity.parse.cache_info().hits
+    body = json.dumps(
+        {
+            "items": [
+                {
+                    "metadata": meta(f"db-{i}-0"),
+                    "containers": [{"usage": {"cpu": f"{i}n", "memory": f"{i}Ki"}}],
+                }
+                for i in range(5000)
+            ]
+        }
+    ).encode()
+    assert len(entries.USAGE.page(body).items) == 5000
+    quantity.parse("512Mi")
+    assert quantity.parse.cache_info().hits == hits + 1

@@ -23,7 +23,7 @@ from conftest import ADMIN_TOKEN, PLATFORM_TOKEN
 from test_store_contract import NS, command
 from test_watch_support import PLATFORM, Kubectl, broker_on, client_of, until
 
-from broker import auth, service
+from broker import auth, errors, service
 from broker.api import encoded, seed_json
 from broker.domain import catalog, model
 from broker.kube import entries
@@ -241,6 +241,45 @@ async def test_reads_never_go_back_to_a_world_before_a_change_they_showed(
             what="the heal's verdict kept",
         )
         assert await health() == pb.HEALTH_STATUS_HEALTHY
+
+
+async def test_a_failed_evaluation_does_not_bring_back_the_verdict_before_the_change(
+    tmp_path: pathlib.Path,
+    tokens_file: pathlib.Path,
+    sandbox: Any,
+    sandbox_kubeconfig: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store fails to record a crash: reads keep showing the crash (provisional), not Healthy."""
+    async with (
+        broker_on(tmp_path / "data", tokens_file, sandbox_kubeconfig, **SLOW_RESYNC) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-fail")
+        await manager.wait_ready(deployment_id)
+        detector = broker.detector
+        assert detector is not None
+        failed = asyncio.Event()
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            failed.set()
+            raise errors.Unavailable("the store failed to commit: OperationalError")
+
+        monkeypatch.setattr(broker.store, "record_evaluation", failing)
+        sandbox.faults.crash_pod(namespace=PLATFORM, name="db-fail-0")
+        await asyncio.wait_for(failed.wait(), 10)
+        await asyncio.sleep(0.2)  # the sweep logged the failure and moved on
+        for _ in range(3):
+            state = await manager.state(deployment_id)
+            assert state is not None
+            assert state.health_status == pb.HEALTH_STATUS_UNHEALTHY
+        # One provisional verdict, made by the first read after the change, for every read after it.
+        deployment = await broker.store.deployment_by_id(deployment_id)
+        assert deployment is not None
+        first = detector.verdict(deployment)
+        assert first is not None
+        assert first.health is model.Health.UNHEALTHY
+        assert detector.verdict(deployment) is first
 
 
 async def _kept_health(detector: Any, broker: Any, deployment_id: str) -> model.Health | None:

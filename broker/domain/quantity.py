@@ -35,13 +35,16 @@ def parse(text: str) -> decimal.Decimal:
     if not match:
         raise ValueError(f"{text!r} is not a Kubernetes quantity")
     number, exponent, suffix = match.groups()
-    value = decimal.Decimal(number)
-    if exponent is not None:
-        return value.scaleb(int(exponent))
-    if suffix in _BINARY:
-        return value * _BINARY[suffix]
-    if suffix:
-        return value * decimal.Decimal(_DECIMAL[suffix])
+    try:
+        value = decimal.Decimal(number)
+        if exponent is not None:
+            return value.scaleb(int(exponent))
+        if suffix in _BINARY:
+            return value * _BINARY[suffix]
+        if suffix:
+            return value * decimal.Decimal(_DECIMAL[suffix])
+    except ArithmeticError as e:  # out of Decimal's range ("1e9999999"): not a quantity either
+        raise ValueError(f"{text[:40]!r} is out of range for a quantity") from e
     return value
 
 

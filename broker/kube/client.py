@@ -41,15 +41,6 @@ class ListPage(Generic[T]):
     continue_token: str
 
 
-def json_page(body: bytes) -> ListPage[JsonDict]:
-    """A list page with its items as JSON objects."""
-    page = json.loads(body)
-    meta = page.get("metadata") or {}
-    return ListPage(
-        page.get("items") or [], str(meta.get("resourceVersion", "")), str(meta.get("continue") or "")
-    )
-
-
 class _Envelope(msgspec.Struct):
     """A watch event with its object still undecoded (an ERROR event's is a Status)."""
 
@@ -376,19 +367,6 @@ class Client:
             token = page.continue_token
             if not token:
                 return
-
-    async def list(
-        self, kind: str, *, label_selector: str = "", namespace: str | None = None, limit: int = 500
-    ) -> tuple[list[JsonDict], str]:
-        """Every matching object (following ``continue``) and the list's resourceVersion."""
-        items: list[JsonDict] = []
-        resource_version = ""
-        async for page in self.pages(
-            kind, decode=json_page, label_selector=label_selector, namespace=namespace, limit=limit
-        ):
-            items.extend(page.items)
-            resource_version = page.resource_version
-        return items, resource_version
 
     async def watch(
         self,

@@ -374,9 +374,11 @@ def integer(value: Any, field: str, unreadable: dict[str, str], default: int) ->
         return default
 
 
-def parse_quantity(value: Any) -> decimal.Decimal | None:
+def parse_quantity(
+    value: Any, parse: Callable[[str], decimal.Decimal] = quantity.parse
+) -> decimal.Decimal | None:
     try:
-        return quantity.parse(str(value)) if value is not None else None
+        return parse(str(value)) if value is not None else None
     except ValueError:
         return None
 
@@ -494,8 +496,9 @@ def _usage(obj: _PodMetricsObject) -> Usage:
     cpu = memory = decimal.Decimal(0)
     for container in obj.containers or ():
         usage = container.usage or {}
-        cpu += parse_quantity(usage.get("cpu")) or 0
-        memory += parse_quantity(usage.get("memory")) or 0
+        # Usage figures differ at every poll: parsed without the cache kept for catalog quantities.
+        cpu += parse_quantity(usage.get("cpu"), quantity.parse.__wrapped__) or 0
+        memory += parse_quantity(usage.get("memory"), quantity.parse.__wrapped__) or 0
     return Usage(*_head(obj.metadata), cpu=cpu, memory=memory)
 
 
@@ -522,47 +525,60 @@ class Kind(Generic[W, R]):
         return self.decode(msgspec.json.encode(obj))
 
     def decode(self, body: bytes) -> R:
-        """The record of one object's JSON (a watch event's)."""
-        return self._reduce(self._lenient(body, self._object))
+        """The record of one object's JSON (a watch event's); its name is "" if none can be read."""
+        return self._record(self._lenient(body))
 
     def page(self, body: bytes) -> kube_client.ListPage[R]:
-        """A list page's records, its resourceVersion and continue token."""
+        """A list page's records (those with a name), its resourceVersion and continue token."""
         try:
             page = self._page.decode(body)
+            items, meta = page.items or [], page.metadata
         except msgspec.ValidationError:
             # One object the API server let through with an odd type (a custom resource, a fake
             # cluster): decode the items one by one, leniently, rather than fail the whole list.
             raw = msgspec.json.decode(body, type=_Page[msgspec.Raw])
-            items = [self._lenient(bytes(item), self._object) for item in raw.items or ()]
-            return kube_client.ListPage(
-                [self._reduce(i) for i in items], raw.metadata.resourceVersion, raw.metadata.continue_
-            )
-        return kube_client.ListPage(
-            [self._reduce(i) for i in page.items or ()],
-            page.metadata.resourceVersion,
-            page.metadata.continue_,
-        )
+            items, meta = [self._lenient(bytes(item)) for item in raw.items or ()], raw.metadata
+        records = [self._record(item) for item in items]
+        return kube_client.ListPage([r for r in records if r.name], meta.resourceVersion, meta.continue_)
 
-    def _lenient(self, body: bytes, decoder: msgspec.json.Decoder[W]) -> W:
+    def _record(self, wire: W) -> R:
         try:
-            return decoder.decode(body)
+            return self._reduce(wire)
+        except Exception as e:  # no object may stop a cache: read it as its identity
+            # The error's kind only: its text could quote a value (a Secret's, say).
+            log.warning(
+                "an object could not be read; only its identity is", extra={"error": type(e).__name__}
+            )
+            return self._reduce(self._wire(metadata=wire.metadata))
+
+    def _lenient(self, body: bytes) -> W:
+        """The wire struct of an object, with each field of a type it cannot take read as absent."""
+        try:
+            return self._object.decode(body)
         except msgspec.ValidationError:
             pass
-        obj = msgspec.json.decode(body)
+        try:
+            obj = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return self._wire()
         if not isinstance(obj, dict):
-            raise msgspec.ValidationError("an object in the list is not a JSON object")
+            return self._wire()
         meta: JsonDict = obj["metadata"] if isinstance(obj.get("metadata"), dict) else {}
-        for entry in meta.get("managedFields") or ():
+        managed = meta.get("managedFields")
+        for entry in managed if isinstance(managed, list) else ():
             if isinstance(entry, dict):  # kept undecoded, as the strict decoder would have
                 entry["fieldsV1"] = msgspec.Raw(msgspec.json.encode(entry.get("fieldsV1") or {}))
-        # Each field of a type the wire shape cannot take is read as absent, one at a time.
         for _ in range(_MAX_ODD_FIELDS):
             try:
                 return msgspec.convert(obj, self._wire, strict=False)
             except msgspec.ValidationError as e:
+                # The error names the type and where, never the value: safe to log (a Secret's too).
                 if not _drop_at(obj, str(e)):
                     log.warning("an object cannot be read; only its identity is", extra={"error": str(e)})
                     break
+                log.warning(
+                    "a field of an object has a type it cannot have; read as absent", extra={"error": str(e)}
+                )
         identity = {
             k: meta[k] for k in ("name", "namespace", "resourceVersion", "labels", "annotations") if k in meta
         }

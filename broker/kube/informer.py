@@ -204,8 +204,8 @@ class Informer(Generic[R]):
             timeout_seconds=self._watch_timeout,
         ):
             resource_version = record.resource_version or resource_version
-            if event_type == "BOOKMARK":
-                continue
+            if event_type == "BOOKMARK" or not record.name:
+                continue  # a bookmark, or an object whose name cannot be read (nothing to cache)
             key = (record.namespace, record.name)
             if event_type == "DELETED":
                 # Deleted, or no longer selected (labels changed): listeners learn of it as the
