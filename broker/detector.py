@@ -1037,6 +1037,19 @@ class Detector:
             and dataclasses.replace(kept[1], checked_at=verdict.checked_at) == verdict
         ):
             return
+        if kept is not None and kept[0] == operation_id:
+            # Usage moves at every metrics poll, the rest seldom: the parts that did not change are
+            # the kept verdict's own objects (frozen with the heap after start-up), so a usage
+            # change makes two new objects for the collector to walk, not a whole verdict.
+            old = kept[1]
+            verdict = dataclasses.replace(
+                verdict,
+                actual_spec=old.actual_spec
+                if old.actual_spec == verdict.actual_spec
+                else verdict.actual_spec,
+                items=old.items if old.items == verdict.items else verdict.items,
+                usage=old.usage if old.usage == verdict.usage else verdict.usage,
+            )
         self._verdicts[deployment.deployment_id] = (operation_id, verdict)
         self._changed(deployment.namespace)
 

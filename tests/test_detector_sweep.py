@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
 import pathlib
 
 import pytest
@@ -110,3 +112,54 @@ class _Listed:
 
     def __init__(self, deployment_id: str) -> None:
         self.deployment_id = deployment_id
+
+
+async def test_a_usage_change_keeps_the_rest_of_the_verdict_as_it_was(tmp_path: pathlib.Path) -> None:
+    """A new verdict shares its unchanged parts with the kept one: fewer objects for the collector."""
+    from test_store_contract import command
+
+    from broker.domain import drift, model
+
+    store = await sqlite.Store.open(tmp_path)
+    try:
+        deployment = await store.deployment_by_id((await store.provision(command("db-a"))).deployment_id)
+        assert deployment is not None
+        watcher = detector.Detector(
+            store=store,
+            cluster=_SyncedCluster(),  # type: ignore[arg-type]
+            catalog=catalog.DEFAULT_CATALOG,
+            policies=policy.Policy,
+            remediator=None,
+        )
+
+        def verdict(cpu: str) -> drift.Evaluation:
+            item = model.DriftItem(
+                rule_id="version.patch",
+                field="version",
+                desired="15",
+                actual="15.2",
+                drift_class=model.DriftClass.EXPECTED,
+                severity=model.Severity.INFO,
+                action=model.Action.NONE,
+                message="Version mismatch: desired=15, actual=15.2",
+            )
+            return drift.Evaluation(
+                actual_spec=dataclasses.replace(deployment.desired_spec),  # an equal copy each time
+                items=(item,),
+                health=model.Health.HEALTHY,
+                usage=drift.Usage(cpu=cpu, memory="64Mi", storage="20Gi", replicas=1),
+                monthly_cost=45.5,
+                checked_at=datetime.datetime.now(datetime.UTC),
+            )
+
+        first = verdict("100m")
+        watcher._keep_verdict(deployment, first)
+        watcher._keep_verdict(deployment, verdict("120m"))
+        kept = watcher.verdict(deployment)
+        assert kept is not None
+        assert kept.usage is not None
+        assert kept.usage.cpu == "120m"
+        assert kept.items is first.items  # equal parts: the kept verdict's own objects
+        assert kept.actual_spec is first.actual_spec
+    finally:
+        await store.close()
