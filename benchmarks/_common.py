@@ -237,8 +237,17 @@ async def serve_stats(pauses: GcPauses, extra: Callable[[], dict[str, Any]] = di
     """The child side of a server under test: answer ``{"op": "stats"}`` until stdin closes."""
     reader = await stdin_lines()
     while line := await reader.readline():
-        if json.loads(line).get("op") == "stats":
+        op = json.loads(line).get("op")
+        if op == "stats":
             answer({"gc": pauses.summary(), "rss": rss_bytes(os.getpid()), **extra()})
+        elif op == "unfrozen":
+            # What a full collection walks: the tracked objects of the oldest generation, by type.
+            counts: dict[str, int] = {}
+            for obj in gc.get_objects(generation=2):
+                name = type(obj).__qualname__
+                counts[name] = counts.get(name, 0) + 1
+            top = sorted(counts.items(), key=lambda kv: -kv[1])[:15]
+            answer({"total": sum(counts.values()), "frozen": gc.get_freeze_count(), "top": top})
 
 
 async def _broker_child(options: BrokerOptions) -> None:

@@ -615,6 +615,12 @@ async def _main(args: argparse.Namespace) -> None:
         await _bench_queries(args, load, baseline, ports, broker.pid, grpc_target, http_url)
         await health.snapshot(broker, "queries")
         health.report()
+        unfrozen = await broker.ask({"op": "unfrozen"})
+        print(
+            f"\nwhat a full collection walks now: {unfrozen['total']:,} tracked objects outside the "
+            f"{unfrozen['frozen']:,} frozen at start-up; most common: "
+            + ", ".join(f"{name} {count:,}" for name, count in unfrozen["top"][:10])
+        )
         args.figures["longest_full_gc_ms"], args.figures["longest_full_gc_cpu_ms"] = health.longest()
         await broker.stop()
         children.remove(broker)
