@@ -259,3 +259,21 @@ def test_usage_figures_do_not_evict_the_catalog_quantities_from_the_cache() -> N
     assert len(entries.USAGE.page(body).items) == 5000
     quantity.parse("512Mi")
     assert quantity.parse.cache_info().hits == hits + 1
+
+
+def test_an_environment_of_odd_shapes_is_rendered_not_raised() -> None:
+    container = {
+        "env": [
+            {"name": "PGDATA", "value": "/data"},
+            {"name": "ODD", "value": {"nested": True}},
+            {"name": "REF", "valueFrom": {"secretKeyRef": {"name": "db-credentials", "key": "password"}}},
+            "not a variable",
+        ]
+    }
+    assert entries.env(container) == {
+        "PGDATA": "/data",
+        "ODD": "(unreadable)",
+        "REF": "secret db-credentials/password",
+        "": "(unreadable)",
+    }
+    assert entries.env({"env": "none"}) == {}

@@ -323,8 +323,20 @@ def _field_managers(meta: _Meta, fields: Mapping[str, tuple[tuple[str, ...], str
 
 
 def env(container: JsonDict) -> dict[str, str]:
-    """A container's environment (as JSON), each value rendered so that two equal settings compare equal."""
-    return _env(msgspec.convert(container, _Container, strict=False))
+    """A container's environment (as JSON), each value rendered so that two equal settings compare equal.
+
+    A variable of a shape the API would not take (a live object is anyone's to edit) is rendered
+    by its name alone, never raised: it then shows as a changed setting.
+    """
+    listed = container.get("env")
+    variables = []
+    for var in listed if isinstance(listed, list) else ():
+        try:
+            variables.append(msgspec.convert(var, _EnvVar, strict=False))
+        except msgspec.ValidationError:
+            name = var.get("name") if isinstance(var, dict) else None
+            variables.append(_EnvVar(name=name if isinstance(name, str) else "", value="(unreadable)"))
+    return _env(_Container(env=variables))
 
 
 def _env(container: _Container) -> dict[str, str]:
