@@ -458,25 +458,25 @@ class BrokerClient:
         self, namespace: str, remediation_id: str, *, request_id: str = "", reason: str = ""
     ) -> pb.PendingRemediation:
         """Approve a pending remediation (needs the approve grant); the broker then carries it out."""
-        reply: pb.ApproveRemediationResponse = await self._call(
-            self._stub.ApproveRemediation,
-            pb.ApproveRemediationRequest(
-                namespace=namespace, remediation_id=remediation_id, request_id=request_id, reason=reason
-            ),
+        request = pb.ApproveRemediationRequest(
+            namespace=namespace, remediation_id=remediation_id, request_id=request_id, reason=reason
         )
-        return reply.remediation
+        return await self._decide(self._stub.ApproveRemediation, request)
 
     async def reject_remediation(
         self, namespace: str, remediation_id: str, *, request_id: str = "", reason: str = ""
     ) -> pb.PendingRemediation:
         """Reject a pending remediation (needs the approve grant); the drift stays."""
-        reply: pb.RejectRemediationResponse = await self._call(
-            self._stub.RejectRemediation,
-            pb.RejectRemediationRequest(
-                namespace=namespace, remediation_id=remediation_id, request_id=request_id, reason=reason
-            ),
+        request = pb.RejectRemediationRequest(
+            namespace=namespace, remediation_id=remediation_id, request_id=request_id, reason=reason
         )
-        return reply.remediation
+        return await self._decide(self._stub.RejectRemediation, request)
+
+    async def _decide(self, method: Any, request: Any) -> pb.PendingRemediation:
+        """Approve or reject: both answer the decided remediation."""
+        reply = await self._call(method, request)
+        remediation: pb.PendingRemediation = reply.remediation
+        return remediation
 
     async def get_remediation_policy(
         self, namespace: str, *, resource_type: EnumArg | None = None
