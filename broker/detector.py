@@ -44,7 +44,7 @@ import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from broker import errors, workers
 from broker.domain import approval, costs, drift, lifecycle, model, policy, rules
@@ -64,6 +64,9 @@ SWEEP_RETRY_DELAY = 5.0
 # The longest a sweep holds the event loop before letting other work run (an evaluation that finds
 # nothing new awaits nothing: a sweep of 10,000 would otherwise hold it for seconds).
 SWEEP_SLICE = 0.005
+# The most verdicts of a sweep recorded in one transaction: a first sweep of 10,000 never-evaluated
+# deployments is 40 commits, not 10,000 (each a disk flush).
+SWEEP_BATCH = 256
 
 # How soon an approval that found another remediation of its deployment under way is tried again.
 APPROVAL_RETRY_DELAY = 2.0
@@ -401,7 +404,7 @@ class CostWatch:
     def judge(self, deployment: model.Deployment, verdict: drift.Evaluation) -> CostPlan:
         """Judge one new verdict: the resource's threshold, then (once started) its namespace's budget.
 
-        The plan is written with the verdict, in its transaction (``record_evaluation``), and
+        The plan is written with the verdict, in its transaction (``record_evaluations``), and
         ``committed`` once it is; a plan that was not written changes nothing but the costs kept.
         """
         deployment_id, namespace = deployment.deployment_id, deployment.namespace
@@ -506,6 +509,27 @@ class CostWatch:
         self._over = (self._over - plan.cleared) | plan.raised
         for reason, event in plan.alerts:
             self._on_alert(event.namespace, reason)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Judged:
+    """An evaluation not recorded yet: the verdict, what to write of it (None: nothing new), its plan."""
+
+    deployment: model.Deployment
+    verdict: drift.Evaluation  # its items with the time each was first detected
+    phase: model.Phase
+    plan: CostPlan
+    record: port.Verdict | None
+    noticed: datetime.datetime
+
+
+@contextlib.contextmanager
+def _failure_logged(**extra: object) -> Iterator[None]:
+    """A store failure ends one evaluation (or a batch), never the sweep: logged, tried at the next."""
+    try:
+        yield
+    except errors.BrokerError as e:
+        log.warning("drift evaluation failed", extra={**extra, "error": e.message})
 
 
 class Detector:
@@ -657,22 +681,30 @@ class Detector:
             # wait for anything, so the sweep gives the loop back every SWEEP_SLICE seconds: calls
             # and streams are served between its slices.
             slice_ends = time.perf_counter() + SWEEP_SLICE
+            batch: list[_Judged] = []  # the sweep's verdicts not recorded yet, in one transaction
             while self._dirty or self._resync:
                 if time.perf_counter() >= slice_ends:
                     await asyncio.sleep(0)
                     slice_ends = time.perf_counter() + SWEEP_SLICE
-                listed = None
                 if self._dirty:
-                    deployment_id = self._dirty.popitem(last=False)[0]  # changed: its row is read afresh
+                    # Changed: its row is read afresh and recorded at once, on its own, after the
+                    # verdicts judged before the change.
+                    await self._record_logged(batch)
+                    deployment_id = self._dirty.popitem(last=False)[0]
                     self._resync.pop(deployment_id, None)
-                else:
-                    deployment_id, listed = self._resync.popitem()
-                try:
-                    await self.evaluate(deployment_id, listed)
-                except errors.BrokerError as e:
-                    log.warning(
-                        "drift evaluation failed", extra={"deployment_id": deployment_id, "error": e.message}
-                    )
+                    with _failure_logged(deployment_id=deployment_id):
+                        await self.evaluate(deployment_id)
+                    continue
+                deployment_id, listed = self._resync.popitem()
+                with _failure_logged(deployment_id=deployment_id):
+                    judged = await self._judging(deployment_id, listed)
+                    if judged is not None and judged.record is not None and judged.plan.empty:
+                        batch.append(judged)
+                    elif judged is not None:  # nothing to write, or cost alerts: judged one by one
+                        await self._record([judged])
+                if len(batch) >= SWEEP_BATCH:
+                    await self._record_logged(batch)
+            await self._record_logged(batch)
             if self.costs is not None:
                 try:
                     await self.costs.recheck()
@@ -799,27 +831,43 @@ class Detector:
         is harmless: the store refuses to record an evaluation of it (a superseded operation), and
         whatever changed it asked for a fresh evaluation too.
         """
+        judged = await self._judging(deployment_id, listed)
+        if judged is not None:
+            await self._record([judged])
+
+    async def _judging(self, deployment_id: str, listed: model.Deployment | None) -> _Judged | None:
+        """Evaluate a deployment, to be recorded (``_record``); None when there is nothing to record.
+
+        From here until it is recorded the deployment is being evaluated: reads of it are
+        provisional (``verdict``), and drift a change brings meanwhile is dated from now.
+        """
         noticed = self._noticed.pop(deployment_id, None) or _now()
         self._evaluating[deployment_id] = noticed
         try:
-            await self._evaluate(deployment_id, listed, noticed)
+            judged = await self._judge(deployment_id, listed, noticed)
         except BaseException:
-            # Not concluded: reads stay provisional (never back to the verdict before the change)
-            # until an evaluation concludes, at the next change or sweep.
-            self._noticed.setdefault(deployment_id, noticed)
+            self._evaluated(deployment_id, noticed, concluded=False)
             raise
-        finally:
-            if self._evaluating.get(deployment_id) is noticed:
-                del self._evaluating[deployment_id]
+        if judged is None:
+            self._evaluated(deployment_id, noticed, concluded=True)
+        return judged
 
-    async def _evaluate(
+    def _evaluated(self, deployment_id: str, noticed: datetime.datetime, *, concluded: bool) -> None:
+        if not concluded:
+            # Reads stay provisional (never back to the verdict before the change) until an
+            # evaluation concludes, at the next change or sweep.
+            self._noticed.setdefault(deployment_id, noticed)
+        if self._evaluating.get(deployment_id) is noticed:
+            del self._evaluating[deployment_id]
+
+    async def _judge(
         self, deployment_id: str, listed: model.Deployment | None, noticed: datetime.datetime
-    ) -> None:
+    ) -> _Judged | None:
         deployment = listed if listed is not None else await self._store.deployment_by_id(deployment_id)
         if deployment is None or deployment.phase not in lifecycle.EVALUATED:
             # Deprovisioned (or provisioning again): its drift is nobody's business any more.
             self._forget(deployment_id)
-            return
+            return None
         verdict = self._verdict(deployment)
         if listed is not None and verdict.unexpected:
             # Drift leads to action (a remediation, a proposal): never on a row that moved on
@@ -827,7 +875,7 @@ class Detector:
             fresh = await self._store.deployment_by_id(deployment_id)
             if fresh is None or fresh.phase not in lifecycle.EVALUATED:
                 self._forget(deployment_id)
-                return
+                return None
             if fresh != listed:
                 deployment = fresh
                 verdict = self._verdict(deployment)
@@ -836,14 +884,14 @@ class Detector:
         after = _keep_detect_times(before, verdict.items, noticed) if readable else before
         events = changes(deployment, before, after, health_before, verdict.health)
         phase = lifecycle.phase_of_verdict(after)
+        verdict = dataclasses.replace(verdict, items=after)
         # Cost alerts go with the verdict they judge, in its transaction.
         plan = CostPlan()
         if self.costs is not None:
-            plan = self.costs.judge(
-                dataclasses.replace(deployment, phase=phase), dataclasses.replace(verdict, items=after)
-            )
+            plan = self.costs.judge(dataclasses.replace(deployment, phase=phase), verdict)
+        record = None
         if events or not plan.empty or phase is not deployment.phase or health_before is None:
-            written = await self._store.record_evaluation(
+            record = port.Verdict(
                 deployment,
                 items=after,
                 health=verdict.health,
@@ -851,14 +899,45 @@ class Detector:
                 events=events + plan.events,
                 crossings=(plan.raised, plan.cleared),
             )
-            if not written:
-                return
+        return _Judged(deployment, verdict, phase, plan, record, noticed)
+
+    async def _record(self, judged: list[_Judged]) -> None:
+        """Record verdicts (those with anything to write, in one transaction), then act on them.
+
+        ``judged`` is emptied. A verdict its store refused (the deployment moved on) is dropped: the
+        change that moved it asked for an evaluation of its own.
+        """
+        if not judged:
+            return
+        taken, judged[:] = judged[:], []
+        concluded = 0
+        try:
+            records = [j.record for j in taken if j.record is not None]
+            written = iter(await self._store.record_evaluations(records) if records else ())
+            for j in taken:
+                if j.record is None or next(written):
+                    await self._conclude(j)
+                concluded += 1
+                self._evaluated(j.deployment.deployment_id, j.noticed, concluded=True)
+        finally:
+            for j in taken[concluded:]:
+                self._evaluated(j.deployment.deployment_id, j.noticed, concluded=False)
+
+    async def _record_logged(self, batch: list[_Judged]) -> None:
+        with _failure_logged(deployments=len(batch)):
+            await self._record(batch)
+
+    async def _conclude(self, judged: _Judged) -> None:
+        """A verdict was recorded: keep it, and act on its drift (a proposal, a remediation)."""
+        deployment, verdict, phase = judged.deployment, judged.verdict, judged.phase
+        deployment_id = deployment.deployment_id
         if self.costs is not None:
-            self.costs.committed(plan)
-        self._reported[deployment_id] = (after, verdict.health)
-        self._keep_verdict(deployment, dataclasses.replace(verdict, items=after))
-        open_items = _unexpected(after)
+            self.costs.committed(judged.plan)
+        self._reported[deployment_id] = (verdict.items, verdict.health)
+        self._keep_verdict(deployment, verdict)
+        open_items = _unexpected(verdict.items)
         self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(open_items))
+        readable = verdict.health is not model.Health.UNKNOWN
         if readable:
             needs = tuple(i for i in open_items if i.action is model.Action.APPROVAL_REQUIRED)
             await self._propose(dataclasses.replace(deployment, phase=phase), needs)

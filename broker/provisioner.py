@@ -98,6 +98,11 @@ class Provisioner:
         if event is not None:
             event.set()
 
+    def listed(self) -> None:
+        """The caches were listed (or stopped being readable): every operation waiting looks again."""
+        for event in self._changed.values():
+            event.set()
+
     async def run(self) -> None:
         """Pick up unfinished operations forever (including those left by a previous process)."""
         loop = asyncio.get_running_loop()

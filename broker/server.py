@@ -620,7 +620,10 @@ class Broker:
         self.hub.observers.append(parts.detector.approvals_in)
         # Work accepted by another replica: the leader's provisioner and detector hear of it now.
         self.store.changed += [parts.provisioner.kick, parts.detector.notify]
+        # A cache's first list is no change of its objects (``broker.kube.informer``): it is news to
+        # whoever reads everything, or waits on what the cluster shows.
         state.add_sync_listener(parts.detector.resync_now)
+        state.add_sync_listener(parts.provisioner.listed)
         state.add_sync_listener(lambda: self._listed(state))
         for name, worker in state.workers().items():
             self.supervisor.start(name, worker)

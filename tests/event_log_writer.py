@@ -12,7 +12,7 @@ import asyncio
 import sys
 
 from broker.domain import model
-from broker.store import postgres
+from broker.store import port, postgres
 
 
 async def main(url: str, deployment_id: str, name: str, writers: int, transactions: int) -> int:
@@ -31,14 +31,18 @@ async def main(url: str, deployment_id: str, name: str, writers: int, transactio
             nonlocal committed
             for t in range(transactions):
                 if t % 4 == 0:
-                    written = await store.record_evaluation(
-                        deployment,
-                        items=(),
-                        health=model.Health.HEALTHY,
-                        phase=model.Phase.READY,
-                        events=[event(w, t, 0)],
+                    written = await store.record_evaluations(
+                        [
+                            port.Verdict(
+                                deployment,
+                                items=(),
+                                health=model.Health.HEALTHY,
+                                phase=model.Phase.READY,
+                                events=[event(w, t, 0)],
+                            )
+                        ]
                     )
-                    assert written, "the deployment moved on"
+                    assert written == [True], "the deployment moved on"
                     committed += 1
                 else:
                     batch = [event(w, t, i) for i in range(1 + (w + t) % 3)]

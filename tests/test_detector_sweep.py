@@ -78,15 +78,15 @@ async def test_a_sweep_gives_the_loop_back_between_slices(
 
     swept = asyncio.Event()
 
-    async def evaluate(deployment_id: str, listed: object = None) -> None:
-        evaluated.append(deployment_id)  # nothing new: returns without awaiting anything
+    async def judging(deployment_id: str, listed: object) -> None:
+        evaluated.append(deployment_id)  # nothing new to record: returns without awaiting anything
         if len(evaluated) == 50:
             swept.set()
 
     async def listed(phases: object) -> list[object]:
         return [_Listed(f"deploy-{i:04d}") for i in range(50)]
 
-    monkeypatch.setattr(watcher, "evaluate", evaluate)
+    monkeypatch.setattr(watcher, "_judging", judging)
     monkeypatch.setattr(store, "live_deployments", listed)
 
     async def ticker() -> None:
@@ -162,4 +162,66 @@ async def test_a_usage_change_keeps_the_rest_of_the_verdict_as_it_was(tmp_path: 
         assert kept.items is first.items  # equal parts: the kept verdict's own objects
         assert kept.actual_spec is first.actual_spec
     finally:
+        await store.close()
+
+
+async def test_a_first_sweep_records_its_verdicts_in_batches_and_a_failed_batch_is_tried_again(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never-evaluated deployments are recorded a batch per transaction (one disk flush each), not
+    one each; a batch the store fails is not kept, and the next sweep records it."""
+    from test_store_contract import ready
+
+    from broker.domain import drift, model
+
+    store = await sqlite.Store.open(tmp_path)
+    monkeypatch.setattr(detector, "SWEEP_BATCH", 5)
+    deployments = [await ready(store, f"db-{i:02d}") for i in range(12)]
+    batches: list[int] = []
+    record = store.record_evaluations
+
+    async def counted(verdicts: list[object]) -> list[bool]:
+        batches.append(len(verdicts))
+        if len(batches) == 2:  # the second batch fails
+            raise errors.Unavailable("the store failed to commit: OperationalError")
+        return await record(verdicts)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "record_evaluations", counted)
+    started = asyncio.Event()
+    watcher = detector.Detector(
+        store=store,
+        cluster=_SyncedCluster(),  # type: ignore[arg-type]
+        catalog=catalog.DEFAULT_CATALOG,
+        policies=policy.Policy,
+        remediator=None,
+        resync_interval=0.2,
+        on_started=started.set,
+    )
+
+    def healthy(deployment: model.Deployment) -> drift.Evaluation:
+        return drift.Evaluation(
+            actual_spec=deployment.desired_spec,
+            items=(),
+            health=model.Health.HEALTHY,
+            usage=None,
+            monthly_cost=None,
+            checked_at=datetime.datetime.now(datetime.UTC),
+        )
+
+    monkeypatch.setattr(watcher, "_verdict", healthy)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        assert batches[:3] == [5, 5, 2]  # the first sweep: three transactions for twelve
+        kept = [d for d in deployments if watcher.verdict(d) is not None]
+        assert len(kept) == 7  # the failed batch's five are not kept
+        for _ in range(100):  # the next sweep (0.2 s later) records them
+            if len(await store.drift_states()) == 12:
+                break
+            await asyncio.sleep(0.05)
+        assert len(await store.drift_states()) == 12
+        assert all(watcher.verdict(d) is not None for d in deployments)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         await store.close()

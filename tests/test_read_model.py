@@ -190,7 +190,7 @@ async def test_reads_never_go_back_to_a_world_before_a_change_they_showed(
     ):
         deployment_id = await manager.provision("db-mono")
         await manager.wait_ready(deployment_id)
-        record = broker.store.record_evaluation
+        record = broker.store.record_evaluations
         entered: asyncio.Queue[None] = asyncio.Queue()
         permits: asyncio.Queue[None] = asyncio.Queue()
 
@@ -199,7 +199,7 @@ async def test_reads_never_go_back_to_a_world_before_a_change_they_showed(
             await permits.get()
             return await record(*args, **kwargs)
 
-        monkeypatch.setattr(broker.store, "record_evaluation", gated)
+        monkeypatch.setattr(broker.store, "record_evaluations", gated)
 
         async def health() -> int:
             state = await manager.state(deployment_id)
@@ -265,7 +265,7 @@ async def test_a_failed_evaluation_does_not_bring_back_the_verdict_before_the_ch
             failed.set()
             raise errors.Unavailable("the store failed to commit: OperationalError")
 
-        monkeypatch.setattr(broker.store, "record_evaluation", failing)
+        monkeypatch.setattr(broker.store, "record_evaluations", failing)
         sandbox.faults.crash_pod(namespace=PLATFORM, name="db-fail-0")
         await asyncio.wait_for(failed.wait(), 10)
         await asyncio.sleep(0.2)  # the sweep logged the failure and moved on

@@ -177,12 +177,16 @@ async def test_a_tailer_never_skips_an_event_whatever_the_writers_do(store: port
         for i in range(per_writer):
             if i % 5 == 0:
                 with contextlib.suppress(errors.BrokerError):
-                    await store.record_evaluation(
-                        deployment,
-                        items=(),
-                        health=model.Health.HEALTHY,
-                        phase=model.Phase.READY,
-                        events=[event_about(deployment, w * 1000 + i)],
+                    await store.record_evaluations(
+                        [
+                            port.Verdict(
+                                deployment,
+                                items=(),
+                                health=model.Health.HEALTHY,
+                                phase=model.Phase.READY,
+                                events=[event_about(deployment, w * 1000 + i)],
+                            )
+                        ]
                     )
             else:
                 await store.append_events([event_about(deployment, w * 1000 + i)])
@@ -233,9 +237,17 @@ async def test_policies_and_verdicts_survive_in_the_store(store: port.Store) -> 
         monthly_cost_delta=None,
         detect_time=datetime.datetime(2026, 12, 1, 9, 0, tzinfo=datetime.UTC),
     )
-    assert await store.record_evaluation(
-        deployment, items=(item,), health=model.Health.DEGRADED, phase=model.Phase.DRIFT_DETECTED, events=[]
-    )
+    assert await store.record_evaluations(
+        [
+            port.Verdict(
+                deployment,
+                items=(item,),
+                health=model.Health.DEGRADED,
+                phase=model.Phase.DRIFT_DETECTED,
+                events=[],
+            )
+        ]
+    ) == [True]
     assert (await store.drift_states())[deployment.deployment_id] == ((item,), model.Health.DEGRADED)
     assert (await store.deployment_by_id(deployment.deployment_id)).phase is model.Phase.DRIFT_DETECTED  # type: ignore[union-attr]
 
@@ -266,12 +278,20 @@ async def test_pages_list_by_type_and_name_in_byte_order_whatever_the_database_c
 async def test_events_list_by_namespace_and_kind_in_pages(store: port.Store) -> None:
     deployment = await ready(store)
     await store.append_events([event_about(deployment, i) for i in range(5)])
-    await store.record_evaluation(
-        deployment,
-        items=(),
-        health=model.Health.HEALTHY,
-        phase=model.Phase.READY,
-        events=[model.DriftEvent.about(deployment, model.EventKind.DRIFT_RESOLVED, "resolved", health=None)],
+    await store.record_evaluations(
+        [
+            port.Verdict(
+                deployment,
+                items=(),
+                health=model.Health.HEALTHY,
+                phase=model.Phase.READY,
+                events=[
+                    model.DriftEvent.about(
+                        deployment, model.EventKind.DRIFT_RESOLVED, "resolved", health=None
+                    )
+                ],
+            )
+        ]
     )
     query = model.EventQuery(namespace=NS, kinds=frozenset({model.EventKind.REMEDIATION_FAILED}))
     first = await store.list_events(query, model.PageRequest(size=3))
@@ -429,14 +449,18 @@ async def test_a_verdict_writes_its_cost_crossings_and_alerts_in_its_own_transac
     deployment = await ready(store)
     subject = "resource:" + deployment.deployment_id
     alert = model.DriftEvent.about(deployment, model.EventKind.COST_ALERT, "Cost alert: raised", health=None)
-    assert await store.record_evaluation(
-        deployment,
-        items=(),
-        health=model.Health.HEALTHY,
-        phase=model.Phase.READY,
-        events=[alert],
-        crossings=({subject}, set()),
-    )
+    assert await store.record_evaluations(
+        [
+            port.Verdict(
+                deployment,
+                items=(),
+                health=model.Health.HEALTHY,
+                phase=model.Phase.READY,
+                events=[alert],
+                crossings=({subject}, set()),
+            )
+        ]
+    ) == [True]
     assert await store.cost_alerts() == {subject}
     # A verdict for an operation that moved on writes nothing: no crossing, no alert.
     moved_on = dataclasses.replace(
@@ -444,16 +468,58 @@ async def test_a_verdict_writes_its_cost_crossings_and_alerts_in_its_own_transac
         last_operation=dataclasses.replace(deployment.last_operation, operation_id=model.OperationId("op-x")),
     )
     _, newest = await store.event_bounds()
-    assert not await store.record_evaluation(
-        moved_on,
-        items=(),
-        health=model.Health.HEALTHY,
-        phase=model.Phase.READY,
-        events=[alert],
-        crossings=(set(), {subject}),
-    )
+    assert await store.record_evaluations(
+        [
+            port.Verdict(
+                moved_on,
+                items=(),
+                health=model.Health.HEALTHY,
+                phase=model.Phase.READY,
+                events=[alert],
+                crossings=(set(), {subject}),
+            )
+        ]
+    ) == [False]
     assert await store.cost_alerts() == {subject}
     assert (await store.event_bounds())[1] == newest
+
+
+async def test_a_batch_of_verdicts_is_one_transaction_that_skips_deployments_that_moved_on(
+    store: port.Store,
+) -> None:
+    """A sweep records many verdicts at once: each is written, or not at all when its deployment
+    moved on, and the events of those written come in the batch's order."""
+    first, second, third = [await ready(store, name) for name in ("db-1", "db-2", "db-3")]
+    moved_on = dataclasses.replace(
+        second,
+        last_operation=dataclasses.replace(second.last_operation, operation_id=model.OperationId("op-x")),
+    )
+    _, newest = await store.event_bounds()
+    written = await store.record_evaluations(
+        [
+            port.Verdict(
+                deployment,
+                items=(replicas_item("3"),) if deployment is not moved_on else (),
+                health=model.Health.DEGRADED,
+                phase=model.Phase.DRIFT_DETECTED,
+                events=[event_about(deployment, i)],
+            )
+            for i, deployment in enumerate((first, moved_on, third))
+        ]
+    )
+    assert written == [True, False, True]
+    states = await store.drift_states()
+    assert states[first.deployment_id] == ((replicas_item("3"),), model.Health.DEGRADED)
+    assert second.deployment_id not in states
+    assert states[third.deployment_id] == ((replicas_item("3"),), model.Health.DEGRADED)
+    phases = [(await store.deployment_by_id(d.deployment_id)).phase for d in (first, second, third)]  # type: ignore[union-attr]
+    assert phases == [model.Phase.DRIFT_DETECTED, model.Phase.READY, model.Phase.DRIFT_DETECTED]
+    events = await store.events_after(newest, 10)
+    assert [(e.deployment_id, e.message, e.phase) for e in events] == [
+        (first.deployment_id, "event 0", model.Phase.DRIFT_DETECTED),
+        (third.deployment_id, "event 2", model.Phase.DRIFT_DETECTED),
+    ]
+    assert await store.record_evaluations([]) == []
 
 
 def replicas_item(actual: str) -> model.DriftItem:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Callable, Set
+from collections.abc import Callable, Sequence, Set
 from typing import Any, Protocol
 
 from broker.domain import approval, model, policy
@@ -153,23 +153,31 @@ class EventLog(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    """One evaluation to record: what the detector now reports of a deployment, and what follows.
+
+    ``phase`` is the phase the verdict implies; ``events`` are appended with that phase;
+    ``crossings`` are the cost-alert subjects that went over and back below with this verdict
+    (``CostAlerts``), written with the alerts among ``events``.
+    """
+
+    deployment: model.Deployment
+    items: tuple[model.DriftItem, ...]
+    health: model.Health
+    phase: model.Phase
+    events: Sequence[model.DriftEvent] = ()
+    crossings: Crossings = (frozenset(), frozenset())
+
+
 class Verdicts(Protocol):
     """What the detector last reported, with the phase it implies."""
 
-    async def record_evaluation(
-        self,
-        deployment: model.Deployment,
-        *,
-        items: tuple[model.DriftItem, ...],
-        health: model.Health,
-        phase: model.Phase,
-        events: list[model.DriftEvent],
-        crossings: Crossings = (frozenset(), frozenset()),
-    ) -> bool:
-        """Store a verdict, its phase and its events atomically; False when the deployment moved on.
+    async def record_evaluations(self, verdicts: Sequence[Verdict]) -> list[bool]:
+        """Store verdicts, their phases and their events in one transaction (one commit for a batch).
 
-        ``crossings`` are the cost-alert subjects that went over and back below with this verdict
-        (``CostAlerts``), written in the same transaction as the alerts among ``events``.
+        Returns, for each verdict in order, whether it was written: False when its deployment moved
+        on since it was evaluated (another operation, or deleted), and then nothing of it is.
         """
         ...
 

@@ -50,7 +50,7 @@ import hashlib
 import json
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterable, Set
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Set
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -735,46 +735,45 @@ class Store:
             await self._announce(tx, deployment.deployment_id)
             return True
 
-    async def record_evaluation(
-        self,
-        deployment: model.Deployment,
-        *,
-        items: tuple[model.DriftItem, ...],
-        health: model.Health,
-        phase: model.Phase,
-        events: list[model.DriftEvent],
-        crossings: port.Crossings = (frozenset(), frozenset()),
-    ) -> bool:
-        """Store what the detector now reports, the resulting phase, and the events, in one transaction.
+    async def record_evaluations(self, verdicts: Sequence[port.Verdict]) -> list[bool]:
+        """Store what the detector now reports, the resulting phases, and the events, in one transaction.
 
-        Nothing is written when the deployment has moved on (another operation, or deleted) since it
-        was evaluated; returns whether anything was written.
+        A verdict whose deployment has moved on (another operation, or deleted) since it was
+        evaluated writes nothing; returns whether each was written.
         """
+        if not verdicts:
+            return []
         now = codec.now()
+        written: list[bool] = []
         async with self._transaction() as tx:
-            status = await tx.conn.execute(
-                "UPDATE deployments SET phase = $1, update_time = $2 WHERE deployment_id = $3 "
-                "AND last_operation_id = $4 AND phase = ANY($5::text[])",
-                phase.value,
-                now,
-                deployment.deployment_id,
-                deployment.last_operation.operation_id,
-                _values(lifecycle.EVALUATED),
-            )
-            if _count(status) == 0:
-                return False
-            await tx.conn.execute(
-                "INSERT INTO drift_state (deployment_id, items, health, update_time) VALUES ($1, $2, $3, $4) "
-                "ON CONFLICT (deployment_id) DO UPDATE SET items = excluded.items, health = excluded.health, "
-                "update_time = excluded.update_time",
-                deployment.deployment_id,
-                codec.items_to_json(items),
-                health.value,
-                now,
-            )
-            await self._cross(tx, *crossings, now)
-            tx.events.extend((dataclasses.replace(event, phase=phase), now) for event in events)
-            return True
+            for verdict in verdicts:
+                deployment = verdict.deployment
+                status = await tx.conn.execute(
+                    "UPDATE deployments SET phase = $1, update_time = $2 WHERE deployment_id = $3 "
+                    "AND last_operation_id = $4 AND phase = ANY($5::text[])",
+                    verdict.phase.value,
+                    now,
+                    deployment.deployment_id,
+                    deployment.last_operation.operation_id,
+                    _values(lifecycle.EVALUATED),
+                )
+                written.append(_count(status) > 0)
+                if not written[-1]:
+                    continue
+                await tx.conn.execute(
+                    "INSERT INTO drift_state (deployment_id, items, health, update_time) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (deployment_id) DO UPDATE SET "
+                    "items = excluded.items, health = excluded.health, update_time = excluded.update_time",
+                    deployment.deployment_id,
+                    codec.items_to_json(verdict.items),
+                    verdict.health.value,
+                    now,
+                )
+                await self._cross(tx, *verdict.crossings, now)
+                tx.events.extend(
+                    (dataclasses.replace(event, phase=verdict.phase), now) for event in verdict.events
+                )
+        return written
 
     async def append_events(self, events: list[model.DriftEvent]) -> None:
         """Append events that describe no stored state (remediation attempts)."""

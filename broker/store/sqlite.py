@@ -30,7 +30,7 @@ import logging
 import os
 import pathlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Set
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Set
 from typing import Any
 
 import aiosqlite
@@ -736,51 +736,48 @@ class Store:
                 return False
             return True
 
-    async def record_evaluation(
-        self,
-        deployment: model.Deployment,
-        *,
-        items: tuple[model.DriftItem, ...],
-        health: model.Health,
-        phase: model.Phase,
-        events: list[model.DriftEvent],
-        crossings: port.Crossings = (frozenset(), frozenset()),
-    ) -> bool:
-        """Store what the detector now reports, the resulting phase, and the events, in one transaction.
+    async def record_evaluations(self, verdicts: Sequence[port.Verdict]) -> list[bool]:
+        """Store what the detector now reports, the resulting phases, and the events, in one transaction.
 
-        Nothing is written when the deployment has moved on (another operation, or deleted) since it
-        was evaluated; returns whether anything was written.
+        A verdict whose deployment has moved on (another operation, or deleted) since it was
+        evaluated writes nothing; returns whether each was written.
         """
+        if not verdicts:
+            return []
         now = codec.now()
+        written: list[bool] = []
         async with self._transaction() as db:
-            cur = await db.execute(
-                "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
-                f"AND last_operation_id = ? AND phase IN ({_marks(lifecycle.EVALUATED)})",
-                (
-                    phase.value,
-                    codec.ts(now),
-                    deployment.deployment_id,
-                    deployment.last_operation.operation_id,
-                    *_values(lifecycle.EVALUATED),
-                ),
-            )
-            if cur.rowcount == 0:
-                return False
-            await db.execute(
-                "INSERT INTO drift_state (deployment_id, items, health, update_time) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (deployment_id) DO UPDATE SET items = excluded.items, health = excluded.health, "
-                "update_time = excluded.update_time",
-                (
-                    deployment.deployment_id,
-                    codec.items_to_json(items),
-                    health.value,
-                    codec.ts(now),
-                ),
-            )
-            await self._cross(db, *crossings, now)
-            for event in events:
-                await self._append_event(db, dataclasses.replace(event, phase=phase), now)
-            return True
+            for verdict in verdicts:
+                deployment = verdict.deployment
+                cur = await db.execute(
+                    "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
+                    f"AND last_operation_id = ? AND phase IN ({_marks(lifecycle.EVALUATED)})",
+                    (
+                        verdict.phase.value,
+                        codec.ts(now),
+                        deployment.deployment_id,
+                        deployment.last_operation.operation_id,
+                        *_values(lifecycle.EVALUATED),
+                    ),
+                )
+                written.append(cur.rowcount > 0)
+                if not written[-1]:
+                    continue
+                await db.execute(
+                    "INSERT INTO drift_state (deployment_id, items, health, update_time) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (deployment_id) DO UPDATE SET items = excluded.items, "
+                    "health = excluded.health, update_time = excluded.update_time",
+                    (
+                        deployment.deployment_id,
+                        codec.items_to_json(verdict.items),
+                        verdict.health.value,
+                        codec.ts(now),
+                    ),
+                )
+                await self._cross(db, *verdict.crossings, now)
+                for event in verdict.events:
+                    await self._append_event(db, dataclasses.replace(event, phase=verdict.phase), now)
+        return written
 
     async def append_events(self, events: list[model.DriftEvent]) -> None:
         """Append events that describe no stored state (remediation attempts)."""
