@@ -274,7 +274,7 @@ async def _bulk_store_child() -> None:
     _common.answer({"done": True})
 
 
-async def _bulk_setup(sandbox: Any, data_dir: pathlib.Path, resources: list[tuple[str, str]]) -> float:
+async def bulk_setup(sandbox: Any, data_dir: pathlib.Path, resources: list[tuple[str, str]]) -> float:
     """Managed resources the broker finds at start-up: desired state in its store, objects in the sandbox.
 
     The objects are written with the broker's field manager, as if the broker had applied them.
@@ -295,7 +295,7 @@ async def _bulk_setup(sandbox: Any, data_dir: pathlib.Path, resources: list[tupl
     return time.perf_counter() - started
 
 
-def _ready_pods(sandbox: Any) -> int:
+def ready_pods(sandbox: Any) -> int:
     count = 0
     for pod in sandbox.store.objects(("", "pods")):
         status = pod.get("status") or {}
@@ -306,7 +306,7 @@ def _ready_pods(sandbox: Any) -> int:
     return count
 
 
-async def _wait_until(what: str, check: Callable[[], bool], *, within: float, interval: float = 0.5) -> float:
+async def wait_until(what: str, check: Callable[[], bool], *, within: float, interval: float = 0.5) -> float:
     started = time.monotonic()
     while not check():
         if time.monotonic() - started > within:
@@ -550,8 +550,8 @@ async def _main(args: argparse.Namespace) -> None:
             for i in range(args.resources)
             if i % args.namespace_size < args.namespace_size - per_namespace_api
         ]
-        setup_s = await _bulk_setup(sandbox, data_dir, bulk) if bulk else 0.0
-        pods_s = await _wait_until("bulk pods ready", lambda: _ready_pods(sandbox) >= len(bulk), within=300)
+        setup_s = await bulk_setup(sandbox, data_dir, bulk) if bulk else 0.0
+        pods_s = await wait_until("bulk pods ready", lambda: ready_pods(sandbox) >= len(bulk), within=300)
         print(
             f"setup (not measured): {len(bulk):,} resources in bulk in {setup_s:.0f} s, "
             f"their pods ready {pods_s:.0f} s later"
@@ -571,7 +571,7 @@ async def _main(args: argparse.Namespace) -> None:
         children.append(broker)
         grpc_target, http_url = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
         phases = _Phases(data_dir / "broker.db")
-        evaluated_s = await _wait_until(
+        evaluated_s = await wait_until(
             "the detector's first pass", lambda: phases.evaluated() >= len(bulk), within=300
         )
         print(

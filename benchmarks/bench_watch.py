@@ -55,6 +55,7 @@ from typing import Any
 
 import _common
 import aiohttp
+import bench_resource_state
 import grpc
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc
@@ -438,12 +439,29 @@ async def _main(args: argparse.Namespace) -> None:
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-watch-"))
     print(f"bench_watch: work dir {tmp} (removed at exit without --keep)")
-    sandbox = Sandbox(ready_delay=0.05, profile=profiles.platform((NAMESPACE,)))
+    # --managed: more databases the broker manages (in namespaces of their own), loaded in bulk
+    # before it starts, as bench_resource_state does: what a sweep of them costs the streams.
+    bulk = [(f"bench-bulk-{i // 1000:02d}", f"db-{i:05d}") for i in range(args.managed)]
+    namespaces = (NAMESPACE, *sorted({ns for ns, _ in bulk}))
+    sandbox = Sandbox(
+        ready_delay=0.05,
+        profile=profiles.platform(namespaces),
+        # A bulk load must stay resumable for the broker's informers (as in bench_resource_state).
+        watch_window=200_000 if bulk else 10_000,
+        watch_window_bytes=1 << 31 if bulk else 32 << 20,
+        watch_queue_size=200_000 if bulk else 10_000,
+    )
     await sandbox.start()
     children: list[_common.Child] = []
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
     try:
         kubeconfig = sandbox.write_kubeconfig(tmp / "sandbox.kubeconfig")
+        if bulk:
+            took = await bench_resource_state.bulk_setup(sandbox, tmp / "data", bulk)
+            await bench_resource_state.wait_until(
+                "bulk pods ready", lambda: bench_resource_state.ready_pods(sandbox) >= len(bulk), within=300
+            )
+            print(f"setup: {len(bulk):,} more databases managed, loaded in bulk in {took:.0f} s")
         broker, grpc_port, _ = await _common.spawn_broker(
             _common.BrokerOptions(
                 kubeconfig=str(kubeconfig),
@@ -451,6 +469,7 @@ async def _main(args: argparse.Namespace) -> None:
                 remediate=False,
                 streams_per_principal=5_000,
                 profile=args.profile_broker,
+                resync_interval=args.resync_interval,
             ),
             log_file=tmp / "broker.log",
         )
@@ -633,6 +652,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--deployments", type=int, default=200, help="resources the changes go round-robin over"
+    )
+    parser.add_argument(
+        "--managed", type=int, default=0, help="more databases managed, in bulk (each resync sweeps them)"
+    )
+    parser.add_argument(
+        "--resync-interval", type=float, default=60.0, help="the broker's full re-evaluation period (s)"
     )
     parser.add_argument("--few", type=int, default=100, help="subscribers in the first scenario")
     parser.add_argument("--few-rate", type=float, default=100.0, help="changes/s with --few subscribers")

@@ -9,6 +9,7 @@ everything they get comes from the caches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import decimal
 import logging
@@ -373,9 +374,9 @@ class ClusterState:
         secret_name = naming.secret_name(deployment.resource_type, name)
         secret = self.informers["Secret"].get(ns, secret_name)
         if create_secret and _owned(entries.Secret, secret, dep_id) is None:
-            try:
-                await self.client.get("Secret", ns, secret_name)
-            except errors.NotFound:
+            # Only if missing (a new password would lock the application out of its data): the
+            # create is the check, one request, and its conflict says the Secret is there already.
+            with contextlib.suppress(kube_client.Conflict):
                 await self.client.create(manifests.secret(deployment, self._catalog))
         service = await self.client.apply(manifests.service(deployment, self._catalog))
         sts = manifests.statefulset(deployment, self._catalog)
