@@ -589,7 +589,8 @@ class Detector:
         self._open: dict[str, tuple[str, str, int]] = {}
         # The verdict on each evaluated deployment, for the operation it was made for: what reads
         # show (the detector is the only evaluator), items with the time each was first seen.
-        self._verdicts: dict[str, tuple[str, drift.Evaluation]] = {}
+        # Kept with the row it was made from (the row's operation is the verdict's).
+        self._verdicts: dict[str, tuple[model.Deployment, drift.Evaluation]] = {}
         # When a change of each dirty deployment was first noticed, and of each being evaluated now:
         # the first detection time of drift it brought. Their kept verdicts may be older than what
         # the caches already show (``verdict``).
@@ -744,7 +745,7 @@ class Detector:
         """
         deployment_id = deployment.deployment_id
         kept = self._verdicts.get(deployment_id)
-        if kept is None or kept[0] != deployment.last_operation.operation_id:
+        if kept is None or kept[0].last_operation.operation_id != deployment.last_operation.operation_id:
             return None
         noticed = self._evaluating.get(deployment_id) or self._noticed.get(deployment_id)
         if noticed is None:
@@ -1109,17 +1110,18 @@ class Detector:
         if deployment.deployment_id not in self._noticed:  # no change since this evaluation saw it
             self._provisional.pop(deployment.deployment_id, None)
         kept = self._verdicts.get(deployment.deployment_id)
+        same_operation = kept is not None and kept[0].last_operation.operation_id == operation_id
         if (
             kept is not None
-            and kept[0] == operation_id
+            and same_operation
             and verdict.checked_at - kept[1].checked_at < VERDICT_REFRESH
             and dataclasses.replace(kept[1], checked_at=verdict.checked_at) == verdict
         ):
             return
-        if kept is not None and kept[0] == operation_id:
-            # Usage moves at every metrics poll, the rest seldom: the parts that did not change are
-            # the kept verdict's own objects (frozen with the heap after start-up), so a usage
-            # change makes two new objects for the collector to walk, not a whole verdict.
+        if kept is not None and same_operation:
+            # The parts that did not change are the kept verdict's own objects (frozen with the heap
+            # after start-up): a change of one part makes new objects of that part only, for the
+            # collector to walk.
             old = kept[1]
             verdict = dataclasses.replace(
                 verdict,
@@ -1129,8 +1131,30 @@ class Detector:
                 items=old.items if old.items == verdict.items else verdict.items,
                 usage=old.usage if old.usage == verdict.usage else verdict.usage,
             )
-        self._verdicts[deployment.deployment_id] = (operation_id, verdict)
+        self._verdicts[deployment.deployment_id] = (deployment, verdict)
         self._changed(deployment.namespace)
+
+    def usage_changed(self, deployment_id: str) -> None:
+        """The metrics of a deployment's pods changed: only its verdict's usage moves.
+
+        Usage is all a metrics poll changes, and in a real cluster most figures move at every poll:
+        the kept verdict takes the new usage as it is, with no evaluation and no read of the store
+        (at 10,000 deployments a poll would otherwise be 10,000 evaluations). A deployment with no
+        kept verdict, or one whose evaluation is pending, gets the figures from that evaluation.
+        """
+        kept = self._verdicts.get(deployment_id)
+        if not self._running or kept is None or deployment_id in self._noticed:
+            return  # not judged here, or the evaluation it waits for reads the new figures
+        if deployment_id in self._evaluating:
+            self.notify(deployment_id)  # under way with the figures before: once more after it
+            return
+        deployment, verdict = kept
+        usage = self._cluster.usage(deployment) if verdict.usage is not None else None
+        if usage is None:
+            self.notify(deployment_id)  # no workload was observed, or none is now: evaluate it
+        elif usage != verdict.usage:
+            self._verdicts[deployment_id] = (deployment, dataclasses.replace(verdict, usage=usage))
+            self._changed(deployment.namespace)
 
     def _remaining(
         self,

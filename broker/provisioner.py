@@ -98,6 +98,10 @@ class Provisioner:
         if event is not None:
             event.set()
 
+    def busy(self, deployment_id: str) -> bool:
+        """Whether an operation of the deployment is being carried out here (its objects are ours)."""
+        return deployment_id in self._changed
+
     def listed(self) -> None:
         """The caches were listed (or stopped being readable): every operation waiting looks again."""
         for event in self._changed.values():

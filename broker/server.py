@@ -615,7 +615,10 @@ class Broker:
         )
         self.budgets.listeners.append(parts.detector.budget_changed)
         state.add_listener(parts.provisioner.notify)
-        state.add_listener(parts.detector.notify)
+        # While an operation is carried out its objects change by design, and the detector judges
+        # only what has finished: it hears of the deployment when the operation does (on_finished).
+        state.add_listener(lambda d: None if parts.provisioner.busy(d) else parts.detector.notify(d))
+        state.add_usage_listener(parts.detector.usage_changed)
         # An approval made on any replica reaches the leader's detector through the log's tailer.
         self.hub.observers.append(parts.detector.approvals_in)
         # Work accepted by another replica: the leader's provisioner and detector hear of it now.

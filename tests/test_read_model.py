@@ -514,3 +514,67 @@ async def test_an_unchanged_page_is_answered_without_reading_the_store(
         assert not svc.is_kept(fourth)
     finally:
         await store.close()
+
+
+async def test_a_metrics_poll_moves_only_the_usage_of_a_kept_verdict(
+    tmp_path: pathlib.Path,
+    tokens_file: pathlib.Path,
+    sandbox: Any,
+    sandbox_kubeconfig: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Usage is all a metrics poll changes (most figures move at every poll in a real cluster):
+    reads show the new figures, and no deployment is evaluated again for them."""
+    async with (
+        broker_on(
+            tmp_path / "data", tokens_file, sandbox_kubeconfig, metrics_interval=0.2, **SLOW_RESYNC
+        ) as broker,
+        client_of(broker, PLATFORM_TOKEN) as manager,
+    ):
+        deployment_id = await manager.provision("db-usage")
+        await manager.wait_ready(deployment_id)
+
+        async def state() -> pb.ResourceState:
+            found = await manager.state(deployment_id)
+            assert found is not None
+            return found
+
+        await until(state, lambda s: s.resource_usage.cpu_usage != "", within=10, what="usage polled")
+        detector = broker.detector
+        assert detector is not None
+        deployment = await broker.store.deployment_by_id(deployment_id)
+        assert deployment is not None
+        before = detector.verdict(deployment)
+        assert before is not None
+        judged: list[str] = []
+        judging = detector._judging
+
+        async def counted(judged_id: str, listed: model.Deployment | None) -> Any:
+            judged.append(judged_id)
+            return await judging(judged_id, listed)
+
+        monkeypatch.setattr(detector, "_judging", counted)
+        real = sandbox._api.metrics
+
+        def busier(namespace: str | None, name: str | None) -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = real(namespace, name)
+            for pod in found:
+                for container in pod["containers"]:
+                    container["usage"]["cpu"] = "777m"
+            return found
+
+        sandbox._api.metrics = busier
+        try:
+            after = await until(
+                state, lambda s: s.resource_usage.cpu_usage == "777m", within=10, what="new usage"
+            )
+        finally:
+            sandbox._api.metrics = real
+        assert after.health_status == pb.HEALTH_STATUS_HEALTHY
+        assert deployment_id not in judged  # the verdict took the figures; nothing was evaluated
+        kept = detector.verdict(deployment)
+        assert kept is not None
+        assert kept.usage is not None
+        assert kept.usage.cpu == "777m"
+        assert kept.items is before.items  # the rest of the verdict is the one kept before
+        assert kept.actual_spec is before.actual_spec

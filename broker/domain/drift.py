@@ -511,16 +511,21 @@ def usage(obs: Observation) -> Usage | None:
     """Summed pod usage (absent without metrics) and volume capacity; None when nothing runs."""
     if not obs.readable or obs.workload is None:
         return None
+    return usage_of(obs.pods, obs.storage_capacity, metrics_available=obs.metrics_available)
+
+
+def usage_of(
+    pods: tuple[PodObservation, ...], storage_capacity: decimal.Decimal | None, *, metrics_available: bool
+) -> Usage:
+    """The usage of a workload's pods and volumes (what a metrics poll changes, alone)."""
     cpu = memory = None
-    if obs.metrics_available and obs.pods and all(p.cpu_usage is not None for p in obs.pods):
-        cpu = quantity.format_cpu(
-            sum((p.cpu_usage or decimal.Decimal(0) for p in obs.pods), decimal.Decimal(0))
-        )
+    if metrics_available and pods and all(p.cpu_usage is not None for p in pods):
+        cpu = quantity.format_cpu(sum((p.cpu_usage or decimal.Decimal(0) for p in pods), decimal.Decimal(0)))
         memory = quantity.format_bytes(
-            sum((p.memory_usage or decimal.Decimal(0) for p in obs.pods), decimal.Decimal(0))
+            sum((p.memory_usage or decimal.Decimal(0) for p in pods), decimal.Decimal(0))
         )
-    storage = quantity.format_bytes(obs.storage_capacity) if obs.storage_capacity is not None else None
-    return Usage(cpu=cpu, memory=memory, storage=storage, replicas=len(obs.pods))
+    storage = quantity.format_bytes(storage_capacity) if storage_capacity is not None else None
+    return Usage(cpu=cpu, memory=memory, storage=storage, replicas=len(pods))
 
 
 def actual_spec(

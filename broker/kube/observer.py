@@ -138,6 +138,7 @@ class ClusterState:
         self.client = client
         self._catalog = catalog
         self._listeners: list[Callable[[str], None]] = [on_change]
+        self._usage_listeners: list[Callable[[str], None]] = []
         self._sync_listeners: list[Callable[[], None]] = []
         self._kafka_cluster = kafka_cluster
         self._metrics_interval = metrics_interval
@@ -218,6 +219,10 @@ class ClusterState:
         """Also tell ``on_change`` (by deployment id) when any of a deployment's objects changes."""
         self._listeners.append(on_change)
 
+    def add_usage_listener(self, on_usage: Callable[[str], None]) -> None:
+        """Tell ``on_usage`` (by deployment id) when the metrics of a deployment's pods change."""
+        self._usage_listeners.append(on_usage)
+
     def workers(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The informers and the metrics poller, by name, for the owner's supervisor to run."""
         running: dict[str, Coroutine[Any, Any, None]] = {
@@ -270,13 +275,16 @@ class ClusterState:
             except errors.BrokerError as e:
                 log.debug("pod metrics unavailable", extra={"error": e.message})
                 self.metrics_available = False
-            # Usage is part of each deployment's verdict: tell the deployments whose pods changed.
+            # Usage is part of each deployment's verdict, and all a poll changes: tell the usage
+            # listeners of the deployments whose pods' figures changed (not the change listeners:
+            # nothing else moved, and in a real cluster most figures move at every poll).
             changed = previous.keys() | self._metrics.keys()
             if was_available == self.metrics_available:
                 changed = {k for k in changed if previous.get(k) != self._metrics.get(k)}
             owners = {pod.owner for ns, name in changed if (pod := self.informers["Pod"].get(ns, name))}
             for deployment_id in sorted(owners - {""}):
-                self._notify(deployment_id)
+                for listener in self._usage_listeners:
+                    listener(deployment_id)
 
         await workers.run_forever(poll, interval=self._metrics_interval)
 
@@ -305,17 +313,6 @@ class ClusterState:
         secret = _owned(
             entries.Secret, current("Secret", naming.secret_name(deployment.resource_type, name)), dep_id
         )
-        pods = tuple(
-            _pod(p, self._metrics.get((p.namespace, p.name)))
-            for p in self.informers["Pod"].indexed(dep_id)
-            if isinstance(p, entries.Pod) and not p.deleting
-        )
-        capacity = None
-        claims = [
-            c for c in self.informers["PersistentVolumeClaim"].indexed(dep_id) if isinstance(c, entries.Claim)
-        ]
-        if claims:
-            capacity = sum((c.capacity or decimal.Decimal(0) for c in claims), decimal.Decimal(0))
         return drift.Observation(
             readable=True,
             observed_at=now,
@@ -324,10 +321,37 @@ class ClusterState:
             secret_present=secret is not None,
             secret_changed=secret is not None and secret.changed,
             secret_changed_by=secret.changed_by if secret is not None else "",
-            pods=pods,
-            storage_capacity=capacity,
+            pods=self._pods(dep_id),
+            storage_capacity=self._capacity(dep_id),
             metrics_available=self.metrics_available,
         )
+
+    def usage(self, deployment: model.Deployment) -> drift.Usage | None:
+        """The usage part of an observation alone (pods' metrics, volumes), for a workload's verdict
+        whose other parts a metrics poll does not change; None when the caches cannot tell."""
+        if not self.synced or deployment.resource_type is model.ResourceType.TOPIC:
+            return None
+        dep_id = deployment.deployment_id
+        return drift.usage_of(
+            self._pods(dep_id), self._capacity(dep_id), metrics_available=self.metrics_available
+        )
+
+    def _pods(self, deployment_id: str) -> tuple[drift.PodObservation, ...]:
+        return tuple(
+            _pod(p, self._metrics.get((p.namespace, p.name)))
+            for p in self.informers["Pod"].indexed(deployment_id)
+            if isinstance(p, entries.Pod) and not p.deleting
+        )
+
+    def _capacity(self, deployment_id: str) -> decimal.Decimal | None:
+        claims = [
+            c
+            for c in self.informers["PersistentVolumeClaim"].indexed(deployment_id)
+            if isinstance(c, entries.Claim)
+        ]
+        if not claims:
+            return None
+        return sum((c.capacity or decimal.Decimal(0) for c in claims), decimal.Decimal(0))
 
     def _desired_env(self, deployment: model.Deployment) -> dict[str, str]:
         """The container env the broker applies, built once per deployment generation (a hot path)."""
