@@ -82,6 +82,8 @@ class Provisioner:
         self._kicked: set[str] = set()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        # Deployments under way here for which new work was accepted since (``kick``).
+        self._superseding: set[str] = set()
         self._running = False
 
     def kick(self, deployment_id: str) -> None:
@@ -91,6 +93,10 @@ class Provisioner:
         if self._running:
             self._kicked.add(deployment_id)
             self._wake.set()
+            if (waiting := self._changed.get(deployment_id)) is not None:
+                # An operation of it is under way here: it may be superseded, and reads its row now.
+                self._superseding.add(deployment_id)
+                waiting.set()
 
     def notify(self, deployment_id: str) -> None:
         """An object of the deployment changed in the cluster."""
@@ -154,11 +160,12 @@ class Provisioner:
         }
         log.info("operation started", extra=extra)
         changed = self._changed.setdefault(started.deployment_id, asyncio.Event())
+        superseded = False
         try:
             if op.type is model.OperationType.DEPROVISION:
                 await self._deprovision(started, changed)
             else:
-                await self._provision(started, changed)
+                superseded = await self._provision(started, changed)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -167,6 +174,9 @@ class Provisioner:
             self.kick(started.deployment_id)
         finally:
             self._changed.pop(started.deployment_id, None)
+            self._superseding.discard(started.deployment_id)
+        if superseded:
+            self.kick(started.deployment_id)  # the newer operation, now that this one gave way
 
     async def _wait(self, changed: asyncio.Event, deadline: float) -> bool:
         """Wait for a change or a poll interval; False once the deadline has passed."""
@@ -180,7 +190,8 @@ class Provisioner:
                 await changed.wait()
         return True
 
-    async def _provision(self, deployment: model.Deployment, changed: asyncio.Event) -> None:
+    async def _provision(self, deployment: model.Deployment, changed: asyncio.Event) -> bool:
+        """Apply the objects and wait for them to be ready; True when a newer operation took over."""
         deadline = asyncio.get_running_loop().time() + self._ready_timeout
         problem: str | None = "not applied yet"
         while True:
@@ -190,7 +201,7 @@ class Provisioner:
             except errors.FailedPrecondition as e:
                 # The cluster rejects the objects (missing namespace, invalid): a permanent failure.
                 await self._finish(deployment, succeeded=False, message=e.message)
-                return
+                return False
             except errors.BrokerError as e:
                 if e.message != problem:
                     # Say why once per reason, where people look: the logs, GetDeployment, the state.
@@ -203,25 +214,32 @@ class Provisioner:
                 problem = e.message
                 if not await self._wait(changed, deadline):
                     await self._finish(deployment, succeeded=False, message=f"could not apply: {problem}")
-                    return
+                    return False
+        loop = asyncio.get_running_loop()
+        read_at = loop.time()
         while True:
             problem = ready_problem(deployment, self._cluster.observe(deployment), self._catalog)
             if problem is None:
                 await self._finish(deployment, succeeded=True, message=_ready_message(deployment))
-                return
+                return False
             if not await self._wait(changed, deadline):
                 await self._finish(
                     deployment,
                     succeeded=False,
                     message=f"not ready after {self._ready_timeout:g}s: {problem}",
                 )
-                return
-            current = await self._store.deployment_by_id(deployment.deployment_id)
-            if (
-                current is None
-                or current.last_operation.operation_id != deployment.last_operation.operation_id
-            ):
-                return  # superseded by a newer operation, which the run loop picks up
+                return False
+            # Superseded by a newer operation? Its row says, read when new work was accepted for
+            # it (``kick``) and once per poll interval: not at each of its objects' many changes.
+            if deployment.deployment_id in self._superseding or loop.time() - read_at >= self._poll_interval:
+                self._superseding.discard(deployment.deployment_id)
+                read_at = loop.time()
+                current = await self._store.deployment_by_id(deployment.deployment_id)
+                if (
+                    current is None
+                    or current.last_operation.operation_id != deployment.last_operation.operation_id
+                ):
+                    return True  # superseded by a newer operation
 
     async def _deprovision(self, deployment: model.Deployment, changed: asyncio.Event) -> None:
         deadline = asyncio.get_running_loop().time() + self._ready_timeout

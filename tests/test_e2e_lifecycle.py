@@ -334,6 +334,38 @@ async def test_deprovision_removes_the_workload_and_keeps_or_deletes_the_data(
 # Update -------------------------------------------------------------------------------------------
 
 
+async def test_an_update_accepted_while_provisioning_waits_is_carried_out_at_once(
+    manager: Manager, kubectl: Kubectl, sandbox: Any
+) -> None:
+    """The operation under way gives way to the newer one, which starts then, not at the next
+    sweep of unfinished operations (30 s): the workload read back has the update's replicas."""
+    sandbox.faults.fail_readiness(namespace=NS, name="db-early-0")  # the first operation waits
+    try:
+        first = await manager.provision("db-early")
+        await until(
+            lambda: kubectl.get("statefulset", "db-early"), lambda s: s is not None, within=10, what="applied"
+        )
+        spec = {"engine": "postgresql", "version": "15", "size": "medium", "replicas": 2}
+        second = await manager.provision("db-early", spec)
+        assert second.generation == 2
+        sts = await until(
+            lambda: kubectl.get("statefulset", "db-early"),
+            lambda s: s is not None and s["spec"]["replicas"] == 2,
+            within=10,
+            what="the update applied",
+        )
+        assert sts["metadata"]["annotations"]["broker.platform/generation"] == "2"
+    finally:
+        sandbox.faults.heal_pod(namespace=NS, name="db-early-0")
+    deployment = await until(
+        lambda: manager.deployment(first.deployment_id),
+        lambda d: d.phase == pb.STATE_READY and d.last_operation.generation == 2,
+        within=15,
+        what="generation 2 Ready",
+    )
+    assert deployment.desired_spec.replicas == 2
+
+
 async def test_reprovisioning_with_two_replicas_updates_the_workload(
     manager: Manager, kubectl: Kubectl, recording_receiver: RecordingReceiver
 ) -> None:
