@@ -96,28 +96,33 @@ def _list_keys(field: str, items: list[Any]) -> tuple[str, ...] | None:
 
 def field_set(obj: JsonDict) -> set[Path]:
     """Every owned path of an object: its leaves, list items and free-form maps."""
-    out: set[Path] = set()
+    return set(field_values(obj))
+
+
+def field_values(obj: JsonDict) -> dict[Path, Any]:
+    """Every owned path of an object with its value (what :func:`value_at` finds there), in one walk."""
+    out: dict[Path, Any] = {}
     _collect(obj, (), out)
     return out
 
 
-def _collect(node: JsonDict, prefix: Path, out: set[Path]) -> None:
+def _collect(node: JsonDict, prefix: Path, out: dict[Path, Any]) -> None:
     for field, value in node.items():
         path = (*prefix, f"f:{field}")
         if isinstance(value, dict) and value:
             if field in MAP_FIELDS:
-                out.add((*path, "."))
+                out.setdefault((*path, "."), value)
             _collect(value, path, out)
         elif isinstance(value, list) and value and field in patch.SET_LISTS:
             for item in value:
-                out.add((*path, "v:" + json.dumps(item, separators=(",", ":"))))
+                out.setdefault((*path, "v:" + json.dumps(item, separators=(",", ":"))), item)
         elif isinstance(value, list) and value and (keys := _list_keys(field, value)) is not None:
             for item in value:
                 item_path = (*path, _key_element(item, keys))
-                out.add((*item_path, "."))
+                out.setdefault((*item_path, "."), item)  # the first item of a key, as value_at finds
                 _collect(item, item_path, out)
         else:
-            out.add(path)
+            out.setdefault(path, value)
 
 
 _MISSING = object()
@@ -338,19 +343,18 @@ def track_update(
 ) -> list[JsonDict]:
     """The ``managedFields`` after an Update-type write from ``old`` to ``new``."""
     managers = parse_managers(old)
-    new_fields = field_set(tracked(new))
+    new_tracked = tracked(new)
+    removed: set[Path] = set()
     if old is None:
-        changed = new_fields
-        removed: set[Path] = set()
+        changed = field_set(new_tracked)
+    elif (old_tracked := tracked(old)) == new_tracked:
+        changed = set()  # nothing owned changed (a status write that wrote what was there)
     else:
-        old_tracked = tracked(old)
-        old_fields = field_set(old_tracked)
-        new_tracked = tracked(new)
-        removed = old_fields - new_fields
+        # One walk of each side, each path with its value: not a walk from the root per path.
+        old_values, new_values = field_values(old_tracked), field_values(new_tracked)
+        removed = old_values.keys() - new_values.keys()
         changed = {
-            p
-            for p in new_fields
-            if p not in old_fields or (p[-1] != "." and value_at(old_tracked, p) != value_at(new_tracked, p))
+            p for p, v in new_values.items() if p not in old_values or (p[-1] != "." and old_values[p] != v)
         }
     for entry in managers:
         entry.fields -= removed

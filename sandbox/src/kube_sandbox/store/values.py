@@ -9,20 +9,25 @@ are kept apart so that the watch and persistence modules need not import the obj
 from __future__ import annotations
 
 import datetime
-import json
 from typing import Any
+
+import msgspec
 
 JsonDict = dict[str, Any]
 
 
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
 def dumps(obj: Any) -> bytes:
-    """Compact JSON, the wire format of every response."""
-    return json.dumps(obj, separators=(",", ":")).encode()
+    """Compact JSON (UTF-8), the wire format of every response."""
+    return _encode(obj)
 
 
 def thaw(obj: JsonDict) -> JsonDict:
     """A private deep copy of a stored object that the caller may change."""
-    return dict(json.loads(dumps(obj)))
+    return dict(_decode(_encode(obj)))
 
 
 def now() -> str:
