@@ -328,6 +328,12 @@ def _cap_update_managers(managers: list[Manager]) -> list[Manager]:
     return out
 
 
+def _part(obj: JsonDict, field: str | None) -> JsonDict:
+    if field is None:
+        return obj
+    return {field: obj[field]} if field in obj else {}
+
+
 def _render(managers: list[Manager]) -> list[JsonDict]:
     return [m.render() for m in _cap_update_managers(managers) if m.fields]
 
@@ -340,14 +346,19 @@ def track_update(
     api_version: str,
     subresource: str,
     now: str,
+    only: str | None = None,
 ) -> list[JsonDict]:
-    """The ``managedFields`` after an Update-type write from ``old`` to ``new``."""
+    """The ``managedFields`` after an Update-type write from ``old`` to ``new``.
+
+    ``only`` names the one top-level field the write can change (``status``, for its subresource):
+    the rest is the same on both sides and is not compared.
+    """
     managers = parse_managers(old)
     new_tracked = tracked(new)
     removed: set[Path] = set()
     if old is None:
         changed = field_set(new_tracked)
-    elif (old_tracked := tracked(old)) == new_tracked:
+    elif (old_tracked := _part(tracked(old), only)) == (new_tracked := _part(new_tracked, only)):
         changed = set()  # nothing owned changed (a status write that wrote what was there)
     else:
         # One walk of each side, each path with its value: not a walk from the root per path.

@@ -38,6 +38,21 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def status_write(obj: JsonDict, status: JsonDict) -> JsonDict:
+    """The body of a status subresource write of a stored object: its identity and the new status.
+
+    The store takes nothing else of a status write, so the object is not copied whole for it.
+    """
+    meta = obj["metadata"]
+    identity = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion") if k in meta}
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": identity,
+        "status": status,
+    }
+
+
 def safe_hash(text: str, length: int = 10) -> str:
     """A short hash of ``text`` in the alphabet Kubernetes uses for generated suffixes."""
     value = int(digest(text), 16)

@@ -187,9 +187,7 @@ class Kubelet(base.Runner):
     def _write_status(self, pod: JsonDict, status: JsonDict) -> None:
         if pod.get("status") == status:
             return
-        changed = store.thaw(pod)
-        changed["status"] = status
-        self.store.update(self._rt(), changed, manager="kubelet", subresource="status")
+        self.store.update(self._rt(), base.status_write(pod, status), manager="kubelet", subresource="status")
 
     def _condition(
         self, pod: JsonDict, kind: str, value: bool, reason: str = "", message: str = ""

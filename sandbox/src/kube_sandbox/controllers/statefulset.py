@@ -273,8 +273,9 @@ class StatefulSetController(base.Runner):
                 status[field] = value
         if status == current:
             return
-        changed = store.thaw(sts)
-        changed["status"] = status
         self.store.update(
-            self._rt(STATEFULSETS), changed, manager="kube-controller-manager", subresource="status"
+            self._rt(STATEFULSETS),
+            base.status_write(sts, status),
+            manager="kube-controller-manager",
+            subresource="status",
         )

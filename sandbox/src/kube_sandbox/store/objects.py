@@ -379,6 +379,7 @@ class Store(index.Index):
                 api_version=rt.api_version,
                 subresource=subresource,
                 now=values.now(),
+                only="status" if subresource == "status" else None,
             )
         if managed_fields:
             new_meta["managedFields"] = managed_fields
