@@ -176,7 +176,10 @@ def redis_maxmemory(resources: model.ComputeResources) -> str:
     return str(int((limit * REDIS_MAXMEMORY_SHARE).to_integral_value(rounding=decimal.ROUND_FLOOR)))
 
 
-def _env(contract: ImageContract, secret: str) -> list[JsonDict]:
+def container_env(deployment: model.Deployment) -> list[JsonDict]:
+    """The environment of a database's or cache's container, as its StatefulSet sets it."""
+    contract = CONTRACTS[deployment.desired_spec.engine]
+    secret = naming.secret_name(deployment.resource_type, deployment.resource_name)
     env: list[JsonDict] = [
         {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
         for var, key in contract.secret_env
@@ -197,7 +200,6 @@ def statefulset(deployment: model.Deployment, catalog: catalog_mod.Catalog) -> J
     resources = spec.resources or catalog.sizes[spec.size]
     name = deployment.resource_name
     contract = CONTRACTS[spec.engine]
-    secret = naming.secret_name(deployment.resource_type, name)
     labels = naming.labels(deployment.deployment_id, deployment.resource_type, name)
     selector = {naming.LABEL_NAME: name, naming.LABEL_DEPLOYMENT: deployment.deployment_id}
     container: JsonDict = {
@@ -209,7 +211,7 @@ def statefulset(deployment: model.Deployment, catalog: catalog_mod.Catalog) -> J
                 "containerPort": naming.port(catalog, deployment.resource_type, spec.engine),
             }
         ],
-        "env": _env(contract, secret),
+        "env": container_env(deployment),
         "resources": {
             "requests": {"cpu": resources.cpu_request, "memory": resources.memory_request},
             "limits": {"cpu": resources.cpu_limit, "memory": resources.memory_limit},

@@ -357,7 +357,7 @@ class ClusterState:
         """The container env the broker applies, built once per deployment generation (a hot path)."""
         cached = self._env_cache.get(deployment.deployment_id)
         if cached is None or cached[0] != deployment.generation:
-            env = entries.env(entries.first_container(manifests.statefulset(deployment, self._catalog)))
+            env = entries.env({"env": manifests.container_env(deployment)})
             cached = self._env_cache[deployment.deployment_id] = (deployment.generation, env)
         return cached[1]
 
