@@ -11,6 +11,7 @@ the write semantics.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator
 
 from kube_sandbox import errors, resources, selectors
@@ -143,7 +144,13 @@ class Index:
         limit: int | None = None,
         continue_token: str | None = None,
     ) -> paging.ListResult:
-        """A page of matching objects in (namespace, name) order, as etcd would return them."""
+        """A page of matching objects in (namespace, name) order, as etcd would return them.
+
+        The walk is in that order and stops once the page is full: a list of ``n`` objects in
+        pages costs ``O(n)`` matches in all, not ``O(n)`` per page. As kube-apiserver does, a full
+        page continues while any object follows it (the next page may then be empty), and
+        ``remaining`` (``remainingItemCount``) is given only for lists without selectors.
+        """
         labels = labels or selectors.LabelSelector()
         fields = fields or selectors.FieldSelector()
         list_rv = self._versions.current
@@ -153,33 +160,34 @@ class Index:
         buckets = self._objects.get(rt.storage_key, {})
         namespaces = [namespace] if namespace is not None else sorted(buckets)
         pinned = fields.exact("metadata.name")
+        full = limit if limit and limit > 0 else None
         matched: list[tuple[tuple[str, str], values.Entry]] = []
-        for ns in namespaces:
+        following: int | None = None  # objects after a full page, matching or not
+        for position, ns in enumerate(namespaces):
+            if start is not None and ns < start[0]:
+                continue
             bucket = buckets.get(ns, {})
-            if pinned is not None:
-                candidates: Iterable[tuple[str, values.Entry]] = (
-                    [(pinned, bucket[pinned])] if pinned in bucket else []
-                )
-            else:
-                candidates = bucket.items()
-            for name, entry in candidates:
-                if start is not None and (ns, name) <= start:
-                    continue
-                meta = entry.obj["metadata"]
-                if not labels.empty and not labels.matches(meta.get("labels")):
+            names = ([pinned] if pinned in bucket else []) if pinned is not None else sorted(bucket)
+            if start is not None and ns == start[0]:
+                names = names[bisect.bisect_right(names, start[1]) :]
+            for index, name in enumerate(names):
+                if len(matched) == full:
+                    following = len(names) - index
+                    following += sum(len(buckets.get(later, {})) for later in namespaces[position + 1 :])
+                    break
+                entry = bucket[name]
+                if not labels.empty and not labels.matches(entry.obj["metadata"].get("labels")):
                     continue
                 if not fields.empty and not fields.matches(entry.obj):
                     continue
                 matched.append(((ns, name), entry))
-        matched.sort(key=lambda pair: pair[0])
-        token = None
-        remaining = None
-        if limit and limit > 0 and len(matched) > limit:
-            last = matched[limit - 1][0]
-            remaining = len(matched) - limit
-            matched = matched[:limit]
-            token = paging.encode_continue(list_rv, last)
-        return paging.ListResult([e for _, e in matched], list_rv, token, remaining)
+            if following is not None:
+                break
+        token = paging.encode_continue(list_rv, matched[-1][0]) if following else None
+        unselected = labels.empty and fields.empty
+        return paging.ListResult(
+            [e for _, e in matched], list_rv, token, following if token and unselected else None
+        )
 
     # ----- watching ------------------------------------------------------------------------------
 
