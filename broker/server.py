@@ -376,7 +376,13 @@ class Broker:
         if self._freeze_heap and state.synced and not self._frozen_after_list:
             self._frozen_after_list = True
             gc.freeze()
-            log.info("the caches' first list is frozen", extra={"objects": gc.get_freeze_count()})
+            log.info(
+                "the caches' first list is frozen",
+                extra={
+                    "objects": gc.get_freeze_count(),
+                    "seconds": round(time.monotonic() - self._started_at, 2),  # since start, as start-up's
+                },
+            )
 
     def _worker_failed(self, name: str, exc: BaseException) -> None:
         """A supervised worker failed: not ready from now on, and ``run`` stops the process."""

@@ -495,6 +495,8 @@ async def test_a_batch_of_verdicts_is_one_transaction_that_skips_deployments_tha
         last_operation=dataclasses.replace(second.last_operation, operation_id=model.OperationId("op-x")),
     )
     _, newest = await store.event_bounds()
+    heard: list[model.DriftEvent] = []
+    store.listeners.append(heard.extend)
     written = await store.record_evaluations(
         [
             port.Verdict(
@@ -519,6 +521,25 @@ async def test_a_batch_of_verdicts_is_one_transaction_that_skips_deployments_tha
         (first.deployment_id, "event 0", model.Phase.DRIFT_DETECTED),
         (third.deployment_id, "event 2", model.Phase.DRIFT_DETECTED),
     ]
+    # Listeners are told the sequences the log gave them, in order.
+    assert [(e.sequence, e.message) for e in heard] == [(e.sequence, e.message) for e in events]
+    heard.clear()
+    again = await store.record_evaluations(
+        [
+            port.Verdict(
+                d,
+                items=(),
+                health=model.Health.HEALTHY,
+                phase=model.Phase.READY,
+                events=[event_about(d, 10 + i), event_about(d, 20 + i)],
+            )
+            for i, d in enumerate((first, third))
+        ]
+    )
+    assert again == [True, True]
+    events = await store.events_after(events[-1].sequence, 10)
+    assert [e.message for e in events] == ["event 10", "event 20", "event 11", "event 21"]
+    assert [(e.sequence, e.message) for e in heard] == [(e.sequence, e.message) for e in events]
     assert await store.record_evaluations([]) == []
 
 

@@ -642,6 +642,31 @@ class Store:
                 )
             return True
 
+    async def _append_events(
+        self, db: aiosqlite.Connection, events: Sequence[model.DriftEvent], now: datetime.datetime
+    ) -> None:
+        """Append events in one statement. Under the write lock, the log's AUTOINCREMENT issues
+        their sequences one after another from the highest issued so far, checked after."""
+        if len(events) <= 1:
+            for event in events:
+                await self._append_event(db, event, now)
+            return
+        issued = "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'drift_events'), 0)"
+        before = await _one(db, issued)
+        first = int(before[0] if before else 0) + 1
+        await db.executemany(
+            "INSERT INTO drift_events "
+            "(deployment_id, namespace, resource_type, resource_name, kind, payload, event_time) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [_event_values(event, now) for event in events],
+        )
+        after = await _one(db, issued)
+        if after is None or int(after[0]) != first + len(events) - 1:
+            raise errors.Unavailable("the store issued event sequences out of order")  # rolled back
+        self._appended.extend(
+            dataclasses.replace(event, sequence=first + i, event_time=now) for i, event in enumerate(events)
+        )
+
     async def _append_event(
         self, db: aiosqlite.Connection, event: model.DriftEvent, now: datetime.datetime
     ) -> int:
@@ -649,15 +674,7 @@ class Store:
             "INSERT INTO drift_events "
             "(deployment_id, namespace, resource_type, resource_name, kind, payload, event_time) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                event.deployment_id,
-                event.namespace,
-                event.resource_type.value,
-                event.resource_name,
-                event.kind.value,
-                codec.event_payload(event),
-                codec.ts(now),
-            ),
+            _event_values(event, now),
         )
         sequence = int(cur.lastrowid or 0)
         self._appended.append(dataclasses.replace(event, sequence=sequence, event_time=now))
@@ -740,51 +757,69 @@ class Store:
         """Store what the detector now reports, the resulting phases, and the events, in one transaction.
 
         A verdict whose deployment has moved on (another operation, or deleted) since it was
-        evaluated writes nothing; returns whether each was written.
+        evaluated writes nothing; returns whether each was written. A batch is a few statements
+        whatever its size (each statement is a round trip to the connection's thread).
         """
         if not verdicts:
             return []
         now = codec.now()
-        written: list[bool] = []
+        when = codec.ts(now)
         async with self._transaction() as db:
-            for verdict in verdicts:
-                deployment = verdict.deployment
-                cur = await db.execute(
-                    "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
-                    f"AND last_operation_id = ? AND phase IN ({_marks(lifecycle.EVALUATED)})",
+            cur = await db.executemany(
+                "UPDATE deployments SET phase = ?, update_time = ? WHERE deployment_id = ? "
+                f"AND last_operation_id = ? AND phase IN ({_marks(lifecycle.EVALUATED)})",
+                [
                     (
-                        verdict.phase.value,
-                        codec.ts(now),
-                        deployment.deployment_id,
-                        deployment.last_operation.operation_id,
+                        v.phase.value,
+                        when,
+                        v.deployment.deployment_id,
+                        v.deployment.last_operation.operation_id,
                         *_values(lifecycle.EVALUATED),
-                    ),
+                    )
+                    for v in verdicts
+                ],
+            )
+            if cur.rowcount == len(verdicts):
+                written = [True] * len(verdicts)
+            else:
+                # Some moved on. In this transaction a row matches after the update exactly when it
+                # matched before it (the update keeps the operation and sets an evaluated phase).
+                rows = await db.execute_fetchall(
+                    "SELECT deployment_id, last_operation_id, phase FROM deployments "
+                    f"WHERE deployment_id IN ({_marks(tuple(verdicts))})",
+                    [v.deployment.deployment_id for v in verdicts],
                 )
-                written.append(cur.rowcount > 0)
-                if not written[-1]:
-                    continue
-                await db.execute(
-                    "INSERT INTO drift_state (deployment_id, items, health, update_time) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (deployment_id) DO UPDATE SET items = excluded.items, "
-                    "health = excluded.health, update_time = excluded.update_time",
-                    (
-                        deployment.deployment_id,
-                        codec.items_to_json(verdict.items),
-                        verdict.health.value,
-                        codec.ts(now),
-                    ),
-                )
-                await self._cross(db, *verdict.crossings, now)
-                for event in verdict.events:
-                    await self._append_event(db, dataclasses.replace(event, phase=verdict.phase), now)
+                found = {r[0]: (r[1], r[2]) for r in rows}
+                evaluated = set(_values(lifecycle.EVALUATED))
+                written = [
+                    (row := found.get(v.deployment.deployment_id)) is not None
+                    and row[0] == v.deployment.last_operation.operation_id
+                    and row[1] in evaluated
+                    for v in verdicts
+                ]
+            kept = [v for v, w in zip(verdicts, written, strict=True) if w]
+            await db.executemany(
+                "INSERT INTO drift_state (deployment_id, items, health, update_time) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (deployment_id) DO UPDATE SET items = excluded.items, "
+                "health = excluded.health, update_time = excluded.update_time",
+                [
+                    (v.deployment.deployment_id, codec.items_to_json(v.items), v.health.value, when)
+                    for v in kept
+                ],
+            )
+            for v in kept:
+                if v.crossings[0] or v.crossings[1]:
+                    await self._cross(db, *v.crossings, now)
+            await self._append_events(
+                db, [dataclasses.replace(e, phase=v.phase) for v in kept for e in v.events], now
+            )
         return written
 
     async def append_events(self, events: list[model.DriftEvent]) -> None:
         """Append events that describe no stored state (remediation attempts)."""
         now = codec.now()
         async with self._transaction() as db:
-            for event in events:
-                await self._append_event(db, event, now)
+            await self._append_events(db, events, now)
 
     async def drift_states(self) -> dict[str, tuple[tuple[model.DriftItem, ...], model.Health]]:
         """What the detector last reported, per deployment (to resume without re-announcing)."""
@@ -1198,6 +1233,18 @@ class Store:
         async with self._read() as db:
             row = await _one(db, "SELECT COUNT(*) FROM deployments")
         return int(row[0]) if row else 0
+
+
+def _event_values(event: model.DriftEvent, now: datetime.datetime) -> tuple[str, ...]:
+    return (
+        event.deployment_id,
+        event.namespace,
+        event.resource_type.value,
+        event.resource_name,
+        event.kind.value,
+        codec.event_payload(event),
+        codec.ts(now),
+    )
 
 
 def _marks(values: tuple[Any, ...]) -> str:

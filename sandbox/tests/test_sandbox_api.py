@@ -307,6 +307,41 @@ async def test_list_paging_with_limit_and_continue(kube_api) -> None:
     assert info.value.status == 400
 
 
+async def test_paging_a_selection_across_namespaces_visits_each_match_once_in_order(kube_api) -> None:
+    """Pages of a label selection over every namespace: each match once, in (namespace, name)
+    order, created out of order; no remainingItemCount (kube-apiserver leaves it unset with a
+    selector), and a full last page may continue to an empty one."""
+    core = client.CoreV1Api(kube_api)
+    for ns in ("page-b", "page-a"):
+        await core.create_namespace({"metadata": {"name": ns}})
+    wanted = []
+    for ns in ("page-b", "page-a"):
+        for i in (4, 0, 3, 1, 2):
+            picked = i % 2 == 0
+            labels = {"pick": "yes" if picked else "no"}
+            await core.create_namespaced_config_map(ns, {"metadata": {"name": f"cm-{i}", "labels": labels}})
+            if picked:
+                wanted.append((ns, f"cm-{i}"))
+    seen: list[tuple[str, str]] = []
+    token = None
+    pages = 0
+    while True:
+        page = await core.list_config_map_for_all_namespaces(
+            label_selector="pick=yes", limit=2, **({"_continue": token} if token else {})
+        )
+        pages += 1
+        assert page.metadata.remaining_item_count is None
+        assert len(page.items) <= 2
+        seen += [(c.metadata.namespace, c.metadata.name) for c in page.items]
+        token = page.metadata._continue
+        if not token:
+            break
+    assert seen == sorted(wanted)
+    assert pages in (3, 4)  # 6 matches by 2; a full last page may lead to an empty one
+    everything = await core.list_namespaced_config_map("page-a", limit=4)
+    assert everything.metadata.remaining_item_count == 1  # no selector: counted
+
+
 async def test_leases_round_trip(kube_api) -> None:
     coordination = client.CoordinationV1Api(kube_api)
     lease = await coordination.create_namespaced_lease(
