@@ -417,12 +417,17 @@ async def _provision(grpc_target: str, names: list[str], db_path: pathlib.Path) 
             )
     db = sqlite3.connect(db_path, timeout=10)
     try:
-        while db.execute("SELECT COUNT(*) FROM deployments WHERE phase = 'Ready'").fetchone()[0] < len(names):
+        ready = "SELECT COUNT(*) FROM deployments WHERE phase = 'Ready' AND namespace = ?"
+        while db.execute(ready, (NAMESPACE,)).fetchone()[0] < len(names):
             if time.monotonic() - started > 300:
                 raise TimeoutError("the watch benchmark's deployments did not become Ready")
             await asyncio.sleep(0.25)
         # Wait for the detector's first verdict on each (health), so it stays quiet afterwards.
-        while db.execute("SELECT COUNT(*) FROM drift_state").fetchone()[0] < len(names):
+        judged = (
+            "SELECT COUNT(*) FROM drift_state s JOIN deployments d ON d.deployment_id = s.deployment_id "
+            "WHERE d.namespace = ?"
+        )
+        while db.execute(judged, (NAMESPACE,)).fetchone()[0] < len(names):
             if time.monotonic() - started > 300:
                 raise TimeoutError("the detector did not evaluate the watch benchmark's deployments")
             await asyncio.sleep(0.25)
