@@ -911,17 +911,27 @@ class Detector:
         if not judged:
             return
         taken, judged[:] = judged[:], []
-        concluded = 0
+        done = 0
         try:
             records = [j.record for j in taken if j.record is not None]
             written = iter(await self._store.record_evaluations(records) if records else ())
             for j in taken:
-                if j.record is None or next(written):
-                    await self._conclude(j)
-                concluded += 1
-                self._evaluated(j.deployment.deployment_id, j.noticed, concluded=True)
+                recorded = j.record is None or next(written)
+                concluded = False
+                try:
+                    if recorded:
+                        # Each on its own: a proposal the store refuses must not leave the rest of
+                        # the batch, recorded with it, unconcluded.
+                        with _failure_logged(deployment_id=j.deployment.deployment_id):
+                            await self._conclude(j)
+                            concluded = True
+                    else:
+                        concluded = True  # moved on: the change that moved it is evaluated anew
+                finally:
+                    done += 1
+                    self._evaluated(j.deployment.deployment_id, j.noticed, concluded=concluded)
         finally:
-            for j in taken[concluded:]:
+            for j in taken[done:]:
                 self._evaluated(j.deployment.deployment_id, j.noticed, concluded=False)
 
     async def _record_logged(self, batch: list[_Judged]) -> None:

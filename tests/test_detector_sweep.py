@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime
 import pathlib
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,18 @@ class _SyncedCluster:
 
     async def wait_synced(self, grace: float) -> bool:
         return True
+
+
+def _detector(store: sqlite.Store, **options: Any) -> detector.Detector:
+    """A detector on ``store`` and a cluster that is listed at once, with no remediator."""
+    return detector.Detector(
+        store=store,
+        cluster=_SyncedCluster(),  # type: ignore[arg-type]
+        catalog=catalog.DEFAULT_CATALOG,
+        policies=policy.Policy,
+        remediator=None,
+        **options,
+    )
 
 
 async def test_start_up_waits_for_a_sweep_whose_listing_succeeded(
@@ -38,15 +51,7 @@ async def test_start_up_waits_for_a_sweep_whose_listing_succeeded(
 
     monkeypatch.setattr(store, "live_deployments", flaky)
     started = asyncio.Event()
-    watcher = detector.Detector(
-        store=store,
-        cluster=_SyncedCluster(),  # type: ignore[arg-type]
-        catalog=catalog.DEFAULT_CATALOG,
-        policies=policy.Policy,
-        remediator=None,
-        resync_interval=600.0,
-        on_started=started.set,
-    )
+    watcher = _detector(store, resync_interval=600.0, on_started=started.set)
     task = asyncio.create_task(watcher.run())
     try:
         await asyncio.wait_for(started.wait(), 10)
@@ -67,14 +72,7 @@ async def test_a_sweep_gives_the_loop_back_between_slices(
     evaluated: list[str] = []
     ticks: list[int] = []  # how many evaluations had run whenever another task got the loop
 
-    watcher = detector.Detector(
-        store=store,
-        cluster=_SyncedCluster(),  # type: ignore[arg-type]
-        catalog=catalog.DEFAULT_CATALOG,
-        policies=policy.Policy,
-        remediator=None,
-        resync_interval=600.0,
-    )
+    watcher = _detector(store, resync_interval=600.0)
 
     swept = asyncio.Event()
 
@@ -124,13 +122,7 @@ async def test_a_usage_change_keeps_the_rest_of_the_verdict_as_it_was(tmp_path: 
     try:
         deployment = await store.deployment_by_id((await store.provision(command("db-a"))).deployment_id)
         assert deployment is not None
-        watcher = detector.Detector(
-            store=store,
-            cluster=_SyncedCluster(),  # type: ignore[arg-type]
-            catalog=catalog.DEFAULT_CATALOG,
-            policies=policy.Policy,
-            remediator=None,
-        )
+        watcher = _detector(store)
 
         def verdict(cpu: str) -> drift.Evaluation:
             item = model.DriftItem(
@@ -188,15 +180,7 @@ async def test_a_first_sweep_records_its_verdicts_in_batches_and_a_failed_batch_
 
     monkeypatch.setattr(store, "record_evaluations", counted)
     started = asyncio.Event()
-    watcher = detector.Detector(
-        store=store,
-        cluster=_SyncedCluster(),  # type: ignore[arg-type]
-        catalog=catalog.DEFAULT_CATALOG,
-        policies=policy.Policy,
-        remediator=None,
-        resync_interval=0.2,
-        on_started=started.set,
-    )
+    watcher = _detector(store, resync_interval=0.2, on_started=started.set)
 
     def healthy(deployment: model.Deployment) -> drift.Evaluation:
         return drift.Evaluation(
@@ -221,6 +205,52 @@ async def test_a_first_sweep_records_its_verdicts_in_batches_and_a_failed_batch_
             await asyncio.sleep(0.05)
         assert len(await store.drift_states()) == 12
         assert all(watcher.verdict(d) is not None for d in deployments)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+
+
+async def test_a_verdict_whose_follow_up_fails_leaves_the_rest_of_its_batch_concluded(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verdicts recorded together are concluded one by one: a proposal the store refuses for one
+    of them does not leave the others, already recorded, without their kept verdict."""
+    from test_store_contract import ready, replicas_item
+
+    from broker.domain import drift, model
+
+    store = await sqlite.Store.open(tmp_path)
+    deployments = [await ready(store, f"db-{i}") for i in range(3)]
+    propose = store.propose_remediation
+
+    async def refusing(remediation: Any, *, event: Any) -> None:
+        if remediation.deployment_id == deployments[1].deployment_id:
+            raise errors.Unavailable("the store failed to commit: OperationalError")
+        await propose(remediation, event=event)
+
+    monkeypatch.setattr(store, "propose_remediation", refusing)
+    started = asyncio.Event()
+    watcher = _detector(store, resync_interval=600.0, on_started=started.set)
+
+    def drifted(deployment: model.Deployment) -> drift.Evaluation:  # replicas scaled: approval needed
+        return drift.Evaluation(
+            actual_spec=deployment.desired_spec,
+            items=(replicas_item("3"),),
+            health=model.Health.HEALTHY,
+            usage=None,
+            monthly_cost=None,
+            checked_at=datetime.datetime.now(datetime.UTC),
+        )
+
+    monkeypatch.setattr(watcher, "_verdict", drifted)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        proposed = {r.deployment_id for r in await store.list_remediations(namespace=None)}
+        assert proposed == {deployments[0].deployment_id, deployments[2].deployment_id}
+        # The refused one is evaluated again (its proposal with it) at the next change or sweep.
+        assert deployments[1].deployment_id in watcher._noticed
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
