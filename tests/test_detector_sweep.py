@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from broker import detector, errors
-from broker.domain import catalog, policy
+from broker.domain import catalog, drift, model, policy
 from broker.store import sqlite
 
 
@@ -20,6 +20,18 @@ class _SyncedCluster:
 
     async def wait_synced(self, grace: float) -> bool:
         return True
+
+
+def _evaluation(deployment: model.Deployment, items: tuple[model.DriftItem, ...]) -> drift.Evaluation:
+    """A Healthy verdict on a deployment with ``items``, as the caches would give it now."""
+    return drift.Evaluation(
+        actual_spec=deployment.desired_spec,
+        items=items,
+        health=model.Health.HEALTHY,
+        usage=None,
+        monthly_cost=None,
+        checked_at=datetime.datetime.now(datetime.UTC),
+    )
 
 
 def _detector(store: sqlite.Store, **options: Any) -> detector.Detector:
@@ -116,8 +128,6 @@ async def test_a_usage_change_keeps_the_rest_of_the_verdict_as_it_was(tmp_path: 
     """A new verdict shares its unchanged parts with the kept one: fewer objects for the collector."""
     from test_store_contract import command
 
-    from broker.domain import drift, model
-
     store = await sqlite.Store.open(tmp_path)
     try:
         deployment = await store.deployment_by_id((await store.provision(command("db-a"))).deployment_id)
@@ -164,8 +174,6 @@ async def test_a_first_sweep_records_its_verdicts_in_batches_and_a_failed_batch_
     one each; a batch the store fails is not kept, and the next sweep records it."""
     from test_store_contract import ready
 
-    from broker.domain import drift, model
-
     store = await sqlite.Store.open(tmp_path)
     monkeypatch.setattr(detector, "SWEEP_BATCH", 5)
     deployments = [await ready(store, f"db-{i:02d}") for i in range(12)]
@@ -182,17 +190,7 @@ async def test_a_first_sweep_records_its_verdicts_in_batches_and_a_failed_batch_
     started = asyncio.Event()
     watcher = _detector(store, resync_interval=0.2, on_started=started.set)
 
-    def healthy(deployment: model.Deployment) -> drift.Evaluation:
-        return drift.Evaluation(
-            actual_spec=deployment.desired_spec,
-            items=(),
-            health=model.Health.HEALTHY,
-            usage=None,
-            monthly_cost=None,
-            checked_at=datetime.datetime.now(datetime.UTC),
-        )
-
-    monkeypatch.setattr(watcher, "_verdict", healthy)
+    monkeypatch.setattr(watcher, "_verdict", lambda deployment: _evaluation(deployment, ()))
     task = asyncio.create_task(watcher.run())
     try:
         await asyncio.wait_for(started.wait(), 10)
@@ -218,8 +216,6 @@ async def test_a_verdict_whose_follow_up_fails_leaves_the_rest_of_its_batch_conc
     of them does not leave the others, already recorded, without their kept verdict."""
     from test_store_contract import ready, replicas_item
 
-    from broker.domain import drift, model
-
     store = await sqlite.Store.open(tmp_path)
     deployments = [await ready(store, f"db-{i}") for i in range(3)]
     propose = store.propose_remediation
@@ -233,17 +229,10 @@ async def test_a_verdict_whose_follow_up_fails_leaves_the_rest_of_its_batch_conc
     started = asyncio.Event()
     watcher = _detector(store, resync_interval=600.0, on_started=started.set)
 
-    def drifted(deployment: model.Deployment) -> drift.Evaluation:  # replicas scaled: approval needed
-        return drift.Evaluation(
-            actual_spec=deployment.desired_spec,
-            items=(replicas_item("3"),),
-            health=model.Health.HEALTHY,
-            usage=None,
-            monthly_cost=None,
-            checked_at=datetime.datetime.now(datetime.UTC),
-        )
-
-    monkeypatch.setattr(watcher, "_verdict", drifted)
+    # Replicas scaled, whose remediation needs approval: each verdict makes a proposal.
+    monkeypatch.setattr(
+        watcher, "_verdict", lambda deployment: _evaluation(deployment, (replicas_item("3"),))
+    )
     task = asyncio.create_task(watcher.run())
     try:
         await asyncio.wait_for(started.wait(), 10)

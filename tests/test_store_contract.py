@@ -14,6 +14,7 @@ import datetime
 import json
 import pathlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -178,15 +179,7 @@ async def test_a_tailer_never_skips_an_event_whatever_the_writers_do(store: port
             if i % 5 == 0:
                 with contextlib.suppress(errors.BrokerError):
                     await store.record_evaluations(
-                        [
-                            port.Verdict(
-                                deployment,
-                                items=(),
-                                health=model.Health.HEALTHY,
-                                phase=model.Phase.READY,
-                                events=[event_about(deployment, w * 1000 + i)],
-                            )
-                        ]
+                        [healthy(deployment, events=[event_about(deployment, w * 1000 + i)])]
                     )
             else:
                 await store.append_events([event_about(deployment, w * 1000 + i)])
@@ -280,11 +273,8 @@ async def test_events_list_by_namespace_and_kind_in_pages(store: port.Store) -> 
     await store.append_events([event_about(deployment, i) for i in range(5)])
     await store.record_evaluations(
         [
-            port.Verdict(
+            healthy(
                 deployment,
-                items=(),
-                health=model.Health.HEALTHY,
-                phase=model.Phase.READY,
                 events=[
                     model.DriftEvent.about(
                         deployment, model.EventKind.DRIFT_RESOLVED, "resolved", health=None
@@ -450,35 +440,13 @@ async def test_a_verdict_writes_its_cost_crossings_and_alerts_in_its_own_transac
     subject = "resource:" + deployment.deployment_id
     alert = model.DriftEvent.about(deployment, model.EventKind.COST_ALERT, "Cost alert: raised", health=None)
     assert await store.record_evaluations(
-        [
-            port.Verdict(
-                deployment,
-                items=(),
-                health=model.Health.HEALTHY,
-                phase=model.Phase.READY,
-                events=[alert],
-                crossings=({subject}, set()),
-            )
-        ]
+        [healthy(deployment, events=[alert], crossings=({subject}, set()))]
     ) == [True]
     assert await store.cost_alerts() == {subject}
     # A verdict for an operation that moved on writes nothing: no crossing, no alert.
-    moved_on = dataclasses.replace(
-        deployment,
-        last_operation=dataclasses.replace(deployment.last_operation, operation_id=model.OperationId("op-x")),
-    )
     _, newest = await store.event_bounds()
     assert await store.record_evaluations(
-        [
-            port.Verdict(
-                moved_on,
-                items=(),
-                health=model.Health.HEALTHY,
-                phase=model.Phase.READY,
-                events=[alert],
-                crossings=(set(), {subject}),
-            )
-        ]
+        [healthy(moved_on(deployment), events=[alert], crossings=(set(), {subject}))]
     ) == [False]
     assert await store.cost_alerts() == {subject}
     assert (await store.event_bounds())[1] == newest
@@ -490,10 +458,7 @@ async def test_a_batch_of_verdicts_is_one_transaction_that_skips_deployments_tha
     """A sweep records many verdicts at once: each is written, or not at all when its deployment
     moved on, and the events of those written come in the batch's order."""
     first, second, third = [await ready(store, name) for name in ("db-1", "db-2", "db-3")]
-    moved_on = dataclasses.replace(
-        second,
-        last_operation=dataclasses.replace(second.last_operation, operation_id=model.OperationId("op-x")),
-    )
+    superseded = moved_on(second)
     _, newest = await store.event_bounds()
     heard: list[model.DriftEvent] = []
     store.listeners.append(heard.extend)
@@ -501,12 +466,12 @@ async def test_a_batch_of_verdicts_is_one_transaction_that_skips_deployments_tha
         [
             port.Verdict(
                 deployment,
-                items=(replicas_item("3"),) if deployment is not moved_on else (),
+                items=(replicas_item("3"),) if deployment is not superseded else (),
                 health=model.Health.DEGRADED,
                 phase=model.Phase.DRIFT_DETECTED,
                 events=[event_about(deployment, i)],
             )
-            for i, deployment in enumerate((first, moved_on, third))
+            for i, deployment in enumerate((first, superseded, third))
         ]
     )
     assert written == [True, False, True]
@@ -526,13 +491,7 @@ async def test_a_batch_of_verdicts_is_one_transaction_that_skips_deployments_tha
     heard.clear()
     again = await store.record_evaluations(
         [
-            port.Verdict(
-                d,
-                items=(),
-                health=model.Health.HEALTHY,
-                phase=model.Phase.READY,
-                events=[event_about(d, 10 + i), event_about(d, 20 + i)],
-            )
+            healthy(d, events=[event_about(d, 10 + i), event_about(d, 20 + i)])
             for i, d in enumerate((first, third))
         ]
     )
@@ -541,6 +500,19 @@ async def test_a_batch_of_verdicts_is_one_transaction_that_skips_deployments_tha
     assert [e.message for e in events] == ["event 10", "event 20", "event 11", "event 21"]
     assert [(e.sequence, e.message) for e in heard] == [(e.sequence, e.message) for e in events]
     assert await store.record_evaluations([]) == []
+
+
+def healthy(deployment: model.Deployment, **written: Any) -> port.Verdict:
+    """A Healthy verdict without drift (the deployment Ready), with ``events`` or ``crossings``."""
+    return port.Verdict(deployment, items=(), health=model.Health.HEALTHY, phase=model.Phase.READY, **written)
+
+
+def moved_on(deployment: model.Deployment) -> model.Deployment:
+    """The deployment as an evaluation saw it before another operation superseded that one."""
+    return dataclasses.replace(
+        deployment,
+        last_operation=dataclasses.replace(deployment.last_operation, operation_id=model.OperationId("op-x")),
+    )
 
 
 def replicas_item(actual: str) -> model.DriftItem:
