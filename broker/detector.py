@@ -44,6 +44,7 @@ import dataclasses
 import datetime
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterator
 
 from broker import errors, workers
@@ -521,6 +522,7 @@ class _Judged:
     plan: CostPlan
     record: port.Verdict | None
     noticed: datetime.datetime
+    rules: policy.Policy  # what it was judged by
 
 
 @contextlib.contextmanager
@@ -599,13 +601,29 @@ class Detector:
         # The provisional verdict of each of those, made by the first read after its change (from
         # the row it was made for): later reads reuse it until the next change or the kept verdict.
         self._provisional: dict[str, tuple[model.Deployment, drift.Evaluation]] = {}
+        # The kept verdicts whose objects did not change since the observation they were made from,
+        # with the rules they were judged by (``_unchanged``), and those being evaluated that changed
+        # meanwhile: their verdict, once kept, is of objects that are not the cluster's any more.
+        self._confirmed: dict[str, policy.Policy] = {}
+        self._touched_meanwhile: set[str] = set()
         # When each namespace's verdicts last changed, on one counter (``version``).
         self._changes = 0
         self._changed_at: dict[str, int] = {}
         self._forgotten_at = 0
 
+    def touched(self, deployment_id: str) -> None:
+        """An object of the deployment changed: its kept verdict is no longer of what the caches hold.
+
+        Told of every change, also those of a deployment whose operation is under way (which
+        ``notify`` is not told of: the operation's end asks for its evaluation).
+        """
+        self._confirmed.pop(deployment_id, None)
+        if deployment_id in self._evaluating:
+            self._touched_meanwhile.add(deployment_id)
+
     def notify(self, deployment_id: str) -> None:
         """An object of the deployment changed: evaluate it soon (or first, once this replica leads)."""
+        self.touched(deployment_id)
         if not self._running:
             now = time.monotonic()
             self._recent.pop(deployment_id, None)
@@ -729,9 +747,34 @@ class Detector:
         self._on_started()
         await workers.run_forever(sweep, interval=self._resync_interval, wake=self._wake)
 
-    def _verdict(self, deployment: model.Deployment) -> drift.Evaluation:
-        return drift.evaluate(
-            deployment, self._cluster.observe(deployment), catalog=self._catalog, rules=self._policies()
+    def _verdict(self, deployment: model.Deployment, rules: policy.Policy | None = None) -> drift.Evaluation:
+        observation = self._cluster.observe(deployment)
+        return drift.evaluate(deployment, observation, catalog=self._catalog, rules=rules or self._policies())
+
+    def _unchanged(self, deployment: model.Deployment) -> bool:
+        """Whether the kept verdict on a listed row stands as it is, with no evaluation.
+
+        An evaluation is a function of the row, the cached objects, the rules and the time. It is
+        not made again while the row is the one the verdict was made from, no object of the
+        deployment changed since (``touched``), the rules are the same, and the verdict cannot age:
+        healthy, with no drift to act on or proposal to settle, and younger than its refresh. At
+        10,000 deployments a sweep is then a listing and 10,000 lookups, not 10,000 evaluations (and
+        their objects for the collector). What ages a verdict is a recent restart (Degraded until it
+        is ``drift.RECENT_RESTART`` old), and only a Degraded one.
+        """
+        deployment_id = deployment.deployment_id
+        kept = self._verdicts.get(deployment_id)
+        rules = self._confirmed.get(deployment_id)
+        if kept is None or rules is None or rules is not self._policies():
+            return False
+        kept_deployment, verdict = kept
+        return (
+            (kept_deployment is deployment or kept_deployment == deployment)
+            and verdict.health is model.Health.HEALTHY
+            and deployment_id not in self._proposals
+            and deployment_id not in self._deferred
+            and not _unexpected(verdict.items)
+            and not _refresh_due(deployment_id, verdict, _now())
         )
 
     def verdict(self, deployment: model.Deployment) -> drift.Evaluation | None:
@@ -791,6 +834,8 @@ class Detector:
 
     def resync_now(self) -> None:
         """Evaluate every deployment soon: the cluster became readable again, or stopped being so."""
+        self._confirmed.clear()
+        self._touched_meanwhile.update(self._evaluating)
         self._resync.update(dict.fromkeys(self._open))
         self._wake.set()
 
@@ -805,6 +850,7 @@ class Detector:
         self._reported.clear()
         self._open.clear()
         self._verdicts.clear()
+        self._confirmed.clear()
         self._changes += 1
         self._forgotten_at = self._changes
         self._dirty.clear()
@@ -820,6 +866,7 @@ class Detector:
         self._noticed.pop(deployment_id, None)
         self._provisional.pop(deployment_id, None)
         opened = self._open.pop(deployment_id, None)
+        self._confirmed.pop(deployment_id, None)
         if self._verdicts.pop(deployment_id, None) is not None and opened is not None:
             self._changed(opened[0])
         if self.costs is not None:
@@ -860,16 +907,20 @@ class Detector:
             self._noticed.setdefault(deployment_id, noticed)
         if self._evaluating.get(deployment_id) is noticed:
             del self._evaluating[deployment_id]
+            self._touched_meanwhile.discard(deployment_id)
 
     async def _judge(
         self, deployment_id: str, listed: model.Deployment | None, noticed: datetime.datetime
     ) -> _Judged | None:
+        if listed is not None and self._unchanged(listed):
+            return None  # the kept verdict stands: nothing it was made from changed
         deployment = listed if listed is not None else await self._store.deployment_by_id(deployment_id)
         if deployment is None or deployment.phase not in lifecycle.EVALUATED:
             # Deprovisioned (or provisioning again): its drift is nobody's business any more.
             self._forget(deployment_id)
             return None
-        verdict = self._verdict(deployment)
+        rules = self._policies()
+        verdict = self._verdict(deployment, rules)
         if listed is not None and verdict.unexpected:
             # Drift leads to action (a remediation, a proposal): never on a row that moved on
             # since the sweep listed it.
@@ -879,7 +930,7 @@ class Detector:
                 return None
             if fresh != listed:
                 deployment = fresh
-                verdict = self._verdict(deployment)
+                verdict = self._verdict(deployment, rules)
         before, health_before = self._reported.get(deployment_id, ((), None))
         readable = verdict.health is not model.Health.UNKNOWN
         after = _keep_detect_times(before, verdict.items, noticed) if readable else before
@@ -900,7 +951,7 @@ class Detector:
                 events=events + plan.events,
                 crossings=(plan.raised, plan.cleared),
             )
-        return _Judged(deployment, verdict, phase, plan, record, noticed)
+        return _Judged(deployment, verdict, phase, plan, record, noticed, rules)
 
     async def _record(self, judged: list[_Judged]) -> None:
         """Record verdicts (those with anything to write, in one transaction), then act on them.
@@ -946,6 +997,8 @@ class Detector:
             self.costs.committed(judged.plan)
         self._reported[deployment_id] = (verdict.items, verdict.health)
         self._keep_verdict(deployment, verdict)
+        if deployment_id not in self._touched_meanwhile:
+            self._confirmed[deployment_id] = judged.rules
         open_items = _unexpected(verdict.items)
         self._open[deployment_id] = (deployment.namespace, deployment.resource_type.value, len(open_items))
         readable = verdict.health is not model.Health.UNKNOWN
@@ -1124,9 +1177,13 @@ class Detector:
         if (
             kept is not None
             and same_operation
-            and verdict.checked_at - kept[1].checked_at < VERDICT_REFRESH
+            and not _refresh_due(deployment.deployment_id, kept[1], verdict.checked_at)
             and dataclasses.replace(kept[1], checked_at=verdict.checked_at) == verdict
         ):
+            if kept[0] is not deployment and kept[0] != deployment:
+                # The row moved on (its phase, say) and the verdict did not: kept with the row it
+                # now confirms, so that the next sweep can tell the row unchanged (``_unchanged``).
+                self._verdicts[deployment.deployment_id] = (deployment, kept[1])
             return
         if kept is not None and same_operation:
             # The parts that did not change are the kept verdict's own objects (frozen with the heap
@@ -1192,6 +1249,16 @@ class Detector:
         for namespace, resource_type, count in self._open.values():
             totals[(namespace, resource_type)] = totals.get((namespace, resource_type), 0) + count
         return totals
+
+
+def _refresh_due(deployment_id: str, verdict: drift.Evaluation, now: datetime.datetime) -> bool:
+    """Whether a confirmed verdict is old enough to be made anew (its ``lastChecked`` moved on).
+
+    Between half of ``VERDICT_REFRESH`` and all of it, by deployment: verdicts made together (the
+    first sweep of thousands) are refreshed over several sweeps, not in one.
+    """
+    spread = zlib.crc32(deployment_id.encode()) / 0xFFFFFFFF
+    return now - verdict.checked_at >= VERDICT_REFRESH * (0.5 + spread / 2)
 
 
 def _keep_detect_times(

@@ -622,8 +622,11 @@ class Broker:
         self.budgets.listeners.append(parts.detector.budget_changed)
         state.add_listener(parts.provisioner.notify)
         # While an operation is carried out its objects change by design, and the detector judges
-        # only what has finished: it hears of the deployment when the operation does (on_finished).
-        state.add_listener(lambda d: None if parts.provisioner.busy(d) else parts.detector.notify(d))
+        # only what has finished: it hears of the deployment when the operation does (on_finished),
+        # and only that its kept verdict is of objects that changed now.
+        state.add_listener(
+            lambda d: parts.detector.touched(d) if parts.provisioner.busy(d) else parts.detector.notify(d)
+        )
         state.add_usage_listener(parts.detector.usage_changed)
         # An approval made on any replica reaches the leader's detector through the log's tailer.
         self.hub.observers.append(parts.detector.approvals_in)

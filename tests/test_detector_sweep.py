@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -34,13 +35,16 @@ def _evaluation(deployment: model.Deployment, items: tuple[model.DriftItem, ...]
     )
 
 
-def _detector(store: sqlite.Store, **options: Any) -> detector.Detector:
+def _detector(
+    store: sqlite.Store, *, policies: Callable[[], policy.Policy] | None = None, **options: Any
+) -> detector.Detector:
     """A detector on ``store`` and a cluster that is listed at once, with no remediator."""
+    rules = policy.Policy()
     return detector.Detector(
         store=store,
         cluster=_SyncedCluster(),  # type: ignore[arg-type]
         catalog=catalog.DEFAULT_CATALOG,
-        policies=policy.Policy,
+        policies=policies or (lambda: rules),
         remediator=None,
         **options,
     )
@@ -190,7 +194,7 @@ async def test_a_first_sweep_records_its_verdicts_in_batches_and_a_failed_batch_
     started = asyncio.Event()
     watcher = _detector(store, resync_interval=0.2, on_started=started.set)
 
-    monkeypatch.setattr(watcher, "_verdict", lambda deployment: _evaluation(deployment, ()))
+    monkeypatch.setattr(watcher, "_verdict", lambda deployment, rules=None: _evaluation(deployment, ()))
     task = asyncio.create_task(watcher.run())
     try:
         await asyncio.wait_for(started.wait(), 10)
@@ -231,7 +235,7 @@ async def test_a_verdict_whose_follow_up_fails_leaves_the_rest_of_its_batch_conc
 
     # Replicas scaled, whose remediation needs approval: each verdict makes a proposal.
     monkeypatch.setattr(
-        watcher, "_verdict", lambda deployment: _evaluation(deployment, (replicas_item("3"),))
+        watcher, "_verdict", lambda deployment, rules=None: _evaluation(deployment, (replicas_item("3"),))
     )
     task = asyncio.create_task(watcher.run())
     try:
@@ -240,6 +244,72 @@ async def test_a_verdict_whose_follow_up_fails_leaves_the_rest_of_its_batch_conc
         assert proposed == {deployments[0].deployment_id, deployments[2].deployment_id}
         # The refused one is evaluated again (its proposal with it) at the next change or sweep.
         assert deployments[1].deployment_id in watcher._noticed
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+
+
+async def test_a_sweep_makes_no_verdict_again_that_nothing_it_was_made_from_changed(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The periodic sweep evaluates again only what may judge differently: a deployment whose
+    objects changed (even unannounced), one whose verdict can age (Degraded: a restart grows old),
+    every one under new rules. A healthy deployment nothing changed of keeps its verdict as it is."""
+    from test_store_contract import ready
+
+    store = await sqlite.Store.open(tmp_path)
+    names = ("untouched", "touched", "degraded", "expected-drift")
+    deployments = {name: await ready(store, name) for name in names}
+    by_id = {d.deployment_id: name for name, d in deployments.items()}
+    evaluations = dict.fromkeys(names, 0)
+    version_item = model.DriftItem(
+        rule_id="version.patch",
+        field="version",
+        desired="15",
+        actual="15.2",
+        drift_class=model.DriftClass.EXPECTED,
+        severity=model.Severity.INFO,
+        action=model.Action.NONE,
+        message="Version mismatch: desired=15, actual=15.2",
+    )
+
+    def verdict(deployment: model.Deployment, rules: object = None) -> drift.Evaluation:
+        name = by_id[deployment.deployment_id]
+        evaluations[name] += 1
+        made = _evaluation(deployment, (version_item,) if name == "expected-drift" else ())
+        return dataclasses.replace(made, health=model.Health.DEGRADED) if name == "degraded" else made
+
+    rules = [policy.Policy()]
+    started = asyncio.Event()
+    watcher = _detector(store, policies=lambda: rules[0], resync_interval=0.05, on_started=started.set)
+    watcher._verdict = verdict  # type: ignore[method-assign]
+
+    async def sweeps(count: int) -> dict[str, int]:
+        """The evaluations of each deployment over the next ``count`` sweeps."""
+        before = dict(evaluations)
+        for _ in range(400):
+            if evaluations["degraded"] - before["degraded"] >= count:  # evaluated at every sweep
+                break
+            await asyncio.sleep(0.025)
+        return {name: evaluations[name] - before[name] for name in names}
+
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        assert all(evaluations[name] >= 1 for name in names)  # the first sweep judged everything
+        await sweeps(2)  # the sweeps that kept the first verdicts with the rows they confirm
+        assert await sweeps(3) == {"untouched": 0, "touched": 0, "degraded": 3, "expected-drift": 0}
+
+        # An object of one changed, and nobody asked for its evaluation (its operation was under
+        # way, say): the next sweep evaluates it, and only it among the healthy ones.
+        watcher.touched(deployments["touched"].deployment_id)
+        assert await sweeps(3) == {"untouched": 0, "touched": 1, "degraded": 3, "expected-drift": 0}
+
+        # New rules: every verdict is judged again under them, once.
+        rules[0] = policy.Policy()
+        seen = await sweeps(3)
+        assert seen == {"untouched": 1, "touched": 1, "degraded": 3, "expected-drift": 1}
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

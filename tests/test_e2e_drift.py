@@ -296,6 +296,16 @@ ROWS = {
             "Labels changed: broker.platform/deployment-id",
             None,
         ),
+        # Given to another deployment by hand (the owner annotation the broker reads first): its own
+        # deployment has lost it, and hears so from the watch event of the object's new owner.
+        Row(
+            "give-to-another-deployment",
+            ("annotate", "statefulset", "{name}", "broker.platform/owner=someone-elses", "--overwrite"),
+            "object.missing",
+            AUTO,
+            "StatefulSet {name} is missing",
+            "",
+        ),
         # The selection's own label removed: the object leaves the watch and is found by name.
         Row(
             "remove-deployment-label",

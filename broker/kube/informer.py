@@ -115,12 +115,19 @@ class Informer(Generic[R]):
         """The cached records whose ``index`` is ``value`` (e.g. all pods of a deployment)."""
         return [self._objects[k] for k in sorted(self._index.get(value, ())) if k in self._objects]
 
-    def _put(self, key: Key, record: R) -> None:
-        self._drop(key)
+    def _put(self, key: Key, record: R) -> R | None:
+        old = self._drop(key)
         self._objects[key] = record
         if self._index_of is not None:
             value = self._index_of(record)
             self._index[value] = (*self._index.get(value, ()), key)
+        return old
+
+    def _moved_from(self, old: R | None, record: R) -> R | None:
+        """The old version of a record, if its index value (its owner, say) was another."""
+        if old is None or self._index_of is None or self._index_of(old) == self._index_of(record):
+            return None
+        return old
 
     def _drop(self, key: Key) -> R | None:
         old = self._objects.pop(key, None)
@@ -183,8 +190,7 @@ class Informer(Generic[R]):
             for k, o in fresh.items()
             if k not in self._objects or self._objects[k].resource_version != o.resource_version
         ]
-        self._objects = {}
-        self._index = {}
+        before, self._objects, self._index = self._objects, {}, {}
         for k, o in fresh.items():
             self._put(k, o)
         self.last_error = ""
@@ -197,6 +203,8 @@ class Informer(Generic[R]):
         for record in gone:
             self._on_change(self.kind, "DELETED", record)
         for record in changed:
+            if (old := self._moved_from(before.get((record.namespace, record.name)), record)) is not None:
+                self._on_change(self.kind, "MODIFIED", old)  # its old owner lost it
             self._on_change(self.kind, "MODIFIED", record)
         return resource_version
 
@@ -218,6 +226,8 @@ class Informer(Generic[R]):
                 old = self._drop(key)
                 self._on_change(self.kind, event_type, old or record)
                 continue
-            self._put(key, record)
+            if (old := self._moved_from(self._put(key, record), record)) is not None:
+                # Relabelled to another owner: the one it had is told too (its object is gone).
+                self._on_change(self.kind, "MODIFIED", old)
             self._on_change(self.kind, event_type, record)
         return resource_version
