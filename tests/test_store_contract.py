@@ -502,6 +502,25 @@ async def test_a_batch_of_verdicts_is_one_transaction_that_skips_deployments_tha
     assert await store.record_evaluations([]) == []
 
 
+async def test_verdicts_of_one_batch_are_applied_in_turn(store: port.Store) -> None:
+    """The same deployment twice in a batch: the later verdict is what stays, and a subject one
+    verdict raises and a later one clears is not over."""
+    deployment = await ready(store, "db-twice")
+    subject = "resource:" + deployment.deployment_id
+    drifted = port.Verdict(
+        deployment,
+        items=(replicas_item("3"),),
+        health=model.Health.DEGRADED,
+        phase=model.Phase.DRIFT_DETECTED,
+        crossings=({subject}, set()),
+    )
+    written = await store.record_evaluations([drifted, healthy(deployment, crossings=(set(), {subject}))])
+    assert written == [True, True]
+    assert (await store.drift_states())[deployment.deployment_id] == ((), model.Health.HEALTHY)
+    assert (await store.deployment_by_id(deployment.deployment_id)).phase is model.Phase.READY  # type: ignore[union-attr]
+    assert subject not in await store.cost_alerts()
+
+
 def healthy(deployment: model.Deployment, **written: Any) -> port.Verdict:
     """A Healthy verdict without drift (the deployment Ready), with ``events`` or ``crossings``."""
     return port.Verdict(deployment, items=(), health=model.Health.HEALTHY, phase=model.Phase.READY, **written)

@@ -744,35 +744,49 @@ class Store:
         if not verdicts:
             return []
         now = codec.now()
-        written: list[bool] = []
+        ids = [v.deployment.deployment_id for v in verdicts]
         async with self._transaction() as tx:
-            for verdict in verdicts:
-                deployment = verdict.deployment
-                status = await tx.conn.execute(
-                    "UPDATE deployments SET phase = $1, update_time = $2 WHERE deployment_id = $3 "
-                    "AND last_operation_id = $4 AND phase = ANY($5::text[])",
-                    verdict.phase.value,
-                    now,
-                    deployment.deployment_id,
-                    deployment.last_operation.operation_id,
-                    _values(lifecycle.EVALUATED),
-                )
-                written.append(_count(status) > 0)
-                if not written[-1]:
-                    continue
-                await tx.conn.execute(
-                    "INSERT INTO drift_state (deployment_id, items, health, update_time) "
-                    "VALUES ($1, $2, $3, $4) ON CONFLICT (deployment_id) DO UPDATE SET "
-                    "items = excluded.items, health = excluded.health, update_time = excluded.update_time",
-                    deployment.deployment_id,
-                    codec.items_to_json(verdict.items),
-                    verdict.health.value,
-                    now,
-                )
-                await self._cross(tx, *verdict.crossings, now)
-                tx.events.extend(
-                    (dataclasses.replace(event, phase=verdict.phase), now) for event in verdict.events
-                )
+            if len(set(ids)) < len(ids):
+                # One deployment twice: its verdicts are applied in turn, each seeing the one before.
+                written = [await self._record_batch(tx, [v], now) for v in verdicts]
+                return [w for (w,) in written]
+            return await self._record_batch(tx, verdicts, now)
+
+    async def _record_batch(
+        self, tx: _Tx, verdicts: Sequence[port.Verdict], now: datetime.datetime
+    ) -> list[bool]:
+        """``record_evaluations`` of verdicts on distinct deployments: two statements for all of them."""
+        rows = await tx.conn.fetch(
+            "UPDATE deployments AS d SET phase = v.phase, update_time = $1 "
+            "FROM unnest($2::text[], $3::text[], $4::text[]) AS v (deployment_id, operation_id, phase) "
+            "WHERE d.deployment_id = v.deployment_id AND d.last_operation_id = v.operation_id "
+            "AND d.phase = ANY($5::text[]) RETURNING d.deployment_id",
+            now,
+            [v.deployment.deployment_id for v in verdicts],
+            [v.deployment.last_operation.operation_id for v in verdicts],
+            [v.phase.value for v in verdicts],
+            _values(lifecycle.EVALUATED),
+        )
+        updated = {r["deployment_id"] for r in rows}
+        written = [v.deployment.deployment_id in updated for v in verdicts]
+        kept = [v for v, w in zip(verdicts, written, strict=True) if w]
+        if kept:
+            await tx.conn.execute(
+                "INSERT INTO drift_state (deployment_id, items, health, update_time) "
+                "SELECT v.deployment_id, v.items, v.health, $1 "
+                "FROM unnest($2::text[], $3::text[], $4::text[]) AS v (deployment_id, items, health) "
+                "ON CONFLICT (deployment_id) DO UPDATE SET "
+                "items = excluded.items, health = excluded.health, update_time = excluded.update_time",
+                now,
+                [v.deployment.deployment_id for v in kept],
+                [codec.items_to_json(v.items) for v in kept],
+                [v.health.value for v in kept],
+            )
+        for verdict in kept:
+            await self._cross(tx, *verdict.crossings, now)  # in turn: a later verdict's crossing wins
+            tx.events.extend(
+                (dataclasses.replace(event, phase=verdict.phase), now) for event in verdict.events
+            )
         return written
 
     async def append_events(self, events: list[model.DriftEvent]) -> None:
