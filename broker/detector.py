@@ -706,13 +706,11 @@ class Detector:
                     await asyncio.sleep(0)
                     slice_ends = time.perf_counter() + SWEEP_SLICE
                 if self._dirty:
-                    # Changed: its row is read afresh and recorded at once, on its own, after the
-                    # verdicts judged before the change.
+                    # Changed: after the verdicts judged before the change, the changed ones, each
+                    # row read afresh, are recorded at once, together (group commit: one disk
+                    # flush for the changes that came meanwhile, not one each).
                     await self._record_logged(batch)
-                    deployment_id = self._dirty.popitem(last=False)[0]
-                    self._resync.pop(deployment_id, None)
-                    with _failure_logged(deployment_id=deployment_id):
-                        await self.evaluate(deployment_id)
+                    await self._record_logged(await self._judge_dirty())
                     continue
                 deployment_id, listed = self._resync.popitem()
                 with _failure_logged(deployment_id=deployment_id):
@@ -882,6 +880,27 @@ class Detector:
         judged = await self._judging(deployment_id, listed)
         if judged is not None:
             await self._record([judged])
+
+    async def _judge_dirty(self) -> list[_Judged]:
+        """Judge the changed deployments, oldest change first, for one transaction (``_record``).
+
+        At most ``SWEEP_BATCH``; a verdict with cost alerts ends the batch, so that the next one is
+        judged against what its transaction wrote (a budget crossed once is not crossed twice).
+        """
+        judged: list[_Judged] = []
+        while self._dirty and len(judged) < SWEEP_BATCH:
+            deployment_id = next(iter(self._dirty))
+            if judged and deployment_id in self._evaluating:
+                break  # changed again since its verdict in this batch: judged after that is recorded
+            del self._dirty[deployment_id]
+            self._resync.pop(deployment_id, None)
+            with _failure_logged(deployment_id=deployment_id):
+                verdict = await self._judging(deployment_id, None)
+                if verdict is not None:
+                    judged.append(verdict)
+                    if not verdict.plan.empty:
+                        break
+        return judged
 
     async def _judging(self, deployment_id: str, listed: model.Deployment | None) -> _Judged | None:
         """Evaluate a deployment, to be recorded (``_record``); None when there is nothing to record.

@@ -314,3 +314,68 @@ async def test_a_sweep_makes_no_verdict_again_that_nothing_it_was_made_from_chan
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
+
+
+async def test_changes_that_came_together_are_recorded_together_and_each_once(tmp_path: pathlib.Path) -> None:
+    """Group commit of changes: the deployments changed while the detector was busy are judged and
+    recorded in one transaction, in the order they changed. One that changes again while its batch
+    is being judged is judged once more after that batch, and its drift is announced once."""
+    from test_store_contract import ready
+
+    store = await sqlite.Store.open(tmp_path)
+    deployments = [await ready(store, f"db-{i}") for i in range(4)]
+    first = deployments[0].deployment_id
+    scaled = model.DriftItem(
+        rule_id="replicas.changed",
+        field="replicas",
+        desired="1",
+        actual="3",
+        drift_class=model.DriftClass.UNEXPECTED,
+        severity=model.Severity.WARNING,
+        action=model.Action.ALERT_ONLY,
+        message="Replica count mismatch: desired=1, actual=3",
+    )
+    drifted = False
+    changed_again = False
+    started = asyncio.Event()
+    watcher = _detector(store, resync_interval=600.0, on_started=started.set)
+
+    judged_first = 0
+
+    def verdict(deployment: model.Deployment, rules: object = None) -> drift.Evaluation:
+        nonlocal changed_again, judged_first
+        judged_first += drifted and deployment.deployment_id == first
+        if drifted and deployment.deployment_id == deployments[2].deployment_id and not changed_again:
+            changed_again = True
+            watcher.notify(first)  # a change of the first, while the batch holding it is judged
+        return _evaluation(deployment, (scaled,) if drifted else ())
+
+    watcher._verdict = verdict  # type: ignore[method-assign]
+    batches: list[list[str]] = []
+    record = store.record_evaluations
+
+    async def counted(verdicts: list[Any]) -> list[bool]:
+        batches.append([v.deployment.deployment_id for v in verdicts])
+        return await record(verdicts)
+
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        _, newest = await store.event_bounds()
+        store.record_evaluations = counted  # type: ignore[method-assign]
+        drifted = True
+        for d in deployments:
+            watcher.notify(d.deployment_id)
+        for _ in range(200):
+            if len(await store.events_after(newest, 100)) >= 4 and judged_first == 2:
+                break
+            await asyncio.sleep(0.025)
+        assert batches == [[d.deployment_id for d in deployments]]  # one transaction, in order
+        assert judged_first == 2  # judged again after the batch that held it (nothing new to write)
+        events = await store.events_after(newest, 100)
+        detected = [e.deployment_id for e in events if e.kind is model.EventKind.DRIFT_DETECTED]
+        assert detected == [d.deployment_id for d in deployments]  # each announced once
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
