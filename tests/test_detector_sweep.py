@@ -362,7 +362,7 @@ async def test_changes_that_came_together_are_recorded_together_and_each_once(tm
     try:
         await asyncio.wait_for(started.wait(), 10)
         _, newest = await store.event_bounds()
-        store.record_evaluations = counted  # type: ignore[method-assign]
+        store.record_evaluations = counted  # type: ignore[method-assign,assignment]
         drifted = True
         for d in deployments:
             watcher.notify(d.deployment_id)
