@@ -747,7 +747,8 @@ class Detector:
 
     def _verdict(self, deployment: model.Deployment, rules: policy.Policy | None = None) -> drift.Evaluation:
         observation = self._cluster.observe(deployment)
-        return drift.evaluate(deployment, observation, catalog=self._catalog, rules=rules or self._policies())
+        rules = rules if rules is not None else self._policies()
+        return drift.evaluate(deployment, observation, catalog=self._catalog, rules=rules)
 
     def _unchanged(self, deployment: model.Deployment) -> bool:
         """Whether the kept verdict on a listed row stands as it is, with no evaluation.

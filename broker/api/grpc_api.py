@@ -108,8 +108,8 @@ class BrokerServicer:
     def __init__(self, *, service: service.BrokerService, authenticator: auth.Authenticator) -> None:
         self._service = service
         self._auth = authenticator
-        # The same event goes to every subscriber: convert it once (messages are never mutated).
-        self._encoded: collections.OrderedDict[int, pb.WatchDriftResponse] = collections.OrderedDict()
+        # The same event goes to every subscriber: convert and serialize it once.
+        self._encoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._stalls = _Stalls(lambda: service.watch_limits.max_lag_seconds)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -138,12 +138,12 @@ class BrokerServicer:
 
         return call
 
-    def _encode(self, item: service.WatchItem) -> pb.WatchDriftResponse:
+    def _encode(self, item: service.WatchItem) -> pb.WatchDriftResponse | bytes:
         if not isinstance(item, model.DriftEvent):
             return convert.watch_item_to_proto(item)
         message = self._encoded.get(item.sequence)
         if message is None:
-            message = self._encoded[item.sequence] = convert.watch_item_to_proto(item)
+            message = self._encoded[item.sequence] = convert.watch_item_to_proto(item).SerializeToString()
             if len(self._encoded) > 4096:
                 self._encoded.popitem(last=False)
         return message
@@ -213,7 +213,9 @@ def _shutting_down(position: int | None) -> errors.Unavailable:
     return errors.Unavailable(f"the broker is shutting down{where}", reason="SHUTTING_DOWN", metadata=resume)
 
 
-def _serialize(response: message.Message | encoded.Encoded) -> bytes:
+def _serialize(response: message.Message | encoded.Encoded | bytes) -> bytes:
+    if isinstance(response, bytes):
+        return response  # a drift event, serialized once for all its subscribers
     if isinstance(response, encoded.Encoded):
         return response.proto
     return response.SerializeToString()

@@ -227,7 +227,7 @@ class Informer(Generic[R]):
                 self._on_change(self.kind, event_type, old or record)
                 continue
             if (old := self._moved_from(self._put(key, record), record)) is not None:
-                # Relabelled to another owner: the one it had is told too (its object is gone).
+                # Given to another owner: the one it had is told too (its object is gone).
                 self._on_change(self.kind, "MODIFIED", old)
             self._on_change(self.kind, event_type, record)
         return resource_version
