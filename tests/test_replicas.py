@@ -13,6 +13,7 @@ import contextlib
 import json
 import pathlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import grpc
@@ -226,13 +227,13 @@ async def test_a_new_leader_evaluates_what_changed_while_it_followed_before_ever
             )
             assert b.detector is not None
             evaluated: list[str] = []
-            evaluate = b.detector.evaluate
+            judging = b.detector._judging  # what every evaluation goes through, changed or swept
 
-            async def recorded(deployment_id: str, listed: model.Deployment | None = None) -> None:
+            async def recorded(deployment_id: str, listed: model.Deployment | None) -> Any:
                 evaluated.append(deployment_id)
-                await evaluate(deployment_id, listed)
+                return await judging(deployment_id, listed)
 
-            b.detector.evaluate = recorded  # type: ignore[method-assign]
+            b.detector._judging = recorded  # type: ignore[method-assign]
             await first.aclose()  # a stops cleanly and releases the lease: b takes over at its next retry
             await until(
                 lambda: asyncio.sleep(0, len(evaluated) >= len(names)), bool, within=30, what="b's sweep"

@@ -87,10 +87,10 @@ async def test_a_dead_detector_makes_the_broker_not_ready_and_not_serving(
     broker = cluster_broker.broker
     assert broker.detector is not None
 
-    async def bug(deployment_id: str) -> None:
+    async def bug(deployment_id: str, listed: object) -> None:
         raise RuntimeError("a bug in the detector")
 
-    monkeypatch.setattr(broker.detector, "evaluate", bug)
+    monkeypatch.setattr(broker.detector, "_judging", bug)  # what every evaluation goes through
     broker.detector.notify("deploy-000000000000")
     await asyncio.wait_for(broker.failed.wait(), 10)
 
