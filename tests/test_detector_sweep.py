@@ -23,6 +23,19 @@ class _SyncedCluster:
         return True
 
 
+# Expected drift: reported, never acted on.
+_VERSION_PATCH = model.DriftItem(
+    rule_id="version.patch",
+    field="version",
+    desired="15",
+    actual="15.2",
+    drift_class=model.DriftClass.EXPECTED,
+    severity=model.Severity.INFO,
+    action=model.Action.NONE,
+    message="Version mismatch: desired=15, actual=15.2",
+)
+
+
 def _evaluation(deployment: model.Deployment, items: tuple[model.DriftItem, ...]) -> drift.Evaluation:
     """A Healthy verdict on a deployment with ``items``, as the caches would give it now."""
     return drift.Evaluation(
@@ -139,19 +152,9 @@ async def test_a_usage_change_keeps_the_rest_of_the_verdict_as_it_was(tmp_path: 
         watcher = _detector(store)
 
         def verdict(cpu: str) -> drift.Evaluation:
-            item = model.DriftItem(
-                rule_id="version.patch",
-                field="version",
-                desired="15",
-                actual="15.2",
-                drift_class=model.DriftClass.EXPECTED,
-                severity=model.Severity.INFO,
-                action=model.Action.NONE,
-                message="Version mismatch: desired=15, actual=15.2",
-            )
             return drift.Evaluation(
                 actual_spec=dataclasses.replace(deployment.desired_spec),  # an equal copy each time
-                items=(item,),
+                items=(_VERSION_PATCH,),
                 health=model.Health.HEALTHY,
                 usage=drift.Usage(cpu=cpu, memory="64Mi", storage="20Gi", replicas=1),
                 monthly_cost=45.5,
@@ -263,21 +266,11 @@ async def test_a_sweep_makes_no_verdict_again_that_nothing_it_was_made_from_chan
     deployments = {name: await ready(store, name) for name in names}
     by_id = {d.deployment_id: name for name, d in deployments.items()}
     evaluations = dict.fromkeys(names, 0)
-    version_item = model.DriftItem(
-        rule_id="version.patch",
-        field="version",
-        desired="15",
-        actual="15.2",
-        drift_class=model.DriftClass.EXPECTED,
-        severity=model.Severity.INFO,
-        action=model.Action.NONE,
-        message="Version mismatch: desired=15, actual=15.2",
-    )
 
     def verdict(deployment: model.Deployment, rules: object = None) -> drift.Evaluation:
         name = by_id[deployment.deployment_id]
         evaluations[name] += 1
-        made = _evaluation(deployment, (version_item,) if name == "expected-drift" else ())
+        made = _evaluation(deployment, (_VERSION_PATCH,) if name == "expected-drift" else ())
         return dataclasses.replace(made, health=model.Health.DEGRADED) if name == "degraded" else made
 
     rules = [policy.Policy()]
@@ -320,21 +313,12 @@ async def test_changes_that_came_together_are_recorded_together_and_each_once(tm
     """Group commit of changes: the deployments changed while the detector was busy are judged and
     recorded in one transaction, in the order they changed. One that changes again while its batch
     is being judged is judged once more after that batch, and its drift is announced once."""
-    from test_store_contract import ready
+    from test_store_contract import ready, replicas_item
 
     store = await sqlite.Store.open(tmp_path)
     deployments = [await ready(store, f"db-{i}") for i in range(4)]
     first = deployments[0].deployment_id
-    scaled = model.DriftItem(
-        rule_id="replicas.changed",
-        field="replicas",
-        desired="1",
-        actual="3",
-        drift_class=model.DriftClass.UNEXPECTED,
-        severity=model.Severity.WARNING,
-        action=model.Action.ALERT_ONLY,
-        message="Replica count mismatch: desired=1, actual=3",
-    )
+    scaled = dataclasses.replace(replicas_item("3"), action=model.Action.ALERT_ONLY)  # nothing to propose
     drifted = False
     changed_again = False
     started = asyncio.Event()
