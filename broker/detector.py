@@ -871,14 +871,14 @@ class Detector:
         if self.costs is not None:
             self.costs.forget(deployment_id)
 
-    async def evaluate(self, deployment_id: str, listed: model.Deployment | None = None) -> None:
-        """Compare one deployment with what was last reported and record any change.
+    async def evaluate(self, deployment_id: str) -> None:
+        """Evaluate one deployment now, its row read afresh, and record any change (the sweep
+        judges changed deployments in batches, ``_judge_dirty``, the same way).
 
-        ``listed`` is its row as a sweep listed it, read again otherwise. A row that moved on since
-        is harmless: the store refuses to record an evaluation of it (a superseded operation), and
-        whatever changed it asked for a fresh evaluation too.
+        A row that moved on since is harmless: the store refuses to record an evaluation of it (a
+        superseded operation), and whatever changed it asked for a fresh evaluation too.
         """
-        judged = await self._judging(deployment_id, listed)
+        judged = await self._judging(deployment_id, None)
         if judged is not None:
             await self._record([judged])
 

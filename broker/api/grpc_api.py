@@ -61,8 +61,8 @@ class _Stalls:
 
     A write the transport has not taken for ``lag()`` seconds is cut off (its ``cut_off`` is
     called), within a quarter of the lag (a second at most) after that. One watchdog, not a timer
-    per write: at 10,000 deliveries a second the timers were several per cent of the broker's CPU,
-    and with a 30-s lag some 300,000 cancelled ones waited on the event loop for the collector.
+    per write: at 10,000 deliveries a second, creating and cancelling them was 3.6 % of the broker's
+    profile samples (and a heap push and a cancelled handle on the event loop per message).
     """
 
     def __init__(self, lag: Callable[[], float]) -> None:
