@@ -19,19 +19,19 @@ ensure_system() {
   # Python >= 3.11 with venv and pip; Debian packages are installed when they are missing.
   if ! command -v python3 >/dev/null || ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     log "installing python3 (>= 3.11 required)"
-    apt-get update -qq && apt-get install -y -qq python3 python3-venv python3-pip >/dev/null
+    scripts/apt_install.sh python3 python3-venv python3-pip
   fi
   if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     log "installing python3-venv"
-    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    scripts/apt_install.sh python3-venv
   fi
   if ! command -v git >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq git >/dev/null
+    scripts/apt_install.sh git
   fi
   # promtool checks and unit-tests the alert rules in deploy/monitoring (only the tool is used).
   if ! command -v promtool >/dev/null; then
     log "installing promtool (Debian's prometheus package)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    scripts/apt_install.sh --no-install-recommends prometheus
   fi
 }
 
@@ -44,7 +44,7 @@ ensure_postgres() {
     return
   fi
   log "installing postgresql (the tests start a throwaway server on loopback)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  scripts/apt_install.sh postgresql
 }
 
 ensure_browser() {
@@ -52,7 +52,7 @@ ensure_browser() {
   # download a browser of its own (no `playwright install`).
   if ! [ -x /usr/bin/chromium ]; then
     log "installing chromium (the web view's tests run in headless Chromium)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    scripts/apt_install.sh chromium
   fi
 }
 

@@ -41,10 +41,8 @@ if ! flock -n 9; then
 fi
 
 apt_install() {
-  command -v apt-get >/dev/null || { echo "build_image: $* missing and no apt-get to install it" >&2; exit 1; }
   log "installing $* from Debian's packages"
-  apt-get -o DPkg::Lock::Timeout=600 update -qq \
-    && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "$@" >/dev/null
+  scripts/apt_install.sh "$@"
 }
 
 # The CA bundle pip inside the build trusts, passed as a build secret (never stored in a layer): the
