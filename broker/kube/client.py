@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
@@ -51,6 +53,13 @@ class _Envelope(msgspec.Struct):
 
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
+_ENCODER = msgspec.json.Encoder()
+
+
+@functools.cache
+def _timeout(seconds: float | None) -> aiohttp.ClientTimeout:
+    """A request's whole time limit (none for watches, which the server ends)."""
+    return aiohttp.ClientTimeout(total=seconds) if seconds else aiohttp.ClientTimeout()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,30 +249,46 @@ class Client:
         content_type: str = "application/json",
         request_timeout: float | None = 30.0,
     ) -> aiohttp.ClientResponse:
+        """One request on the library's HTTP session, with its credentials; the body as JSON bytes.
+
+        The library's ``call_api`` would walk every body to "sanitize" it (it is plain JSON already)
+        and encode it with the standard library: a third of the CPU of each write, three writes per
+        provision. Its session (TLS, proxy, connection pool) and its credentials (tokens refreshed
+        by their hooks) are still the ones used.
+        """
+        api = self._api
+        rest = api.rest_client
+        headers = {**api.default_headers, "Accept": "application/json"}
+        params = list(query or [])
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = _ENCODER.encode(body)
         try:
-            response: aiohttp.ClientResponse = await self._api.call_api(
-                path,
+            await api.update_params_for_auth(headers, params, ["BearerToken"])
+            url = f"{self.host}{path}?{urllib.parse.urlencode(params)}" if params else self.host + path
+            response = await rest.pool_manager.request(
                 method,
-                query_params=query or [],
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-                _request_timeout=request_timeout,
+                url,
+                data=data,
+                headers=headers,
+                timeout=_timeout(request_timeout),
+                proxy=rest.proxy,
+                proxy_headers=rest.proxy_headers,
+                server_hostname=rest.server_hostname,
             )
-        except (TimeoutError, k8s_exceptions.ApiException, aiohttp.ClientError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise translate(e, what) from e
         if response.status >= 400:
-            # Unpreloaded responses are not checked by the library: read the Status body and translate.
+            # Read the Status body and translate.
             try:
-                body = await response.read()
+                failed = await response.read()
             except (TimeoutError, aiohttp.ClientError):
-                body = b""
+                failed = b""
             finally:
                 response.release()
             failure = k8s_exceptions.ApiException(status=response.status, reason=response.reason)
-            raise translate(failure, what, body=body)
+            raise translate(failure, what, body=failed)
         return response
 
     async def _bytes(self, method: str, path: str, *, what: str, **kw: Any) -> bytes:
@@ -276,13 +301,13 @@ class Client:
             response.release()
 
     async def _json(self, method: str, path: str, *, what: str, **kw: Any) -> JsonDict:
-        response = await self._call(method, path, what=what, **kw)
+        body = await self._bytes(method, path, what=what, **kw)
         try:
-            data: JsonDict = await response.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+            data = msgspec.json.decode(body) if body else {}
+        except ValueError as e:
             raise translate(e, what) from e
-        finally:
-            response.release()
+        if not isinstance(data, dict):
+            raise errors.Unavailable(f"{what}: the Kubernetes API answered with no object")
         return data
 
     async def apply(self, obj: JsonDict, *, force: bool = True) -> JsonDict:
