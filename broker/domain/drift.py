@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import functools
 import re
 from collections.abc import Mapping
 
@@ -177,6 +178,7 @@ def size_of(resources: model.ComputeResources, catalog: catalog_mod.Catalog) -> 
     return "custom"
 
 
+@functools.lru_cache(maxsize=1024)  # a few sizes and replica counts: each evaluation asks twice
 def monthly_cost(
     resources: model.ComputeResources,
     replicas: int,
