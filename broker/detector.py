@@ -47,6 +47,8 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 
+import msgspec
+
 from broker import errors, workers
 from broker.domain import approval, costs, drift, lifecycle, model, policy, rules
 from broker.domain import catalog as catalog_mod
@@ -805,12 +807,12 @@ class Detector:
             return made[1]
         verdict = self._verdict(deployment)
         if verdict.health is model.Health.UNKNOWN:
-            verdict = dataclasses.replace(verdict, items=kept[1].items)
+            verdict = msgspec.structs.replace(verdict, items=kept[1].items)
         else:
-            verdict = dataclasses.replace(
+            verdict = msgspec.structs.replace(
                 verdict, items=_keep_detect_times(kept[1].items, verdict.items, noticed)
             )
-        if dataclasses.replace(kept[1], checked_at=verdict.checked_at) == verdict:
+        if msgspec.structs.replace(kept[1], checked_at=verdict.checked_at) == verdict:
             verdict = kept[1]  # nothing new: the kept verdict, as its evaluation will conclude
         self._provisional[deployment_id] = (deployment, verdict)
         return verdict
@@ -964,7 +966,7 @@ class Detector:
         after = _keep_detect_times(before, verdict.items, noticed) if readable else before
         events = changes(deployment, before, after, health_before, verdict.health)
         phase = lifecycle.phase_of_verdict(after)
-        verdict = dataclasses.replace(verdict, items=after)
+        verdict = msgspec.structs.replace(verdict, items=after)
         # Cost alerts go with the verdict they judge, in its transaction.
         plan = CostPlan()
         if self.costs is not None:
@@ -1206,7 +1208,7 @@ class Detector:
             kept is not None
             and same_operation
             and not _refresh_due(deployment.deployment_id, kept[1], verdict.checked_at)
-            and dataclasses.replace(kept[1], checked_at=verdict.checked_at) == verdict
+            and msgspec.structs.replace(kept[1], checked_at=verdict.checked_at) == verdict
         ):
             if kept[0] is not deployment and kept[0] != deployment:
                 # The row moved on (its phase, say) and the verdict did not: kept with the row it
@@ -1218,7 +1220,7 @@ class Detector:
             # after start-up): a change of one part makes new objects of that part only, for the
             # collector to walk.
             old = kept[1]
-            verdict = dataclasses.replace(
+            verdict = msgspec.structs.replace(
                 verdict,
                 actual_spec=old.actual_spec
                 if old.actual_spec == verdict.actual_spec
@@ -1248,7 +1250,7 @@ class Detector:
         if usage is None:
             self.notify(deployment_id)  # no workload was observed, or none is now: evaluate it
         elif usage != verdict.usage:
-            self._verdicts[deployment_id] = (deployment, dataclasses.replace(verdict, usage=usage))
+            self._verdicts[deployment_id] = (deployment, msgspec.structs.replace(verdict, usage=usage))
             self._changed(deployment.namespace)
 
     def _remaining(

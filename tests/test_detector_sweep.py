@@ -9,6 +9,7 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from broker import detector, errors
@@ -271,7 +272,7 @@ async def test_a_sweep_makes_no_verdict_again_that_nothing_it_was_made_from_chan
         name = by_id[deployment.deployment_id]
         evaluations[name] += 1
         made = _evaluation(deployment, (_VERSION_PATCH,) if name == "expected-drift" else ())
-        return dataclasses.replace(made, health=model.Health.DEGRADED) if name == "degraded" else made
+        return msgspec.structs.replace(made, health=model.Health.DEGRADED) if name == "degraded" else made
 
     rules = [policy.Policy()]
     started = asyncio.Event()

@@ -18,6 +18,8 @@ import functools
 import re
 from collections.abc import Mapping
 
+import msgspec
+
 from broker.domain import catalog as catalog_mod
 from broker.domain import model, naming, policy, quantity, rules
 
@@ -101,8 +103,13 @@ class Observation:
     metrics_available: bool = False
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Usage:
+# A verdict and its usage are not tracked by the garbage collector (``gc=False``: they hold no
+# reference that could lead back to them, so no cycle). Every metrics poll gives each kept verdict
+# new usage, so a new verdict and usage per resource: tracked, they were the bulk of what every
+# full collection walked after start-up (20,000 objects at 10k resources, 100,000 at 50k).
+
+
+class Usage(msgspec.Struct, frozen=True, gc=False):
     """Observed consumption; cpu and memory are None when the cluster serves no metrics."""
 
     cpu: str | None
@@ -111,8 +118,7 @@ class Usage:
     replicas: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Evaluation:
+class Evaluation(msgspec.Struct, frozen=True, gc=False):
     """The verdict on one deployment: what runs, how it differs, how healthy and costly it is."""
 
     actual_spec: model.ResourceSpec | None
