@@ -137,8 +137,10 @@ class Provisioner:
             for deployment in pending:
                 key = deployment.deployment_id
                 task = self._in_flight.get(key)
-                if task is None or task.done():
-                    self._in_flight[key] = asyncio.create_task(self._carry_out(deployment), name=f"op-{key}")
+                if task is None or task.done():  # done: its last act may have been to kick again
+                    task = asyncio.create_task(self._carry_out(deployment), name=f"op-{key}")
+                    self._in_flight[key] = task
+                    task.add_done_callback(self._let_go)
 
         self._running = True
         try:
@@ -147,6 +149,13 @@ class Provisioner:
             self._running = False
             self._kicked.clear()
             await workers.cancel_and_wait(self._in_flight.values())
+
+    def _let_go(self, task: asyncio.Task[None]) -> None:
+        """A finished operation's task (and its coroutine) is dropped: kept, every deployment ever
+        provisioned here held one for the life of the process."""
+        key = task.get_name().removeprefix("op-")
+        if self._in_flight.get(key) is task:
+            del self._in_flight[key]
 
     async def _carry_out(self, deployment: model.Deployment) -> None:
         started = await self._store.start_operation(deployment)

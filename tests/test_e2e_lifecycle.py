@@ -8,6 +8,7 @@ and an update of the spec. Every wait polls against a deadline.
 from __future__ import annotations
 
 import asyncio
+import gc
 import pathlib
 import shutil
 from collections.abc import AsyncIterator
@@ -515,3 +516,26 @@ class TestABrokerStoppedMidProvision:
             assert again["data"] == secret["data"]
         finally:
             await second.stop()
+
+
+async def test_finished_operations_leave_nothing_behind_in_the_broker(manager: Manager) -> None:
+    """An operation's task is let go once it finished: a broker that provisioned 10,000 resources
+    must not hold 10,000 finished tasks (and their coroutines) for the rest of its life."""
+    replies = [await manager.provision(f"db-done-{i}") for i in range(3)]
+    for reply in replies:
+        await until(
+            lambda reply=reply: manager.deployment(reply.deployment_id),
+            lambda d: d.phase == pb.STATE_READY,
+            within=15,
+            what="Ready",
+        )
+    names = {f"op-{reply.deployment_id}" for reply in replies}
+
+    async def kept() -> list[str]:
+        gc.collect()
+        return [
+            o.get_name() for o in gc.get_objects() if isinstance(o, asyncio.Task) and o.get_name() in names
+        ]
+
+    # Ready is recorded before the operation's last steps (its log line) are done.
+    assert await until(kept, lambda tasks: not tasks, within=5, what="the tasks let go") == []
