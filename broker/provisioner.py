@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -140,7 +141,7 @@ class Provisioner:
                 if task is None or task.done():  # done: its last act may have been to kick again
                     task = asyncio.create_task(self._carry_out(deployment), name=f"op-{key}")
                     self._in_flight[key] = task
-                    task.add_done_callback(self._let_go)
+                    task.add_done_callback(functools.partial(self._let_go, key))
 
         self._running = True
         try:
@@ -150,10 +151,9 @@ class Provisioner:
             self._kicked.clear()
             await workers.cancel_and_wait(self._in_flight.values())
 
-    def _let_go(self, task: asyncio.Task[None]) -> None:
+    def _let_go(self, key: str, task: asyncio.Task[None]) -> None:
         """A finished operation's task (and its coroutine) is dropped: kept, every deployment ever
         provisioned here held one for the life of the process."""
-        key = task.get_name().removeprefix("op-")
         if self._in_flight.get(key) is task:
             del self._in_flight[key]
 

@@ -24,17 +24,10 @@ class _SyncedCluster:
         return True
 
 
-# Expected drift: reported, never acted on.
-_VERSION_PATCH = model.DriftItem(
-    rule_id="version.patch",
-    field="version",
-    desired="15",
-    actual="15.2",
-    drift_class=model.DriftClass.EXPECTED,
-    severity=model.Severity.INFO,
-    action=model.Action.NONE,
-    message="Version mismatch: desired=15, actual=15.2",
-)
+# Expected drift (reported, never acted on), as the drift rules make it.
+_VERSION_PATCH = drift.version_item("15", "15.2", "")
+assert _VERSION_PATCH is not None
+assert _VERSION_PATCH.drift_class is model.DriftClass.EXPECTED
 
 
 def _evaluation(deployment: model.Deployment, items: tuple[model.DriftItem, ...]) -> drift.Evaluation:
